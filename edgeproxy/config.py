@@ -1,0 +1,636 @@
+"""Load and validate the edgeproxy configuration file (TOML).
+
+Theory of operation
+-------------------
+The configuration is parsed once, at start-up, with :mod:`tomllib` and turned
+into a tree of typed, *frozen* dataclasses (:class:`Config` at the root).
+Everything that can be checked without touching the network is checked here,
+so the rest of the proxy never has to re-validate or guess: a ``Config`` that
+exists is a ``Config`` that is valid.
+
+* **Frozen** (``@dataclass(frozen=True, slots=True)``): the running proxy hands
+  the same objects to many connections and tasks; immutability means nobody can
+  change a timeout under somebody else's feet, the objects are hashable, and a
+  reload is simply "build a new tree and swap the reference".
+* **Collect every problem**: validation never stops at the first mistake. Each
+  problem is recorded as ``(file, key path, message)`` and one
+  :class:`~edgeproxy.errors.ConfigError` listing all of them is raised at the
+  end, so an operator fixes a broken file in one pass instead of one error per
+  restart.
+
+Key paths name the offending value the way you would write it in Python:
+``routes[1].upstream``, ``upstreams[0].servers[2]``,
+``websocket.max_message_size``.  **Array indexes are 0-based**: ``routes[0]`` is
+the first ``[[routes]]`` table in the file.
+
+Value rules (see ``config.example.toml`` for every option with its default):
+
+* durations (every ``*_timeout``) are seconds, int or float, finite, ``>= 0``;
+  ``websocket.idle_timeout = 0`` disables the idle timeout;
+* sizes and counts are integers (booleans are never numbers):
+  ``websocket.max_message_size`` ``>= 0`` (``0`` = unlimited),
+  ``http.max_header_size >= 1024``, ``upstreams[].pool_size >= 0``
+  (``0`` = no pooling), ``listeners[].backlog >= 1``,
+  ``limits.buffer_high_water >= 1024``;
+* addresses are ``host:port`` or ``[ipv6]:port``; hostnames are accepted and
+  *not* resolved here; listeners may use port 0 (ephemeral), servers may not;
+* ``routes[].host`` is a hostname without port, optionally ``*.``-prefixed,
+  normalized to lower case; ``routes[].path_prefix`` starts with ``/``.
+  Routes are kept in file order (no sorting happens here).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from edgeproxy.errors import ConfigError
+
+__all__ = [
+    "Address",
+    "Config",
+    "HttpConfig",
+    "LimitsConfig",
+    "ListenerConfig",
+    "LoggingConfig",
+    "RouteConfig",
+    "UpstreamConfig",
+    "WebSocketConfig",
+    "load_config",
+    "parse_address",
+    "parse_config",
+]
+
+
+# --------------------------------------------------------------------------- #
+# Typed configuration tree
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and a port. ``host`` never carries IPv6 brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One ``[[listeners]]`` table: a socket the proxy accepts clients on."""
+
+    bind: Address
+    backlog: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """One ``[[upstreams]]`` table: a named group of backend servers."""
+
+    name: str
+    servers: tuple[Address, ...]
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    pool_size: int = 32
+    pool_idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig:
+    """One ``[[routes]]`` table: requests matching host/prefix go to ``upstream``.
+
+    Keyword-only (``upstream`` has no default but follows defaulted fields).
+    ``host`` is ``None`` (any host), ``"example.com"`` or ``"*.example.com"``,
+    always lower case.
+    """
+
+    path_prefix: str = "/"
+    host: str | None = None
+    upstream: str
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """The ``[http]`` table: HTTP/1.1 limits on the client side."""
+
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_header_size: int = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketConfig:
+    """The ``[websocket]`` table. ``max_message_size`` 0 = unlimited, ``idle_timeout`` 0 = disabled."""
+
+    max_message_size: int = 67108864
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    close_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """The ``[limits]`` table: buffering/back-pressure thresholds (bytes)."""
+
+    buffer_high_water: int = 262144
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """The ``[logging]`` table."""
+
+    level: str = "info"
+    format: str = "text"
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole, validated configuration. ``source`` is the file it came from."""
+
+    listeners: tuple[ListenerConfig, ...]
+    upstreams: tuple[UpstreamConfig, ...]
+    routes: tuple[RouteConfig, ...]
+    http: HttpConfig = field(default_factory=HttpConfig)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = "<string>"
+
+    def upstream(self, name: str) -> UpstreamConfig:
+        """Return the upstream called ``name``; ``KeyError`` if there is none."""
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- #
+# Addresses and host names
+# --------------------------------------------------------------------------- #
+
+# One DNS label; underscores are tolerated because container/service names
+# (docker-compose, Kubernetes) use them and resolvers accept them.
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_ADDRESS_FORMS = "expected host:port or [ipv6]:port"
+
+
+def _check_hostname(host: str) -> str | None:
+    """Return why ``host`` (already lower-cased) is not a hostname/IPv4, or None."""
+    if len(host) > 253 or not _HOSTNAME_RE.fullmatch(host):
+        return f"{_quote(host)} is not a valid hostname or IPv4 address"
+    if all(label.isdigit() for label in host.split(".")):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"{_quote(host)} is not a valid IPv4 address"
+    return None
+
+
+def parse_address(text: str) -> Address:
+    """Parse ``host:port`` or ``[ipv6]:port`` into an :class:`Address`.
+
+    Hostnames are lower-cased and not resolved; IP literals are normalized
+    (``[0:0::1]`` becomes ``::1``). Port 0 is accepted (callers that need a
+    real port check for it). Raises ``ValueError`` with a readable message.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f'expected an address string like "host:port" or "[ipv6]:port", got {_describe(text)}')
+    shown = _quote(text)
+    if text != text.strip() or not text:
+        raise ValueError(f"invalid address {shown}: {_ADDRESS_FORMS} without spaces")
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError(f"invalid address {shown}: missing ']' after the IPv6 address ({_ADDRESS_FORMS})")
+        host = text[1:close]
+        rest = text[close + 1 :]
+        if not rest.startswith(":"):
+            raise ValueError(f"invalid address {shown}: missing ':port' after ']' ({_ADDRESS_FORMS})")
+        port_text = rest[1:]
+        if not host:
+            raise ValueError(f"invalid address {shown}: empty host ({_ADDRESS_FORMS})")
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError(f"invalid address {shown}: {_quote(host)} is not a valid IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"invalid address {shown}: missing port ({_ADDRESS_FORMS})")
+        if ":" in host:
+            raise ValueError(f"invalid address {shown}: IPv6 addresses must be written in brackets, e.g. [::1]:8080")
+        if not host:
+            raise ValueError(f"invalid address {shown}: empty host ({_ADDRESS_FORMS})")
+        host = host.lower()
+        problem = _check_hostname(host)
+        if problem:
+            raise ValueError(f"invalid address {shown}: {problem}")
+        try:
+            host = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            pass
+    if not port_text:
+        raise ValueError(f"invalid address {shown}: missing port number ({_ADDRESS_FORMS})")
+    if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
+        raise ValueError(f"invalid address {shown}: port must be a number 0..65535, got {_quote(port_text)}")
+    return Address(host, int(port_text))
+
+
+# --------------------------------------------------------------------------- #
+# Validation machinery
+# --------------------------------------------------------------------------- #
+
+
+def _quote(text: str) -> str:
+    """Show a string the way TOML writes it (double quotes, escapes)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _describe(value: Any) -> str:
+    """Short human description of a TOML value, for 'got ...' in messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _quote(value if len(value) <= 80 else value[:77] + "...")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return f"a date/time ({value.isoformat()})"
+    return type(value).__name__  # pragma: no cover - tomllib yields nothing else
+
+
+class _Validator:
+    """Accumulates (file, key, message) problems while walking the TOML tree."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[tuple[str, str, str]] = []
+
+    def error(self, key: str, message: str) -> None:
+        self.problems.append((self.source, key, message))
+
+    # -- structure --------------------------------------------------------- #
+
+    def table(self, data: dict[str, Any], key: str) -> dict[str, Any]:
+        """Return the optional sub-table ``data[key]`` ({} if absent or wrong)."""
+        if key not in data:
+            return {}
+        value = data[key]
+        if not isinstance(value, dict):
+            self.error(key, f"expected a table ([{key}]), got {_describe(value)}")
+            return {}
+        return value
+
+    def array_of_tables(self, data: dict[str, Any], key: str) -> list[tuple[str, dict[str, Any]]]:
+        """Return ``[(path, table), ...]`` for the required ``[[key]]`` array."""
+        if key not in data:
+            self.error(key, f"at least one [[{key}]] table is required")
+            return []
+        value = data[key]
+        if not isinstance(value, list):
+            self.error(key, f"expected an array of tables ([[{key}]]), got {_describe(value)}")
+            return []
+        if not value:
+            self.error(key, f"at least one [[{key}]] table is required, got an empty array")
+            return []
+        items = []
+        for index, item in enumerate(value):
+            path = f"{key}[{index}]"
+            if not isinstance(item, dict):
+                self.error(path, f"expected a table, got {_describe(item)}")
+                continue
+            items.append((path, item))
+        return items
+
+    def unknown_keys(self, data: dict[str, Any], path: str, allowed: tuple[str, ...]) -> None:
+        for key in data:
+            if key in allowed:
+                continue
+            message = f"unknown key {key!r} (expected one of: {', '.join(allowed)})"
+            close = difflib.get_close_matches(key, allowed, n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+            self.error(_join(path, key), message)
+
+    # -- scalars ----------------------------------------------------------- #
+
+    def seconds(self, data: dict[str, Any], path: str, key: str, default: float) -> float:
+        if key not in data:
+            return default
+        value = data[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            self.error(_join(path, key), f"expected a number of seconds >= 0, got {_describe(value)}")
+            return default
+        return float(value)
+
+    def integer(self, data: dict[str, Any], path: str, key: str, default: int, minimum: int, what: str) -> int:
+        if key not in data:
+            return default
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.error(_join(path, key), f"expected {what} (an integer >= {minimum}), got {_describe(value)}")
+            return default
+        return value
+
+    def boolean(self, data: dict[str, Any], path: str, key: str, default: bool) -> bool:
+        if key not in data:
+            return default
+        value = data[key]
+        if not isinstance(value, bool):
+            self.error(_join(path, key), f"expected true or false, got {_describe(value)}")
+            return default
+        return value
+
+    def choice(self, data: dict[str, Any], path: str, key: str, default: str, choices: tuple[str, ...]) -> str:
+        if key not in data:
+            return default
+        value = data[key]
+        if isinstance(value, str) and value.lower() in choices:
+            return value.lower()
+        self.error(_join(path, key), f"expected one of {', '.join(choices)}, got {_describe(value)}")
+        return default
+
+    def address(self, value: Any, key: str, *, min_port: int) -> Address | None:
+        try:
+            address = parse_address(value)
+        except ValueError as exc:
+            self.error(key, str(exc))
+            return None
+        if address.port < min_port:
+            self.error(key, f"port must be {min_port}..65535, got {address.port} in {_quote(value)}")
+            return None
+        return address
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --------------------------------------------------------------------------- #
+# Sections
+# --------------------------------------------------------------------------- #
+
+_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging")
+_LISTENER_KEYS = ("bind", "backlog")
+_UPSTREAM_KEYS = ("name", "servers", "connect_timeout", "read_timeout", "pool_size", "pool_idle_timeout")
+_ROUTE_KEYS = ("path_prefix", "host", "upstream")
+_HTTP_KEYS = ("header_timeout", "keepalive_timeout", "max_header_size")
+_WEBSOCKET_KEYS = ("max_message_size", "handshake_timeout", "idle_timeout", "close_timeout")
+_LIMITS_KEYS = ("buffer_high_water",)
+_LOGGING_KEYS = ("level", "format", "access_log")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("text", "json")
+
+
+def _listeners(v: _Validator, data: dict[str, Any]) -> tuple[ListenerConfig, ...]:
+    listeners = []
+    seen: dict[Address, str] = {}
+    for path, item in v.array_of_tables(data, "listeners"):
+        v.unknown_keys(item, path, _LISTENER_KEYS)
+        backlog = v.integer(item, path, "backlog", 1024, 1, "a listen backlog")
+        if "bind" not in item:
+            v.error(_join(path, "bind"), 'missing required key (expected an address like "127.0.0.1:8080")')
+            continue
+        bind = v.address(item["bind"], _join(path, "bind"), min_port=0)
+        if bind is None:
+            continue
+        if bind.port != 0:  # several ephemeral-port listeners do not collide
+            if bind in seen:
+                v.error(_join(path, "bind"), f"duplicate listener address {bind} (already used by {seen[bind]})")
+            else:
+                seen[bind] = path
+        listeners.append(ListenerConfig(bind=bind, backlog=backlog))
+    return tuple(listeners)
+
+
+def _upstreams(v: _Validator, data: dict[str, Any]) -> tuple[UpstreamConfig, ...]:
+    upstreams = []
+    seen: dict[str, str] = {}
+    for path, item in v.array_of_tables(data, "upstreams"):
+        v.unknown_keys(item, path, _UPSTREAM_KEYS)
+        name_key = _join(path, "name")
+        name = item.get("name")
+        if "name" not in item:
+            v.error(name_key, "missing required key (expected a non-empty string)")
+        elif not isinstance(name, str) or not name.strip():
+            v.error(name_key, f"expected a non-empty string, got {_describe(name)}")
+            name = None
+        elif name in seen:
+            v.error(name_key, f"duplicate upstream name {name!r} (already defined by {seen[name]})")
+        else:
+            seen[name] = path
+
+        servers_key = _join(path, "servers")
+        servers: list[Address] = []
+        raw = item.get("servers")
+        if "servers" not in item:
+            v.error(servers_key, 'missing required key (expected a list like ["127.0.0.1:9001"])')
+        elif not isinstance(raw, list):
+            v.error(servers_key, f'expected a list of addresses like ["127.0.0.1:9001"], got {_describe(raw)}')
+        elif not raw:
+            v.error(servers_key, "expected at least one server address, got an empty list")
+        else:
+            for index, entry in enumerate(raw):
+                address = v.address(entry, f"{servers_key}[{index}]", min_port=1)
+                if address is not None:
+                    servers.append(address)
+
+        upstreams.append(
+            UpstreamConfig(
+                name=name if isinstance(name, str) else "",
+                servers=tuple(servers),
+                connect_timeout=v.seconds(item, path, "connect_timeout", 5.0),
+                read_timeout=v.seconds(item, path, "read_timeout", 60.0),
+                pool_size=v.integer(item, path, "pool_size", 32, 0, "a connection count"),
+                pool_idle_timeout=v.seconds(item, path, "pool_idle_timeout", 60.0),
+            )
+        )
+    return tuple(upstreams)
+
+
+def _route_host(v: _Validator, key: str, value: Any) -> str | None:
+    if not isinstance(value, str):
+        v.error(key, f'expected a hostname like "example.com" or "*.example.com", got {_describe(value)}')
+        return None
+    host = value.lower()
+    if ":" in host:
+        v.error(key, f'expected a hostname without port (like "example.com"), got {_describe(value)}')
+        return None
+    bare = host[2:] if host.startswith("*.") else host
+    if host == "*":
+        v.error(key, 'a lone "*" is not allowed; omit host to match any host')
+        return None
+    problem = _check_hostname(bare)
+    if problem or "*" in bare:
+        v.error(key, f'expected a hostname like "example.com" or "*.example.com", got {_describe(value)}')
+        return None
+    return host
+
+
+def _routes(v: _Validator, data: dict[str, Any], upstream_names: list[str] | None) -> tuple[RouteConfig, ...]:
+    """Validate ``[[routes]]``; ``upstream_names`` None = unknown (skip the reference check)."""
+    routes = []
+    seen: dict[tuple[str | None, str], str] = {}
+    for path, item in v.array_of_tables(data, "routes"):
+        v.unknown_keys(item, path, _ROUTE_KEYS)
+
+        prefix_key = _join(path, "path_prefix")
+        prefix = item.get("path_prefix", "/")
+        if not isinstance(prefix, str) or not prefix.startswith("/"):
+            v.error(prefix_key, f'expected a path starting with "/", got {_describe(prefix)}')
+            prefix = None
+        elif any(ch.isspace() or ch in "?#" or ord(ch) < 0x20 for ch in prefix):
+            v.error(prefix_key, f"expected a plain path (no spaces, '?' or '#'), got {_describe(prefix)}")
+            prefix = None
+
+        host = None
+        if "host" in item:
+            host = _route_host(v, _join(path, "host"), item["host"])
+
+        upstream_key = _join(path, "upstream")
+        upstream = item.get("upstream")
+        if "upstream" not in item:
+            v.error(upstream_key, "missing required key (expected the name of an upstream)")
+        elif not isinstance(upstream, str):
+            v.error(upstream_key, f"expected the name of an upstream, got {_describe(upstream)}")
+            upstream = None
+        elif upstream_names is not None and upstream not in upstream_names:
+            defined = ", ".join(upstream_names) or "none"
+            v.error(upstream_key, f"route refers to upstream {upstream!r}, which is not defined (defined: {defined})")
+
+        if prefix is not None and (host is not None or "host" not in item):
+            match = (host, prefix)
+            if match in seen:
+                v.error(path, f"duplicate route for host {host or '*'} and path_prefix {prefix!r} (same as {seen[match]}); it could never match")
+            else:
+                seen[match] = path
+        routes.append(
+            RouteConfig(
+                path_prefix=prefix if prefix is not None else "/",
+                host=host,
+                upstream=upstream if isinstance(upstream, str) else "",
+            )
+        )
+    return tuple(routes)
+
+
+def _section(
+    v: _Validator, data: dict[str, Any], name: str, keys: tuple[str, ...], build: Callable[[dict[str, Any]], Any]
+) -> Any:
+    table = v.table(data, name)
+    v.unknown_keys(table, name, keys)
+    return build(table)
+
+
+def _http(v: _Validator, data: dict[str, Any]) -> HttpConfig:
+    return _section(v, data, "http", _HTTP_KEYS, lambda t: HttpConfig(
+        header_timeout=v.seconds(t, "http", "header_timeout", 10.0),
+        keepalive_timeout=v.seconds(t, "http", "keepalive_timeout", 75.0),
+        max_header_size=v.integer(t, "http", "max_header_size", 16384, 1024, "a size in bytes"),
+    ))
+
+
+def _websocket(v: _Validator, data: dict[str, Any]) -> WebSocketConfig:
+    return _section(v, data, "websocket", _WEBSOCKET_KEYS, lambda t: WebSocketConfig(
+        max_message_size=v.integer(t, "websocket", "max_message_size", 67108864, 0, "a size in bytes, 0 = unlimited"),
+        handshake_timeout=v.seconds(t, "websocket", "handshake_timeout", 10.0),
+        idle_timeout=v.seconds(t, "websocket", "idle_timeout", 3600.0),
+        close_timeout=v.seconds(t, "websocket", "close_timeout", 5.0),
+    ))
+
+
+def _limits(v: _Validator, data: dict[str, Any]) -> LimitsConfig:
+    return _section(v, data, "limits", _LIMITS_KEYS, lambda t: LimitsConfig(
+        buffer_high_water=v.integer(t, "limits", "buffer_high_water", 262144, 1024, "a size in bytes"),
+    ))
+
+
+def _logging(v: _Validator, data: dict[str, Any]) -> LoggingConfig:
+    return _section(v, data, "logging", _LOGGING_KEYS, lambda t: LoggingConfig(
+        level=v.choice(t, "logging", "level", "info", _LOG_LEVELS),
+        format=v.choice(t, "logging", "format", "text", _LOG_FORMATS),
+        access_log=v.boolean(t, "logging", "access_log", True),
+    ))
+
+
+# --------------------------------------------------------------------------- #
+# Entry points
+# --------------------------------------------------------------------------- #
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Parse and validate TOML ``text``; ``source`` names it in problems.
+
+    Raises :class:`~edgeproxy.errors.ConfigError` listing every problem.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([(source, "", f"invalid TOML: {exc}")]) from None
+
+    v = _Validator(source)
+    v.unknown_keys(data, "", _TOP_KEYS)
+    listeners = _listeners(v, data)
+    upstreams = _upstreams(v, data)
+    # If an upstream has no usable name, a route "referring to nothing" may just
+    # be a consequence of that one mistake: skip the check rather than pile on.
+    names = [u.name for u in upstreams]
+    routes = _routes(v, data, names if names and all(names) else None)
+    config = Config(
+        listeners=listeners,
+        upstreams=upstreams,
+        routes=routes,
+        http=_http(v, data),
+        websocket=_websocket(v, data),
+        limits=_limits(v, data),
+        logging=_logging(v, data),
+        source=source,
+    )
+    if v.problems:
+        raise ConfigError(v.problems)
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate the TOML file at ``path``.
+
+    Raises :class:`~edgeproxy.errors.ConfigError` for an unreadable file, a
+    file that is not UTF-8, broken TOML, or any invalid value.
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError([(source, "", f"cannot read config file: {reason}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([(source, "", f"config file is not valid UTF-8: {exc}")]) from None
+    return parse_config(text, source=source)

@@ -1,0 +1,593 @@
+"""Tests for edgeproxy.config: loading, defaults, and every validation rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgeproxy import config as cfgmod
+from edgeproxy.config import (
+    Address,
+    Config,
+    HttpConfig,
+    LimitsConfig,
+    ListenerConfig,
+    LoggingConfig,
+    RouteConfig,
+    UpstreamConfig,
+    WebSocketConfig,
+    load_config,
+    parse_address,
+    parse_config,
+)
+from edgeproxy.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config.example.toml"
+
+MINIMAL = """
+[[listeners]]
+bind = "127.0.0.1:8080"
+
+[[upstreams]]
+name = "app"
+servers = ["127.0.0.1:9001"]
+
+[[routes]]
+upstream = "app"
+"""
+
+
+def problems_of(text: str, source: str = "test.toml") -> list[tuple[str, str, str]]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source)
+    problems = info.value.problems
+    assert problems, "ConfigError without problems"
+    for problem in problems:
+        assert problem[0] == source
+    return problems
+
+
+def keys_of(text: str) -> list[str]:
+    return [key for _, key, _ in problems_of(text)]
+
+
+def only_problem(text: str) -> tuple[str, str]:
+    """The single (key, message) reported for ``text``."""
+    problems = problems_of(text)
+    assert len(problems) == 1, problems
+    _, key, message = problems[0]
+    return key, message
+
+
+# --------------------------------------------------------------------------- #
+# Loading and defaults
+# --------------------------------------------------------------------------- #
+
+
+def test_example_file_loads() -> None:
+    config = load_config(EXAMPLE)
+    assert config.source == str(EXAMPLE)
+    assert config.listeners == (ListenerConfig(bind=Address("127.0.0.1", 8080), backlog=1024),)
+    assert [u.name for u in config.upstreams] == ["app"]
+    assert config.upstream("app").servers == (Address("127.0.0.1", 9001),)
+    assert config.routes == (RouteConfig(path_prefix="/", host=None, upstream="app"),)
+
+
+def test_example_file_values_are_the_defaults() -> None:
+    config = load_config(EXAMPLE)
+    assert config.http == HttpConfig()
+    assert config.websocket == WebSocketConfig()
+    assert config.limits == LimitsConfig()
+    assert config.logging == LoggingConfig()
+    assert config.upstream("app") == UpstreamConfig(name="app", servers=(Address("127.0.0.1", 9001),))
+
+
+def test_example_file_sets_every_option() -> None:
+    """The example must document (set) every key the loader knows."""
+    data = tomllib.loads(EXAMPLE.read_text("utf-8"))
+    assert set(data) == set(cfgmod._TOP_KEYS)
+    assert set(data["listeners"][0]) == set(cfgmod._LISTENER_KEYS)
+    assert set(data["upstreams"][0]) == set(cfgmod._UPSTREAM_KEYS)
+    assert set(data["http"]) == set(cfgmod._HTTP_KEYS)
+    assert set(data["websocket"]) == set(cfgmod._WEBSOCKET_KEYS)
+    assert set(data["limits"]) == set(cfgmod._LIMITS_KEYS)
+    assert set(data["logging"]) == set(cfgmod._LOGGING_KEYS)
+    text = EXAMPLE.read_text("utf-8")
+    # route keys: host is only shown commented out (it is optional)
+    for key in cfgmod._ROUTE_KEYS:
+        assert re.search(rf"^#? ?{key} = ", text, re.M), key
+
+
+def test_minimal_config_defaults() -> None:
+    config = parse_config(MINIMAL)
+    assert config.source == "<string>"
+    assert config.listeners[0].backlog == 1024
+    upstream = config.upstreams[0]
+    assert upstream.connect_timeout == 5.0
+    assert upstream.read_timeout == 60.0
+    assert upstream.pool_size == 32
+    assert upstream.pool_idle_timeout == 60.0
+    route = config.routes[0]
+    assert route.path_prefix == "/" and route.host is None and route.upstream == "app"
+    assert config.http == HttpConfig(header_timeout=10.0, keepalive_timeout=75.0, max_header_size=16384)
+    assert config.websocket == WebSocketConfig(
+        max_message_size=67108864, handshake_timeout=10.0, idle_timeout=3600.0, close_timeout=5.0
+    )
+    assert config.limits.buffer_high_water == 262144
+    assert config.logging == LoggingConfig(level="info", format="text", access_log=True)
+
+
+def test_full_config_values() -> None:
+    text = MINIMAL + """
+[[upstreams]]
+name = "api"
+servers = ["api.internal:8000", "[fd00::1]:8001"]
+connect_timeout = 2
+read_timeout = 0.5
+pool_size = 0
+pool_idle_timeout = 10
+
+[[routes]]
+host = "API.Example.com"
+path_prefix = "/v1/"
+upstream = "api"
+
+[[routes]]
+host = "*.example.com"
+upstream = "api"
+
+[http]
+header_timeout = 3
+keepalive_timeout = 0
+max_header_size = 1024
+
+[websocket]
+max_message_size = 0
+handshake_timeout = 1.5
+idle_timeout = 0
+close_timeout = 2
+
+[limits]
+buffer_high_water = 1024
+
+[logging]
+level = "debug"
+format = "json"
+access_log = false
+"""
+    config = parse_config(text, "full.toml")
+    api = config.upstream("api")
+    assert api.servers == (Address("api.internal", 8000), Address("fd00::1", 8001))
+    assert (api.connect_timeout, api.read_timeout, api.pool_size, api.pool_idle_timeout) == (2.0, 0.5, 0, 10.0)
+    assert isinstance(api.connect_timeout, float)
+    assert config.routes[1] == RouteConfig(path_prefix="/v1/", host="api.example.com", upstream="api")
+    assert config.routes[2].host == "*.example.com"
+    assert config.http == HttpConfig(3.0, 0.0, 1024)
+    assert config.websocket == WebSocketConfig(0, 1.5, 0.0, 2.0)
+    assert config.limits == LimitsConfig(1024)
+    assert config.logging == LoggingConfig("debug", "json", False)
+    assert config.source == "full.toml"
+
+
+def test_logging_choices_are_case_insensitive() -> None:
+    config = parse_config(MINIMAL + '[logging]\nlevel = "WARNING"\nformat = "Json"\n')
+    assert config.logging.level == "warning"
+    assert config.logging.format == "json"
+
+
+def test_upstream_lookup_raises_keyerror() -> None:
+    config = parse_config(MINIMAL)
+    assert config.upstream("app").name == "app"
+    with pytest.raises(KeyError):
+        config.upstream("missing")
+
+
+def test_config_objects_are_frozen() -> None:
+    config = parse_config(MINIMAL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.source = "x"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.http.header_timeout = 1.0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.listeners[0].bind.port = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.upstreams[0].name = "other"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.routes[0].upstream = "other"  # type: ignore[misc]
+    assert isinstance(config.listeners, tuple)
+    assert isinstance(config.upstreams[0].servers, tuple)
+    # slots: no stray attributes either
+    with pytest.raises((AttributeError, TypeError)):
+        config.logging.extra = 1  # type: ignore[attr-defined]
+    hash(config)  # frozen dataclasses of tuples are hashable
+
+
+def test_config_dataclass_defaults_for_programmatic_use() -> None:
+    config = Config(
+        listeners=(ListenerConfig(Address("127.0.0.1", 0)),),
+        upstreams=(UpstreamConfig("app", (Address("127.0.0.1", 1),)),),
+        routes=(RouteConfig(upstream="app"),),
+    )
+    assert config.http == HttpConfig() and config.logging == LoggingConfig()
+
+
+# --------------------------------------------------------------------------- #
+# Addresses
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port", "shown"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1", 8080, "127.0.0.1:8080"),
+        ("0.0.0.0:0", "0.0.0.0", 0, "0.0.0.0:0"),
+        ("[::1]:8080", "::1", 8080, "[::1]:8080"),
+        ("[::]:443", "::", 443, "[::]:443"),
+        ("[0:0:0:0:0:0:0:1]:80", "::1", 80, "[::1]:80"),
+        ("[FD00::AB]:65535", "fd00::ab", 65535, "[fd00::ab]:65535"),
+        ("localhost:9001", "localhost", 9001, "localhost:9001"),
+        ("Backend-1.Example.COM:80", "backend-1.example.com", 80, "backend-1.example.com:80"),
+        ("my_service:8000", "my_service", 8000, "my_service:8000"),
+    ],
+)
+def test_parse_address_valid(text: str, host: str, port: int, shown: str) -> None:
+    address = parse_address(text)
+    assert address == Address(host, port)
+    assert str(address) == shown
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "expected host:port"),
+        ("127.0.0.1", "missing port"),
+        ("127.0.0.1:", "missing port number"),
+        (":8080", "empty host"),
+        ("[]:8080", "empty host"),
+        ("::1:8080", "brackets"),
+        ("[::1]8080", "missing ':port'"),
+        ("[::1:8080", "missing ']'"),
+        ("[::zz]:80", "not a valid IPv6 address"),
+        ("[127.0.0.1]:80", "not a valid IPv6 address"),
+        ("host:65536", "port must be a number 0..65535"),
+        ("host:-1", "port must be a number 0..65535"),
+        ("host:http", "port must be a number 0..65535"),
+        ("host:+80", "port must be a number 0..65535"),
+        ("bad host:80", "not a valid hostname"),
+        ("-bad:80", "not a valid hostname"),
+        ("256.1.1.1:80", "not a valid IPv4 address"),
+        (" 127.0.0.1:80", "without spaces"),
+    ],
+)
+def test_parse_address_invalid(text: str, fragment: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_address(text)
+    assert fragment in str(info.value)
+    assert json.dumps(text) in str(info.value)  # the message quotes the input
+
+
+@given(
+    host=st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str),
+    port=st.integers(min_value=0, max_value=65535),
+)
+def test_address_str_round_trips(host: str, port: int) -> None:
+    address = Address(host, port)
+    assert parse_address(str(address)) == address
+
+
+def test_parse_address_rejects_non_strings() -> None:
+    with pytest.raises(ValueError, match="expected an address string"):
+        parse_address(8080)  # type: ignore[arg-type]
+
+
+def test_ipv6_listener_binds() -> None:
+    text = MINIMAL.replace('bind = "127.0.0.1:8080"', 'bind = "[::1]:8080"\n[[listeners]]\nbind = "[::]:0"')
+    config = parse_config(text)
+    assert [listener.bind for listener in config.listeners] == [Address("::1", 8080), Address("::", 0)]
+    assert str(config.listeners[0].bind) == "[::1]:8080"
+
+
+def test_port_zero_allowed_for_listeners_only() -> None:
+    text = MINIMAL.replace('"127.0.0.1:8080"', '"127.0.0.1:0"')
+    assert parse_config(text).listeners[0].bind.port == 0
+    key, message = only_problem(MINIMAL.replace('"127.0.0.1:9001"', '"127.0.0.1:0"'))
+    assert key == "upstreams[0].servers[0]"
+    assert "port must be 1..65535" in message
+
+
+def test_several_ephemeral_listeners_do_not_collide() -> None:
+    text = MINIMAL.replace('bind = "127.0.0.1:8080"', 'bind = "127.0.0.1:0"\n[[listeners]]\nbind = "127.0.0.1:0"')
+    assert len(parse_config(text).listeners) == 2
+
+
+# --------------------------------------------------------------------------- #
+# One rule, one problem, exact key path
+# --------------------------------------------------------------------------- #
+
+# (description, toml text, expected key path, expected message fragment)
+RULES = [
+    # unknown keys at every level
+    ("unknown top-level key", "timout = 3\n" + MINIMAL, "timout", "unknown key 'timout' (expected one of: listeners, upstreams, routes"),
+    ("unknown listener key", MINIMAL.replace('bind = "127.0.0.1:8080"', 'bind = "127.0.0.1:8080"\nbacklg = 5'), "listeners[0].backlg", "did you mean 'backlog'?"),
+    ("unknown upstream key", MINIMAL.replace('name = "app"', 'name = "app"\ntimeout = 5'), "upstreams[0].timeout", "unknown key 'timeout' (expected one of: name, servers, connect_timeout"),
+    ("unknown route key", MINIMAL + 'prefix = "/x"\n', "routes[0].prefix", "unknown key 'prefix'"),
+    ("unknown http key", MINIMAL + "[http]\nheader_timout = 1\n", "http.header_timout", "did you mean 'header_timeout'?"),
+    ("unknown websocket key", MINIMAL + "[websocket]\nmax_size = 1\n", "websocket.max_size", "unknown key 'max_size' (expected one of: max_message_size"),
+    ("unknown limits key", MINIMAL + "[limits]\nhigh_water = 1\n", "limits.high_water", "unknown key 'high_water'"),
+    ("unknown logging key", MINIMAL + "[logging]\nfile = 'x'\n", "logging.file", "expected one of: level, format, access_log"),
+    # required sections
+    ("no listeners", MINIMAL.replace('[[listeners]]\nbind = "127.0.0.1:8080"', ""), "listeners", "at least one [[listeners]]"),
+    ("empty listeners array", MINIMAL.replace('[[listeners]]\nbind = "127.0.0.1:8080"', "listeners = []"), "listeners", "at least one [[listeners]]"),
+    ("listeners as a table", MINIMAL.replace("[[listeners]]", "[listeners]"), "listeners", "expected an array of tables ([[listeners]]), got a table"),
+    ("listener not a table", MINIMAL.replace('[[listeners]]\nbind = "127.0.0.1:8080"', 'listeners = ["127.0.0.1:8080"]'), "listeners[0]", "expected a table"),
+    ("section not a table", "http = 5\n" + MINIMAL, "http", "expected a table ([http]), got 5"),
+    # listeners
+    ("listener without bind", MINIMAL.replace('bind = "127.0.0.1:8080"', "backlog = 5"), "listeners[0].bind", "missing required key"),
+    ("bind without port", MINIMAL.replace('"127.0.0.1:8080"', '"127.0.0.1"'), "listeners[0].bind", "missing port"),
+    ("bind empty host", MINIMAL.replace('"127.0.0.1:8080"', '":8080"'), "listeners[0].bind", "empty host"),
+    ("bind not a string", MINIMAL.replace('"127.0.0.1:8080"', "8080"), "listeners[0].bind", "expected an address string"),
+    ("bind port too big", MINIMAL.replace('"127.0.0.1:8080"', '"127.0.0.1:70000"'), "listeners[0].bind", "0..65535"),
+    ("backlog zero", MINIMAL.replace('bind = "127.0.0.1:8080"', 'bind = "127.0.0.1:8080"\nbacklog = 0'), "listeners[0].backlog", "integer >= 1), got 0"),
+    ("backlog float", MINIMAL.replace('bind = "127.0.0.1:8080"', 'bind = "127.0.0.1:8080"\nbacklog = 10.0'), "listeners[0].backlog", "got 10.0"),
+    ("duplicate bind", MINIMAL.replace('bind = "127.0.0.1:8080"', 'bind = "127.0.0.1:8080"\n[[listeners]]\nbind = "127.0.0.1:8080"'), "listeners[1].bind", "duplicate listener address 127.0.0.1:8080 (already used by listeners[0])"),
+    ("duplicate ipv6 bind spelled differently", MINIMAL.replace('bind = "127.0.0.1:8080"', 'bind = "[::1]:80"\n[[listeners]]\nbind = "[0::1]:80"'), "listeners[1].bind", "duplicate listener address [::1]:80"),
+    # upstreams
+    ("upstream without name", MINIMAL.replace('name = "app"\n', ""), "upstreams[0].name", "missing required key"),
+    ("upstream empty name", MINIMAL.replace('name = "app"', 'name = ""') + "[[upstreams]]\nname = 'app'\nservers = ['h:1']\n", "upstreams[0].name", 'expected a non-empty string, got ""'),
+    ("upstream name not a string", MINIMAL.replace('name = "app"', "name = 1") + "[[upstreams]]\nname = 'app'\nservers = ['h:1']\n", "upstreams[0].name", "expected a non-empty string, got 1"),
+    ("duplicate upstream name", MINIMAL + '[[upstreams]]\nname = "app"\nservers = ["h:1"]\n', "upstreams[1].name", "duplicate upstream name 'app' (already defined by upstreams[0])"),
+    ("servers missing", MINIMAL.replace('servers = ["127.0.0.1:9001"]', ""), "upstreams[0].servers", "missing required key"),
+    ("servers empty", MINIMAL.replace('["127.0.0.1:9001"]', "[]"), "upstreams[0].servers", "at least one server"),
+    ("servers not a list", MINIMAL.replace('["127.0.0.1:9001"]', '"127.0.0.1:9001"'), "upstreams[0].servers", "expected a list of addresses"),
+    ("server bad entry", MINIMAL.replace('["127.0.0.1:9001"]', '["127.0.0.1:9001", "h:1", "nohost"]'), "upstreams[0].servers[2]", "missing port"),
+    ("server port 0", MINIMAL.replace('"127.0.0.1:9001"', '"127.0.0.1:0"'), "upstreams[0].servers[0]", "port must be 1..65535"),
+    ("server empty host", MINIMAL.replace('"127.0.0.1:9001"', '":9001"'), "upstreams[0].servers[0]", "empty host"),
+    ("server unbracketed ipv6", MINIMAL.replace('"127.0.0.1:9001"', '"::1:9001"'), "upstreams[0].servers[0]", "brackets"),
+    ("connect_timeout string", MINIMAL.replace('name = "app"', 'name = "app"\nconnect_timeout = "5s"'), "upstreams[0].connect_timeout", 'expected a number of seconds >= 0, got "5s"'),
+    ("read_timeout negative", MINIMAL.replace('name = "app"', 'name = "app"\nread_timeout = -1'), "upstreams[0].read_timeout", "expected a number of seconds >= 0, got -1"),
+    ("pool_idle_timeout bool", MINIMAL.replace('name = "app"', 'name = "app"\npool_idle_timeout = true'), "upstreams[0].pool_idle_timeout", "got true"),
+    ("pool_size negative", MINIMAL.replace('name = "app"', 'name = "app"\npool_size = -1'), "upstreams[0].pool_size", "integer >= 0), got -1"),
+    ("pool_size bool", MINIMAL.replace('name = "app"', 'name = "app"\npool_size = false'), "upstreams[0].pool_size", "got false"),
+    # routes
+    ("route missing upstream", MINIMAL.replace('upstream = "app"', 'path_prefix = "/"'), "routes[0].upstream", "missing required key"),
+    ("route unknown upstream", MINIMAL.replace('upstream = "app"', 'upstream = "ap"'), "routes[0].upstream", "route refers to upstream 'ap', which is not defined (defined: app)"),
+    ("route upstream not a string", MINIMAL.replace('upstream = "app"', "upstream = 1"), "routes[0].upstream", "expected the name of an upstream, got 1"),
+    ("path_prefix without slash", MINIMAL.replace('upstream = "app"', 'upstream = "app"\npath_prefix = "api"'), "routes[0].path_prefix", 'expected a path starting with "/", got "api"'),
+    ("path_prefix not a string", MINIMAL.replace('upstream = "app"', 'upstream = "app"\npath_prefix = 1'), "routes[0].path_prefix", "got 1"),
+    ("path_prefix with query", MINIMAL.replace('upstream = "app"', 'upstream = "app"\npath_prefix = "/a?b"'), "routes[0].path_prefix", "no spaces, '?' or '#'"),
+    ("route host with port", MINIMAL.replace('upstream = "app"', 'upstream = "app"\nhost = "example.com:80"'), "routes[0].host", "without port"),
+    ("route host bad wildcard", MINIMAL.replace('upstream = "app"', 'upstream = "app"\nhost = "foo.*.com"'), "routes[0].host", '"*.example.com"'),
+    ("route host lone star", MINIMAL.replace('upstream = "app"', 'upstream = "app"\nhost = "*"'), "routes[0].host", "omit host"),
+    ("route host invalid chars", MINIMAL.replace('upstream = "app"', 'upstream = "app"\nhost = "exa mple.com"'), "routes[0].host", "expected a hostname"),
+    ("route host empty", MINIMAL.replace('upstream = "app"', 'upstream = "app"\nhost = ""'), "routes[0].host", "expected a hostname"),
+    ("route host not a string", MINIMAL.replace('upstream = "app"', 'upstream = "app"\nhost = ["a"]'), "routes[0].host", "got an array"),
+    ("duplicate route", MINIMAL + '[[routes]]\nupstream = "app"\npath_prefix = "/"\n', "routes[1]", "duplicate route"),
+    # http
+    ("header_timeout string", MINIMAL + '[http]\nheader_timeout = "10"\n', "http.header_timeout", 'got "10"'),
+    ("keepalive_timeout inf", MINIMAL + "[http]\nkeepalive_timeout = inf\n", "http.keepalive_timeout", "got inf"),
+    ("keepalive_timeout nan", MINIMAL + "[http]\nkeepalive_timeout = nan\n", "http.keepalive_timeout", "got nan"),
+    ("max_header_size too small", MINIMAL + "[http]\nmax_header_size = 1023\n", "http.max_header_size", "integer >= 1024), got 1023"),
+    ("max_header_size float", MINIMAL + "[http]\nmax_header_size = 16384.0\n", "http.max_header_size", "got 16384.0"),
+    # websocket
+    ("max_message_size negative", MINIMAL + "[websocket]\nmax_message_size = -1\n", "websocket.max_message_size", "integer >= 0), got -1"),
+    ("max_message_size string", MINIMAL + '[websocket]\nmax_message_size = "64MB"\n', "websocket.max_message_size", 'got "64MB"'),
+    ("handshake_timeout bool", MINIMAL + "[websocket]\nhandshake_timeout = true\n", "websocket.handshake_timeout", "got true"),
+    ("idle_timeout negative", MINIMAL + "[websocket]\nidle_timeout = -0.5\n", "websocket.idle_timeout", "got -0.5"),
+    ("close_timeout table", MINIMAL + "[websocket]\nclose_timeout = {s = 1}\n", "websocket.close_timeout", "got a table"),
+    ("close_timeout date", MINIMAL + "[websocket]\nclose_timeout = 2024-01-01\n", "websocket.close_timeout", "got a date/time"),
+    # limits
+    ("buffer_high_water too small", MINIMAL + "[limits]\nbuffer_high_water = 100\n", "limits.buffer_high_water", "integer >= 1024), got 100"),
+    # logging
+    ("logging level", MINIMAL + '[logging]\nlevel = "trace"\n', "logging.level", 'expected one of debug, info, warning, error, got "trace"'),
+    ("logging format", MINIMAL + '[logging]\nformat = "xml"\n', "logging.format", 'expected one of text, json, got "xml"'),
+    ("logging level not a string", MINIMAL + "[logging]\nlevel = 10\n", "logging.level", "got 10"),
+    ("access_log int", MINIMAL + "[logging]\naccess_log = 1\n", "logging.access_log", "expected true or false, got 1"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "fragment"), [r[1:] for r in RULES], ids=[r[0] for r in RULES])
+def test_rule_reports_exact_key(text: str, key: str, fragment: str) -> None:
+    got_key, message = only_problem(text)
+    assert got_key == key
+    assert fragment in message, message
+
+
+def test_unknown_key_message_lists_all_expected_keys() -> None:
+    _, message = only_problem(MINIMAL + "[websocket]\ntimout = 1\n")
+    assert message.startswith("unknown key 'timout' (expected one of: ")
+    for key in cfgmod._WEBSOCKET_KEYS:
+        assert key in message
+
+
+def test_error_message_format_includes_file_and_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(MINIMAL.replace('upstream = "app"', 'upstream = "ap"'), "proxy.toml")
+    assert str(info.value) == (
+        "proxy.toml: routes[0].upstream: route refers to upstream 'ap', which is not defined (defined: app)"
+    )
+
+
+def test_route_host_is_normalized_to_lowercase() -> None:
+    config = parse_config(MINIMAL.replace('upstream = "app"', 'upstream = "app"\nhost = "*.Example.COM"'))
+    assert config.routes[0].host == "*.example.com"
+
+
+def test_same_prefix_on_different_hosts_is_fine() -> None:
+    text = MINIMAL + '[[routes]]\nhost = "a.example"\nupstream = "app"\n[[routes]]\nhost = "b.example"\nupstream = "app"\n'
+    config = parse_config(text)
+    assert [r.host for r in config.routes] == [None, "a.example", "b.example"]
+
+
+def test_routes_keep_file_order() -> None:
+    text = MINIMAL + '[[routes]]\npath_prefix = "/api/"\nupstream = "app"\n'
+    assert [r.path_prefix for r in parse_config(text).routes] == ["/", "/api/"]
+
+
+# --------------------------------------------------------------------------- #
+# Collecting many problems
+# --------------------------------------------------------------------------- #
+
+
+def test_all_problems_reported_at_once() -> None:
+    text = """
+colour = "blue"
+
+[[listeners]]
+bind = "127.0.0.1"
+backlog = 0
+
+[[upstreams]]
+name = "app"
+servers = ["127.0.0.1:9001", "127.0.0.1:9002", "::1:80"]
+connect_timeout = "5s"
+
+[[routes]]
+path_prefix = "api"
+upstream = "app"
+
+[[routes]]
+upstream = "ap"
+
+[websocket]
+max_message_size = -5
+
+[logging]
+level = "loud"
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "many.toml")
+    keys = [key for _, key, _ in info.value.problems]
+    assert keys == [
+        "colour",
+        "listeners[0].backlog",
+        "listeners[0].bind",
+        "upstreams[0].servers[2]",
+        "upstreams[0].connect_timeout",
+        "routes[0].path_prefix",
+        "routes[1].upstream",
+        "websocket.max_message_size",
+        "logging.level",
+    ]
+    lines = str(info.value).splitlines()
+    assert len(lines) == len(keys)
+    assert all(line.startswith("many.toml: ") for line in lines)
+
+
+def test_broken_upstreams_do_not_cascade_into_route_errors() -> None:
+    # the routes' upstream cannot be judged while the upstreams are unusable
+    assert keys_of(MINIMAL.replace("[[upstreams]]", "[upstreams]")) == ["upstreams"]
+    assert keys_of(MINIMAL.replace('name = "app"\n', "")) == ["upstreams[0].name"]
+    # but a valid upstream list is checked against
+    assert keys_of(MINIMAL + '[[routes]]\npath_prefix = "/x"\nupstream = "nope"\n') == ["routes[1].upstream"]
+
+
+def test_missing_everything_reports_each_section() -> None:
+    assert keys_of("") == ["listeners", "upstreams", "routes"]
+
+
+def test_problems_in_every_array_item_are_reported() -> None:
+    text = """
+[[listeners]]
+bind = "x"
+[[listeners]]
+bind = "y"
+[[upstreams]]
+name = "a"
+servers = ["h:1", "h", "h:0"]
+[[routes]]
+upstream = "b"
+[[routes]]
+path_prefix = "/c/"
+upstream = "c"
+"""
+    assert keys_of(text) == [
+        "listeners[0].bind",
+        "listeners[1].bind",
+        "upstreams[0].servers[1]",
+        "upstreams[0].servers[2]",
+        "routes[0].upstream",
+        "routes[1].upstream",
+    ]
+
+
+# --------------------------------------------------------------------------- #
+# Broken TOML and unreadable files
+# --------------------------------------------------------------------------- #
+
+
+def test_broken_toml_reports_line_and_column() -> None:
+    text = MINIMAL + "\n[http]\nheader_timeout = \n"
+    problems = problems_of(text, "broken.toml")
+    assert len(problems) == 1
+    source, key, message = problems[0]
+    line = text.splitlines().index("header_timeout = ") + 1
+    assert (source, key) == ("broken.toml", "")
+    assert message.startswith("invalid TOML: ")
+    assert f"line {line}" in message
+    assert "column" in message
+
+
+def test_broken_toml_file_via_load_config(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[[listeners]\nbind = "x"\n', "utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (source, key, message), = info.value.problems
+    assert source == str(path) and key == ""
+    assert "line 1" in message
+    assert str(path) in str(info.value)
+
+
+def test_duplicate_toml_key_is_a_toml_error() -> None:
+    problems = problems_of(MINIMAL + "[http]\nheader_timeout = 1\nheader_timeout = 2\n")
+    assert problems[0][2].startswith("invalid TOML: ")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (source, _, message), = info.value.problems
+    assert source == str(path)
+    assert "cannot read config file" in message
+    assert str(path) in str(info.value)
+
+
+def test_directory_is_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+    assert info.value.problems[0][0] == str(tmp_path)
+    assert "cannot read config file" in info.value.problems[0][2]
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(MINIMAL.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert "not valid UTF-8" in info.value.problems[0][2]
+
+
+def test_load_config_accepts_str_and_pathlike(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(MINIMAL, "utf-8")
+    assert load_config(str(path)) == load_config(path)
+    assert load_config(path).source == str(path)
+
+
+def test_validation_errors_from_file_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(MINIMAL.replace('upstream = "app"', 'upstream = "x"'), "utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        (str(path), "routes[0].upstream", "route refers to upstream 'x', which is not defined (defined: app)")
+    ]
