@@ -1,0 +1,492 @@
+"""WebSocket framing (RFC 6455 section 5): the pure-Python reference implementation.
+
+Theory of operation
+===================
+
+edgeproxy relays WebSocket frames *byte for byte*.  Client frames stay masked with the
+client's key and go upstream unchanged; upstream frames go to the client unchanged.  The
+proxy never re-encodes a relayed frame, so it never needs to decode one either: it only
+has to *follow frame boundaries* in each direction, to
+
+* count frames and messages (metrics, limits),
+* enforce a maximum message size (close code 1009),
+* refuse streams that cannot be relayed safely (close code 1002), and
+* notice the CLOSE frame of each side and read its status code (for logging and for
+  the closing handshake).
+
+That is the job of :class:`FrameScanner`.  One scanner follows one direction of one
+connection.  The transport hands every chunk it reads to :meth:`FrameScanner.scan`,
+which returns how many leading bytes of the chunk may be forwarded - normally all of
+them.  The scanner is a state machine with two states:
+
+``header``
+    Waiting for the next frame header (2 to 14 bytes).  The header is parsed directly
+    from the chunk.  If the chunk ends inside a header, the partial header (at most 13
+    bytes) is copied into a tiny buffer and completed by the next chunk.  The partial
+    bytes still count as forwardable: they are relayed as they arrive; only the copy is
+    kept for parsing.  Protocol errors are detected as early as the bytes allow (the
+    first byte already tells the opcode and FIN), so a bad header is usually refused
+    before any of it is forwarded.
+
+``payload``
+    ``remaining`` bytes of the current frame are still to come.  Data payloads are
+    skipped, never copied: the scanner only subtracts.  Control-frame payloads are at
+    most 125 bytes; only a CLOSE payload is kept (in a small buffer, across chunks)
+    because the close code is needed once the frame is complete.  It is unmasked with
+    the frame's key when it is masked.
+
+``scan()`` returns early in exactly two cases:
+
+1. Right after the last byte of a complete CLOSE frame: ``close`` is set and the caller
+   drops whatever follows (RFC 6455 forbids data after CLOSE).
+2. At a protocol error: ``error`` is set to a :class:`~edgeproxy.errors.FrameError` and
+   the return value is the offset where the offending frame's header starts, so the
+   frames before it may still be forwarded but the bad frame is not.  If the bad
+   header began in an earlier chunk (its first bytes were already forwarded), the
+   return value is 0 and :attr:`FrameScanner.mid_frame` stays True: the stream that
+   was forwarded ends inside a frame.
+
+Once ``close`` or ``error`` is set the scanner is finished and every later ``scan``
+returns 0.
+
+What is checked (close code 1002 unless noted): control frames (opcode >= 8) must have
+FIN=1 and a payload of at most 125 bytes; opcodes 3-7 and 11-15 are reserved; a
+continuation frame needs a fragmented message in progress and a text/binary frame must
+not start while one is; a 64-bit length must not have its top bit set; with
+``max_message_size`` > 0 the payload lengths of one message's data frames must not add
+up to more than it (1009, checked at each data frame header, before its payload is
+relayed).  RSV bits and masking are *not* checked: extensions and the endpoints decide,
+the proxy passes them through.
+
+Implementations
+===============
+
+This module is the executable specification.  ``ext/_speedups.pyx`` builds
+``edgeproxy._speedups`` with compiled twins of :func:`apply_mask`,
+:func:`parse_header`, :func:`encode_header` and :class:`FrameScanner` that have the
+same signatures, results, exceptions and error messages (``tests/core/
+test_equivalence.py`` checks that with hypothesis).  Production code imports from
+:mod:`edgeproxy.core._accel`, the only place that picks one of the two.
+
+Buffers: every function that reads bytes accepts any C-contiguous bytes-like object
+(``bytes``, ``bytearray``, ``memoryview``, ...), read as raw bytes.
+"""
+
+from __future__ import annotations
+
+import operator
+from struct import Struct
+from typing import Callable
+
+from edgeproxy.errors import FrameError
+
+__all__ = [
+    "OP_CONT",
+    "OP_TEXT",
+    "OP_BINARY",
+    "OP_CLOSE",
+    "OP_PING",
+    "OP_PONG",
+    "MAX_PAYLOAD_LENGTH",
+    "MAX_CONTROL_PAYLOAD",
+    "apply_mask",
+    "parse_header",
+    "encode_header",
+    "encode_frame",
+    "make_encode_frame",
+    "encode_close_payload",
+    "parse_close_payload",
+    "FrameScanner",
+]
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
+
+#: Largest payload length a frame header can carry (the 64-bit length's top bit is 0).
+MAX_PAYLOAD_LENGTH = 0x7FFF_FFFF_FFFF_FFFF
+#: Largest payload of a control frame (RFC 6455 section 5.5).
+MAX_CONTROL_PAYLOAD = 125
+
+_U16 = Struct("!H")
+_U64 = Struct("!Q")
+
+
+def _view(obj) -> memoryview:
+    """memoryview(obj), failing exactly like the buffer protocol (PyBUF_SIMPLE) does."""
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        raise TypeError(f"a bytes-like object is required, not '{type(obj).__name__}'") from None
+    if not view.c_contiguous:
+        raise BufferError("memoryview: underlying buffer is not C-contiguous")
+    return view
+
+
+def _raw(data):
+    """`data` as something whose len() is its byte count and whose items are ints."""
+    if type(data) is bytes or type(data) is bytearray:
+        return data
+    return _view(data).cast("B")
+
+
+# ---------------------------------------------------------------------------
+# masking
+
+
+def apply_mask(data, key, offset: int = 0) -> bytes:
+    """XOR `data` with the 4-byte masking `key`, starting at key index ``offset % 4``.
+
+    Masking is its own inverse, so this both masks and unmasks.  `offset` lets a payload
+    that arrives in pieces be unmasked piecewise: pass the number of payload bytes that
+    came before this piece.  Always returns a new ``bytes``.
+    """
+    shift = offset & 3
+    kb = _view(key)
+    if kb.nbytes != 4:
+        raise ValueError("mask key must be exactly 4 bytes")
+    data = _raw(data)
+    n = len(data)
+    if not n:
+        return b""
+    kb = kb.tobytes()
+    if shift:
+        kb = kb[shift:] + kb[:shift]
+    mask = (kb * ((n >> 2) + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(mask, "little")).to_bytes(n, "little")
+
+
+# ---------------------------------------------------------------------------
+# headers
+
+
+def parse_header(buf, pos: int = 0):
+    """Parse the frame header that starts at ``buf[pos]``.
+
+    Returns ``(fin, rsv, opcode, mask_key, payload_length, header_length)`` - fin is
+    0/1, rsv the three RSV bits as an int 0..7, mask_key 4 ``bytes`` or None - or None
+    when ``buf[pos:]`` does not yet hold the whole header.  Raises
+    ``FrameError(close_code=1002)`` as soon as a 64-bit length with its top bit set is
+    visible (even if the rest of the header is still missing).  Nothing else is
+    validated: this reports what the bytes say.
+    """
+    pos = operator.index(pos)
+    if pos < 0:
+        raise ValueError("pos must be >= 0")
+    buf = _raw(buf)
+    avail = len(buf) - pos
+    if avail < 2:
+        return None
+    b0 = buf[pos]
+    b1 = buf[pos + 1]
+    length = b1 & 127
+    hl = 2
+    if length == 126:
+        if avail < 4:
+            return None
+        length = _U16.unpack_from(buf, pos + 2)[0]
+        hl = 4
+    elif length == 127:
+        if avail < 3:
+            return None
+        if buf[pos + 2] & 0x80:
+            raise FrameError("64-bit payload length has the most significant bit set", close_code=1002)
+        if avail < 10:
+            return None
+        length = _U64.unpack_from(buf, pos + 2)[0]
+        hl = 10
+    if b1 & 0x80:
+        if avail < hl + 4:
+            return None
+        key = bytes(buf[pos + hl : pos + hl + 4])
+        hl += 4
+    else:
+        key = None
+    return (b0 >> 7, (b0 >> 4) & 7, b0 & 15, key, length, hl)
+
+
+def encode_header(opcode: int, length: int, fin: bool = True, rsv: int = 0, mask_key=None) -> bytes:
+    """Encode a frame header, using the shortest length form.
+
+    Only representability is checked (ValueError): opcode 0..15, rsv 0..7, length
+    0..2**63-1, mask_key None or 4 bytes.  Protocol rules (control frames <= 125 bytes
+    and unfragmented) are deliberately NOT enforced here, so tests can build bad frames.
+    """
+    opcode = operator.index(opcode)
+    length = operator.index(length)
+    rsv = operator.index(rsv)
+    if opcode < 0 or opcode > 15:
+        raise ValueError(f"opcode must be in 0..15, got {opcode}")
+    if rsv < 0 or rsv > 7:
+        raise ValueError(f"rsv must be in 0..7, got {rsv}")
+    if length < 0 or length > MAX_PAYLOAD_LENGTH:
+        raise ValueError(f"payload length must be in 0..2**63-1, got {length}")
+    b0 = (0x80 if fin else 0) | (rsv << 4) | opcode
+    if mask_key is None:
+        mbit = 0
+    else:
+        kb = _view(mask_key)
+        if kb.nbytes != 4:
+            raise ValueError("mask key must be exactly 4 bytes")
+        mbit = 0x80
+    if length <= 125:
+        head = bytes((b0, mbit | length))
+    elif length <= 0xFFFF:
+        head = bytes((b0, mbit | 126)) + _U16.pack(length)
+    else:
+        head = bytes((b0, mbit | 127)) + _U64.pack(length)
+    if mbit:
+        return head + kb.tobytes()
+    return head
+
+
+def make_encode_frame(encode_header: Callable, apply_mask: Callable) -> Callable:
+    """Build :func:`encode_frame` on top of a given `encode_header` / `apply_mask` pair.
+
+    ``edgeproxy.core._accel`` uses this to get an ``encode_frame`` on the picked
+    (compiled or pure) primitives while keeping one definition of it.
+    """
+
+    def encode_frame(opcode: int, payload, fin: bool = True, rsv: int = 0, mask_key=None) -> bytes:
+        """Encode a whole frame; the payload is masked with `mask_key` when one is given."""
+        payload = _raw(payload)
+        header = encode_header(opcode, len(payload), fin, rsv, mask_key)
+        if mask_key is None:
+            return header + payload
+        return header + apply_mask(payload, mask_key)
+
+    return encode_frame
+
+
+encode_frame = make_encode_frame(encode_header, apply_mask)
+
+
+# ---------------------------------------------------------------------------
+# close payloads
+
+
+def encode_close_payload(code: int | None, reason: str = "") -> bytes:
+    """The payload of a CLOSE frame: b"" for no code, else the code and UTF-8 reason.
+
+    The reason is truncated on a UTF-8 character boundary so the payload fits the 125
+    bytes of a control frame.  The code is only checked to fit 16 bits; choosing a code
+    that may be sent (not 1005/1006/1015) is the caller's business.
+    """
+    if code is None:
+        if reason:
+            raise ValueError("a close reason needs a close code")
+        return b""
+    code = operator.index(code)
+    if code < 0 or code > 0xFFFF:
+        raise ValueError(f"close code must fit 16 bits, got {code}")
+    raw = reason.encode("utf-8", "replace")
+    if len(raw) > MAX_CONTROL_PAYLOAD - 2:
+        # Cutting may split a character; "ignore" drops only that partial tail.
+        raw = raw[: MAX_CONTROL_PAYLOAD - 2].decode("utf-8", "ignore").encode("utf-8")
+    return _U16.pack(code) + raw
+
+
+def parse_close_payload(payload) -> tuple[int | None, str]:
+    """Lenient CLOSE payload parser (for logging): never raises on content.
+
+    b"" and a (malformed) 1-byte payload give ``(None, "")``; otherwise the code and the
+    reason decoded as UTF-8 with ``errors="replace"``.
+    """
+    payload = _raw(payload)
+    if len(payload) < 2:
+        return (None, "")
+    return (_U16.unpack_from(payload, 0)[0], str(payload[2:], "utf-8", "replace"))
+
+
+# ---------------------------------------------------------------------------
+# the scanner
+
+
+class FrameScanner:
+    """Follows frame boundaries in ONE direction of a relayed stream without copying payloads.
+
+    Feed it every chunk read from the sender with :meth:`scan`; forward the number of
+    leading bytes it returns.  See the module docstring for the full contract.
+
+    Readable attributes: ``messages`` (completed data messages), ``frames`` (completed
+    frames), ``close`` (``(code, reason)`` once a complete CLOSE frame was scanned),
+    ``error`` (the :class:`FrameError` that stopped the stream), ``max_message_size``
+    and the ``mid_frame`` property.
+    """
+
+    __slots__ = (
+        "max_message_size",
+        "messages",
+        "frames",
+        "close",
+        "error",
+        "_remaining",
+        "_opcode",
+        "_fin",
+        "_in_message",
+        "_msg_size",
+        "_hbuf",
+        "_cbuf",
+        "_ckey",
+    )
+
+    def __init__(self, max_message_size: int = 0):
+        max_message_size = operator.index(max_message_size)
+        if max_message_size < 0 or max_message_size > MAX_PAYLOAD_LENGTH:
+            raise ValueError(f"max_message_size must be in 0..2**63-1 (0 = unlimited), got {max_message_size}")
+        self.max_message_size = max_message_size
+        self.messages = 0
+        self.frames = 0
+        self.close = None
+        self.error = None
+        self._remaining = 0  # payload bytes of the current frame still to come
+        self._opcode = 0  # opcode of the current frame
+        self._fin = 0  # FIN of the current frame
+        self._in_message = False  # a fragmented data message is in progress
+        self._msg_size = 0  # payload bytes of the current message (tracked when limited)
+        self._hbuf = b""  # copy of a partial header (< 14 bytes)
+        self._cbuf = None  # bytearray collecting a CLOSE payload, else None
+        self._ckey = None  # mask key of the CLOSE frame being collected
+
+    @property
+    def mid_frame(self) -> bool:
+        """True while the forwarded stream ends inside a frame (header or payload)."""
+        return bool(self._hbuf) or self._remaining > 0
+
+    def _header(self, buf, pos: int, avail: int) -> int:
+        """Check and accept the header at buf[pos:pos+avail] (avail >= 1).
+
+        Returns its length, or 0 when more bytes are needed.  Raises FrameError as soon
+        as the available bytes prove the header bad.  State changes only on acceptance.
+        """
+        b0 = buf[pos]
+        opcode = b0 & 15
+        fin = b0 >> 7
+        if opcode >= 8:
+            if opcode > 10:
+                raise FrameError(f"reserved opcode {opcode:#x}", close_code=1002)
+            if not fin:
+                raise FrameError(f"fragmented control frame (opcode {opcode:#x})", close_code=1002)
+        elif opcode:
+            if opcode > 2:
+                raise FrameError(f"reserved opcode {opcode:#x}", close_code=1002)
+            if self._in_message:
+                raise FrameError(
+                    f"new data frame (opcode {opcode:#x}) while a fragmented message is in progress",
+                    close_code=1002,
+                )
+        elif not self._in_message:
+            raise FrameError("continuation frame without a message in progress", close_code=1002)
+        if avail < 2:
+            return 0
+        b1 = buf[pos + 1]
+        length = b1 & 127
+        if length <= 125:
+            hl = 2
+        elif opcode >= 8:
+            raise FrameError(
+                f"control frame (opcode {opcode:#x}) payload longer than 125 bytes", close_code=1002
+            )
+        elif length == 126:
+            if avail < 4:
+                return 0
+            length = _U16.unpack_from(buf, pos + 2)[0]
+            hl = 4
+        else:
+            if avail < 3:
+                return 0
+            if buf[pos + 2] & 0x80:
+                raise FrameError("64-bit payload length has the most significant bit set", close_code=1002)
+            if avail < 10:
+                return 0
+            length = _U64.unpack_from(buf, pos + 2)[0]
+            hl = 10
+        limit = self.max_message_size
+        size = 0
+        if limit and opcode < 8:
+            size = length + self._msg_size if opcode == 0 else length
+            if size > limit:
+                raise FrameError(f"message too big: {size} bytes > max_message_size {limit}", close_code=1009)
+        if b1 & 0x80:
+            hl += 4
+        if avail < hl:
+            return 0
+        # accepted
+        self._opcode = opcode
+        self._fin = fin
+        self._remaining = length
+        if opcode < 8:
+            self._in_message = not fin
+            self._msg_size = size
+        elif opcode == 8:
+            self._cbuf = bytearray()
+            self._ckey = bytes(buf[pos + hl - 4 : pos + hl]) if b1 & 0x80 else None
+        return hl
+
+    def _finish(self) -> bool:
+        """The current frame is complete; True when it was the CLOSE frame."""
+        self.frames += 1
+        opcode = self._opcode
+        if opcode < 8:
+            if self._fin:
+                self.messages += 1
+            return False
+        if opcode == 8:
+            payload = self._cbuf
+            if self._ckey is not None:
+                payload = apply_mask(payload, self._ckey)
+            self.close = parse_close_payload(payload)
+            self._cbuf = self._ckey = None
+            return True
+        return False
+
+    def scan(self, data) -> int:
+        """Consume one chunk; return how many leading bytes of it may be forwarded."""
+        if self.close is not None or self.error is not None:
+            return 0
+        data = _raw(data)
+        end = len(data)
+        pos = 0
+        while pos < end:
+            rem = self._remaining
+            if rem:
+                take = end - pos
+                if take > rem:
+                    take = rem
+                if self._cbuf is not None:
+                    self._cbuf += data[pos : pos + take]
+                pos += take
+                rem -= take
+                self._remaining = rem
+                if rem:
+                    break
+                if self._finish():
+                    return pos
+                continue
+            hbuf = self._hbuf
+            if hbuf:
+                # A partial header is pending; pos is 0 here.
+                old = len(hbuf)
+                hbuf += data[: 14 - old]
+                try:
+                    hl = self._header(hbuf, 0, len(hbuf))
+                except FrameError as exc:
+                    # Its first bytes were forwarded already: nothing more may go.
+                    self.error = exc
+                    return 0
+                if not hl:
+                    self._hbuf = hbuf  # 14 bytes always suffice, so all of data is in it
+                    return end
+                self._hbuf = b""
+                pos = hl - old
+            else:
+                try:
+                    hl = self._header(data, pos, end - pos)
+                except FrameError as exc:
+                    self.error = exc
+                    return pos
+                if not hl:
+                    self._hbuf = bytes(data[pos:])
+                    return end
+                pos += hl
+            if not self._remaining and self._finish():
+                return pos
+        return end

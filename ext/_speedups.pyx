@@ -1,0 +1,416 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, auto_pickle=False, embedsignature=True
+"""Compiled twins of the hot paths in :mod:`edgeproxy.core.frames`.
+
+``apply_mask``, ``parse_header``, ``encode_header`` and ``FrameScanner`` have the same
+signatures, results, exceptions and error messages as the pure-Python reference in
+``edgeproxy/core/frames.py`` (read its module docstring for the theory of operation);
+``tests/core/test_equivalence.py`` checks that.  Do not import this module directly:
+use :mod:`edgeproxy.core._accel`, which picks this or the pure implementation.
+
+Buffers are read through the buffer protocol (``PyBUF_SIMPLE``: any C-contiguous
+bytes-like object, as raw bytes) without copying.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.number cimport PyNumber_Index
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport uint64_t
+from libc.string cimport memcpy
+
+from edgeproxy.errors import FrameError
+
+__all__ = ["apply_mask", "parse_header", "encode_header", "FrameScanner"]
+
+cdef unsigned long long MAX_PAYLOAD_LENGTH = 0x7FFFFFFFFFFFFFFF
+
+
+# ---------------------------------------------------------------------------
+# masking
+
+cdef inline void _xor(const unsigned char *src, unsigned char *dst, Py_ssize_t n,
+                      const unsigned char *k8) noexcept nogil:
+    """dst[i] = src[i] ^ k8[i % 8]; 32 then 8 bytes at a time, then the tail."""
+    cdef uint64_t k64, a, b, c, d
+    cdef Py_ssize_t i = 0
+    memcpy(&k64, k8, 8)
+    while i + 32 <= n:
+        memcpy(&a, src + i, 8)
+        memcpy(&b, src + i + 8, 8)
+        memcpy(&c, src + i + 16, 8)
+        memcpy(&d, src + i + 24, 8)
+        a ^= k64
+        b ^= k64
+        c ^= k64
+        d ^= k64
+        memcpy(dst + i, &a, 8)
+        memcpy(dst + i + 8, &b, 8)
+        memcpy(dst + i + 16, &c, 8)
+        memcpy(dst + i + 24, &d, 8)
+        i += 32
+    while i + 8 <= n:
+        memcpy(&a, src + i, 8)
+        a ^= k64
+        memcpy(dst + i, &a, 8)
+        i += 8
+    while i < n:
+        dst[i] = src[i] ^ k8[i & 7]
+        i += 1
+
+
+def apply_mask(data, key, offset=0):
+    """XOR `data` with the 4-byte masking `key`, starting at key index ``offset % 4``.
+
+    Masking is its own inverse, so this both masks and unmasks.  Returns new ``bytes``.
+    """
+    cdef int shift = offset & 3
+    cdef Py_buffer kb
+    cdef Py_buffer db
+    cdef unsigned char k8[8]
+    cdef const unsigned char *kp
+    cdef int i
+    PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE)
+    try:
+        if kb.len != 4:
+            raise ValueError("mask key must be exactly 4 bytes")
+        kp = <const unsigned char *>kb.buf
+        for i in range(8):
+            k8[i] = kp[(i + shift) & 3]
+    finally:
+        PyBuffer_Release(&kb)
+    PyObject_GetBuffer(data, &db, PyBUF_SIMPLE)
+    try:
+        out = PyBytes_FromStringAndSize(NULL, db.len)
+        _xor(<const unsigned char *>db.buf, <unsigned char *>PyBytes_AS_STRING(out), db.len, k8)
+    finally:
+        PyBuffer_Release(&db)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# headers
+
+cdef object _top_bit_error():
+    return FrameError("64-bit payload length has the most significant bit set", close_code=1002)
+
+
+cdef inline unsigned long long _be64(const unsigned char *p) noexcept nogil:
+    return ((<unsigned long long>p[0] << 56) | (<unsigned long long>p[1] << 48)
+            | (<unsigned long long>p[2] << 40) | (<unsigned long long>p[3] << 32)
+            | (<unsigned long long>p[4] << 24) | (<unsigned long long>p[5] << 16)
+            | (<unsigned long long>p[6] << 8) | <unsigned long long>p[7])
+
+
+def parse_header(buf, Py_ssize_t pos=0):
+    """Parse the frame header that starts at ``buf[pos]``.
+
+    Returns ``(fin, rsv, opcode, mask_key, payload_length, header_length)`` or None when
+    ``buf[pos:]`` does not yet hold the whole header; raises
+    ``FrameError(close_code=1002)`` as soon as a 64-bit length with its top bit set is
+    visible.
+    """
+    if pos < 0:
+        raise ValueError("pos must be >= 0")
+    cdef Py_buffer b
+    cdef const unsigned char *p
+    cdef Py_ssize_t avail, hl
+    cdef unsigned long long length
+    cdef unsigned char b0, b1
+    PyObject_GetBuffer(buf, &b, PyBUF_SIMPLE)
+    try:
+        avail = b.len - pos
+        if avail < 2:
+            return None
+        p = <const unsigned char *>b.buf + pos
+        b0 = p[0]
+        b1 = p[1]
+        length = b1 & 127
+        hl = 2
+        if length == 126:
+            if avail < 4:
+                return None
+            length = (<unsigned long long>p[2] << 8) | p[3]
+            hl = 4
+        elif length == 127:
+            if avail < 3:
+                return None
+            if p[2] & 0x80:
+                raise _top_bit_error()
+            if avail < 10:
+                return None
+            length = _be64(p + 2)
+            hl = 10
+        if b1 & 0x80:
+            if avail < hl + 4:
+                return None
+            key = PyBytes_FromStringAndSize(<const char *>p + hl, 4)
+            hl += 4
+        else:
+            key = None
+        return (b0 >> 7, (b0 >> 4) & 7, b0 & 15, key, length, hl)
+    finally:
+        PyBuffer_Release(&b)
+
+
+def encode_header(opcode, length, fin=True, rsv=0, mask_key=None):
+    """Encode a frame header, using the shortest length form.
+
+    Only representability is checked (ValueError); protocol rules are not enforced.
+    """
+    opcode = PyNumber_Index(opcode)
+    length = PyNumber_Index(length)
+    rsv = PyNumber_Index(rsv)
+    if opcode < 0 or opcode > 15:
+        raise ValueError(f"opcode must be in 0..15, got {opcode}")
+    if rsv < 0 or rsv > 7:
+        raise ValueError(f"rsv must be in 0..7, got {rsv}")
+    if length < 0 or length > 0x7FFFFFFFFFFFFFFF:
+        raise ValueError(f"payload length must be in 0..2**63-1, got {length}")
+    cdef unsigned char out[14]
+    cdef unsigned char k[4]
+    cdef unsigned long long n = length
+    cdef int hl
+    cdef int mbit = 0
+    cdef Py_buffer kb
+    cdef int i
+    if mask_key is not None:
+        PyObject_GetBuffer(mask_key, &kb, PyBUF_SIMPLE)
+        try:
+            if kb.len != 4:
+                raise ValueError("mask key must be exactly 4 bytes")
+            memcpy(k, kb.buf, 4)
+            mbit = 0x80
+        finally:
+            PyBuffer_Release(&kb)
+    out[0] = (0x80 if fin else 0) | ((<int>rsv) << 4) | <int>opcode
+    if n <= 125:
+        out[1] = mbit | <int>n
+        hl = 2
+    elif n <= 0xFFFF:
+        out[1] = mbit | 126
+        out[2] = (n >> 8) & 0xFF
+        out[3] = n & 0xFF
+        hl = 4
+    else:
+        out[1] = mbit | 127
+        for i in range(8):
+            out[2 + i] = (n >> (56 - 8 * i)) & 0xFF
+        hl = 10
+    if mbit:
+        memcpy(out + hl, k, 4)
+        hl += 4
+    return PyBytes_FromStringAndSize(<const char *>out, hl)
+
+
+# ---------------------------------------------------------------------------
+# the scanner
+
+cdef class FrameScanner:
+    """Follows frame boundaries in ONE direction of a relayed stream without copying payloads.
+
+    See :class:`edgeproxy.core.frames.FrameScanner` for the contract.
+    """
+
+    cdef readonly unsigned long long max_message_size
+    cdef readonly long long messages
+    cdef readonly long long frames
+    cdef readonly object close
+    cdef readonly object error
+    cdef unsigned long long _remaining
+    cdef unsigned long long _msg_size
+    cdef int _opcode
+    cdef int _fin
+    cdef int _in_message
+    cdef int _hlen
+    cdef int _clen
+    cdef int _cmasked
+    cdef unsigned char _hbuf[16]
+    cdef unsigned char _cbuf[128]
+    cdef unsigned char _ckey[4]
+
+    def __init__(self, max_message_size=0):
+        max_message_size = PyNumber_Index(max_message_size)
+        if max_message_size < 0 or max_message_size > 0x7FFFFFFFFFFFFFFF:
+            raise ValueError(
+                f"max_message_size must be in 0..2**63-1 (0 = unlimited), got {max_message_size}"
+            )
+        self.max_message_size = max_message_size
+        self.messages = 0
+        self.frames = 0
+        self.close = None
+        self.error = None
+        self._remaining = 0
+        self._msg_size = 0
+        self._opcode = 0
+        self._fin = 0
+        self._in_message = 0
+        self._hlen = 0
+        self._clen = 0
+        self._cmasked = 0
+
+    @property
+    def mid_frame(self):
+        """True while the forwarded stream ends inside a frame (header or payload)."""
+        return self._hlen > 0 or self._remaining > 0
+
+    cdef int _fail(self, msg, int code) except -1:
+        self.error = FrameError(msg, close_code=code)
+        return 0
+
+    cdef Py_ssize_t _header(self, const unsigned char *p, Py_ssize_t avail) except -2:
+        """Check and accept the header at p[:avail] (avail >= 1).
+
+        Returns its length, 0 when more bytes are needed, or -1 with ``error`` set.
+        """
+        cdef int b0 = p[0]
+        cdef int opcode = b0 & 15
+        cdef int fin = b0 >> 7
+        cdef int b1
+        cdef Py_ssize_t hl
+        cdef unsigned long long length, size = 0, limit
+        if opcode >= 8:
+            if opcode > 10:
+                self._fail(f"reserved opcode {opcode:#x}", 1002)
+                return -1
+            if not fin:
+                self._fail(f"fragmented control frame (opcode {opcode:#x})", 1002)
+                return -1
+        elif opcode:
+            if opcode > 2:
+                self._fail(f"reserved opcode {opcode:#x}", 1002)
+                return -1
+            if self._in_message:
+                self._fail(
+                    f"new data frame (opcode {opcode:#x}) while a fragmented message is in progress",
+                    1002,
+                )
+                return -1
+        elif not self._in_message:
+            self._fail("continuation frame without a message in progress", 1002)
+            return -1
+        if avail < 2:
+            return 0
+        b1 = p[1]
+        length = b1 & 127
+        if length <= 125:
+            hl = 2
+        elif opcode >= 8:
+            self._fail(f"control frame (opcode {opcode:#x}) payload longer than 125 bytes", 1002)
+            return -1
+        elif length == 126:
+            if avail < 4:
+                return 0
+            length = (<unsigned long long>p[2] << 8) | p[3]
+            hl = 4
+        else:
+            if avail < 3:
+                return 0
+            if p[2] & 0x80:
+                self.error = _top_bit_error()
+                return -1
+            if avail < 10:
+                return 0
+            length = _be64(p + 2)
+            hl = 10
+        limit = self.max_message_size
+        if limit and opcode < 8:
+            size = length + self._msg_size if opcode == 0 else length
+            if size > limit:
+                self._fail(f"message too big: {size} bytes > max_message_size {limit}", 1009)
+                return -1
+        if b1 & 0x80:
+            hl += 4
+        if avail < hl:
+            return 0
+        # accepted
+        self._opcode = opcode
+        self._fin = fin
+        self._remaining = length
+        if opcode < 8:
+            self._in_message = not fin
+            self._msg_size = size
+        elif opcode == 8:
+            self._clen = 0
+            self._cmasked = b1 & 0x80
+            if self._cmasked:
+                memcpy(self._ckey, p + hl - 4, 4)
+        return hl
+
+    cdef int _finish(self) except -1:
+        """The current frame is complete; 1 when it was the CLOSE frame."""
+        cdef int i
+        self.frames += 1
+        if self._opcode < 8:
+            if self._fin:
+                self.messages += 1
+            return 0
+        if self._opcode != 8:
+            return 0
+        if self._cmasked:
+            for i in range(self._clen):
+                self._cbuf[i] ^= self._ckey[i & 3]
+        if self._clen < 2:
+            self.close = (None, "")
+        else:
+            self.close = (
+                (self._cbuf[0] << 8) | self._cbuf[1],
+                PyUnicode_DecodeUTF8(<const char *>self._cbuf + 2, self._clen - 2, "replace"),
+            )
+        return 1
+
+    cdef Py_ssize_t _scan(self, const unsigned char *p, Py_ssize_t end) except -1:
+        cdef Py_ssize_t pos = 0, take, hl, old
+        while pos < end:
+            if self._remaining:
+                take = end - pos
+                if <unsigned long long>take > self._remaining:
+                    take = <Py_ssize_t>self._remaining
+                if self._opcode == 8:
+                    memcpy(self._cbuf + self._clen, p + pos, take)
+                    self._clen += <int>take
+                pos += take
+                self._remaining -= <unsigned long long>take
+                if self._remaining:
+                    break
+                if self._finish():
+                    return pos
+                continue
+            if self._hlen:
+                # A partial header is pending; pos is 0 here.
+                old = self._hlen
+                take = 14 - old
+                if take > end:
+                    take = end
+                memcpy(self._hbuf + old, p, take)
+                hl = self._header(self._hbuf, old + take)
+                if hl < 0:
+                    return 0  # its first bytes were forwarded already
+                if hl == 0:
+                    self._hlen = <int>(old + take)
+                    return end
+                self._hlen = 0
+                pos = hl - old
+            else:
+                hl = self._header(p + pos, end - pos)
+                if hl < 0:
+                    return pos
+                if hl == 0:
+                    memcpy(self._hbuf, p + pos, end - pos)
+                    self._hlen = <int>(end - pos)
+                    return end
+                pos += hl
+            if not self._remaining and self._finish():
+                return pos
+        return end
+
+    def scan(self, data):
+        """Consume one chunk; return how many leading bytes of it may be forwarded."""
+        if self.close is not None or self.error is not None:
+            return 0
+        cdef Py_buffer b
+        PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
+        try:
+            return self._scan(<const unsigned char *>b.buf, b.len)
+        finally:
+            PyBuffer_Release(&b)

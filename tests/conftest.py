@@ -1,0 +1,45 @@
+"""Shared fixtures.
+
+``impl`` runs a test once per frame implementation: "pure" (edgeproxy.core.frames) and
+"compiled" (edgeproxy._speedups).  "compiled" is skipped when the extension is not built,
+unless ``EDGEPROXY_REQUIRE_EXT=1``, which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import SimpleNamespace
+
+import pytest
+
+FRAME_API = ("apply_mask", "parse_header", "encode_header", "FrameScanner")
+
+
+def env_flag(name: str) -> bool:
+    """Same truthiness as edgeproxy.core._accel.env_flag (1/true/yes/on)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_frame_impl(name: str) -> SimpleNamespace:
+    """The four frame primitives of one implementation; skip/fail if compiled is missing."""
+    if name == "pure":
+        module = importlib.import_module("edgeproxy.core.frames")
+    else:
+        try:
+            module = importlib.import_module("edgeproxy._speedups")
+        except ImportError as exc:
+            msg = (
+                f"compiled edgeproxy._speedups not importable ({exc}); "
+                "build it with `python3 setup.py build_ext --inplace`"
+            )
+            if env_flag("EDGEPROXY_REQUIRE_EXT"):
+                pytest.fail(f"EDGEPROXY_REQUIRE_EXT=1: {msg}", pytrace=False)
+            pytest.skip(msg)
+    return SimpleNamespace(name=name, module=module, **{attr: getattr(module, attr) for attr in FRAME_API})
+
+
+@pytest.fixture(params=["pure", "compiled"])
+def impl(request) -> SimpleNamespace:
+    """Namespace with apply_mask, parse_header, encode_header, FrameScanner (+ name, module)."""
+    return load_frame_impl(request.param)
