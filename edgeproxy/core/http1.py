@@ -1,0 +1,480 @@
+"""HTTP/1.1 for both sides of the proxy, over h11, with the checks a proxy needs.
+
+Theory of operation
+-------------------
+The proxy speaks HTTP twice per request: as a server to the client
+(`ServerSide`) and as a client to the upstream (`ClientSide`).  Both wrap h11 and
+add what h11 leaves to the application:
+
+* **Smuggling shapes are refused, never forwarded.**  h11 unfolds obs-fold lines
+  and accepts Content-Length beside Transfer-Encoding; a proxy that forwards such
+  a request lets two parsers disagree on where it ends (RFC 9112 sections 5.2,
+  6.1 and 11.2).  `ServerSide` therefore looks at each raw request head itself
+  before handing it to h11, and checks the parsed framing headers after.  To be
+  able to look at every head of a pipelined stream, it starts a fresh h11
+  connection per request and carries the unread bytes over through h11's public
+  `trailing_data`.
+* **Hop-by-hop headers are dropped both ways** (RFC 9110 section 7.6.1), including
+  every header the `Connection` header names; body framing is re-done by h11 on
+  the other side, so a chunked upload can leave as chunked or with a length.
+* **Errors carry their remedy**: every refusal is a `RemoteProtocolError` with the
+  HTTP status to answer.
+
+Nothing here touches a socket or a clock: bytes go in, events and bytes come out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import h11
+
+from edgeproxy.errors import LocalProtocolError, RemoteProtocolError
+
+NEED_DATA = h11.NEED_DATA
+PAUSED = h11.PAUSED
+
+# RFC 9110 section 7.6.1, plus the legacy Proxy-Connection.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade", b"trailer"}
+)
+
+_END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
+
+REASONS = {
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    426: b"Upgrade Required",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A parsed request head, header names as the client spelled them."""
+
+    method: bytes
+    target: bytes
+    http_version: bytes
+    headers: Headers
+    host: str = ""
+    path: str = "/"
+    #: True for a request that asks for `Upgrade: websocket`.
+    websocket: bool = False
+    #: True when a body follows (Content-Length > 0 or chunked).
+    has_body: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header (name in lower case), or None."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    http_version: bytes
+    headers: Headers
+
+
+@dataclass(slots=True)
+class Body:
+    data: bytes
+
+
+@dataclass(slots=True)
+class EndOfMessage:
+    pass
+
+
+@dataclass(slots=True)
+class ConnectionClosed:
+    pass
+
+
+def _check_raw_head(head: bytes) -> None:
+    """Refuse what h11 would silently accept but a proxy must not forward."""
+    lines = head.split(b"\n")
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise RemoteProtocolError("obsolete line folding in header block", status_hint=400)
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token:
+                    tokens.add(token)
+    return tokens
+
+
+def strip_hop_by_hop(headers: Headers) -> Headers:
+    """Drop RFC 9110 hop-by-hop headers and every header that `Connection` names."""
+    drop = HOP_BY_HOP | _connection_tokens(headers)
+    return [(n, v) for n, v in headers if n.lower() not in drop]
+
+
+def _split_host(host: bytes) -> str:
+    text = host.decode("ascii", "replace").strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        return text[: end + 1] if end >= 0 else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+def forwarded_request_headers(
+    head: RequestHead, *, client_ip: str, scheme: str = "http"
+) -> Headers:
+    """Headers to send upstream: hop-by-hop stripped, X-Forwarded-* added, Host kept.
+
+    For a WebSocket upgrade the `Connection: Upgrade` and `Upgrade: websocket`
+    pair is put back, since those are hop-by-hop but must reach the upstream.
+    """
+    headers = strip_hop_by_hop(head.headers)
+    out: Headers = []
+    xff = None
+    original_host = head.header(b"host")
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"x-forwarded-for":
+            xff = value if xff is None else xff + b", " + value
+            continue
+        if lname in (b"x-forwarded-proto", b"x-forwarded-host"):
+            continue
+        out.append((name, value))
+    ip = client_ip.encode("ascii")
+    out.append((b"X-Forwarded-For", xff + b", " + ip if xff else ip))
+    out.append((b"X-Forwarded-Proto", scheme.encode("ascii")))
+    if original_host is not None:
+        out.append((b"X-Forwarded-Host", original_host))
+    if head.websocket:
+        out.append((b"Connection", b"Upgrade"))
+        out.append((b"Upgrade", b"websocket"))
+    elif head.header(b"transfer-encoding") is not None:
+        # Re-framed by h11 on the way out; only "chunked" gets this far.
+        out.append((b"Transfer-Encoding", b"chunked"))
+    return out
+
+
+def forwarded_response_headers(headers: Headers, *, switching: bool = False) -> Headers:
+    """Headers to send to the client: hop-by-hop stripped (Upgrade kept on a 101)."""
+    out = strip_hop_by_hop(headers)
+    if switching:
+        out.append((b"Connection", b"Upgrade"))
+        out.append((b"Upgrade", b"websocket"))
+    return out
+
+
+def error_response(
+    status: int, message: str, *, extra_headers: Headers = (), close: bool = True
+) -> bytes:
+    """A small, complete HTTP/1.1 error response as raw bytes."""
+    body = (message.rstrip("\n") + "\n").encode("utf-8", "replace")
+    lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Error"))]
+    lines.append(b"Content-Type: text/plain; charset=utf-8")
+    lines.append(b"Content-Length: %d" % len(body))
+    for name, value in extra_headers:
+        lines.append(name + b": " + value)
+    if close:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def _translate(exc: h11.ProtocolError) -> RemoteProtocolError:
+    return RemoteProtocolError(str(exc) or type(exc).__name__, status_hint=exc.error_status_hint)
+
+
+class ServerSide:
+    """The client-facing HTTP/1.1 parser and serializer.
+
+    Call: `receive_data(b)` (b"" for EOF), then `next_event()` until NEED_DATA or
+    PAUSED; answer with `send_response`, `send_data`, `send_end`; after a complete
+    exchange, `start_next_cycle()` if `keep_alive`.
+    """
+
+    def __init__(self, *, max_header_size: int = 16384):
+        self.max_header_size = max_header_size
+        self._pending = bytearray()
+        self._eof = False
+        self._conn: h11.Connection | None = None
+        self._request: RequestHead | None = None
+
+    @property
+    def in_request(self) -> bool:
+        """True once a request head has been read and until its cycle ends."""
+        return self._conn is not None
+
+    @property
+    def request_complete(self) -> bool:
+        """True when the current request's body has been read to its end."""
+        return self._conn is not None and self._conn.their_state is not h11.SEND_BODY and self._conn.their_state is not h11.IDLE
+
+    @property
+    def response_started(self) -> bool:
+        return self._conn is not None and self._conn.our_state is not h11.IDLE and self._conn.our_state is not h11.SEND_RESPONSE
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the connection may carry another request after this one."""
+        conn = self._conn
+        return conn is not None and conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet parsed (for pausing reads on pipelining)."""
+        if self._conn is None:
+            return len(self._pending)
+        return len(self._conn.trailing_data[0])
+
+    def receive_data(self, data: bytes) -> None:
+        if self._conn is None:
+            if data:
+                self._pending += data
+            else:
+                self._eof = True
+        else:
+            self._conn.receive_data(data)
+            if not data:
+                self._eof = True
+
+    def next_event(self):
+        """The next parsed event, NEED_DATA, PAUSED or ConnectionClosed.
+
+        Raises:
+            RemoteProtocolError: with the status to answer (400, 431, 501, ...).
+        """
+        if self._conn is None:
+            return self._start_request()
+        try:
+            event = self._conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _translate(exc) from None
+        if isinstance(event, h11.Data):
+            return Body(bytes(event.data))
+        if isinstance(event, h11.EndOfMessage):
+            return EndOfMessage()
+        if isinstance(event, h11.ConnectionClosed):
+            return ConnectionClosed()
+        if event is h11.NEED_DATA and self._eof and self._conn.their_state is h11.SEND_BODY:
+            raise RemoteProtocolError("client closed the connection in the middle of the request body")
+        return event
+
+    def _start_request(self):
+        pending = self._pending
+        # RFC 9112 section 2.2: ignore empty lines before a request line.
+        while pending[:2] == b"\r\n" or pending[:1] == b"\n":
+            del pending[: 2 if pending[:1] == b"\r" else 1]
+        match = _END_OF_HEAD.search(pending)
+        if match is None:
+            if len(pending) > self.max_header_size:
+                raise RemoteProtocolError("request header block too large", status_hint=431)
+            if self._eof:
+                if pending:
+                    raise RemoteProtocolError("connection closed in the middle of a request head")
+                return ConnectionClosed()
+            return NEED_DATA
+        if match.end() > self.max_header_size:
+            raise RemoteProtocolError("request header block too large", status_hint=431)
+        _check_raw_head(bytes(pending[: match.end()]))
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_size)
+        conn.receive_data(bytes(pending))
+        pending.clear()
+        if self._eof:
+            conn.receive_data(b"")
+        self._conn = conn
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _translate(exc) from None
+        if not isinstance(event, h11.Request):  # pragma: no cover - h11 guarantees a request here
+            raise RemoteProtocolError("expected a request head")
+        self._request = head = self._make_head(event)
+        return head
+
+    def _make_head(self, event: h11.Request) -> RequestHead:
+        headers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
+        seen_cl = seen_te = False
+        hosts = 0
+        upgrade = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                seen_cl = True
+            elif lname == b"transfer-encoding":
+                seen_te = True
+            elif lname == b"host":
+                hosts += 1
+            elif lname == b"upgrade":
+                upgrade = value
+        if seen_cl and seen_te:
+            raise RemoteProtocolError("Content-Length together with Transfer-Encoding")
+        if hosts > 1:
+            raise RemoteProtocolError("more than one Host header")
+        target = bytes(event.target)
+        host = None
+        path = target
+        if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+            rest = target.split(b"://", 1)[1]
+            slash = rest.find(b"/")
+            host, path = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+        if host is None:
+            for name, value in headers:
+                if name.lower() == b"host":
+                    host = value
+        has_body = seen_te or any(
+            n.lower() == b"content-length" and v.strip() not in (b"0", b"") for n, v in headers
+        )
+        websocket = False
+        if upgrade is not None and b"upgrade" in _connection_tokens(headers):
+            websocket = any(t.strip().lower() == b"websocket" for t in upgrade.split(b","))
+        return RequestHead(
+            method=bytes(event.method),
+            target=target,
+            http_version=bytes(event.http_version),
+            headers=headers,
+            host=_split_host(host or b""),
+            path=path.split(b"?", 1)[0].decode("latin-1"),
+            websocket=websocket,
+            has_body=has_body,
+        )
+
+    # -- sending -------------------------------------------------------------
+
+    def _send(self, event) -> bytes:
+        assert self._conn is not None
+        try:
+            return self._conn.send(event) or b""
+        except h11.LocalProtocolError as exc:
+            raise LocalProtocolError(str(exc)) from None
+
+    def send_informational(self, head: ResponseHead) -> bytes:
+        return self._send(h11.InformationalResponse(status_code=head.status, headers=head.headers, reason=head.reason))
+
+    def send_response(self, head: ResponseHead) -> bytes:
+        return self._send(h11.Response(status_code=head.status, headers=head.headers, reason=head.reason))
+
+    def send_data(self, data: bytes) -> bytes:
+        return self._send(h11.Data(data=data))
+
+    def send_end(self) -> bytes:
+        return self._send(h11.EndOfMessage())
+
+    def send_simple(self, status: int, message: str, extra_headers: Headers = ()) -> bytes:
+        """A complete small response inside the current cycle (keeps keep-alive possible)."""
+        body = (message.rstrip("\n") + "\n").encode()
+        headers = [(b"Content-Type", b"text/plain; charset=utf-8"), (b"Content-Length", b"%d" % len(body))]
+        headers.extend(extra_headers)
+        if not self.request_complete:
+            # The unread request body would be taken for the next request: close after.
+            headers.append((b"Connection", b"close"))
+        out = self.send_response(ResponseHead(status, REASONS.get(status, b"Error"), b"1.1", headers))
+        if self._request is None or self._request.method != b"HEAD":
+            out += self.send_data(body)
+        return out + self.send_end()
+
+    def switched_trailing_data(self) -> bytes:
+        """Bytes the client sent after its upgrade request (already WebSocket frames)."""
+        assert self._conn is not None
+        return bytes(self._conn.trailing_data[0])
+
+    def start_next_cycle(self) -> None:
+        """Begin the next request; unread bytes (pipelining) carry over."""
+        assert self._conn is not None
+        data, closed = self._conn.trailing_data
+        self._pending = bytearray(data)
+        self._eof = self._eof or closed
+        self._conn = None
+        self._request = None
+
+
+class ClientSide:
+    """The upstream-facing HTTP/1.1 client of one pooled upstream connection."""
+
+    def __init__(self, *, max_header_size: int = 65536):
+        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_size)
+        self.method = b"GET"
+
+    @property
+    def reusable(self) -> bool:
+        conn = self._conn
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+    @property
+    def idle(self) -> bool:
+        return self._conn.our_state is h11.IDLE and self._conn.their_state is h11.IDLE
+
+    @property
+    def response_started(self) -> bool:
+        return self._conn.their_state not in (h11.IDLE, h11.SEND_RESPONSE)
+
+    @property
+    def switched(self) -> bool:
+        return self._conn.our_state is h11.SWITCHED_PROTOCOL
+
+    def _send(self, event) -> bytes:
+        try:
+            return self._conn.send(event) or b""
+        except h11.LocalProtocolError as exc:
+            raise LocalProtocolError(str(exc)) from None
+
+    def send_request(self, head: RequestHead, headers: Headers) -> bytes:
+        self.method = head.method
+        return self._send(h11.Request(method=head.method, target=head.target, headers=headers))
+
+    def send_data(self, data: bytes) -> bytes:
+        return self._send(h11.Data(data=data))
+
+    def send_end(self) -> bytes:
+        return self._send(h11.EndOfMessage())
+
+    def receive_data(self, data: bytes) -> None:
+        self._conn.receive_data(data)
+
+    def next_event(self):
+        """ResponseHead (informational ones too), Body, EndOfMessage, NEED_DATA, PAUSED or ConnectionClosed.
+
+        Raises:
+            RemoteProtocolError: the upstream's response is malformed (answer 502).
+        """
+        try:
+            event = self._conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise RemoteProtocolError(f"invalid response from upstream: {exc}", status_hint=502) from None
+        if isinstance(event, h11.Data):
+            return Body(bytes(event.data))
+        if isinstance(event, (h11.Response, h11.InformationalResponse)):
+            return ResponseHead(
+                status=event.status_code,
+                reason=bytes(event.reason),
+                http_version=bytes(event.http_version),
+                headers=[(bytes(n), bytes(v)) for n, v in event.headers.raw_items()],
+            )
+        if isinstance(event, h11.EndOfMessage):
+            return EndOfMessage()
+        if isinstance(event, h11.ConnectionClosed):
+            return ConnectionClosed()
+        return event
+
+    def trailing_data(self) -> bytes:
+        return bytes(self._conn.trailing_data[0])
+
+    def start_next_cycle(self) -> None:
+        self._conn.start_next_cycle()

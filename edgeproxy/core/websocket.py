@@ -1,0 +1,354 @@
+"""WebSocket proxying: the handshake checks and the frame relay state machine.
+
+Theory of operation
+-------------------
+After the upstream's 101 the proxy holds two streams of frames and relays each
+byte for byte: client frames stay masked with the client's key (an attacker can
+not predict it, so the upstream keeps RFC 6455 section 10.3's protection) and
+upstream frames stay unmasked.  The relay never decodes data payloads; a
+`FrameScanner` per direction follows frame boundaries so the proxy can count
+messages, enforce the message size limit and see close frames.
+
+The close handshake is relayed, not terminated: a close frame from one side is
+forwarded to the other, and once both directions have carried a close frame the
+proxy closes both TCP connections.  The proxy only speaks for itself when a side
+breaks a rule or disappears, or on a timeout:
+
+==========================  =============================  ==========================
+what happened               to the client                  to the upstream
+==========================  =============================  ==========================
+client frame breaks a rule  close 1002 / 1009              close 1001
+upstream breaks a rule      close 1014                     close 1002 / 1009
+upstream TCP gone           close 1014                     -
+client TCP gone             -                              close 1001
+idle timeout                close 1001                     close 1001
+==========================  =============================  ==========================
+
+A frame can only be injected between frames; when the stream toward a side is in
+the middle of a frame, that side's connection is aborted instead.  The relay
+gives its decisions as `actions` for the transport to carry out, and never reads
+a clock or a random source: `now` and the mask-key source are passed in.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from enum import Enum
+
+from wsproto.utilities import generate_accept_token
+
+from edgeproxy.core import _accel
+from edgeproxy.core.http1 import RequestHead, ResponseHead
+from edgeproxy.errors import RemoteProtocolError
+
+SUPPORTED_VERSION = b"13"
+
+#: RFC 6455 section 7.4.1 and the IANA registry.
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_BAD_GATEWAY = 1014
+
+# Actions, carried out by the transport in order.
+SEND_CLIENT = "send_client"  #: write bytes to the client
+SEND_UPSTREAM = "send_upstream"  #: write bytes to the upstream
+CLOSE_CLIENT = "close_client"  #: close the client's TCP connection after flushing
+CLOSE_UPSTREAM = "close_upstream"  #: close the upstream's TCP connection after flushing
+ABORT_CLIENT = "abort_client"  #: reset the client's connection now
+ABORT_UPSTREAM = "abort_upstream"  #: reset the upstream's connection now
+#: half-close (FIN after flushing) but keep reading, so a peer still sending gets
+#: our close frame instead of a reset (a lingering close, as nginx does)
+SHUTDOWN_CLIENT = "shutdown_client"
+SHUTDOWN_UPSTREAM = "shutdown_upstream"
+
+
+def validate_client_handshake(head: RequestHead) -> bytes:
+    """Check an upgrade request against RFC 6455 section 4.2.1; return its key.
+
+    Raises:
+        RemoteProtocolError: status 400 (the caller adds `Sec-WebSocket-Version: 13`).
+    """
+    if head.method != b"GET":
+        raise RemoteProtocolError("WebSocket upgrade must use GET")
+    if head.http_version != b"1.1":
+        raise RemoteProtocolError("WebSocket upgrade needs HTTP/1.1")
+    if head.header(b"host") is None:
+        raise RemoteProtocolError("WebSocket upgrade without Host")
+    version = head.header(b"sec-websocket-version")
+    if version is None or version.strip() != SUPPORTED_VERSION:
+        raise RemoteProtocolError("unsupported or missing Sec-WebSocket-Version (13 is supported)")
+    key = head.header(b"sec-websocket-key")
+    if key is None:
+        raise RemoteProtocolError("missing Sec-WebSocket-Key")
+    key = key.strip()
+    try:
+        decoded = base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError):
+        decoded = b""
+    if len(decoded) != 16:
+        raise RemoteProtocolError("Sec-WebSocket-Key is not 16 bytes in base64")
+    return key
+
+
+def validate_upstream_accept(key: bytes, response: ResponseHead) -> None:
+    """Check the upstream's 101 answers this client's key (RFC 6455 section 4.1).
+
+    Raises:
+        RemoteProtocolError: status 502.
+    """
+    accept = None
+    for name, value in response.headers:
+        if name.lower() == b"sec-websocket-accept":
+            accept = value.strip()
+    if accept is None or accept != generate_accept_token(key):
+        raise RemoteProtocolError("upstream's Sec-WebSocket-Accept does not match the key", status_hint=502)
+
+
+class RelayState(Enum):
+    #: Frames flow both ways.  Next: CLOSING, FAILING or CLOSED.
+    OPEN = "open"
+    #: A close frame passed one way; waiting for the answer.  Next: CLOSED.
+    CLOSING = "closing"
+    #: The proxy sent its own close frames; waiting for answers.  Next: CLOSED.
+    FAILING = "failing"
+    #: Both TCP connections are being closed.
+    CLOSED = "closed"
+
+
+class WebSocketRelay:
+    """Relays one proxied WebSocket session between a client and an upstream.
+
+    Call `from_client(data)` / `from_upstream(data)` with what each side sent:
+    they return the bytes to forward to the other side (usually `data` itself).
+    Then, if `actions` is non-empty, carry them out in order and clear the list.
+    `client_eof()`, `upstream_eof()` and `check_timers(now)` may add actions too.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_message_size: int = 0,
+        idle_timeout: float = 0.0,
+        close_timeout: float = 5.0,
+        mask_key_source: Callable[[], bytes],
+        now: float = 0.0,
+    ):
+        self.client_frames = _accel.FrameScanner(max_message_size)
+        self.upstream_frames = _accel.FrameScanner(max_message_size)
+        self.idle_timeout = idle_timeout
+        self.close_timeout = close_timeout
+        self._mask_key = mask_key_source
+        self.state = RelayState.OPEN
+        self.actions: list[tuple[str, bytes | None]] = []
+        #: (code, reason) of the close frame each side sent, once seen.
+        self.client_close: tuple[int | None, str] | None = None
+        self.upstream_close: tuple[int | None, str] | None = None
+        #: the close code the proxy itself sent to the client, if any.
+        self.proxy_close_code: int | None = None
+        self.bytes_from_client = 0
+        self.bytes_from_upstream = 0
+        self._active = False
+        self._last_active = now
+        self._deadline = 0.0
+        # In FAILING, the proxy waits for both sides' answers itself.
+        self._await_client = False
+        self._await_upstream = False
+
+    # -- the hot path ---------------------------------------------------------
+
+    def from_client(self, data: bytes):
+        """Bytes from the client; returns what to forward to the upstream."""
+        self._active = True
+        scanner = self.client_frames
+        if scanner.close is not None or scanner.error is not None:
+            return None  # nothing may follow a close frame or a broken frame
+        was_mid = scanner.mid_frame
+        n = scanner.scan(data)
+        self.bytes_from_client += n
+        if n == len(data) and scanner.close is None and scanner.error is None:
+            return data if self.state is not RelayState.FAILING else None
+        forward = data[:n] if n != len(data) else data
+        if scanner.error is not None:
+            if self.state is RelayState.FAILING or self.state is RelayState.CLOSED:
+                return None
+            self._peer_broke_rule(client=True, partial=(n == 0 and was_mid))
+            return forward
+        self.client_close = scanner.close
+        if self.state is RelayState.FAILING:
+            self._await_client = False
+            self._maybe_finish_failing()
+            return None
+        self._close_frame_passed()
+        return forward
+
+    def from_upstream(self, data: bytes):
+        """Bytes from the upstream; returns what to forward to the client."""
+        self._active = True
+        scanner = self.upstream_frames
+        if scanner.close is not None or scanner.error is not None:
+            return None
+        was_mid = scanner.mid_frame
+        n = scanner.scan(data)
+        self.bytes_from_upstream += n
+        if n == len(data) and scanner.close is None and scanner.error is None:
+            return data if self.state is not RelayState.FAILING else None
+        forward = data[:n] if n != len(data) else data
+        if scanner.error is not None:
+            if self.state is RelayState.FAILING or self.state is RelayState.CLOSED:
+                return None
+            self._peer_broke_rule(client=False, partial=(n == 0 and was_mid))
+            return forward
+        self.upstream_close = scanner.close
+        if self.state is RelayState.FAILING:
+            self._await_upstream = False
+            self._maybe_finish_failing()
+            return None
+        self._close_frame_passed()
+        return forward
+
+    # -- the rest of the state machine ----------------------------------------
+
+    def _close_frame_passed(self) -> None:
+        if self.client_close is not None and self.upstream_close is not None:
+            # Both directions carried a close frame: the handshake is complete.
+            # The forwarded frame must be written before the TCP close, so the
+            # transport carries out these actions after forwarding.
+            self._finish()
+        elif self.state is RelayState.OPEN:
+            self.state = RelayState.CLOSING
+            self._deadline = -1.0  # armed by the next check_timers()
+
+    def _finish(self) -> None:
+        self.state = RelayState.CLOSED
+        self.actions.append((CLOSE_CLIENT, None))
+        self.actions.append((CLOSE_UPSTREAM, None))
+
+    def _client_close_frame(self, code: int, reason: str) -> bytes:
+        return _accel.encode_frame(_accel.OP_CLOSE, _accel.encode_close_payload(code, reason))
+
+    def _upstream_close_frame(self, code: int, reason: str) -> bytes:
+        return _accel.encode_frame(
+            _accel.OP_CLOSE, _accel.encode_close_payload(code, reason), mask_key=self._mask_key()
+        )
+
+    def _tell_client(self, code: int, reason: str) -> bool:
+        """Send the client a close frame if the stream allows; else abort it."""
+        if self.upstream_frames.mid_frame or self.upstream_close is not None:
+            if self.upstream_close is None:
+                self.actions.append((ABORT_CLIENT, None))
+                return False
+            return False  # it already has a close frame from the upstream
+        self.proxy_close_code = code
+        self.actions.append((SEND_CLIENT, self._client_close_frame(code, reason)))
+        return True
+
+    def _tell_upstream(self, code: int, reason: str) -> bool:
+        if self.client_frames.mid_frame or self.client_close is not None:
+            if self.client_close is None:
+                self.actions.append((ABORT_UPSTREAM, None))
+            return False
+        self.actions.append((SEND_UPSTREAM, self._upstream_close_frame(code, reason)))
+        return True
+
+    def _peer_broke_rule(self, *, client: bool, partial: bool) -> None:
+        scanner = self.client_frames if client else self.upstream_frames
+        error = scanner.error
+        assert error is not None
+        code = error.close_code
+        reason = str(error)[:100]
+        if self.state in (RelayState.FAILING, RelayState.CLOSED):
+            return
+        # The offender's stream cannot be parsed past the bad frame: tell it why,
+        # half-close, and wait for its EOF.  The other side gets a normal close.
+        if client:
+            await_client = self._tell_client(code, reason)
+            if await_client:
+                self.actions.append((SHUTDOWN_CLIENT, None))
+            if partial:
+                self.actions.append((ABORT_UPSTREAM, None))
+                await_upstream = False
+            else:
+                await_upstream = self._tell_upstream(CLOSE_GOING_AWAY, "client broke the protocol")
+        else:
+            await_upstream = self._tell_upstream(code, reason)
+            if await_upstream:
+                self.actions.append((SHUTDOWN_UPSTREAM, None))
+            if partial:
+                self.actions.append((ABORT_CLIENT, None))
+                await_client = False
+            else:
+                await_client = self._tell_client(CLOSE_BAD_GATEWAY, "upstream broke the protocol")
+        self._fail(await_client, await_upstream)
+
+    def _fail(self, await_client: bool, await_upstream: bool) -> None:
+        self.state = RelayState.FAILING
+        self._await_client = await_client and self.client_frames.close is None
+        self._await_upstream = await_upstream and self.upstream_frames.close is None
+        self._deadline = -1.0
+        self._maybe_finish_failing()
+
+    def _maybe_finish_failing(self) -> None:
+        if not self._await_client and not self._await_upstream:
+            self._finish()
+
+    def client_eof(self) -> None:
+        """The client's TCP connection ended (FIN or reset)."""
+        if self.state is RelayState.CLOSED:
+            return
+        if self.state is RelayState.FAILING:
+            self._await_client = False
+            self._maybe_finish_failing()
+            return
+        if self.client_close is None:
+            self._tell_upstream(CLOSE_GOING_AWAY, "client went away")
+        self.state = RelayState.CLOSED
+        self.actions.append((CLOSE_UPSTREAM, None))
+
+    def upstream_eof(self) -> None:
+        """The upstream's TCP connection ended (FIN or reset)."""
+        if self.state is RelayState.CLOSED:
+            return
+        if self.state is RelayState.FAILING:
+            self._await_upstream = False
+            self._maybe_finish_failing()
+            return
+        if self.upstream_close is None:
+            self._tell_client(CLOSE_BAD_GATEWAY, "upstream went away")
+        self.state = RelayState.CLOSED
+        self.actions.append((CLOSE_CLIENT, None))
+
+    def close_both(self, code: int, reason: str) -> None:
+        """The proxy ends the session itself (idle timeout, shutdown)."""
+        if self.state is RelayState.CLOSED or self.state is RelayState.FAILING:
+            return
+        await_client = self._tell_client(code, reason)
+        await_upstream = self._tell_upstream(code, reason)
+        self._fail(await_client, await_upstream)
+
+    def check_timers(self, now: float) -> None:
+        """Called periodically by one shared timer; closes idle or stuck sessions."""
+        if self._active:
+            self._active = False
+            self._last_active = now
+        if self.state is RelayState.OPEN:
+            if self.idle_timeout and now - self._last_active >= self.idle_timeout:
+                self.close_both(CLOSE_GOING_AWAY, "idle timeout")
+                self._deadline = now + self.close_timeout
+        elif self.state in (RelayState.CLOSING, RelayState.FAILING):
+            if self._deadline < 0:
+                self._deadline = now + self.close_timeout
+            elif now >= self._deadline:
+                self.state = RelayState.CLOSED
+                self.actions.append((ABORT_CLIENT, None))
+                self.actions.append((ABORT_UPSTREAM, None))
+
+    @property
+    def messages_from_client(self) -> int:
+        return self.client_frames.messages
+
+    @property
+    def messages_from_upstream(self) -> int:
+        return self.upstream_frames.messages

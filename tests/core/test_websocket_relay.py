@@ -1,0 +1,274 @@
+"""Sans-IO tests of the WebSocket handshake checks and the relay state machine."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+
+import pytest
+from wsproto.utilities import generate_accept_token
+
+from edgeproxy.core.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_TEXT,
+    encode_close_payload,
+    encode_frame,
+    parse_close_payload,
+    parse_header,
+    apply_mask,
+)
+from edgeproxy.core.http1 import RequestHead, ResponseHead
+from edgeproxy.core.websocket import (
+    ABORT_CLIENT,
+    ABORT_UPSTREAM,
+    CLOSE_CLIENT,
+    CLOSE_UPSTREAM,
+    SEND_CLIENT,
+    SEND_UPSTREAM,
+    SHUTDOWN_CLIENT,
+    SHUTDOWN_UPSTREAM,
+    RelayState,
+    WebSocketRelay,
+    validate_client_handshake,
+    validate_upstream_accept,
+)
+from edgeproxy.errors import RemoteProtocolError
+
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+CLIENT_MASK = b"\x37\xfa\x21\x3d"
+
+
+def make_head(**overrides) -> RequestHead:
+    headers = {
+        b"Host": b"a",
+        b"Connection": b"Upgrade",
+        b"Upgrade": b"websocket",
+        b"Sec-WebSocket-Key": KEY,
+        b"Sec-WebSocket-Version": b"13",
+    }
+    for name, value in overrides.pop("headers", {}).items():
+        if value is None:
+            headers.pop(name, None)
+        else:
+            headers[name] = value
+    fields = dict(method=b"GET", target=b"/ws", http_version=b"1.1", headers=list(headers.items()), websocket=True)
+    fields.update(overrides)
+    return RequestHead(**fields)
+
+
+def test_valid_handshake_returns_the_key():
+    assert validate_client_handshake(make_head()) == KEY
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"method": b"POST"},
+        {"http_version": b"1.0"},
+        {"headers": {b"Sec-WebSocket-Version": b"12"}},
+        {"headers": {b"Sec-WebSocket-Version": None}},
+        {"headers": {b"Sec-WebSocket-Key": None}},
+        {"headers": {b"Sec-WebSocket-Key": b"not base64!"}},
+        {"headers": {b"Sec-WebSocket-Key": base64.b64encode(b"x" * 15)}},
+        {"headers": {b"Host": None}},
+    ],
+)
+def test_invalid_handshakes_are_400(overrides):
+    with pytest.raises(RemoteProtocolError) as info:
+        validate_client_handshake(make_head(**overrides))
+    assert info.value.status_hint == 400
+
+
+def test_upstream_accept_is_checked():
+    good = ResponseHead(101, b"", b"1.1", [(b"Sec-WebSocket-Accept", generate_accept_token(KEY))])
+    validate_upstream_accept(KEY, good)
+    bad = ResponseHead(101, b"", b"1.1", [(b"Sec-WebSocket-Accept", b"nope")])
+    with pytest.raises(RemoteProtocolError) as info:
+        validate_upstream_accept(KEY, bad)
+    assert info.value.status_hint == 502
+
+
+def new_relay(**kw) -> WebSocketRelay:
+    keys = itertools.cycle([b"\x01\x02\x03\x04"])
+    kw.setdefault("mask_key_source", lambda: next(keys))
+    return WebSocketRelay(**kw)
+
+
+def client_frame(opcode, payload=b"", fin=True):
+    return encode_frame(opcode, payload, fin=fin, mask_key=CLIENT_MASK)
+
+
+def server_frame(opcode, payload=b"", fin=True):
+    return encode_frame(opcode, payload, fin=fin)
+
+
+def read_close(frame: bytes):
+    fin, rsv, opcode, key, length, header = parse_header(frame)
+    payload = frame[header : header + length]
+    if key is not None:
+        payload = apply_mask(payload, key)
+    assert opcode == OP_CLOSE
+    return parse_close_payload(payload), key is not None
+
+
+def feed_split(relay, method, data, cut):
+    out = b""
+    for piece in (data[:cut], data[cut:]):
+        if piece:
+            got = getattr(relay, method)(piece)
+            out += bytes(got or b"")
+    return out
+
+
+def test_data_is_forwarded_unchanged_and_as_the_same_object():
+    relay = new_relay()
+    frame = client_frame(OP_TEXT, b"hello")
+    assert relay.from_client(frame) is frame
+    down = server_frame(OP_BINARY, b"\x00" * 300)
+    assert relay.from_upstream(down) is down
+    assert relay.messages_from_client == 1 and relay.messages_from_upstream == 1
+    assert relay.actions == []
+
+
+def test_client_initiated_close_handshake_at_every_split():
+    stream = client_frame(OP_TEXT, b"a", fin=False) + client_frame(OP_CONT, b"b") + client_frame(
+        OP_CLOSE, encode_close_payload(4001, "bye")
+    )
+    reply = server_frame(OP_CLOSE, encode_close_payload(4001, "bye"))
+    for cut in range(len(stream) + 1):
+        relay = new_relay()
+        forwarded = feed_split(relay, "from_client", stream, cut)
+        assert forwarded == stream
+        assert relay.state is RelayState.CLOSING
+        assert relay.client_close == (4001, "bye")
+        assert relay.actions == []
+        assert relay.from_upstream(reply) == reply
+        assert relay.state is RelayState.CLOSED
+        assert relay.actions == [(CLOSE_CLIENT, None), (CLOSE_UPSTREAM, None)]
+        assert relay.messages_from_client == 1
+
+
+def test_upstream_initiated_close_and_data_after_close_is_dropped():
+    relay = new_relay()
+    close = server_frame(OP_CLOSE, encode_close_payload(4002, "server bye"))
+    assert relay.from_upstream(close + server_frame(OP_TEXT, b"late")) == close
+    assert relay.upstream_close == (4002, "server bye")
+    assert relay.from_upstream(server_frame(OP_TEXT, b"later")) is None
+    # The client may still send data before it answers the close.
+    data = client_frame(OP_TEXT, b"in flight")
+    assert relay.from_client(data) is data
+    answer = client_frame(OP_CLOSE, encode_close_payload(4002, ""))
+    assert relay.from_client(answer) == answer
+    assert relay.actions == [(CLOSE_CLIENT, None), (CLOSE_UPSTREAM, None)]
+
+
+def test_too_big_message_closes_client_with_1009_and_upstream_with_1001():
+    relay = new_relay(max_message_size=10)
+    ok = client_frame(OP_TEXT, b"x" * 10)
+    big = client_frame(OP_BINARY, b"y" * 11)
+    forwarded = relay.from_client(ok + big)
+    assert forwarded == ok  # nothing of the big message is relayed
+    (to_client, shutdown, to_upstream) = relay.actions
+    assert to_client[0] == SEND_CLIENT and read_close(to_client[1]) == ((1009, to_client_reason(to_client)), False)
+    assert shutdown == (SHUTDOWN_CLIENT, None)  # half-close: the client still gets to read our close
+    assert to_upstream[0] == SEND_UPSTREAM
+    (code, _), masked = read_close(to_upstream[1])
+    assert code == 1001 and masked  # frames to the upstream are masked
+    assert relay.state is RelayState.FAILING
+    relay.actions.clear()
+    # Further client data is dropped; the upstream's close answer and the
+    # client's EOF end the session.
+    assert relay.from_client(client_frame(OP_TEXT, b"z") + b"y" * 100) is None
+    assert relay.from_upstream(server_frame(OP_CLOSE, encode_close_payload(1001))) is None
+    assert relay.actions == []
+    relay.client_eof()
+    assert relay.actions == [(CLOSE_CLIENT, None), (CLOSE_UPSTREAM, None)]
+
+
+def to_client_reason(action):
+    (_, reason), _ = read_close(action[1])
+    return reason
+
+
+def test_upstream_protocol_error_gives_client_1014():
+    relay = new_relay()
+    bad = bytes([0x83, 0x00])  # reserved opcode 3
+    assert relay.from_upstream(bad) == b""
+    kinds = [a[0] for a in relay.actions]
+    assert kinds == [SEND_UPSTREAM, SHUTDOWN_UPSTREAM, SEND_CLIENT]
+    assert read_close(relay.actions[0][1])[0][0] == 1002
+    assert read_close(relay.actions[2][1])[0][0] == 1014
+
+
+def test_upstream_gone_gives_client_1014_then_close():
+    relay = new_relay()
+    relay.upstream_eof()
+    assert relay.actions[0][0] == SEND_CLIENT and read_close(relay.actions[0][1])[0][0] == 1014
+    assert relay.actions[1] == (CLOSE_CLIENT, None)
+    assert relay.proxy_close_code == 1014
+
+
+def test_upstream_gone_mid_frame_aborts_the_client():
+    relay = new_relay()
+    frame = server_frame(OP_BINARY, b"x" * 1000)
+    relay.from_upstream(frame[:500])
+    relay.upstream_eof()
+    assert relay.actions == [(ABORT_CLIENT, None), (CLOSE_CLIENT, None)]
+
+
+def test_client_gone_gives_upstream_1001_masked():
+    relay = new_relay()
+    relay.client_eof()
+    (kind, frame), close = relay.actions
+    assert kind == SEND_UPSTREAM
+    (code, _), masked = read_close(frame)
+    assert code == 1001 and masked
+    assert close == (CLOSE_UPSTREAM, None)
+
+
+def test_client_gone_mid_frame_aborts_the_upstream():
+    relay = new_relay()
+    relay.from_client(client_frame(OP_BINARY, b"x" * 1000)[:100])
+    relay.client_eof()
+    assert relay.actions == [(ABORT_UPSTREAM, None), (CLOSE_UPSTREAM, None)]
+
+
+def test_idle_timeout_closes_both_with_1001_and_close_timeout_aborts():
+    relay = new_relay(idle_timeout=10, close_timeout=2, now=0.0)
+    relay.check_timers(5.0)
+    assert relay.actions == []
+    relay.from_client(client_frame(OP_PING, b"p"))  # activity resets the idle clock
+    relay.check_timers(12.0)
+    assert relay.actions == []
+    relay.check_timers(22.5)
+    kinds = [a[0] for a in relay.actions]
+    assert kinds == [SEND_CLIENT, SEND_UPSTREAM]
+    assert read_close(relay.actions[0][1])[0] == (1001, "idle timeout")
+    relay.actions.clear()
+    relay.check_timers(23.0)
+    assert relay.actions == []
+    relay.check_timers(25.0)
+    assert relay.actions == [(ABORT_CLIENT, None), (ABORT_UPSTREAM, None)]
+    assert relay.state is RelayState.CLOSED
+
+
+def test_close_handshake_that_never_completes_is_aborted():
+    relay = new_relay(close_timeout=1, now=0.0)
+    relay.from_client(client_frame(OP_CLOSE, encode_close_payload(1000)))
+    relay.check_timers(0.5)  # arms the deadline
+    relay.check_timers(1.0)
+    assert relay.actions == []
+    relay.check_timers(1.6)
+    assert relay.actions == [(ABORT_CLIENT, None), (ABORT_UPSTREAM, None)]
+
+
+def test_pings_pass_through_in_both_directions():
+    relay = new_relay()
+    ping = client_frame(OP_PING, b"are you there")
+    assert relay.from_client(ping) is ping
+    pong = server_frame(0xA, b"are you there")
+    assert relay.from_upstream(pong) is pong
+    assert relay.actions == [] and relay.state is RelayState.OPEN
