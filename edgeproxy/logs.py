@@ -1,0 +1,67 @@
+"""Logging set-up and the access log: one line per HTTP request and per WebSocket session.
+
+Lines go to stderr, as text (`key=value` pairs, easy to grep) or as JSON lines
+(orjson), chosen by `[logging] format`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import orjson
+
+from edgeproxy.config import LoggingConfig
+
+access_logger = logging.getLogger("edgeproxy.access")
+log = logging.getLogger("edgeproxy")
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
+        doc = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name}
+        if fields is not None:
+            doc.update(fields)
+        else:
+            doc["msg"] = record.getMessage()
+            if record.exc_info:
+                doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=str).decode()
+
+
+def _text_value(value) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "='):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+class _TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging API)
+        fields = getattr(record, "fields", None)
+        if fields is not None:
+            record.message = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        return super().formatMessage(record)
+
+
+def configure_logging(config: LoggingConfig) -> None:
+    """Send every edgeproxy log line to stderr in the configured format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JSONFormatter() if config.format == "json" else _TextFormatter())
+    root = logging.getLogger("edgeproxy")
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.level.upper())
+    root.propagate = False
+    access_logger.disabled = not config.access_log
+
+
+def access(fields: dict) -> None:
+    """Write one access-log line (a dict of fields, kept in order)."""
+    if access_logger.isEnabledFor(logging.INFO):
+        access_logger.info("", extra={"fields": fields})

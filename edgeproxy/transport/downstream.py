@@ -1,0 +1,640 @@
+"""The client-facing connection: HTTP exchanges, then possibly a WebSocket relay.
+
+Theory of operation
+-------------------
+A `ClientConnection` is an asyncio Protocol with two modes.
+
+*HTTP mode.*  Bytes go into the sans-IO `ServerSide`; each request head is
+routed, an upstream connection is leased (pooled or new, round robin with
+fallback to the next server when one refuses), and the request streams through
+`ClientSide` to it.  One request is in flight at a time: pipelined requests wait,
+unparsed, with reading paused, so they are answered in order and cannot grow
+the buffers.  The response streams back the same way.  Bodies are never held
+whole: at most one read's worth waits while the upstream connection is being
+set up, and past the high-water mark the sending side stops being read.
+
+*WebSocket mode.*  After the upstream's 101, both connections hand their bytes to
+one `WebSocketRelay`, which returns what to forward (normally the very same
+`bytes` object, written without a copy) and any actions (close frames, closes,
+aborts) for this module to carry out.
+
+Backpressure is symmetric: when a transport's write buffer passes
+`[limits] buffer_high_water`, the other side's transport stops reading until it
+drains.  Timeouts are checked by one shared periodic tick (`check_timers`), not
+by a timer per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from edgeproxy import logs
+from edgeproxy.core import http1
+from edgeproxy.core.http1 import Body, ConnectionClosed, EndOfMessage, RequestHead, ResponseHead
+from edgeproxy.core.websocket import (
+    ABORT_CLIENT,
+    ABORT_UPSTREAM,
+    CLOSE_CLIENT,
+    CLOSE_UPSTREAM,
+    SEND_CLIENT,
+    SEND_UPSTREAM,
+    SHUTDOWN_CLIENT,
+    SHUTDOWN_UPSTREAM,
+    RelayState,
+    WebSocketRelay,
+    validate_client_handshake,
+    validate_upstream_accept,
+)
+from edgeproxy.errors import LocalProtocolError, RemoteProtocolError
+from edgeproxy.transport.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from edgeproxy.config import RouteConfig
+    from edgeproxy.transport.server import ProxyServer
+
+log = logging.getLogger("edgeproxy")
+
+_WS_VERSION_HEADER = [(b"Sec-WebSocket-Version", b"13")]
+
+
+class _Exchange:
+    """One request/response through the proxy (or one WebSocket handshake)."""
+
+    __slots__ = (
+        "head", "route", "group", "upstream", "pending", "pending_bytes", "request_done",
+        "status", "bytes_out", "started", "websocket_key", "deadline", "task", "retried",
+    )
+
+    def __init__(self, head: RequestHead, route: RouteConfig, group, started: float):
+        self.head = head
+        self.route = route
+        self.group = group
+        self.upstream: UpstreamConnection | None = None
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.request_done = False
+        self.status = 0
+        self.bytes_out = 0
+        self.started = started
+        self.websocket_key: bytes | None = None
+        self.deadline = 0.0
+        self.task: asyncio.Task | None = None
+        self.retried = False
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, server: ProxyServer):
+        self.server = server
+        cfg = server.config
+        self.http = http1.ServerSide(max_header_size=cfg.http.max_header_size)
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = "-"
+        self.client_port = 0
+        self.closed = False
+        self.exchange: _Exchange | None = None
+        self.relay: WebSocketRelay | None = None
+        self.upstream: UpstreamConnection | None = None  # the WebSocket's upstream
+        self._paused: set[str] = set()
+        self._deadline = 0.0
+        self._deadline_kind = "header"
+        self._requests = 0
+        self._ws_started = 0.0
+        self._ws_route = ""
+        self._ws_head: RequestHead | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.server.config.limits.buffer_high_water)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip, self.client_port = peer[0], peer[1]
+        self.server.connections.add(self)
+        self._deadline = self.server.now() + self.server.config.http.header_timeout
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is not None:
+            out = relay.from_client(data)
+            if out:
+                self.upstream.transport.write(out)
+            if relay.actions:
+                self._run_relay_actions()
+            return
+        if self.exchange is None and self._deadline_kind == "keepalive":
+            self._deadline_kind = "header"
+            self._deadline = self.server.now() + self.server.config.http.header_timeout
+        self.http.receive_data(data)
+        self._process_client()
+
+    def eof_received(self) -> bool:
+        if self.relay is not None:
+            self.relay.client_eof()
+            self._run_relay_actions()
+            return True
+        self.http.receive_data(b"")
+        self._process_client()
+        return True  # we close when the exchange in flight is done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        relay = self.relay
+        if relay is not None:
+            if relay.state is not RelayState.CLOSED:
+                relay.client_eof()
+                self._run_relay_actions()
+            self._log_ws_close()
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            if exchange.task is not None and not exchange.task.done():
+                exchange.task.cancel()
+            if exchange.upstream is not None:
+                exchange.upstream.owner = None
+                exchange.upstream.abort()
+
+    def pause_writing(self) -> None:
+        if self.relay is not None:
+            self.upstream.pause_reading()
+        elif self.exchange is not None and self.exchange.upstream is not None:
+            self.exchange.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.relay is not None:
+            self.upstream.resume_reading()
+        elif self.exchange is not None and self.exchange.upstream is not None:
+            self.exchange.upstream.resume_reading()
+
+    # -- helpers -------------------------------------------------------------
+
+    def pause_client_reading(self, reason: str) -> None:
+        if not self._paused and not self.closed:
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def resume_client_reading(self, reason: str) -> None:
+        if reason in self._paused:
+            self._paused.discard(reason)
+            if not self._paused and not self.closed:
+                self.transport.resume_reading()
+
+    def _write(self, data: bytes) -> None:
+        if data and not self.closed:
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def _fail_request(self, status: int, message: str, extra_headers=()) -> None:
+        """Answer a broken request and close the connection (its framing is lost)."""
+        self._write(http1.error_response(status, message, extra_headers=list(extra_headers)))
+        self._log_http(self.exchange.head if self.exchange else None, status, 0, self.server.now())
+        self._drop_exchange(abort_upstream=True)
+        self._close()
+
+    # -- HTTP mode: the client side -------------------------------------------
+
+    def _process_client(self) -> None:
+        while not self.closed and self.relay is None:
+            try:
+                event = self.http.next_event()
+            except RemoteProtocolError as exc:
+                if self.exchange is not None and self.exchange.status:
+                    # The response is under way: nothing sane can be sent now.
+                    self._drop_exchange(abort_upstream=True)
+                    self.transport.abort()
+                    self.closed = True
+                    return
+                extra = _WS_VERSION_HEADER if exc.status_hint == 426 else ()
+                self._fail_request(exc.status_hint, f"bad request: {exc}", extra)
+                return
+            if event is http1.NEED_DATA or event is http1.PAUSED:
+                return
+            if isinstance(event, RequestHead):
+                self._on_request(event)
+            elif isinstance(event, Body):
+                self._on_body(event.data)
+            elif isinstance(event, EndOfMessage):
+                self._on_request_end()
+            elif isinstance(event, ConnectionClosed):
+                if self.exchange is None:
+                    self._close()
+                return
+
+    def _on_request(self, head: RequestHead) -> None:
+        server = self.server
+        now = server.now()
+        self._requests += 1
+        route = server.router.match(head.host, head.path)
+        if route is None:
+            self._answer_locally(head, 404, f"no route for host {head.host!r} and path {head.path!r}")
+            return
+        exchange = _Exchange(head, route, server.groups[route.upstream], now)
+        self.exchange = exchange
+        if head.websocket:
+            try:
+                exchange.websocket_key = validate_client_handshake(head)
+            except RemoteProtocolError as exc:
+                self._fail_request(400, f"bad WebSocket handshake: {exc}", _WS_VERSION_HEADER)
+                return
+        self._deadline = 0.0
+        exchange.task = asyncio.get_running_loop().create_task(self._connect(exchange))
+
+    def _answer_locally(self, head: RequestHead, status: int, message: str) -> None:
+        """An error answered by the proxy itself; keeps the connection if it can."""
+        if head.has_body:
+            self._write(http1.error_response(status, message))
+            self._log_http(head, status, 0, self.server.now())
+            self._close()
+            return
+        event = self.http.next_event()  # the EndOfMessage of a body-less request
+        if not isinstance(event, EndOfMessage):  # pragma: no cover - h11 yields it at once
+            self._close()
+            return
+        self._write(self.http.send_simple(status, message))
+        self._log_http(head, status, 0, self.server.now())
+        self._end_cycle()
+
+    def _on_body(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            return
+        up = exchange.upstream
+        if up is not None:
+            up.write(up.http.send_data(data))
+        else:
+            exchange.pending.append(data)
+            exchange.pending_bytes += len(data)
+            if exchange.pending_bytes >= self.server.config.limits.buffer_high_water:
+                self.pause_client_reading("connecting")
+
+    def _on_request_end(self) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            return
+        exchange.request_done = True
+        # One request in flight: later pipelined requests wait unread.
+        self.pause_client_reading("in-flight")
+        up = exchange.upstream
+        if up is not None and not up.closed:
+            up.write(up.http.send_end())
+            self._arm_read_deadline(exchange)
+
+    def _arm_read_deadline(self, exchange: _Exchange) -> None:
+        group_cfg = exchange.group.config
+        timeout = self.server.config.websocket.handshake_timeout if exchange.head.websocket else group_cfg.read_timeout
+        exchange.deadline = self.server.now() + timeout if timeout else 0.0
+
+    # -- HTTP mode: the upstream side -----------------------------------------
+
+    async def _connect(self, exchange: _Exchange) -> None:
+        group = exchange.group
+        server = self.server
+        failure = "refused"
+        conn: UpstreamConnection | None = None
+        if exchange.head.websocket:
+            # The handshake deadline covers connecting too.
+            exchange.deadline = server.now() + (server.config.websocket.handshake_timeout or 1e9)
+        for address in group.order():
+            if not exchange.head.websocket:
+                conn = group.take_idle(address, server.now())
+                if conn is not None:
+                    break
+            try:
+                conn = await group.connect(address)
+                break
+            except TimeoutError:
+                failure = "timeout"
+                log.warning("upstream %s (%s) did not accept within connect_timeout", address, group.config.name)
+            except OSError as exc:
+                failure = "refused"
+                log.warning("upstream %s (%s) refused or unreachable: %s", address, group.config.name, exc)
+        if self.exchange is not exchange or self.closed:
+            if conn is not None:
+                conn.close()
+            return
+        if conn is None:
+            status = 504 if failure == "timeout" else 502
+            self._upstream_failed(exchange, status, f"upstream {group.config.name!r} is unavailable ({failure})")
+            return
+        try:
+            self._attach(exchange, conn)
+        except LocalProtocolError as exc:
+            log.warning("request cannot be relayed to %s: %s", conn.server, exc)
+            self._upstream_failed(exchange, 502, "request cannot be relayed")
+
+    def _attach(self, exchange: _Exchange, conn: UpstreamConnection) -> None:
+        exchange.upstream = conn
+        conn.owner = self
+        head = exchange.head
+        headers = http1.forwarded_request_headers(head, client_ip=self.client_ip)
+        out = conn.http.send_request(head, headers)
+        for chunk in exchange.pending:
+            out += conn.http.send_data(chunk)
+        exchange.pending.clear()
+        exchange.pending_bytes = 0
+        if exchange.request_done:
+            out += conn.http.send_end()
+        conn.write(out)
+        if exchange.request_done or not exchange.head.websocket:
+            self._arm_read_deadline(exchange)
+        self.resume_client_reading("connecting")
+        if self.transport.get_write_buffer_size() > self.server.config.limits.buffer_high_water:
+            conn.pause_reading()
+
+    def _upstream_failed(self, exchange: _Exchange, status: int, message: str) -> None:
+        """No usable answer from the upstream: answer the client ourselves."""
+        if exchange.status:
+            # Part of the response is already out: the client must see a broken response.
+            self._drop_exchange(abort_upstream=True)
+            self.transport.abort()
+            self.closed = True
+            return
+        if exchange.request_done:
+            self._write(self.http.send_simple(status, message))
+            self._log_http(exchange.head, status, 0, self.server.now())
+            self._drop_exchange(abort_upstream=True)
+            self._end_cycle()
+        else:
+            self._fail_request(status, message)
+
+    def upstream_events(self, conn: UpstreamConnection) -> None:
+        """Called by the upstream Protocol after it received bytes (or EOF)."""
+        exchange = self.exchange
+        if exchange is None or exchange.upstream is not conn:
+            conn.abort()
+            return
+        while True:
+            try:
+                event = conn.http.next_event()
+            except RemoteProtocolError as exc:
+                log.warning("upstream %s: %s", conn.server, exc)
+                self._upstream_failed(exchange, 502, "invalid response from upstream")
+                return
+            if event is http1.NEED_DATA:
+                return
+            if isinstance(event, ResponseHead):
+                if not self._on_response_head(exchange, conn, event):
+                    return
+            elif isinstance(event, Body):
+                exchange.bytes_out += len(event.data)
+                self._write(self.http.send_data(event.data))
+            elif isinstance(event, EndOfMessage):
+                self._on_response_end(exchange, conn)
+                return
+            elif isinstance(event, ConnectionClosed) or event is http1.PAUSED:
+                self._upstream_closed_early(exchange, conn)
+                return
+
+    def _on_response_head(self, exchange: _Exchange, conn: UpstreamConnection, head: ResponseHead) -> bool:
+        if head.status == 101:
+            if exchange.websocket_key is None:
+                self._upstream_failed(exchange, 502, "upstream switched protocols unasked")
+                return False
+            try:
+                validate_upstream_accept(exchange.websocket_key, head)
+            except RemoteProtocolError as exc:
+                log.warning("upstream %s: %s", conn.server, exc)
+                self._upstream_failed(exchange, 502, "upstream's WebSocket handshake is invalid")
+                return False
+            self._start_websocket(exchange, conn, head)
+            return False
+        headers = http1.forwarded_response_headers(head.headers)
+        informational = ResponseHead(head.status, head.reason, head.http_version, headers)
+        try:
+            if head.status < 200:
+                self._write(self.http.send_informational(informational))
+                return True
+            exchange.status = head.status
+            self._write(self.http.send_response(informational))
+        except LocalProtocolError as exc:
+            log.warning("upstream %s: response cannot be relayed: %s", conn.server, exc)
+            self._upstream_failed(exchange, 502, "upstream's response cannot be relayed")
+            return False
+        return True
+
+    def _on_response_end(self, exchange: _Exchange, conn: UpstreamConnection) -> None:
+        self._write(self.http.send_end())
+        now = self.server.now()
+        self._log_http(exchange.head, exchange.status, exchange.bytes_out, now, conn)
+        exchange.upstream = None
+        if conn.http.reusable and not conn.closed:
+            exchange.group.put_idle(conn, now)
+        else:
+            conn.owner = None
+            conn.close()
+        self.exchange = None
+        self._end_cycle()
+
+    def _upstream_closed_early(self, exchange: _Exchange, conn: UpstreamConnection) -> None:
+        """The upstream closed before finishing its response."""
+        if (
+            not exchange.status
+            and conn.reused
+            and not exchange.retried
+            and not exchange.head.has_body
+            and exchange.request_done
+        ):
+            # A pooled connection the server had just closed: try once more on a fresh one.
+            exchange.retried = True
+            conn.owner = None
+            conn.abort()
+            exchange.upstream = None
+            exchange.task = asyncio.get_running_loop().create_task(self._connect(exchange))
+            return
+        log.warning("upstream %s closed the connection before the response ended", conn.server)
+        self._upstream_failed(exchange, 502, "upstream closed the connection")
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        if self.relay is not None:
+            if conn is self.upstream:
+                self.relay.upstream_eof()
+                self._run_relay_actions()
+            return
+        exchange = self.exchange
+        if exchange is not None and exchange.upstream is conn:
+            self._upstream_closed_early(exchange, conn)
+
+    def _drop_exchange(self, *, abort_upstream: bool) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        if exchange is None:
+            return
+        if exchange.task is not None and not exchange.task.done():
+            exchange.task.cancel()
+        up = exchange.upstream
+        if up is not None:
+            up.owner = None
+            if abort_upstream:
+                up.abort()
+
+    def _end_cycle(self) -> None:
+        """The response is complete: go on with the next request or close."""
+        self.exchange = None
+        if self.closed:
+            return
+        if not self.http.keep_alive:
+            self._close()
+            return
+        self.http.start_next_cycle()
+        self._deadline_kind = "keepalive"
+        self._deadline = self.server.now() + self.server.config.http.keepalive_timeout
+        self.resume_client_reading("in-flight")
+        self.resume_client_reading("connecting")
+        self._process_client()
+
+    # -- WebSocket mode ---------------------------------------------------------
+
+    def _start_websocket(self, exchange: _Exchange, conn: UpstreamConnection, head: ResponseHead) -> None:
+        headers = http1.forwarded_response_headers(head.headers, switching=True)
+        self._write(self.http.send_informational(ResponseHead(101, head.reason or b"Switching Protocols", b"1.1", headers)))
+        cfg = self.server.config.websocket
+        now = self.server.now()
+        self.relay = relay = WebSocketRelay(
+            max_message_size=cfg.max_message_size,
+            idle_timeout=cfg.idle_timeout,
+            close_timeout=cfg.close_timeout,
+            mask_key_source=_mask_key,
+            now=now,
+        )
+        self._log_http(exchange.head, 101, 0, now, conn, event="ws_open")
+        self.upstream = conn
+        conn.websocket = True
+        self.exchange = None
+        self._deadline = 0.0
+        self._ws_started = now
+        self._ws_route = exchange.route.upstream
+        self._ws_head = exchange.head
+        client_early = self.http.switched_trailing_data()
+        upstream_early = conn.http.trailing_data()
+        self._paused.discard("in-flight")
+        self._paused.discard("connecting")
+        if not self._paused:
+            self.transport.resume_reading()
+        if upstream_early:
+            self.ws_from_upstream(upstream_early)
+        if client_early and self.relay is relay:
+            self.data_received(client_early)
+
+    def ws_from_upstream(self, data: bytes) -> None:
+        relay = self.relay
+        out = relay.from_upstream(data)
+        if out and not self.closed:
+            self.transport.write(out)
+        if relay.actions:
+            self._run_relay_actions()
+
+    def _run_relay_actions(self) -> None:
+        relay = self.relay
+        up = self.upstream
+        actions = relay.actions[:]
+        relay.actions.clear()
+        for kind, data in actions:
+            if kind == SEND_CLIENT:
+                self._write(data)
+            elif kind == SEND_UPSTREAM:
+                up.write(data)
+            elif kind == CLOSE_CLIENT:
+                self._close()
+            elif kind == CLOSE_UPSTREAM:
+                up.close()
+            elif kind == ABORT_CLIENT:
+                if not self.closed:
+                    self.closed = True
+                    self.transport.abort()
+            elif kind == ABORT_UPSTREAM:
+                up.abort()
+            elif kind == SHUTDOWN_CLIENT:
+                if not self.closed and self.transport.can_write_eof():
+                    self.transport.write_eof()
+            elif kind == SHUTDOWN_UPSTREAM:
+                up.shutdown()
+
+    def _log_ws_close(self) -> None:
+        relay = self.relay
+        now = self.server.now()
+        head = self._ws_head
+        logs.access({
+            "event": "ws_close",
+            "client": self.client_ip,
+            "path": head.target.decode("latin-1"),
+            "upstream": self._ws_route,
+            "server": str(self.upstream.server),
+            "client_close": relay.client_close[0] if relay.client_close else None,
+            "upstream_close": relay.upstream_close[0] if relay.upstream_close else None,
+            "proxy_close": relay.proxy_close_code,
+            "duration": round(now - self._ws_started, 3),
+            "bytes_in": relay.bytes_from_client,
+            "bytes_out": relay.bytes_from_upstream,
+            "msgs_in": relay.messages_from_client,
+            "msgs_out": relay.messages_from_upstream,
+        })
+
+    # -- timers (one shared tick drives every connection) ----------------------
+
+    def check_timers(self, now: float) -> None:
+        relay = self.relay
+        if relay is not None:
+            relay.check_timers(now)
+            if relay.actions:
+                self._run_relay_actions()
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            up = exchange.upstream
+            if up is not None and up.active and not exchange.head.websocket:
+                up.active = False
+                self._arm_read_deadline(exchange)
+            elif exchange.deadline and now >= exchange.deadline:
+                what = "WebSocket handshake" if exchange.head.websocket else "response"
+                log.warning("upstream %s: no %s within the timeout", exchange.group.config.name, what)
+                self._upstream_failed(exchange, 504, f"upstream timed out ({what})")
+            return
+        if self._deadline and now >= self._deadline:
+            if self._deadline_kind == "header" and (self.http.buffered or self._requests == 0):
+                if self.http.buffered:
+                    self._write(http1.error_response(408, "request head not received in time"))
+            self._close()
+
+    def shutdown(self) -> None:
+        """Close now (the graceful drain with close frames is a later feature)."""
+        if self.relay is not None and self.relay.state is not RelayState.CLOSED:
+            self.relay.close_both(1001, "proxy shutting down")
+            self._run_relay_actions()
+        if self.exchange is not None:
+            self._drop_exchange(abort_upstream=True)
+        self._close()
+        if self.upstream is not None:
+            self.upstream.close()
+
+    # -- logging -----------------------------------------------------------------
+
+    def _log_http(self, head, status, bytes_out, now, conn=None, event="http") -> None:
+        exchange = self.exchange
+        started = exchange.started if exchange is not None else now
+        fields = {
+            "event": event,
+            "client": self.client_ip,
+            "method": head.method.decode("latin-1") if head else "-",
+            "path": head.target.decode("latin-1") if head else "-",
+            "host": head.host if head else "-",
+            "status": status,
+            "bytes": bytes_out,
+            "duration": round(now - started, 4),
+            "upstream": exchange.route.upstream if exchange is not None else "-",
+            "server": str(conn.server) if conn is not None else "-",
+        }
+        logs.access(fields)
+
+
+def _mask_key() -> bytes:
+    return os.urandom(4)
+
