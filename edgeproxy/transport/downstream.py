@@ -344,7 +344,8 @@ class ClientConnection(asyncio.Protocol):
         if exchange.request_done:
             out += conn.http.send_end()
         conn.write(out)
-        if exchange.request_done or not exchange.head.websocket:
+        if exchange.request_done:
+            # The response wait starts once the whole request is out.
             self._arm_read_deadline(exchange)
         self.resume_client_reading("connecting")
         if self.transport.get_write_buffer_size() > self.server.config.limits.buffer_high_water:
