@@ -165,24 +165,11 @@ class WebSocketRelay:
         scanner = self.client_frames
         if scanner.close is not None or scanner.error is not None:
             return None  # nothing may follow a close frame or a broken frame
-        was_mid = scanner.mid_frame
         n = scanner.scan(data)
         self.bytes_from_client += n
-        if n == len(data) and scanner.close is None and scanner.error is None:
-            return data if self.state is not RelayState.FAILING else None
-        forward = data[:n] if n != len(data) else data
-        if scanner.error is not None:
-            if self.state is RelayState.FAILING or self.state is RelayState.CLOSED:
-                return None
-            self._peer_broke_rule(client=True, partial=(n == 0 and was_mid))
-            return forward
-        self.client_close = scanner.close
-        if self.state is RelayState.FAILING:
-            self._await_client = False
-            self._maybe_finish_failing()
-            return None
-        self._close_frame_passed()
-        return forward
+        if n == len(data) and scanner.close is None and scanner.error is None and self.state is not RelayState.FAILING:
+            return data
+        return self._after_stop(scanner, data, n, client=True)
 
     def from_upstream(self, data: bytes):
         """Bytes from the upstream; returns what to forward to the client."""
@@ -190,20 +177,33 @@ class WebSocketRelay:
         scanner = self.upstream_frames
         if scanner.close is not None or scanner.error is not None:
             return None
-        was_mid = scanner.mid_frame
         n = scanner.scan(data)
         self.bytes_from_upstream += n
-        if n == len(data) and scanner.close is None and scanner.error is None:
-            return data if self.state is not RelayState.FAILING else None
+        if n == len(data) and scanner.close is None and scanner.error is None and self.state is not RelayState.FAILING:
+            return data
+        return self._after_stop(scanner, data, n, client=False)
+
+    def _after_stop(self, scanner, data: bytes, n: int, *, client: bool):
+        """The slow path: a close frame, a broken frame, or a session being failed."""
+        if scanner.close is None and scanner.error is None:
+            return None  # FAILING: the proxy ended this session, data is dropped
         forward = data[:n] if n != len(data) else data
         if scanner.error is not None:
             if self.state is RelayState.FAILING or self.state is RelayState.CLOSED:
                 return None
-            self._peer_broke_rule(client=False, partial=(n == 0 and was_mid))
+            # mid_frame after an error: the bad header began in an earlier read,
+            # so its first bytes are already on their way to the other side.
+            self._peer_broke_rule(client=client, partial=scanner.mid_frame)
             return forward
-        self.upstream_close = scanner.close
+        if client:
+            self.client_close = scanner.close
+        else:
+            self.upstream_close = scanner.close
         if self.state is RelayState.FAILING:
-            self._await_upstream = False
+            if client:
+                self._await_client = False
+            else:
+                self._await_upstream = False
             self._maybe_finish_failing()
             return None
         self._close_frame_passed()

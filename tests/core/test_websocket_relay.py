@@ -272,3 +272,13 @@ def test_pings_pass_through_in_both_directions():
     pong = server_frame(0xA, b"are you there")
     assert relay.from_upstream(pong) is pong
     assert relay.actions == [] and relay.state is RelayState.OPEN
+
+
+def test_bad_header_split_across_reads_aborts_the_side_that_got_its_first_bytes():
+    relay = new_relay(max_message_size=10)
+    frame = client_frame(OP_BINARY, b"y" * 256)  # 2-byte extended length: 0x82 0xfe 0x01 0x00 ...
+    assert relay.from_client(frame[:2]) == frame[:2]  # relayed as it came, before the length was known
+    assert relay.from_client(frame[2:]) == b""
+    kinds = [a[0] for a in relay.actions]
+    assert kinds == [SEND_CLIENT, SHUTDOWN_CLIENT, ABORT_UPSTREAM]
+    assert read_close(relay.actions[0][1])[0][0] == 1009
