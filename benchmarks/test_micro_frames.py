@@ -10,6 +10,14 @@ Run with ``python3 -m pytest benchmarks/test_micro_frames.py --benchmark-only``
   (what the proxy does per read).  wsproto's ``FrameDecoder`` is the nearest thing, but
   it also unmasks and copies the payload, so it does strictly more work.
 * scan many: 64 KiB made of 16-byte masked frames (per-frame overhead dominates).
+* encode: a whole unmasked server frame (header + payload: what a fan-out sends) with
+  ``encode_frame``; wsproto's server-side ``FrameProtocol._serialize_frame`` does the same.
+  ``encode masked``: the same as a client frame; wsproto draws a fresh mask key with
+  ``os.urandom(4)`` each time, so its row includes that (ours takes the key as argument).
+  ``encode_header``: the header alone (7-, 16- and 64-bit length forms); no wsproto row,
+  it has no separate header encoder.
+
+The fan-out benchmarks are in ``test_micro_fanout.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +37,11 @@ try:
     from wsproto import frame_protocol as wsfp
 except ImportError:  # pragma: no cover
     wsfp = None
+
+# encode_frame on the compiled primitives, built exactly as edgeproxy.core._accel does.
+compiled_encode_frame = (
+    None if compiled is None else pure.make_encode_frame(compiled.encode_header, compiled.apply_mask)
+)
 
 KEY = bytes([0x37, 0xFA, 0x21, 0x3D])
 SIZES = {"16B": 16, "1KiB": 1024, "64KiB": 65536}
@@ -157,3 +170,67 @@ def test_scan_many_small_wsproto(benchmark):
         return n
 
     assert benchmark(run) == len(SMALL_FRAMES) // 22
+
+
+# ---------------------------------------------------------------------------
+# encode
+
+
+def _encoder(name):
+    if name == "compiled":
+        _module(name)  # skips when not built
+        return compiled_encode_frame
+    return pure.encode_frame
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_encode(benchmark, impl, size):
+    """One unmasked server->client frame: header + payload as bytes."""
+    benchmark.group = f"encode {size}"
+    encode_frame = _encoder(impl)
+    payload = _payload(SIZES[size])
+    out = benchmark(encode_frame, pure.OP_BINARY, payload)
+    assert out.endswith(payload) and pure.parse_header(out)[4] == len(payload)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_encode_wsproto(benchmark, size):
+    if wsfp is None:
+        pytest.skip("wsproto not installed")
+    benchmark.group = f"encode {size}"
+    proto = wsfp.FrameProtocol(client=False, extensions=[])
+    payload = _payload(SIZES[size])
+    out = benchmark(proto._serialize_frame, wsfp.Opcode.BINARY, payload)
+    assert out.endswith(payload) and pure.parse_header(out)[4] == len(payload)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_encode_masked(benchmark, impl, size):
+    """One masked client->server frame (header + key + masked payload)."""
+    benchmark.group = f"encode masked {size}"
+    encode_frame = _encoder(impl)
+    payload = _payload(SIZES[size])
+    out = benchmark(encode_frame, pure.OP_BINARY, payload, True, 0, KEY)
+    assert out == pure.encode_frame(pure.OP_BINARY, payload, mask_key=KEY)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_encode_masked_wsproto(benchmark, size):
+    if wsfp is None:
+        pytest.skip("wsproto not installed")
+    benchmark.group = f"encode masked {size}"
+    proto = wsfp.FrameProtocol(client=True, extensions=[])
+    payload = _payload(SIZES[size])
+    out = benchmark(proto._serialize_frame, wsfp.Opcode.BINARY, payload)
+    assert pure.parse_header(out)[3] is not None and pure.parse_header(out)[4] == len(payload)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_encode_header(benchmark, impl, size):
+    benchmark.group = f"encode_header {size}"
+    mod = _module(impl)
+    out = benchmark(mod.encode_header, pure.OP_BINARY, SIZES[size])
+    assert pure.parse_header(out)[4] == SIZES[size]

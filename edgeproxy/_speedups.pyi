@@ -1,13 +1,17 @@
 """Typed contract of the compiled twins in edgeproxy._speedups (built from ext/_speedups.pyx).
 
-Same signatures and behaviour as edgeproxy.core.frames; import them via edgeproxy.core._accel.
+Same signatures and behaviour as edgeproxy.core.frames and edgeproxy.core.fanout; import
+them via edgeproxy.core._accel.
 """
+
+from collections.abc import Iterable
 
 from typing_extensions import Buffer
 
+from edgeproxy.core.fanout import FanoutTransport
 from edgeproxy.errors import FrameError
 
-__all__ = ["apply_mask", "parse_header", "encode_header", "FrameScanner"]
+__all__ = ["apply_mask", "parse_header", "encode_header", "FrameScanner", "write_many"]
 
 def apply_mask(data: Buffer, key: Buffer, offset: int = 0) -> bytes: ...
 def parse_header(buf: Buffer, pos: int = 0) -> tuple[int, int, int, bytes | None, int, int] | None: ...
@@ -32,3 +36,5 @@ class FrameScanner:
     @property
     def mid_frame(self) -> bool: ...
     def scan(self, data: Buffer) -> int: ...
+
+def write_many(transports: Iterable[FanoutTransport], data: bytes, limit: int = 0) -> list[int]: ...

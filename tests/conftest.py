@@ -1,8 +1,9 @@
 """Shared fixtures.
 
-``impl`` runs a test once per frame implementation: "pure" (edgeproxy.core.frames) and
-"compiled" (edgeproxy._speedups).  "compiled" is skipped when the extension is not built,
-unless ``EDGEPROXY_REQUIRE_EXT=1``, which turns the skip into a failure.
+``impl`` runs a test once per implementation: "pure" (edgeproxy.core.frames, plus
+write_many from edgeproxy.core.fanout) and "compiled" (edgeproxy._speedups).
+"compiled" is skipped when the extension is not built, unless ``EDGEPROXY_REQUIRE_EXT=1``,
+which turns the skip into a failure.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 FRAME_API = ("apply_mask", "parse_header", "encode_header", "FrameScanner")
+FANOUT_API = ("write_many",)
 
 
 def env_flag(name: str) -> bool:
@@ -22,9 +24,10 @@ def env_flag(name: str) -> bool:
 
 
 def load_frame_impl(name: str) -> SimpleNamespace:
-    """The four frame primitives of one implementation; skip/fail if compiled is missing."""
+    """The frame primitives and write_many of one implementation; skip/fail if compiled is missing."""
     if name == "pure":
         module = importlib.import_module("edgeproxy.core.frames")
+        fanout = importlib.import_module("edgeproxy.core.fanout")
     else:
         try:
             module = importlib.import_module("edgeproxy._speedups")
@@ -36,10 +39,16 @@ def load_frame_impl(name: str) -> SimpleNamespace:
             if env_flag("EDGEPROXY_REQUIRE_EXT"):
                 pytest.fail(f"EDGEPROXY_REQUIRE_EXT=1: {msg}", pytrace=False)
             pytest.skip(msg)
-    return SimpleNamespace(name=name, module=module, **{attr: getattr(module, attr) for attr in FRAME_API})
+        fanout = module
+    return SimpleNamespace(
+        name=name,
+        module=module,
+        **{attr: getattr(module, attr) for attr in FRAME_API},
+        **{attr: getattr(fanout, attr) for attr in FANOUT_API},
+    )
 
 
 @pytest.fixture(params=["pure", "compiled"])
 def impl(request) -> SimpleNamespace:
-    """Namespace with apply_mask, parse_header, encode_header, FrameScanner (+ name, module)."""
+    """Namespace with apply_mask, parse_header, encode_header, FrameScanner, write_many (+ name, module)."""
     return load_frame_impl(request.param)

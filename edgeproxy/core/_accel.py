@@ -1,8 +1,9 @@
 """The ONLY place that picks the frame-handling implementation: compiled or pure Python.
 
-Everything else imports ``apply_mask``, ``parse_header``, ``encode_header`` and
-``FrameScanner`` from here.  The compiled twins live in ``edgeproxy._speedups`` (built
-from ``ext/_speedups.pyx``); the pure-Python reference is :mod:`edgeproxy.core.frames`.
+Everything else imports ``apply_mask``, ``parse_header``, ``encode_header``,
+``FrameScanner`` and ``write_many`` from here.  The compiled twins live in
+``edgeproxy._speedups`` (built from ``ext/_speedups.pyx``); the pure-Python references
+are :mod:`edgeproxy.core.frames` and :mod:`edgeproxy.core.fanout` (``write_many``).
 Both behave identically (``tests/core/test_equivalence.py``).
 
 Selection, at import time:
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import os
 
+from edgeproxy.core import fanout as _pure_fanout
 from edgeproxy.core import frames as _pure
 from edgeproxy.core.frames import (
     MAX_CONTROL_PAYLOAD,
@@ -57,6 +59,7 @@ __all__ = [
     "encode_close_payload",
     "parse_close_payload",
     "FrameScanner",
+    "write_many",
 ]
 
 
@@ -83,6 +86,7 @@ apply_mask = _impl.apply_mask
 parse_header = _impl.parse_header
 encode_header = _impl.encode_header
 FrameScanner = _impl.FrameScanner
+write_many = _impl.write_many if SPEEDUPS else _pure_fanout.write_many
 encode_frame = _pure.make_encode_frame(encode_header, apply_mask)
 
 del _impl

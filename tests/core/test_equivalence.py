@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgeproxy.core import fanout as pure_fanout
 from edgeproxy.core import frames as pure
 from edgeproxy.core.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close_payload
 
@@ -256,3 +257,94 @@ def test_scanner_split_invariance(stream, cuts, limit):
             # only when cut inside a bad header before its fault was visible
             assert final_whole[3] is not None and final_split[4]
             assert forwarded_whole < forwarded_split < forwarded_whole + 14
+
+
+# ---------------------------------------------------------------------------
+# write_many
+
+
+class _Recorder:
+    """In-memory transport that logs every call (to a log shared by all) in order."""
+
+    def __init__(self, log, name, buffered, closing, fails):
+        self.log = log
+        self.name = name
+        self.buffered = buffered
+        self.closing = closing
+        self.fails = fails  # None or the name of the method that raises
+
+    def _called(self, method):
+        self.log.append((self.name, method))
+        if self.fails == method:
+            raise ConnectionError(f"{method} failed on {self.name}")
+
+    def write(self, data):
+        self._called("write")
+        self.log.append((self.name, "wrote", bytes(data)))
+
+    def is_closing(self):
+        self._called("is_closing")
+        return self.closing
+
+    def get_write_buffer_size(self):
+        self._called("get_write_buffer_size")
+        return self.buffered
+
+
+class _SlotRecorder(_Recorder):
+    """No instance __dict__: the compiled code takes its per-type method cache path."""
+
+    __slots__ = ("log", "name", "buffered", "closing", "fails")
+
+
+_RECORDERS = {"dict": _Recorder, "slots": _SlotRecorder}
+
+FANOUT_SPECS = st.lists(
+    st.tuples(
+        st.one_of(  # buffered bytes
+            st.integers(0, 300),
+            st.sampled_from([2**63 - 1, 2**63, 2**64, -1, 100.5, True]),
+        ),
+        st.booleans(),  # closing
+        st.sampled_from(list(_RECORDERS)),
+        st.sampled_from([None] * 20 + ["write", "is_closing", "get_write_buffer_size"]),
+    ),
+    max_size=40,
+)
+FANOUT_LIMITS = st.one_of(
+    st.integers(-3, 310),
+    st.sampled_from([0, 0, 1, 2**63 - 1, 2**63, 2**80, -(2**70)]),
+)
+
+
+def fan_out(write_many, specs, data, limit, container):
+    log = []
+    transports = container(
+        _RECORDERS[kind](log, i, buffered, closing, fails) for i, (buffered, closing, kind, fails) in enumerate(specs)
+    )
+    return call(write_many, transports, data, limit), log
+
+
+@PROPS
+@given(
+    specs=FANOUT_SPECS,
+    data=st.binary(max_size=130),
+    limit=FANOUT_LIMITS,
+    container=st.sampled_from([list, tuple, iter]),
+)
+def test_write_many_same_as_pure(specs, data, limit, container):
+    """Same skipped indexes, same exception, and the same calls in the same order."""
+    expected = fan_out(pure_fanout.write_many, specs, data, limit, container)
+    assert fan_out(compiled.write_many, specs, data, limit, container) == expected
+    result, log = expected
+    if result[0] == "ok":  # every transport was either written to (once) or skipped
+        written = [entry[0] for entry in log if entry[1] == "wrote"]
+        assert sorted(written + result[1]) == list(range(len(specs)))
+
+
+@settings(deadline=None)
+@given(limit=st.one_of(st.floats(), st.text(max_size=2), st.none(), st.integers()))
+def test_write_many_limit_types(limit):
+    specs = [(5, False, "dict", None), (500, False, "slots", None)]
+    expected = fan_out(pure_fanout.write_many, specs, b"x", limit, list)
+    assert fan_out(compiled.write_many, specs, b"x", limit, list) == expected
