@@ -575,3 +575,101 @@ def write_many(transports, data, limit=0):
                 m.write_to(t, data)
             i += 1
     return skipped
+
+
+# ---------------------------------------------------------------------------
+# the relay hot path (twins of edgeproxy.core.relay)
+
+cdef class RelayCore:
+    """Hot-path state of one relayed session; see :class:`edgeproxy.core.relay.RelayCore`.
+
+    A Python subclass (``WebSocketRelay``) provides ``_after_stop``, the slow path.
+    """
+
+    cdef public FrameScanner client_frames
+    cdef public FrameScanner upstream_frames
+    cdef public bint passing
+    cdef public bint active
+    cdef public long long bytes_from_client
+    cdef public long long bytes_from_upstream
+
+    def __init__(self, max_message_size=0):
+        self.client_frames = FrameScanner(max_message_size)
+        self.upstream_frames = FrameScanner(max_message_size)
+        self.passing = True
+        self.active = False
+        self.bytes_from_client = 0
+        self.bytes_from_upstream = 0
+
+    cdef object _relay(self, FrameScanner scanner, object data, bint client):
+        cdef Py_buffer b
+        cdef Py_ssize_t n, length
+        self.active = True
+        if scanner.close is not None or scanner.error is not None:
+            return None
+        PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
+        try:
+            length = b.len
+            n = scanner._scan(<const unsigned char *>b.buf, length)
+        finally:
+            PyBuffer_Release(&b)
+        if client:
+            self.bytes_from_client += n
+        else:
+            self.bytes_from_upstream += n
+        if n == length and scanner.close is None and scanner.error is None and self.passing:
+            return data
+        return (<object>self)._after_stop(scanner, data, n, client)
+
+    def from_client(self, data):
+        """Bytes from the client; returns what to forward to the upstream."""
+        return self._relay(self.client_frames, data, True)
+
+    def from_upstream(self, data):
+        """Bytes from the upstream; returns what to forward to the client."""
+        return self._relay(self.upstream_frames, data, False)
+
+
+@cython.final
+cdef class RelayEndpoint:
+    """The protocol of one side of a relayed WebSocket; see :class:`edgeproxy.core.relay.RelayEndpoint`."""
+
+    cdef readonly RelayCore relay
+    cdef readonly bint from_client
+    cdef readonly object peer
+    cdef readonly object owner
+    cdef readonly object run_actions
+    cdef object _peer_write
+
+    def __init__(self, RelayCore relay not None, from_client, peer, owner, run_actions):
+        self.relay = relay
+        self.from_client = bool(from_client)
+        self.peer = peer
+        self.owner = owner
+        self.run_actions = run_actions
+        self._peer_write = peer.write
+
+    def data_received(self, data):
+        cdef RelayCore relay = self.relay
+        if self.from_client:
+            out = relay._relay(relay.client_frames, data, True)
+        else:
+            out = relay._relay(relay.upstream_frames, data, False)
+        if out:
+            self._peer_write(out)
+        if (<object>relay).actions:
+            self.run_actions()
+
+    def eof_received(self):
+        return self.owner.eof_received()
+
+    def connection_lost(self, exc):
+        self.owner.connection_lost(exc)
+
+    def pause_writing(self):
+        if not self.peer.is_closing():
+            self.peer.pause_reading()
+
+    def resume_writing(self):
+        if not self.peer.is_closing():
+            self.peer.resume_reading()

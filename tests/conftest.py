@@ -16,6 +16,7 @@ import pytest
 
 FRAME_API = ("apply_mask", "parse_header", "encode_header", "FrameScanner")
 FANOUT_API = ("write_many",)
+RELAY_API = ("RelayCore", "RelayEndpoint")
 
 
 def env_flag(name: str) -> bool:
@@ -28,6 +29,7 @@ def load_frame_impl(name: str) -> SimpleNamespace:
     if name == "pure":
         module = importlib.import_module("edgeproxy.core.frames")
         fanout = importlib.import_module("edgeproxy.core.fanout")
+        relay = importlib.import_module("edgeproxy.core.relay")
     else:
         try:
             module = importlib.import_module("edgeproxy._speedups")
@@ -39,16 +41,17 @@ def load_frame_impl(name: str) -> SimpleNamespace:
             if env_flag("EDGEPROXY_REQUIRE_EXT"):
                 pytest.fail(f"EDGEPROXY_REQUIRE_EXT=1: {msg}", pytrace=False)
             pytest.skip(msg)
-        fanout = module
+        fanout = relay = module
     return SimpleNamespace(
         name=name,
         module=module,
         **{attr: getattr(module, attr) for attr in FRAME_API},
         **{attr: getattr(fanout, attr) for attr in FANOUT_API},
+        **{attr: getattr(relay, attr) for attr in RELAY_API},
     )
 
 
 @pytest.fixture(params=["pure", "compiled"])
 def impl(request) -> SimpleNamespace:
-    """Namespace with apply_mask, parse_header, encode_header, FrameScanner, write_many (+ name, module)."""
+    """Namespace with the frame primitives, write_many, RelayCore and RelayEndpoint (+ name, module)."""
     return load_frame_impl(request.param)

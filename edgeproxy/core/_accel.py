@@ -28,6 +28,7 @@ import os
 
 from edgeproxy.core import fanout as _pure_fanout
 from edgeproxy.core import frames as _pure
+from edgeproxy.core import relay as _pure_relay
 from edgeproxy.core.frames import (
     MAX_CONTROL_PAYLOAD,
     MAX_PAYLOAD_LENGTH,
@@ -60,6 +61,8 @@ __all__ = [
     "parse_close_payload",
     "FrameScanner",
     "write_many",
+    "RelayCore",
+    "RelayEndpoint",
 ]
 
 
@@ -87,6 +90,8 @@ parse_header = _impl.parse_header
 encode_header = _impl.encode_header
 FrameScanner = _impl.FrameScanner
 write_many = _impl.write_many if SPEEDUPS else _pure_fanout.write_many
+RelayCore = _impl.RelayCore if SPEEDUPS else _pure_relay.RelayCore
+RelayEndpoint = _impl.RelayEndpoint if SPEEDUPS else _pure_relay.RelayEndpoint
 encode_frame = _pure.make_encode_frame(encode_header, apply_mask)
 
 del _impl

@@ -118,10 +118,11 @@ class RelayState(Enum):
     CLOSED = "closed"
 
 
-class WebSocketRelay:
+class WebSocketRelay(_accel.RelayCore):
     """Relays one proxied WebSocket session between a client and an upstream.
 
-    Call `from_client(data)` / `from_upstream(data)` with what each side sent:
+    Call `from_client(data)` / `from_upstream(data)` (the hot path, inherited from
+    `RelayCore`, compiled when the extension is built) with what each side sent:
     they return the bytes to forward to the other side (usually `data` itself).
     Then, if `actions` is non-empty, carry them out in order and clear the list.
     `client_eof()`, `upstream_eof()` and `check_timers(now)` may add actions too.
@@ -136,54 +137,34 @@ class WebSocketRelay:
         mask_key_source: Callable[[], bytes],
         now: float = 0.0,
     ):
-        self.client_frames = _accel.FrameScanner(max_message_size)
-        self.upstream_frames = _accel.FrameScanner(max_message_size)
+        super().__init__(max_message_size)
         self.idle_timeout = idle_timeout
         self.close_timeout = close_timeout
         self._mask_key = mask_key_source
-        self.state = RelayState.OPEN
+        self._state = RelayState.OPEN
         self.actions: list[tuple[str, bytes | None]] = []
         #: (code, reason) of the close frame each side sent, once seen.
         self.client_close: tuple[int | None, str] | None = None
         self.upstream_close: tuple[int | None, str] | None = None
         #: the close code the proxy itself sent to the client, if any.
         self.proxy_close_code: int | None = None
-        self.bytes_from_client = 0
-        self.bytes_from_upstream = 0
-        self._active = False
         self._last_active = now
         self._deadline = 0.0
         # In FAILING, the proxy waits for both sides' answers itself.
         self._await_client = False
         self._await_upstream = False
 
-    # -- the hot path ---------------------------------------------------------
+    @property
+    def state(self) -> RelayState:
+        return self._state
 
-    def from_client(self, data: bytes):
-        """Bytes from the client; returns what to forward to the upstream."""
-        self._active = True
-        scanner = self.client_frames
-        if scanner.close is not None or scanner.error is not None:
-            return None  # nothing may follow a close frame or a broken frame
-        n = scanner.scan(data)
-        self.bytes_from_client += n
-        if n == len(data) and scanner.close is None and scanner.error is None and self.state is not RelayState.FAILING:
-            return data
-        return self._after_stop(scanner, data, n, client=True)
+    @state.setter
+    def state(self, value: RelayState) -> None:
+        self._state = value
+        # The hot path only asks "relay data?", as one flag.
+        self.passing = value is RelayState.OPEN or value is RelayState.CLOSING
 
-    def from_upstream(self, data: bytes):
-        """Bytes from the upstream; returns what to forward to the client."""
-        self._active = True
-        scanner = self.upstream_frames
-        if scanner.close is not None or scanner.error is not None:
-            return None
-        n = scanner.scan(data)
-        self.bytes_from_upstream += n
-        if n == len(data) and scanner.close is None and scanner.error is None and self.state is not RelayState.FAILING:
-            return data
-        return self._after_stop(scanner, data, n, client=False)
-
-    def _after_stop(self, scanner, data: bytes, n: int, *, client: bool):
+    def _after_stop(self, scanner, data: bytes, n: int, client: bool):
         """The slow path: a close frame, a broken frame, or a session being failed."""
         if scanner.close is None and scanner.error is None:
             return None  # FAILING: the proxy ended this session, data is dropped
@@ -330,8 +311,8 @@ class WebSocketRelay:
 
     def check_timers(self, now: float) -> None:
         """Called periodically by one shared timer; closes idle or stuck sessions."""
-        if self._active:
-            self._active = False
+        if self.active:
+            self.active = False
             self._last_active = now
         if self.state is RelayState.OPEN:
             if self.idle_timeout and now - self._last_active >= self.idle_timeout:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from edgeproxy import logs
 from edgeproxy.core import http1
+from edgeproxy.core._accel import RelayEndpoint
 from edgeproxy.core.http1 import Body, ConnectionClosed, EndOfMessage, RequestHead, ResponseHead
 from edgeproxy.core.websocket import (
     ABORT_CLIENT,
@@ -117,14 +118,7 @@ class ClientConnection(asyncio.Protocol):
         self._deadline = self.server.now() + self.server.config.http.header_timeout
 
     def data_received(self, data: bytes) -> None:
-        relay = self.relay
-        if relay is not None:
-            out = relay.from_client(data)
-            if out:
-                self.upstream.transport.write(out)
-            if relay.actions:
-                self._run_relay_actions()
-            return
+        # HTTP mode only: after the 101 a RelayEndpoint is the transport's protocol.
         if self.exchange is None and self._deadline_kind == "keepalive":
             self._deadline_kind = "header"
             self._deadline = self.server.now() + self.server.config.http.header_timeout
@@ -160,15 +154,11 @@ class ClientConnection(asyncio.Protocol):
                 exchange.upstream.abort()
 
     def pause_writing(self) -> None:
-        if self.relay is not None:
-            self.upstream.pause_reading()
-        elif self.exchange is not None and self.exchange.upstream is not None:
+        if self.exchange is not None and self.exchange.upstream is not None:
             self.exchange.upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.relay is not None:
-            self.upstream.resume_reading()
-        elif self.exchange is not None and self.exchange.upstream is not None:
+        if self.exchange is not None and self.exchange.upstream is not None:
             self.exchange.upstream.resume_reading()
 
     # -- helpers -------------------------------------------------------------
@@ -516,22 +506,20 @@ class ClientConnection(asyncio.Protocol):
         self._ws_head = exchange.head
         client_early = self.http.switched_trailing_data()
         upstream_early = conn.http.trailing_data()
+        # From here on each socket's bytes go straight to the relay and out to the
+        # other socket: no HTTP-mode checks, and no Python at all when compiled.
+        client_end = RelayEndpoint(relay, True, conn.transport, self, self._run_relay_actions)
+        upstream_end = RelayEndpoint(relay, False, self.transport, conn, self._run_relay_actions)
+        self.transport.set_protocol(client_end)
+        conn.transport.set_protocol(upstream_end)
         self._paused.discard("in-flight")
         self._paused.discard("connecting")
         if not self._paused:
             self.transport.resume_reading()
         if upstream_early:
-            self.ws_from_upstream(upstream_early)
-        if client_early and self.relay is relay:
-            self.data_received(client_early)
-
-    def ws_from_upstream(self, data: bytes) -> None:
-        relay = self.relay
-        out = relay.from_upstream(data)
-        if out and not self.closed:
-            self.transport.write(out)
-        if relay.actions:
-            self._run_relay_actions()
+            upstream_end.data_received(upstream_early)
+        if client_early and not self.closed:
+            client_end.data_received(client_early)
 
     def _run_relay_actions(self) -> None:
         relay = self.relay

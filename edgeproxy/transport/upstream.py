@@ -52,12 +52,10 @@ class UpstreamConnection(asyncio.Protocol):
             # An idle pooled connection must stay silent; anything else is garbage.
             self.transport.abort()
             return
-        if self.websocket:
-            owner.ws_from_upstream(data)
-        else:
-            self.active = True
-            self.http.receive_data(data)
-            owner.upstream_events(self)
+        # HTTP mode only: after the 101 a RelayEndpoint is the transport's protocol.
+        self.active = True
+        self.http.receive_data(data)
+        owner.upstream_events(self)
 
     def eof_received(self) -> bool:
         owner = self.owner
