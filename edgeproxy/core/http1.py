@@ -26,7 +26,7 @@ Nothing here touches a socket or a clock: bytes go in, events and bytes come out
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import h11
 
@@ -74,7 +74,6 @@ class RequestHead:
     websocket: bool = False
     #: True when a body follows (Content-Length > 0 or chunked).
     has_body: bool = False
-    extra: dict = field(default_factory=dict)
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (name in lower case), or None."""
@@ -311,40 +310,41 @@ class ServerSide:
 
     def _make_head(self, event: h11.Request) -> RequestHead:
         headers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
-        seen_cl = seen_te = False
+        # One pass over the headers: framing checks, Host, and the upgrade pair.
+        seen_cl = seen_te = has_body = False
         hosts = 0
-        upgrade = None
+        host = upgrade = None
+        connection_upgrade = False
         for name, value in headers:
             lname = name.lower()
             if lname == b"content-length":
                 seen_cl = True
+                has_body = has_body or value.strip() not in (b"0", b"")
             elif lname == b"transfer-encoding":
-                seen_te = True
+                seen_te = has_body = True
             elif lname == b"host":
                 hosts += 1
+                host = value
             elif lname == b"upgrade":
                 upgrade = value
+            elif lname == b"connection":
+                connection_upgrade = connection_upgrade or any(
+                    t.strip().lower() == b"upgrade" for t in value.split(b",")
+                )
         if seen_cl and seen_te:
             raise RemoteProtocolError("Content-Length together with Transfer-Encoding")
         if hosts > 1:
             raise RemoteProtocolError("more than one Host header")
         target = bytes(event.target)
-        host = None
         path = target
         if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+            # absolute-form (RFC 9112 section 3.2.2): its authority wins over Host.
             rest = target.split(b"://", 1)[1]
             slash = rest.find(b"/")
             host, path = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
-        if host is None:
-            for name, value in headers:
-                if name.lower() == b"host":
-                    host = value
-        has_body = seen_te or any(
-            n.lower() == b"content-length" and v.strip() not in (b"0", b"") for n, v in headers
+        websocket = upgrade is not None and connection_upgrade and any(
+            t.strip().lower() == b"websocket" for t in upgrade.split(b",")
         )
-        websocket = False
-        if upgrade is not None and b"upgrade" in _connection_tokens(headers):
-            websocket = any(t.strip().lower() == b"websocket" for t in upgrade.split(b","))
         return RequestHead(
             method=bytes(event.method),
             target=target,
