@@ -227,7 +227,6 @@ cdef class FrameScanner:
     cdef unsigned long long _msg_size
     cdef int _opcode
     cdef int _fin
-    cdef int _in_message
     cdef int _hlen
     cdef int _clen
     cdef int _cmasked
@@ -250,7 +249,6 @@ cdef class FrameScanner:
         self._msg_size = 0
         self._opcode = 0
         self._fin = 0
-        self._in_message = 0
         self._hlen = 0
         self._clen = 0
         self._cmasked = 0
@@ -271,38 +269,18 @@ cdef class FrameScanner:
         """
         cdef int b0 = p[0]
         cdef int opcode = b0 & 15
-        cdef int fin = b0 >> 7
         cdef int b1
         cdef Py_ssize_t hl
         cdef unsigned long long length, size = 0, limit
-        if opcode >= 8:
-            if opcode > 10:
-                self._fail(f"reserved opcode {opcode:#x}", 1002)
-                return -1
-            if not fin:
-                self._fail(f"fragmented control frame (opcode {opcode:#x})", 1002)
-                return -1
-        elif opcode:
-            if opcode > 2:
-                self._fail(f"reserved opcode {opcode:#x}", 1002)
-                return -1
-            if self._in_message:
-                self._fail(
-                    f"new data frame (opcode {opcode:#x}) while a fragmented message is in progress",
-                    1002,
-                )
-                return -1
-        elif not self._in_message:
-            self._fail("continuation frame without a message in progress", 1002)
-            return -1
         if avail < 2:
             return 0
         b1 = p[1]
         length = b1 & 127
         if length <= 125:
             hl = 2
-        elif opcode >= 8:
-            self._fail(f"control frame (opcode {opcode:#x}) payload longer than 125 bytes", 1002)
+        elif opcode == 8:
+            # _cbuf holds at most 125 bytes of CLOSE payload
+            self._fail("close frame (opcode 0x8) payload longer than 125 bytes", 1002)
             return -1
         elif length == 126:
             if avail < 4:
@@ -321,6 +299,7 @@ cdef class FrameScanner:
             hl = 10
         limit = self.max_message_size
         if limit and opcode < 8:
+            # _msg_size is 0 unless a message is in progress (see the pure twin)
             size = length + self._msg_size if opcode == 0 else length
             if size > limit:
                 self._fail(f"message too big: {size} bytes > max_message_size {limit}", 1009)
@@ -331,11 +310,10 @@ cdef class FrameScanner:
             return 0
         # accepted
         self._opcode = opcode
-        self._fin = fin
+        self._fin = b0 >> 7
         self._remaining = length
         if opcode < 8:
-            self._in_message = not fin
-            self._msg_size = size
+            self._msg_size = 0 if self._fin else size
         elif opcode == 8:
             self._clen = 0
             self._cmasked = b1 & 0x80

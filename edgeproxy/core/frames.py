@@ -10,9 +10,12 @@ has to *follow frame boundaries* in each direction, to
 
 * count frames and messages (metrics, limits),
 * enforce a maximum message size (close code 1009),
-* refuse streams that cannot be relayed safely (close code 1002), and
+* refuse the few streams it cannot follow (close code 1002), and
 * notice the CLOSE frame of each side and read its status code (for logging and for
   the closing handshake).
+
+It does *not* judge whether a stream follows RFC 6455: see "What the scanner judges"
+below.
 
 That is the job of :class:`FrameScanner`.  One scanner follows one direction of one
 connection.  The transport hands every chunk it reads to :meth:`FrameScanner.scan`,
@@ -24,39 +27,77 @@ them.  The scanner is a state machine with two states:
     from the chunk.  If the chunk ends inside a header, the partial header (at most 13
     bytes) is copied into a tiny buffer and completed by the next chunk.  The partial
     bytes still count as forwardable: they are relayed as they arrive; only the copy is
-    kept for parsing.  Protocol errors are detected as early as the bytes allow (the
-    first byte already tells the opcode and FIN), so a bad header is usually refused
-    before any of it is forwarded.
+    kept for parsing.  Errors are detected as early as the bytes allow (an oversized
+    CLOSE at the header's second byte, a bad 64-bit length at its third, a too big
+    message once the length is complete), so a bad header is usually refused before
+    any of it is forwarded.
 
 ``payload``
     ``remaining`` bytes of the current frame are still to come.  Data payloads are
-    skipped, never copied: the scanner only subtracts.  Control-frame payloads are at
-    most 125 bytes; only a CLOSE payload is kept (in a small buffer, across chunks)
-    because the close code is needed once the frame is complete.  It is unmasked with
-    the frame's key when it is masked.
+    skipped, never copied: the scanner only subtracts.  So are control-frame payloads,
+    whatever their length, except a CLOSE payload: that one is kept (at most 125
+    bytes, in a small buffer, across chunks) because the close code is needed once the
+    frame is complete.  It is unmasked with the frame's key when it is masked.
 
 ``scan()`` returns early in exactly two cases:
 
 1. Right after the last byte of a complete CLOSE frame: ``close`` is set and the caller
    drops whatever follows (RFC 6455 forbids data after CLOSE).
-2. At a protocol error: ``error`` is set to a :class:`~edgeproxy.errors.FrameError` and
-   the return value is the offset where the offending frame's header starts, so the
-   frames before it may still be forwarded but the bad frame is not.  If the bad
-   header began in an earlier chunk (its first bytes were already forwarded), the
-   return value is 0 and :attr:`FrameScanner.mid_frame` stays True: the stream that
-   was forwarded ends inside a frame.
+2. At an error (one of the three in "What the scanner judges" below): ``error`` is set
+   to a :class:`~edgeproxy.errors.FrameError` and the return value is the offset where
+   the offending frame's header starts, so the frames before it may still be
+   forwarded but the bad frame is not.  If the bad header began in an earlier chunk
+   (its first bytes were already forwarded), the return value is 0 and
+   :attr:`FrameScanner.mid_frame` stays True: the stream that was forwarded ends
+   inside a frame.
 
 Once ``close`` or ``error`` is set the scanner is finished and every later ``scan``
 returns 0.
 
-What is checked (close code 1002 unless noted): control frames (opcode >= 8) must have
-FIN=1 and a payload of at most 125 bytes; opcodes 3-7 and 11-15 are reserved; a
-continuation frame needs a fragmented message in progress and a text/binary frame must
-not start while one is; a 64-bit length must not have its top bit set; with
-``max_message_size`` > 0 the payload lengths of one message's data frames must not add
-up to more than it (1009, checked at each data frame header, before its payload is
-relayed).  RSV bits and masking are *not* checked: extensions and the endpoints decide,
-the proxy passes them through.
+What the scanner judges
+-----------------------
+
+Only what the proxy itself needs.  Whether a stream is valid RFC 6455 is for the
+endpoints to judge: a negotiated extension may give a meaning to RSV bits and reserved
+opcodes, and an endpoint fails a connection that breaks the rules itself, with the
+right close code.  A proxy that judged in their place would refuse what an extension
+allows, or fail a connection earlier than the endpoint would (before frames already
+on their way in the other direction, an echo say, are delivered).  So opcodes,
+fragmentation, RSV bits, masking and payloads pass through byte for byte, and ``scan``
+sets ``error`` in three cases only:
+
+* a 64-bit length with its top bit set (1002): the length has no meaning, so the end of
+  the frame, and every frame boundary after it, is unknown: the stream cannot be
+  followed past this header;
+* a CLOSE frame (opcode 8) with a payload longer than 125 bytes (1002), seen at the
+  header's second byte (a 7-bit length of 126 or 127).  The proxy must read every CLOSE
+  frame: it ends the relayed stream in its direction (what follows is dropped), and its
+  status code is logged and used in the closing handshake.  The payload is kept in a
+  fixed buffer of 125 bytes, the most RFC 6455 section 5.5 lets any control frame
+  carry (extension data included), so a peer never decides how much the proxy
+  buffers.  A longer CLOSE cannot be read, no extension makes it valid, and its
+  receiver would fail the connection anyway;
+* with ``max_message_size`` > 0, a message whose frames' payload lengths add up to more
+  than it (1009), checked at each data frame header, before its payload is relayed.
+
+Streams that break RFC 6455 in other ways are followed with these rules, so the counts
+and the size limit stay well defined:
+
+* Opcodes 0-7 are data frames, 8-15 control frames (the opcode's top bit, as in RFC 6455
+  section 5.2): the reserved opcodes 3-7 are data frames, 11-15 control frames.
+* Every data frame belongs to a message.  Opcodes 1-7 start a new message, also while a
+  fragmented one is in progress: that one is abandoned (never counted, and the size
+  count restarts with the new frame).  A continuation frame (opcode 0) continues the
+  message in progress or, when there is none, starts one.  A data frame with FIN=1
+  completes its message: ``messages`` counts the data frames with FIN=1.
+* A control frame is never part of a message, whatever its FIN: it does not count
+  toward ``messages`` or any message size, and does not interrupt the message in
+  progress.  Its payload is skipped, never kept, whatever its length (PING, PONG and
+  opcodes 11-15 may exceed 125 bytes), except a CLOSE payload.
+* A CLOSE frame is recognised by its opcode alone (FIN and RSV bits are not looked at)
+  and its payload parsed leniently (:func:`parse_close_payload`): ``close`` is set even
+  when the code or the reason is malformed.
+* RSV bits and masking are not looked at.
 
 Implementations
 ===============
@@ -306,8 +347,9 @@ class FrameScanner:
     Feed it every chunk read from the sender with :meth:`scan`; forward the number of
     leading bytes it returns.  See the module docstring for the full contract.
 
-    Readable attributes: ``messages`` (completed data messages), ``frames`` (completed
-    frames), ``close`` (``(code, reason)`` once a complete CLOSE frame was scanned),
+    Readable attributes: ``messages`` (completed data messages: data frames, opcodes
+    0-7, with FIN=1), ``frames`` (completed frames of any opcode), ``close``
+    (``(code, reason)`` once a complete CLOSE frame was scanned),
     ``error`` (the :class:`FrameError` that stopped the stream), ``max_message_size``
     and the ``mid_frame`` property.
     """
@@ -321,7 +363,6 @@ class FrameScanner:
         "_remaining",
         "_opcode",
         "_fin",
-        "_in_message",
         "_msg_size",
         "_hbuf",
         "_cbuf",
@@ -340,8 +381,7 @@ class FrameScanner:
         self._remaining = 0  # payload bytes of the current frame still to come
         self._opcode = 0  # opcode of the current frame
         self._fin = 0  # FIN of the current frame
-        self._in_message = False  # a fragmented data message is in progress
-        self._msg_size = 0  # payload bytes of the current message (tracked when limited)
+        self._msg_size = 0  # payload bytes of the message in progress (0 if none; tracked when limited)
         self._hbuf = b""  # copy of a partial header (< 14 bytes)
         self._cbuf = None  # bytearray collecting a CLOSE payload, else None
         self._ckey = None  # mask key of the CLOSE frame being collected
@@ -359,32 +399,16 @@ class FrameScanner:
         """
         b0 = buf[pos]
         opcode = b0 & 15
-        fin = b0 >> 7
-        if opcode >= 8:
-            if opcode > 10:
-                raise FrameError(f"reserved opcode {opcode:#x}", close_code=1002)
-            if not fin:
-                raise FrameError(f"fragmented control frame (opcode {opcode:#x})", close_code=1002)
-        elif opcode:
-            if opcode > 2:
-                raise FrameError(f"reserved opcode {opcode:#x}", close_code=1002)
-            if self._in_message:
-                raise FrameError(
-                    f"new data frame (opcode {opcode:#x}) while a fragmented message is in progress",
-                    close_code=1002,
-                )
-        elif not self._in_message:
-            raise FrameError("continuation frame without a message in progress", close_code=1002)
         if avail < 2:
             return 0
         b1 = buf[pos + 1]
         length = b1 & 127
         if length <= 125:
             hl = 2
-        elif opcode >= 8:
-            raise FrameError(
-                f"control frame (opcode {opcode:#x}) payload longer than 125 bytes", close_code=1002
-            )
+        elif opcode == 8:
+            # The CLOSE payload is read (see _finish) and never more than 125 bytes
+            # are kept: refused at the second byte, before any of the frame is relayed.
+            raise FrameError("close frame (opcode 0x8) payload longer than 125 bytes", close_code=1002)
         elif length == 126:
             if avail < 4:
                 return 0
@@ -402,6 +426,8 @@ class FrameScanner:
         limit = self.max_message_size
         size = 0
         if limit and opcode < 8:
+            # _msg_size is 0 unless a message is in progress, so a continuation frame
+            # without one counts from zero; opcodes 1-7 always start a new message.
             size = length + self._msg_size if opcode == 0 else length
             if size > limit:
                 raise FrameError(f"message too big: {size} bytes > max_message_size {limit}", close_code=1009)
@@ -410,12 +436,12 @@ class FrameScanner:
         if avail < hl:
             return 0
         # accepted
+        fin = b0 >> 7
         self._opcode = opcode
         self._fin = fin
         self._remaining = length
         if opcode < 8:
-            self._in_message = not fin
-            self._msg_size = size
+            self._msg_size = 0 if fin else size
         elif opcode == 8:
             self._cbuf = bytearray()
             self._ckey = bytes(buf[pos + hl - 4 : pos + hl]) if b1 & 0x80 else None

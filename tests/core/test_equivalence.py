@@ -160,41 +160,59 @@ def test_scanner_constructor(limit):
 # the scanner on random frame streams
 
 
+CONTROL_OPCODES = st.sampled_from([OP_PING, OP_PONG, OP_CLOSE, OP_PING, OP_PONG, 11, 12, 13, 14, 15])
+LONG_SIZES = st.one_of(st.integers(126, 300), st.sampled_from([65535, 65536, 70000]))
+
+
 @st.composite
 def frame_streams(draw):
-    """A byte stream of mostly valid frames: random fragmentation, interleaved control
-    frames, masked and unmasked, all length forms; sometimes a bad frame or junk."""
+    """A byte stream of frames: random fragmentation, interleaved control frames, masked
+    and unmasked, all length forms, any RSV bits; also what only the endpoints judge
+    (reserved opcodes, bad fragmentation sequences, fragmented or long control frames);
+    sometimes a frame the scanner refuses (long CLOSE, 64-bit length top bit) or junk."""
     out = []
     in_message = False
     for _ in range(draw(st.integers(0, 12))):
         roll = draw(st.integers(0, 99))
         key = draw(st.one_of(st.none(), st.binary(min_size=4, max_size=4)))
-        rsv = draw(st.sampled_from([0, 0, 0, 4, 7]))
-        if roll < 55:  # data frame that fits the message state
+        rsv = draw(st.sampled_from([0, 0, 0, 1, 4, 7]))
+        if roll < 40:  # data frame that fits the message state
             opcode = OP_CONT if in_message else draw(st.sampled_from([OP_TEXT, OP_BINARY]))
             fin = draw(st.booleans())
             size = draw(st.one_of(st.integers(0, 40), st.sampled_from([125, 126, 127, 65535, 65536])))
             payload = draw(st.binary(min_size=size, max_size=size)) if size <= 40 else b"\xa5" * size
             out.append(pure.encode_frame(opcode, payload, fin, rsv, key))
             in_message = not fin
-        elif roll < 80:  # control frame
-            opcode = draw(st.sampled_from([OP_PING, OP_PONG, OP_CLOSE]))
+        elif roll < 55:  # data frame whatever the state: reserved opcodes, bad fragmentation
+            opcode = draw(st.sampled_from([OP_CONT, OP_CONT, OP_CONT, OP_TEXT, OP_BINARY, 3, 4, 5, 6, 7]))
+            fin = draw(st.booleans())
+            size = draw(st.one_of(st.integers(0, 40), st.sampled_from([126, 65536])))
+            out.append(pure.encode_frame(opcode, b"\x5a" * size, fin, rsv, key))
+            in_message = not fin
+        elif roll < 75:  # control frame, reserved ones included, sometimes FIN=0
+            opcode = draw(CONTROL_OPCODES)
+            fin = draw(st.sampled_from([True, True, True, False]))
             if opcode == OP_CLOSE and draw(st.booleans()):
                 payload = encode_close_payload(draw(st.integers(1000, 4999)), draw(st.text(max_size=70)))
             else:
                 payload = draw(st.binary(max_size=125))
-            out.append(pure.encode_frame(opcode, payload, True, rsv, key))
-        elif roll < 92:  # any header at all (valid or not for the current state)
+            out.append(pure.encode_frame(opcode, payload, fin, rsv, key))
+        elif roll < 82:  # long control frame (a long CLOSE is refused)
+            opcode = draw(CONTROL_OPCODES)
+            size = draw(LONG_SIZES)
+            out.append(pure.encode_frame(opcode, b"\x3c" * size, draw(st.booleans()), rsv, key))
+        elif roll < 92:  # any header at all
             opcode = draw(st.integers(0, 15))
             fin = draw(st.booleans())
             size = draw(st.one_of(st.integers(0, 130), st.sampled_from([65535, 65536, 2**40])))
             head = pure.encode_header(opcode, size, fin, rsv, key)
             out.append(head + b"\x00" * min(size, 70000))
-            if opcode < 3:
-                in_message = not fin  # a guess; a bad header ends the stream anyway
+            if opcode < 8:
+                in_message = not fin
         elif roll < 96:  # 64-bit length with the top bit set
+            b0 = draw(st.sampled_from([0x82, 0x80, 0x01, 0x89, 0x0B]))
             len7 = draw(st.sampled_from([b"\x7f", b"\xff"]))  # unmasked / masked
-            out.append(b"\x82" + len7 + bytes([draw(st.integers(0x80, 0xFF))]) + bytes(11))
+            out.append(bytes([b0]) + len7 + bytes([draw(st.integers(0x80, 0xFF))]) + bytes(11))
         else:  # junk that desynchronises the framing
             out.append(draw(st.binary(min_size=1, max_size=6)))
     if draw(st.booleans()):

@@ -347,44 +347,132 @@ def test_scanner_close(impl, key, payload, expected):
 
 
 # ---------------------------------------------------------------------------
-# scanner: errors
+# scanner: what the endpoints judge passes through
 
 PREFIX = encode_frame(OP_TEXT, b"ok", mask_key=KEY) + encode_frame(OP_PING, b"")  # 1 message, 2 frames
+OPEN = encode_frame(OP_BINARY, b"open", fin=False, mask_key=KEY)  # a fragmented message in progress
+
+PASS_CASES = [
+    # (id, stream after PREFIX, messages completed in it, frames in it)
+    ("ping FIN=0", encode_frame(OP_PING, b"x", fin=False), 0, 1),
+    ("pong FIN=0 masked", encode_frame(OP_PONG, b"xy", fin=False, mask_key=KEY), 0, 1),
+    ("ping 126 bytes", encode_frame(OP_PING, b"x" * 126), 0, 1),
+    ("pong 64-bit length", encode_frame(OP_PONG, b"y" * 70000, mask_key=KEY), 0, 1),
+    ("ping FIN=0 300 bytes rsv", encode_frame(OP_PING, b"z" * 300, fin=False, rsv=5), 0, 1),
+    *[(f"reserved data opcode {op}", encode_frame(op, b"x"), 1, 1) for op in (3, 4, 5, 6, 7)],
+    *[(f"reserved control opcode {op}", encode_frame(op, b"x", mask_key=KEY), 0, 1) for op in (11, 12, 13, 14, 15)],
+    ("reserved opcode 11 FIN=0", encode_frame(11, b"x", fin=False), 0, 1),
+    ("reserved opcode 15 200 bytes", encode_frame(15, b"x" * 200, rsv=7), 0, 1),
+    ("reserved opcode 12 64-bit length", encode_frame(12, b"x" * 65536), 0, 1),
+    (
+        "reserved data opcode 3 fragmented",
+        encode_frame(3, b"a", fin=False, rsv=4) + encode_frame(11, b"") + encode_frame(OP_CONT, b"b"),
+        1,
+        3,
+    ),
+    ("continuation without message", encode_frame(OP_CONT, b"x"), 1, 1),
+    (
+        "continuation FIN=0 without message",
+        encode_frame(OP_CONT, b"x", fin=False) + encode_frame(OP_CONT, b"y", mask_key=KEY),
+        1,
+        2,
+    ),
+    ("text during fragmented message", OPEN + encode_frame(OP_PING, b"") + encode_frame(OP_TEXT, b"b"), 1, 3),
+    ("binary during fragmented message", OPEN + encode_frame(OP_BINARY, b"b", fin=False), 0, 2),
+    ("reserved opcode 7 during fragmented message", OPEN + encode_frame(7, b"b") + encode_frame(OP_CONT, b"c"), 2, 3),
+    (
+        "continuation after message ended",
+        OPEN + encode_frame(OP_CONT, b"b") + encode_frame(OP_CONT, b"c"),
+        2,
+        3,
+    ),
+    ("non-minimal 16-bit ping length", b"\x89\x7e\x00\x05hello", 0, 1),
+]
+
+
+@pytest.mark.parametrize("case", PASS_CASES, ids=[c[0] for c in PASS_CASES])
+def test_scanner_passes_what_endpoints_judge(impl, case):
+    _, body, messages, nframes = case
+    after = encode_frame(OP_TEXT, b"after")  # the stream goes on after it
+    stream = PREFIX + body + after
+    s = impl.FrameScanner()
+    assert s.scan(stream) == len(stream)
+    assert (s.messages, s.frames, s.close, s.error, s.mid_frame) == (1 + messages + 1, 2 + nframes + 1, None, None, False)
+    # split at every offset inside it: everything is forwarded as it comes
+    for cut in range(len(PREFIX), min(len(PREFIX) + len(body), len(PREFIX) + 300) + 1):
+        s = impl.FrameScanner()
+        assert s.scan(stream[:cut]) == cut and s.error is None
+        assert s.scan(stream[cut:]) == len(stream) - cut
+        assert (s.messages, s.frames, s.error, s.mid_frame) == (2 + messages, 3 + nframes, None, False)
+
+
+def test_scanner_does_not_check_rsv_or_masking(impl):
+    stream = (
+        encode_frame(OP_TEXT, b"compressed", rsv=4)
+        + encode_frame(OP_BINARY, b"masked", rsv=7, mask_key=KEY)
+        + encode_frame(OP_PING, b"", rsv=2)
+        + encode_frame(5, b"extension data", rsv=1, mask_key=KEY)
+        + encode_frame(13, b"extension control", rsv=3)
+    )
+    s = impl.FrameScanner()
+    assert s.scan(stream) == len(stream)
+    assert (s.messages, s.frames, s.error) == (3, 5, None)
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["unmasked", "masked"])
+def test_scanner_close_is_recognised_by_opcode_alone(impl, key):
+    # FIN=0 and RSV bits do not matter: opcode 8 is a CLOSE, and nothing after it goes
+    for fin, rsv in ((False, 0), (True, 5), (False, 7)):
+        close = encode_frame(OP_CLOSE, encode_close_payload(1000, "x"), fin=fin, rsv=rsv, mask_key=key)
+        s = impl.FrameScanner()
+        assert s.scan(PREFIX + close + b"tail") == len(PREFIX) + len(close)
+        assert (s.close, s.error, s.messages, s.frames) == ((1000, "x"), None, 1, 3)
+    # a reserved control opcode with a close-like payload is not a CLOSE
+    other = encode_frame(11, encode_close_payload(1000, "x"), mask_key=key)
+    s = impl.FrameScanner()
+    assert s.scan(PREFIX + other) == len(PREFIX) + len(other)
+    assert (s.close, s.error, s.frames) == (None, None, 3)
+
+
+def test_scanner_long_control_payload_is_not_buffered(impl):
+    # a huge ping is skipped like a data payload: nothing of it is kept
+    s = impl.FrameScanner(10)  # and the message size limit does not apply to it
+    head = frames.encode_header(OP_PING, 2**40, mask_key=KEY)
+    assert s.scan(PREFIX + head) == len(PREFIX) + len(head)
+    assert s.error is None and s.mid_frame
+    chunk = bytes(1 << 20)
+    for _ in range(4):
+        assert s.scan(chunk) == len(chunk)
+    assert s.error is None and s.mid_frame and s.frames == 2
+
+
+# ---------------------------------------------------------------------------
+# scanner: errors
 
 ERROR_CASES = [
     # (id, stream after PREFIX, offset of the bad header within it, close code, bytes needed to see it)
-    ("ping FIN=0", encode_frame(OP_PING, b"x", fin=False), 0, 1002, 1),
-    ("close FIN=0", encode_frame(OP_CLOSE, b"", fin=False), 0, 1002, 1),
-    ("ping 126 bytes", encode_frame(OP_PING, b"x" * 126), 0, 1002, 2),
     ("close 126 bytes", encode_frame(OP_CLOSE, b"\x03\xe8" + b"x" * 124, mask_key=KEY), 0, 1002, 2),
-    ("pong 64-bit length", frames.encode_header(OP_PONG, 70000), 0, 1002, 2),
-    *[(f"reserved opcode {op}", encode_frame(op, b"x"), 0, 1002, 1) for op in (3, 4, 5, 6, 7, 11, 12, 13, 14, 15)],
-    ("reserved opcode 11 FIN=0", encode_frame(11, b"x", fin=False), 0, 1002, 1),
-    ("continuation without message", encode_frame(OP_CONT, b"x"), 0, 1002, 1),
-    ("continuation FIN=0 without message", encode_frame(OP_CONT, b"x", fin=False), 0, 1002, 1),
+    ("close 126 bytes FIN=0", encode_frame(OP_CLOSE, b"\x03\xe8" + b"x" * 124, fin=False), 0, 1002, 2),
+    ("close 64-bit length", frames.encode_header(OP_CLOSE, 70000, rsv=1), 0, 1002, 2),
+    ("close non-minimal 16-bit length", b"\x88\x7e\x00\x02\x03\xe8", 0, 1002, 2),
     (
-        "text during fragmented message",
-        encode_frame(OP_TEXT, b"a", fin=False) + encode_frame(OP_PING, b"") + encode_frame(OP_TEXT, b"b"),
-        3 + 2,
+        "close 200 bytes after bad fragmentation",
+        encode_frame(OP_CONT, b"a", fin=False) + encode_frame(5, b"b") + encode_frame(OP_CLOSE, b"c" * 200),
+        3 + 3,
         1002,
-        1,
-    ),
-    (
-        "binary during fragmented message",
-        encode_frame(OP_BINARY, b"a", fin=False) + encode_frame(OP_BINARY, b"b", fin=False),
-        3,
-        1002,
-        1,
-    ),
-    (
-        "continuation after message ended",
-        encode_frame(OP_TEXT, b"a", fin=False) + encode_frame(OP_CONT, b"b") + encode_frame(OP_CONT, b"c"),
-        6,
-        1002,
-        1,
+        2,
     ),
     ("64-bit length top bit", b"\x82\x7f\x80" + bytes(7) + b"payload", 0, 1002, 3),
     ("64-bit length top bit masked", b"\x82\xff\xff" + bytes(7) + KEY, 0, 1002, 3),
+    ("64-bit length top bit reserved opcode", b"\x0b\x7f\x80" + bytes(7), 0, 1002, 3),
+    ("64-bit length top bit ping", b"\x89\xff\xc0" + bytes(7) + KEY, 0, 1002, 3),
+    (
+        "64-bit length top bit after a fragment",
+        encode_frame(OP_TEXT, b"a", fin=False) + encode_frame(OP_PING, b"") + b"\x80\x7f\x80" + bytes(7),
+        3 + 2,
+        1002,
+        3,
+    ),
 ]
 
 
@@ -416,23 +504,17 @@ def test_scanner_errors(impl, case):
 
 def test_scanner_error_message_text(impl):
     s = impl.FrameScanner()
-    s.scan(encode_frame(5, b""))
-    assert str(s.error) == "reserved opcode 0x5"
+    s.scan(encode_frame(OP_CLOSE, b"x" * 126))
+    assert str(s.error) == "close frame (opcode 0x8) payload longer than 125 bytes"
+    assert s.error.close_code == 1002
+    s = impl.FrameScanner()
+    s.scan(b"\x82\x7f\x80" + bytes(7))
+    assert str(s.error) == "64-bit payload length has the most significant bit set"
+    assert s.error.close_code == 1002
     s = impl.FrameScanner(3)
     s.scan(encode_frame(OP_TEXT, b"ab", fin=False) + encode_frame(OP_CONT, b"cd"))
     assert str(s.error) == "message too big: 4 bytes > max_message_size 3"
     assert s.error.close_code == 1009
-
-
-def test_scanner_does_not_check_rsv_or_masking(impl):
-    stream = (
-        encode_frame(OP_TEXT, b"compressed", rsv=4)
-        + encode_frame(OP_BINARY, b"masked", rsv=7, mask_key=KEY)
-        + encode_frame(OP_PING, b"", rsv=2)
-    )
-    s = impl.FrameScanner()
-    assert s.scan(stream) == len(stream)
-    assert (s.messages, s.frames, s.error) == (2, 3, None)
 
 
 # ---------------------------------------------------------------------------
@@ -477,6 +559,54 @@ def test_message_size_limit_across_fragments(impl):
     assert s.scan(ok) == len(ok) and (s.messages, s.frames, s.error) == (1, 3, None)
 
 
+@pytest.mark.parametrize(
+    "name, stream, forwarded_frames, messages, error",
+    [
+        # a continuation frame without a message in progress starts one: it counts
+        ("orphan continuation at the limit", [(OP_CONT, 10, True)], 1, 1, None),
+        ("orphan continuation over the limit", [(OP_CONT, 11, True)], 0, 0, 1009),
+        ("orphan continuations add up", [(OP_CONT, 6, False), (OP_CONT, 5, True)], 1, 0, 1009),
+        ("orphan continuations within", [(OP_CONT, 6, False), (OP_CONT, 4, True)], 2, 1, None),
+        # after a completed message, an orphan continuation counts from zero
+        ("continuation after message ended", [(OP_TEXT, 8, True), (OP_CONT, 8, True)], 2, 2, None),
+        # a text/binary frame during a fragmented message restarts the count
+        ("new message restarts the count", [(OP_TEXT, 8, False), (OP_BINARY, 8, True)], 2, 1, None),
+        (
+            "new fragmented message restarts the count",
+            [(OP_TEXT, 8, False), (OP_TEXT, 8, False), (OP_CONT, 2, True), (OP_CONT, 3, True)],
+            4,
+            2,
+            None,
+        ),
+        (
+            "restarted message still limited",
+            [(OP_TEXT, 8, False), (OP_TEXT, 8, False), (OP_CONT, 3, True)],
+            2,
+            0,
+            1009,
+        ),
+        # reserved data opcodes 3-7 are messages like text and binary
+        ("reserved data opcode over the limit", [(3, 11, True)], 0, 0, 1009),
+        ("reserved data opcode fragmented", [(4, 6, False), (OP_CONT, 5, True)], 1, 0, 1009),
+        ("reserved data opcode restarts the count", [(OP_BINARY, 9, False), (7, 10, True)], 2, 1, None),
+        # control frames, reserved ones and long ones included, never count
+        (
+            "control frames do not count",
+            [(OP_TEXT, 5, False), (OP_PING, 200, True), (11, 300, False), (15, 70000, True), (OP_CONT, 5, True)],
+            5,
+            1,
+            None,
+        ),
+    ],
+)
+def test_message_size_limit_with_bad_fragmentation(impl, name, stream, forwarded_frames, messages, error):
+    wire = [encode_frame(op, b"x" * n, fin=fin, mask_key=KEY) for op, n, fin in stream]
+    s = impl.FrameScanner(10)
+    assert s.scan(b"".join(wire)) == sum(len(w) for w in wire[:forwarded_frames])
+    assert (s.messages, s.frames) == (messages, forwarded_frames)
+    assert (None if s.error is None else s.error.close_code) == error
+
+
 def test_message_size_limit_checked_before_payload(impl):
     # the header announcing a huge frame is enough; no payload needs to arrive
     s = impl.FrameScanner(1000)
@@ -515,11 +645,26 @@ SPLIT_STREAMS = {
     + encode_frame(OP_CLOSE, encode_close_payload(1001, "gone"), mask_key=KEY)
     + b"junk",
     "close unmasked": _mixed_stream() + encode_frame(OP_CLOSE, encode_close_payload(3000, "é" * 40)) + b"x",
-    "reserved opcode": _mixed_stream() + encode_frame(7, b"bad") + b"more",
-    "control too long": _mixed_stream() + encode_frame(OP_PONG, b"x" * 200),
+    "reserved opcodes": _mixed_stream()
+    + encode_frame(7, b"ext", fin=False, rsv=2, mask_key=KEY)
+    + encode_frame(12, b"c" * 130)
+    + encode_frame(OP_CONT, b"more")
+    + encode_frame(3, b"")
+    + encode_frame(15, b"", fin=False),
+    "long control frames": _mixed_stream()
+    + encode_frame(OP_PONG, b"x" * 200)
+    + encode_frame(OP_PING, b"y" * 300, fin=False, mask_key=KEY),
+    "bad fragmentation": _mixed_stream()
+    + encode_frame(OP_CONT, b"x")
+    + encode_frame(OP_TEXT, b"a" * 200, fin=False)
+    + encode_frame(OP_BINARY, b"b" * 200, fin=False, mask_key=KEY)
+    + encode_frame(OP_CONT, b"c" * 30)
+    + encode_frame(OP_CONT, b"d" * 30, fin=False),
+    "close too long": _mixed_stream() + encode_frame(OP_CLOSE, b"\x03\xe8" + b"x" * 200, mask_key=KEY) + b"x",
     "top bit": _mixed_stream() + b"\x82\x7f\x80" + bytes(20),
-    "orphan continuation": _mixed_stream() + encode_frame(OP_CONT, b"x"),
+    "top bit after reserved": _mixed_stream() + encode_frame(6, b"r", fin=False) + b"\x8d\x7f\x80" + bytes(20),
 }
+PASSING_STREAMS = ("clean", "reserved opcodes", "long control frames", "bad fragmentation")
 
 
 def _split_points(data: bytes) -> list[int]:
@@ -564,9 +709,9 @@ def test_scanner_byte_by_byte(impl, name):
     s = impl.FrameScanner()
     got = outcome(s, sum(s.scan(data[i : i + 1]) for i in range(len(data))))
     assert_same_outcome(got, expected, name)
-    # errors visible in the first header byte never let a byte of the bad frame through
-    if name in ("reserved opcode", "orphan continuation"):
-        assert got == expected
+    # what only the endpoints judge goes through whole, however it is cut
+    if name in PASSING_STREAMS:
+        assert expected[4] is None and got == expected == (len(data), *expected[1:])
 
 
 def test_scanner_three_way_splits(impl):

@@ -99,20 +99,29 @@ def test_endpoint_writes_to_the_peer_and_runs_actions(impl):
     assert owner.calls == ["eof", ("lost", None)]
 
 
+# Reserved opcodes (3, 7 data; 11, 15 control), continuations in any state, FIN=0 and
+# payloads over 125 bytes on control frames: all relayed, the endpoints judge them.
 frames = st.lists(
-    st.tuples(st.sampled_from([OP_TEXT, OP_BINARY, OP_PING]), st.binary(max_size=200)), max_size=12
+    st.tuples(
+        st.sampled_from([OP_TEXT, OP_BINARY, OP_PING, OP_CONT, 3, 7, 11, 15]),
+        st.binary(max_size=200),
+        st.sampled_from([True, True, False]),
+    ),
+    max_size=12,
 )
 
 
 @settings(max_examples=150, deadline=None)
 @given(frames=frames, cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=6),
-       limit=st.sampled_from([0, 50, 150]), masked=st.booleans())
-def test_pure_and_compiled_endpoints_agree(frames, cuts, limit, masked):
+       limit=st.sampled_from([0, 50, 150]), masked=st.booleans(), long_close=st.booleans())
+def test_pure_and_compiled_endpoints_agree(frames, cuts, limit, masked, long_close):
     from tests.conftest import load_frame_impl
 
+    close = encode_close_payload(1000) + (b"x" * 200 if long_close else b"")  # > 125 bytes: refused
     stream = b"".join(
-        encode_frame(op, payload, mask_key=b"\x01\x02\x03\x04" if masked else None) for op, payload in frames
-    ) + encode_frame(OP_CLOSE, encode_close_payload(1000), mask_key=b"abcd" if masked else None) + b"tail"
+        encode_frame(op, payload, fin=fin, mask_key=b"\x01\x02\x03\x04" if masked else None)
+        for op, payload, fin in frames
+    ) + encode_frame(OP_CLOSE, close, mask_key=b"abcd" if masked else None) + b"tail"
     points = sorted({c % (len(stream) + 1) for c in cuts})
     pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)]) if b > a]
     results = []

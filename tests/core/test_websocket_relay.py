@@ -195,12 +195,66 @@ def to_client_reason(action):
 
 def test_upstream_protocol_error_gives_client_1014():
     relay = new_relay()
-    bad = bytes([0x83, 0x00])  # reserved opcode 3
+    bad = b"\x82\x7f\x80" + bytes(7)  # 64-bit length with the top bit set: the stream cannot be followed
     assert relay.from_upstream(bad) == b""
     kinds = [a[0] for a in relay.actions]
     assert kinds == [SEND_UPSTREAM, SHUTDOWN_UPSTREAM, SEND_CLIENT]
     assert read_close(relay.actions[0][1])[0][0] == 1002
     assert read_close(relay.actions[2][1])[0][0] == 1014
+
+
+def test_client_close_frame_longer_than_125_bytes_gives_1002():
+    relay = new_relay()
+    ok = client_frame(OP_TEXT, b"before")
+    bad = client_frame(OP_CLOSE, encode_close_payload(1000) + b"x" * 200)
+    assert relay.from_client(ok + bad) == ok
+    kinds = [a[0] for a in relay.actions]
+    assert kinds == [SEND_CLIENT, SHUTDOWN_CLIENT, SEND_UPSTREAM]
+    assert read_close(relay.actions[0][1])[0][0] == 1002
+    assert read_close(relay.actions[2][1])[0][0] == 1001
+    assert relay.state is RelayState.FAILING
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        client_frame(3, b"reserved data opcode"),
+        client_frame(15, b"reserved control opcode"),
+        client_frame(11, b"fragmented reserved control", fin=False),
+        encode_frame(OP_TEXT, b"rsv bits", rsv=5, mask_key=CLIENT_MASK),
+        client_frame(OP_PING, b"p" * 300),
+        client_frame(OP_PING, b"fragmented ping", fin=False),
+        client_frame(OP_CONT, b"continuation without a message"),
+    ],
+    ids=["opcode 3", "opcode 15", "opcode 11 FIN=0", "rsv", "long ping", "ping FIN=0", "orphan continuation"],
+)
+def test_frames_only_the_endpoints_judge_are_relayed_unchanged(frame):
+    relay = new_relay()
+    assert relay.from_client(frame) is frame
+    down = server_frame(OP_TEXT, b"echo")
+    assert relay.from_upstream(down) is down
+    for cut in range(1, len(frame)):  # also when it arrives in pieces
+        assert feed_split(relay, "from_client", frame, cut) == frame
+    assert relay.actions == [] and relay.state is RelayState.OPEN
+    assert relay.client_frames.error is None and not relay.client_frames.mid_frame
+
+
+def test_reserved_opcode_from_client_is_forwarded_and_the_echo_still_arrives():
+    """Autobahn 4.2.5: text, reserved opcode 15, ping.  The upstream judges, not the proxy."""
+    relay = new_relay()
+    text = client_frame(OP_TEXT, b"Hello, world!")
+    bad = client_frame(15, b"")
+    ping = client_frame(OP_PING, b"")
+    stream = text + bad + ping
+    assert relay.from_client(stream) is stream
+    assert relay.state is RelayState.OPEN and relay.actions == []
+    # the upstream echoes the text, then fails the connection itself
+    echo = server_frame(OP_TEXT, b"Hello, world!")
+    close = server_frame(OP_CLOSE, encode_close_payload(1002, "reserved opcode"))
+    assert relay.from_upstream(echo + close) == echo + close
+    assert relay.upstream_close == (1002, "reserved opcode")
+    assert relay.state is RelayState.CLOSING and relay.actions == []
+    assert relay.messages_from_upstream == 1
 
 
 def test_upstream_gone_gives_client_1014_then_close():
