@@ -1,0 +1,223 @@
+"""Autobahn|Testsuite: the reference echo server gives the same verdicts through edgeproxy as direct.
+
+The real run (``test_autobahn_same_verdicts_through_proxy``) is marked
+``conformance``; it runs ``run_autobahn.py`` in a subprocess with a time bound.
+When the script exits 77 (neither wstest nor kosoku can be had on this
+machine) the test is skipped with the script's reason, unless
+``EDGEPROXY_REQUIRE_AUTOBAHN=1`` is set, in which case it fails.
+
+Extra arguments for the script can be given in ``EDGEPROXY_AUTOBAHN_ARGS``
+(shell syntax, e.g. ``--with-compression --timeout 3000``).
+
+The parsing/comparison tests below need no network and no runner.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "run_autobahn.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("edgeproxy_run_autobahn", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ra = _load_script()
+
+
+# --------------------------------------------------------------------------- #
+# fast, offline: parsing and comparison on fabricated index.json files
+# --------------------------------------------------------------------------- #
+
+
+def _index(agent: str, verdicts: dict[str, tuple[str, str]]) -> dict:
+    return {
+        agent: {
+            cid: {
+                "behavior": b,
+                "behaviorClose": c,
+                "duration": 1,
+                "remoteCloseCode": 1000,
+                "reportfile": f"{agent}_case_{cid.replace('.', '_')}.json",
+            }
+            for cid, (b, c) in verdicts.items()
+        }
+    }
+
+
+def test_parse_and_compare_fabricated_index_pair(tmp_path: Path) -> None:
+    direct = {
+        "1.1.1": ("OK", "OK"),
+        "2.10": ("OK", "OK"),
+        "2.9": ("OK", "OK"),
+        "3.2": ("NON-STRICT", "OK"),
+        "7.1.6": ("INFORMATIONAL", "INFORMATIONAL"),
+        "7.1.5": ("FAILED", "WRONG CODE"),
+        "9.1.1": ("OK", "OK"),
+        "10.1.1": ("OK", "OK"),
+    }
+    proxied = dict(direct)
+    proxied["9.1.1"] = ("FAILED", "FAILED")  # differs
+    proxied["3.2"] = ("OK", "OK")  # differs in behavior only
+    del proxied["10.1.1"]  # missing through the proxy
+    (tmp_path / "d").mkdir()
+    (tmp_path / "p").mkdir()
+    (tmp_path / "d" / "index.json").write_text(json.dumps(_index("direct", direct)))
+    # kosoku names the agent after the Server header: any single agent is fine
+    (tmp_path / "p" / "index.json").write_text(json.dumps(_index("some-server/1.0", proxied)))
+
+    d = ra.load_index(tmp_path / "d" / "index.json")
+    p = ra.load_index(tmp_path / "p" / "index.json")
+    assert d == direct
+    assert p == proxied
+
+    counts = ra.count_verdicts(d)
+    assert counts["behavior"] == {"OK": 5, "NON-STRICT": 1, "INFORMATIONAL": 1, "UNIMPLEMENTED": 0, "FAILED": 1}
+    assert counts["behaviorClose"]["OK"] == 6
+    assert counts["behaviorClose"]["WRONG CODE"] == 1
+    assert counts["behaviorClose"]["INFORMATIONAL"] == 1
+
+    cmp_ = ra.compare_verdicts(d, p)
+    assert cmp_["same"] is False
+    assert cmp_["cases_compared"] == 8
+    assert [x["case"] for x in cmp_["differences"]] == ["3.2", "9.1.1", "10.1.1"]  # numeric order
+    by_case = {x["case"]: x for x in cmp_["differences"]}
+    assert by_case["9.1.1"]["direct"] == [["OK", "OK"]]
+    assert by_case["9.1.1"]["proxied"] == [["FAILED", "FAILED"]]
+    assert by_case["10.1.1"]["reason"] == "missing in proxied run"
+    assert by_case["9.1.1"]["both_pass"] is False
+    assert by_case["3.2"]["both_pass"] is True  # NON-STRICT -> OK: a difference, but both pass
+    assert cmp_["flaky"] == []
+    assert ra.mismatched_cases(d, p) == ["3.2", "9.1.1", "10.1.1"]
+
+    assert ra.compare_verdicts(d, d) == {"same": True, "cases_compared": 8, "differences": [], "flaky": []}
+
+    summary = {
+        "direct": {"cases": len(d), "seconds": 1.0, "counts": ra.count_verdicts(d)},
+        "proxied": {"cases": len(p), "seconds": 1.0, "counts": ra.count_verdicts(p)},
+        "comparison": cmp_,
+    }
+    table = ra.render_table(summary)
+    assert "DIFFERENT verdicts in 3 case(s)" in table
+    assert "9.1.1" in table and "FAILED/FAILED" in table
+
+
+def test_compare_reruns_resolve_timing_dependent_cases() -> None:
+    direct = {"4.2.5": ("OK", "OK"), "9.1.1": ("OK", "OK")}
+    proxied = {"4.2.5": ("NON-STRICT", "OK"), "9.1.1": ("FAILED", "FAILED")}
+    # re-runs: 4.2.5 goes NON-STRICT direct too (the reference server races);
+    # 9.1.1 keeps failing only through the proxy
+    d_re = [{"4.2.5": ("NON-STRICT", "OK"), "9.1.1": ("OK", "OK")}]
+    p_re = [{"4.2.5": ("OK", "OK"), "9.1.1": ("FAILED", "FAILED")}]
+    cmp_ = ra.compare_verdicts(direct, proxied, d_re, p_re)
+    assert [x["case"] for x in cmp_["differences"]] == ["9.1.1"]
+    assert [x["case"] for x in cmp_["flaky"]] == ["4.2.5"]
+    assert cmp_["same"] is False
+    cmp_ok = ra.compare_verdicts(direct, {**proxied, "9.1.1": ("OK", "OK")}, d_re, [{"4.2.5": ("OK", "OK")}])
+    assert cmp_ok["same"] is True
+
+
+def test_accept_passing_differences() -> None:
+    direct = {"4.2.5": ("OK", "OK"), "9.1.1": ("OK", "OK")}
+    proxied = {"4.2.5": ("NON-STRICT", "OK"), "9.1.1": ("OK", "OK")}
+    strict = ra.compare_verdicts(direct, proxied)
+    assert strict["same"] is False and strict["differences"][0]["accepted"] is False
+    lenient = ra.compare_verdicts(direct, proxied, accept_passing=True)
+    assert lenient["same"] is True
+    assert [(d["case"], d["both_pass"], d["accepted"]) for d in lenient["differences"]] == [("4.2.5", True, True)]
+    # a FAILED verdict is never accepted
+    failing = ra.compare_verdicts(direct, {**proxied, "9.1.1": ("FAILED", "OK")}, accept_passing=True)
+    assert failing["same"] is False
+    assert [d["case"] for d in failing["differences"] if not d["accepted"]] == ["9.1.1"]
+
+
+def test_parse_index_rejects_ambiguous_or_empty() -> None:
+    with pytest.raises(ValueError):
+        ra.parse_index({})
+    two = {**_index("a", {"1.1.1": ("OK", "OK")}), **_index("b", {"1.1.1": ("OK", "OK")})}
+    with pytest.raises(ValueError):
+        ra.parse_index(two)
+    assert ra.parse_index(two, agent="b") == {"1.1.1": ("OK", "OK")}
+
+
+def test_case_selection_defaults() -> None:
+    a = ra.parse_args([])
+    assert a.cases == ["*"] and a.exclude == ["12.*", "13.*"] and a.timeout == 900
+    a = ra.parse_args(["--with-compression"])
+    assert a.exclude == []
+    a = ra.parse_args(["--cases", "1.*,2.*", "--cases", "9.1.1", "--exclude", "2.3"])
+    assert a.cases == ["1.*", "2.*", "9.1.1"] and a.exclude == ["2.3"]
+    assert ra.group_counts(["10.1.1", "1.1.1", "2.1", "1.1.2"]) == {"1.*": 2, "2.*": 1, "10.*": 1}
+
+
+# --------------------------------------------------------------------------- #
+# the real run
+# --------------------------------------------------------------------------- #
+
+RUN_TIMEOUT = float(os.environ.get("EDGEPROXY_AUTOBAHN_TIMEOUT", "900"))
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """End the script (it ends its own children on SIGTERM), by its process group id."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+@pytest.mark.conformance
+@pytest.mark.timeout(RUN_TIMEOUT + 120)
+def test_autobahn_same_verdicts_through_proxy() -> None:
+    extra = shlex.split(os.environ.get("EDGEPROXY_AUTOBAHN_ARGS", ""))
+    cmd = [sys.executable, str(SCRIPT), "--timeout", str(RUN_TIMEOUT), *extra]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT + 60)
+    except subprocess.TimeoutExpired:
+        _end(proc)
+        out, err = proc.communicate(timeout=20)
+        pytest.fail(f"run_autobahn.py did not finish within {RUN_TIMEOUT + 60:.0f}s\n{out}\n{err[-4000:]}")
+    finally:
+        _end(proc)  # e.g. interrupted by pytest-timeout
+
+    print(out)
+    if proc.returncode == ra.EXIT_SKIP:
+        reason = next((ln[len("SKIP: "):] for ln in out.splitlines() if ln.startswith("SKIP: ")), err.strip()[-500:])
+        if os.environ.get("EDGEPROXY_REQUIRE_AUTOBAHN") == "1":
+            pytest.fail(f"EDGEPROXY_REQUIRE_AUTOBAHN=1 but no Autobahn runner: {reason}")
+        pytest.skip(reason)
+    assert proc.returncode == 0, f"run_autobahn.py exited {proc.returncode}\n{out}\n--- stderr ---\n{err[-6000:]}"
+
+    workdir = Path(os.environ.get("EDGEPROXY_AUTOBAHN_DIR", ra.DEFAULT_WORKDIR))
+    summary = json.loads((workdir / "summary.json").read_text())
+    if summary["status"] == "direct-only":
+        return
+    assert summary["status"] == "same", summary["comparison"]["differences"]
+    assert summary["comparison"]["same"] is True
+    # only differences accepted by --accept-passing-differences (if given) remain
+    assert all(d.get("accepted") for d in summary["comparison"]["differences"])
+    assert summary["direct"]["cases"] == summary["proxied"]["cases"] > 0
+    assert set(summary["verdicts"]["direct"]) == set(summary["verdicts"]["proxied"])
