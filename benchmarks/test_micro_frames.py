@@ -33,10 +33,7 @@ try:
 except ImportError:  # benchmarks just skip the compiled rows
     compiled = None
 
-try:
-    from wsproto import frame_protocol as wsfp
-except ImportError:  # pragma: no cover
-    wsfp = None
+from wsproto import frame_protocol as wsfp  # a runtime dependency: always there
 
 # encode_frame on the compiled primitives, built exactly as edgeproxy.core._accel does.
 compiled_encode_frame = (
@@ -76,8 +73,6 @@ def test_unmask(benchmark, impl, size):
 
 @pytest.mark.parametrize("size", list(SIZES))
 def test_unmask_wsproto(benchmark, size):
-    if wsfp is None:
-        pytest.skip("wsproto not installed")
     benchmark.group = f"unmask {size}"
     data = _payload(SIZES[size])
 
@@ -120,8 +115,6 @@ def test_scan(benchmark, impl, size):
 @pytest.mark.parametrize("size", list(SIZES))
 def test_scan_wsproto(benchmark, size):
     """wsproto's FrameDecoder (server side: unmasks and copies too - more work than a scan)."""
-    if wsfp is None:
-        pytest.skip("wsproto not installed")
     benchmark.group = f"scan {size}"
     frame = _frame(SIZES[size])
 
@@ -157,8 +150,6 @@ def test_scan_many_small(benchmark, impl):
 
 
 def test_scan_many_small_wsproto(benchmark):
-    if wsfp is None:
-        pytest.skip("wsproto not installed")
     benchmark.group = "scan 64KiB of 16B frames"
 
     def run():
@@ -196,8 +187,6 @@ def test_encode(benchmark, impl, size):
 
 @pytest.mark.parametrize("size", list(SIZES))
 def test_encode_wsproto(benchmark, size):
-    if wsfp is None:
-        pytest.skip("wsproto not installed")
     benchmark.group = f"encode {size}"
     proto = wsfp.FrameProtocol(client=False, extensions=[])
     payload = _payload(SIZES[size])
@@ -218,8 +207,6 @@ def test_encode_masked(benchmark, impl, size):
 
 @pytest.mark.parametrize("size", list(SIZES))
 def test_encode_masked_wsproto(benchmark, size):
-    if wsfp is None:
-        pytest.skip("wsproto not installed")
     benchmark.group = f"encode masked {size}"
     proto = wsfp.FrameProtocol(client=True, extensions=[])
     payload = _payload(SIZES[size])

@@ -316,7 +316,8 @@ class Target:
         return ""
 
     def command(self, port: int) -> tuple[list[str], dict[str, str] | None]:
-        raise NotImplementedError
+        """The proxy's command line and environment; every target that starts a process has one."""
+        raise TypeError(f"{type(self).__name__} starts no process of its own")
 
     def start(self) -> None:
         last = ""

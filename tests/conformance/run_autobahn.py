@@ -37,6 +37,8 @@ Outputs (under ``.autobahn/``): ``reports/direct`` and ``reports/edgeproxy``
 
 from __future__ import annotations
 
+import abc
+
 import argparse
 import contextlib
 import fcntl
@@ -505,12 +507,13 @@ def start_proxy(
 # --------------------------------------------------------------------------- #
 
 
-class Runner:
+class Runner(abc.ABC):
     name = "?"
     version = "?"
 
+    @abc.abstractmethod
     def run(self, url: str, agent: str, cases: list[str], exclude: list[str], outdir: Path, timeout: float) -> Path:
-        raise NotImplementedError
+        """Run the cases against `url`; return the report directory holding index.json."""
 
 
 class Wstest(Runner):
