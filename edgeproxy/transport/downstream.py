@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeproxy")
 
 _WS_VERSION_HEADER = [(b"Sec-WebSocket-Version", b"13")]
+#: how long a connection drains after an error response before it is closed
+LINGER_SECONDS = 2.0
 
 
 class _Exchange:
@@ -105,6 +107,7 @@ class ClientConnection(asyncio.Protocol):
         self._ws_started = 0.0
         self._ws_route = ""
         self._ws_head: RequestHead | None = None
+        self._lingering = False
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -119,6 +122,8 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         # HTTP mode only: after the 101 a RelayEndpoint is the transport's protocol.
+        if self._lingering:
+            return  # discarded: the connection is being closed after an error
         if self.exchange is None and self._deadline_kind == "keepalive":
             self._deadline_kind = "header"
             self._deadline = self.server.now() + self.server.config.http.header_timeout
@@ -129,6 +134,9 @@ class ClientConnection(asyncio.Protocol):
         if self.relay is not None:
             self.relay.client_eof()
             self._run_relay_actions()
+            return True
+        if self._lingering:
+            self._close()
             return True
         self.http.receive_data(b"")
         self._process_client()
@@ -188,12 +196,31 @@ class ClientConnection(asyncio.Protocol):
         self._write(http1.error_response(status, message, extra_headers=list(extra_headers)))
         self._log_http(self.exchange.head if self.exchange else None, status, 0, self.server.now())
         self._drop_exchange(abort_upstream=True)
-        self._close()
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Half-close after an error response and discard what the client still sends.
+
+        Closing a socket with unread input makes the kernel send a reset, which can
+        destroy the response before the client reads it; so, like nginx's
+        lingering_close, send FIN, drain for a moment, then close.
+        """
+        if self.closed:
+            return
+        if not self.transport.can_write_eof():
+            self._close()
+            return
+        self.transport.write_eof()
+        self._lingering = True
+        self._paused.clear()
+        self.transport.resume_reading()
+        self._deadline_kind = "linger"
+        self._deadline = self.server.now() + min(LINGER_SECONDS, self.server.config.http.header_timeout or LINGER_SECONDS)
 
     # -- HTTP mode: the client side -------------------------------------------
 
     def _process_client(self) -> None:
-        while not self.closed and self.relay is None:
+        while not self.closed and not self._lingering and self.relay is None:
             try:
                 event = self.http.next_event()
             except RemoteProtocolError as exc:
@@ -243,7 +270,7 @@ class ClientConnection(asyncio.Protocol):
         if head.has_body:
             self._write(http1.error_response(status, message))
             self._log_http(head, status, 0, self.server.now())
-            self._close()
+            self._linger_close()
             return
         event = self.http.next_event()  # the EndOfMessage of a body-less request
         if not isinstance(event, EndOfMessage):  # pragma: no cover - h11 yields it at once
@@ -588,9 +615,10 @@ class ClientConnection(asyncio.Protocol):
                 self._upstream_failed(exchange, 504, f"upstream timed out ({what})")
             return
         if self._deadline and now >= self._deadline:
-            if self._deadline_kind == "header" and (self.http.buffered or self._requests == 0):
-                if self.http.buffered:
-                    self._write(http1.error_response(408, "request head not received in time"))
+            if self._deadline_kind == "header" and self.http.buffered:
+                self._write(http1.error_response(408, "request head not received in time"))
+                self._linger_close()
+                return
             self._close()
 
     def shutdown(self) -> None:

@@ -304,3 +304,31 @@ async def test_header_timeout_closes_idle_partial_request(proxy, raw_backend, ra
     if data:
         assert data.startswith(b"HTTP/1.1 408"), data[:100]
     assert backend.received == b""
+
+
+@pytest.mark.timeout(20)
+async def test_400_reaches_a_client_that_is_still_sending(proxy, raw_backend, raw_conn):
+    """After a 400 the proxy half-closes and drains, so a client still uploading reads the
+    answer instead of a reset (a lingering close, as nginx does)."""
+    backend = await raw_backend(raw_backend.mini_http())
+    p = await proxy(backend)
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+        head = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 8000000\r\nTransfer-Encoding: chunked\r\n\r\n"
+        writer.write(head)
+
+        async def keep_sending():
+            try:
+                for _ in range(200):  # bounded: 200 x 40 KiB
+                    writer.write(b"x" * 40960)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+
+        sender = asyncio.create_task(keep_sending())
+        await asyncio.sleep(0.05)
+        response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert response.startswith(b"HTTP/1.1 400 "), response
+        sender.cancel()
+        writer.transport.abort()
+    await _assert_backend_clean_then_usable(backend, p, raw_conn)
