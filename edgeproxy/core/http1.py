@@ -217,18 +217,9 @@ class ServerSide:
         self._request: RequestHead | None = None
 
     @property
-    def in_request(self) -> bool:
-        """True once a request head has been read and until its cycle ends."""
-        return self._conn is not None
-
-    @property
     def request_complete(self) -> bool:
         """True when the current request's body has been read to its end."""
         return self._conn is not None and self._conn.their_state is not h11.SEND_BODY and self._conn.their_state is not h11.IDLE
-
-    @property
-    def response_started(self) -> bool:
-        return self._conn is not None and self._conn.our_state is not h11.IDLE and self._conn.our_state is not h11.SEND_RESPONSE
 
     @property
     def keep_alive(self) -> bool:
@@ -416,18 +407,6 @@ class ClientSide:
     def reusable(self) -> bool:
         conn = self._conn
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
-
-    @property
-    def idle(self) -> bool:
-        return self._conn.our_state is h11.IDLE and self._conn.their_state is h11.IDLE
-
-    @property
-    def response_started(self) -> bool:
-        return self._conn.their_state not in (h11.IDLE, h11.SEND_RESPONSE)
-
-    @property
-    def switched(self) -> bool:
-        return self._conn.our_state is h11.SWITCHED_PROTOCOL
 
     def _send(self, event) -> bytes:
         try:
