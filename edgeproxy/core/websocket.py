@@ -216,20 +216,26 @@ class WebSocketRelay(_accel.RelayCore):
         )
 
     def _tell_client(self, code: int, reason: str) -> bool:
-        """Send the client a close frame if the stream allows; else abort it."""
-        if self.upstream_frames.mid_frame or self.upstream_close is not None:
-            if self.upstream_close is None:
-                self.actions.append((ABORT_CLIENT, None))
-                return False
-            return False  # it already has a close frame from the upstream
+        """Send the client a close frame; True if it went out.
+
+        Nothing is sent when the client already has the upstream's close frame;
+        when the stream toward it is inside a frame, it is aborted instead.
+        """
+        if self.upstream_close is not None:
+            return False
+        if self.upstream_frames.mid_frame:
+            self.actions.append((ABORT_CLIENT, None))
+            return False
         self.proxy_close_code = code
         self.actions.append((SEND_CLIENT, self._client_close_frame(code, reason)))
         return True
 
     def _tell_upstream(self, code: int, reason: str) -> bool:
-        if self.client_frames.mid_frame or self.client_close is not None:
-            if self.client_close is None:
-                self.actions.append((ABORT_UPSTREAM, None))
+        """The mirror of `_tell_client`, with a masked close frame."""
+        if self.client_close is not None:
+            return False
+        if self.client_frames.mid_frame:
+            self.actions.append((ABORT_UPSTREAM, None))
             return False
         self.actions.append((SEND_UPSTREAM, self._upstream_close_frame(code, reason)))
         return True

@@ -95,7 +95,6 @@ class ClientConnection(asyncio.Protocol):
         self.http = http1.ServerSide(max_header_size=cfg.http.max_header_size)
         self.transport: asyncio.Transport | None = None
         self.client_ip = "-"
-        self.client_port = 0
         self.closed = False
         self.exchange: _Exchange | None = None
         self.relay: WebSocketRelay | None = None
@@ -103,7 +102,6 @@ class ClientConnection(asyncio.Protocol):
         self._paused: set[str] = set()
         self._deadline = 0.0
         self._deadline_kind = "header"
-        self._requests = 0
         self._ws_started = 0.0
         self._ws_route = ""
         self._ws_head: RequestHead | None = None
@@ -116,7 +114,7 @@ class ClientConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.server.config.limits.buffer_high_water)
         peer = transport.get_extra_info("peername")
         if peer:
-            self.client_ip, self.client_port = peer[0], peer[1]
+            self.client_ip = peer[0]
         self.server.connections.add(self)
         self._deadline = self.server.now() + self.server.config.http.header_timeout
 
@@ -230,8 +228,7 @@ class ClientConnection(asyncio.Protocol):
                     self.transport.abort()
                     self.closed = True
                     return
-                extra = _WS_VERSION_HEADER if exc.status_hint == 426 else ()
-                self._fail_request(exc.status_hint, f"bad request: {exc}", extra)
+                self._fail_request(exc.status_hint, f"bad request: {exc}")
                 return
             if event is http1.NEED_DATA or event is http1.PAUSED:
                 return
@@ -249,7 +246,6 @@ class ClientConnection(asyncio.Protocol):
     def _on_request(self, head: RequestHead) -> None:
         server = self.server
         now = server.now()
-        self._requests += 1
         route = server.router.match(head.host, head.path)
         if route is None:
             self._answer_locally(head, 404, f"no route for host {head.host!r} and path {head.path!r}")
