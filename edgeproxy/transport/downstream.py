@@ -509,7 +509,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _start_websocket(self, exchange: _Exchange, conn: UpstreamConnection, head: ResponseHead) -> None:
         headers = http1.forwarded_response_headers(head.headers, switching=True)
-        self._write(self.http.send_informational(ResponseHead(101, head.reason or b"Switching Protocols", b"1.1", headers)))
+        self._write(self.http.send_switching_protocols(head.reason or b"Switching Protocols", headers))
         cfg = self.server.config.websocket
         now = self.server.now()
         self.relay = relay = WebSocketRelay(
