@@ -69,6 +69,7 @@ class _Exchange:
     __slots__ = (
         "head", "route", "group", "upstream", "pending", "pending_bytes", "request_done",
         "status", "bytes_out", "started", "websocket_key", "deadline", "task", "retried",
+        "connect_deadline", "connect_timed_out",
     )
 
     def __init__(self, head: RequestHead, route: RouteConfig, group, started: float):
@@ -86,6 +87,9 @@ class _Exchange:
         self.deadline = 0.0
         self.task: asyncio.Task | None = None
         self.retried = False
+        #: while a connect attempt runs: when the tick cancels it (0 = never)
+        self.connect_deadline = 0.0
+        self.connect_timed_out = False
 
 
 class ClientConnection(asyncio.Protocol):
@@ -259,7 +263,7 @@ class ClientConnection(asyncio.Protocol):
                 self._fail_request(400, f"bad WebSocket handshake: {exc}", _WS_VERSION_HEADER)
                 return
         self._deadline = 0.0
-        exchange.task = asyncio.get_running_loop().create_task(self._connect(exchange))
+        exchange.task = server.loop.create_task(self._connect(exchange))
 
     def _answer_locally(self, head: RequestHead, status: int, message: str) -> None:
         """An error answered by the proxy itself; keeps the connection if it can."""
@@ -321,15 +325,24 @@ class ClientConnection(asyncio.Protocol):
                 conn = group.take_idle(address, server.now())
                 if conn is not None:
                     break
+            connect_timeout = group.config.connect_timeout
+            exchange.connect_deadline = server.now() + connect_timeout if connect_timeout else 0.0
             try:
-                conn = await group.connect(address)
+                conn = await group.connect(address, server.loop)
                 break
-            except TimeoutError:
+            except asyncio.CancelledError:
+                if not exchange.connect_timed_out:
+                    raise  # the client went away, or the exchange was dropped
+                # check_timers cancelled this attempt: it took longer than connect_timeout.
+                exchange.connect_timed_out = False
+                exchange.task.uncancel()
                 failure = "timeout"
                 log.warning("upstream %s (%s) did not accept within connect_timeout", address, group.config.name)
             except OSError as exc:
                 failure = "refused"
                 log.warning("upstream %s (%s) refused or unreachable: %s", address, group.config.name, exc)
+            finally:
+                exchange.connect_deadline = 0.0
         if self.exchange is not exchange or self.closed:
             if conn is not None:
                 conn.close()
@@ -462,7 +475,7 @@ class ClientConnection(asyncio.Protocol):
             conn.owner = None
             conn.abort()
             exchange.upstream = None
-            exchange.task = asyncio.get_running_loop().create_task(self._connect(exchange))
+            exchange.task = self.server.loop.create_task(self._connect(exchange))
             return
         log.warning("upstream %s closed the connection before the response ended", conn.server)
         self._upstream_failed(exchange, 502, "upstream closed the connection")
@@ -601,6 +614,9 @@ class ClientConnection(asyncio.Protocol):
             return
         exchange = self.exchange
         if exchange is not None:
+            if exchange.connect_deadline and now >= exchange.connect_deadline and not exchange.connect_timed_out:
+                exchange.connect_timed_out = True
+                exchange.task.cancel()
             up = exchange.upstream
             if up is not None and up.active and not exchange.head.websocket:
                 up.active = False

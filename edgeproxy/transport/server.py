@@ -25,7 +25,7 @@ def _tick_interval(config: Config) -> float:
     timeouts = [config.http.header_timeout, config.http.keepalive_timeout, config.websocket.handshake_timeout,
                 config.websocket.idle_timeout, config.websocket.close_timeout]
     for upstream in config.upstreams:
-        timeouts += [upstream.read_timeout, upstream.pool_idle_timeout]
+        timeouts += [upstream.read_timeout, upstream.pool_idle_timeout, upstream.connect_timeout]
     shortest = min((t for t in timeouts if t > 0), default=4.0)
     return min(1.0, max(0.05, shortest / 4))
 
@@ -51,6 +51,11 @@ class ProxyServer:
 
     def now(self) -> float:
         return self._loop.time()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, kept: `asyncio.get_running_loop()` costs a getpid() per call."""
+        return self._loop
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

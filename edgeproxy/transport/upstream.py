@@ -170,17 +170,17 @@ class UpstreamGroup:
             while idle:
                 idle.pop().close()
 
-    async def connect(self, server: Address) -> UpstreamConnection:
-        """Open a new connection to `server` within `connect_timeout`.
+    async def connect(self, server: Address, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
+        """Open a new connection to `server`.
+
+        The caller enforces `connect_timeout` from the shared timer tick (see
+        `ClientConnection.check_timers`): one timer per connect attempt cost
+        more than the connect's own Python work.
 
         Raises:
             OSError: refused or unreachable.
-            TimeoutError: no answer within connect_timeout.
         """
-        loop = asyncio.get_running_loop()
-        timeout = self.config.connect_timeout or None
-        async with asyncio.timeout(timeout):
-            _, conn = await loop.create_connection(
-                lambda: UpstreamConnection(self, server, self.high_water), server.host, server.port
-            )
+        _, conn = await loop.create_connection(
+            lambda: UpstreamConnection(self, server, self.high_water), server.host, server.port
+        )
         return conn

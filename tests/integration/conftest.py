@@ -251,6 +251,32 @@ def refused_port() -> Iterator[int]:
         s.close()
 
 
+@pytest.fixture
+def stalled_port() -> Iterator[int]:
+    """A port whose connects hang: a listener with a full accept queue.
+
+    Linux drops the SYNs of further connects to a listener whose backlog is full,
+    so a connect there neither succeeds nor fails until the client gives up:
+    the way to exercise `connect_timeout` on loopback.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((HOST, 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):  # backlog 0 still admits one or two; fill it for sure
+            f = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            f.setblocking(False)
+            f.connect_ex((HOST, port))
+            fillers.append(f)
+        yield port
+    finally:
+        for f in fillers:
+            f.close()
+        listener.close()
+
+
 # --------------------------------------------------------------------------
 # WebSocket backend (websockets library)
 # --------------------------------------------------------------------------

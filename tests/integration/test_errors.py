@@ -92,6 +92,44 @@ async def test_second_server_used_when_first_refuses(http_backend, proxy, raw_co
         assert r.status == 200
 
 
+async def test_upstream_that_never_accepts_is_504_after_connect_timeout(proxy, raw_conn, stalled_port):
+    p = await proxy(stalled_port, upstream={"connect_timeout": 0.4})
+    c = await raw_conn(p.port)
+    t0 = time.monotonic()
+    await c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    r = await c.read_response()
+    elapsed = time.monotonic() - t0
+    assert r.status == 504
+    assert b"timeout" in r.body
+    assert 0.35 <= elapsed < 2.5  # the shared tick enforces it, a tick late at most
+
+
+async def test_next_server_used_when_first_connect_times_out(http_backend, proxy, raw_conn, stalled_port):
+    p = await proxy(stalled_port, http_backend, upstream={"connect_timeout": 0.3})
+    for _ in range(2):  # round robin starts once on each server
+        c = await raw_conn(p.port)
+        await c.send(b"GET /status/200 HTTP/1.1\r\nHost: h\r\n\r\n")
+        r = await c.read_response()
+        assert r.status == 200
+
+
+async def test_client_leaving_during_a_hanging_connect_is_freed_by_the_timeout(proxy, raw_conn, stalled_port):
+    # Reading is paused while a request is in flight (pipelined requests wait
+    # unread), so the client's FIN is seen when the connect attempt ends.
+    p = await proxy(stalled_port, upstream={"connect_timeout": 0.5})
+    c = await raw_conn(p.port)
+    await c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    await asyncio.sleep(0.1)
+    c.close()
+    for _ in range(150):
+        if not p.server.connections:
+            break
+        await asyncio.sleep(0.02)
+    assert not p.server.connections
+    tasks = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "ClientConnection._connect"]
+    assert tasks == []
+
+
 @pytest.mark.timeout(15)
 async def test_upstream_silent_504_after_read_timeout(proxy, raw_backend, raw_conn):
     hole = await raw_backend(raw_backend.blackhole())
