@@ -221,6 +221,7 @@ cdef class FrameScanner:
     cdef readonly unsigned long long max_message_size
     cdef readonly long long messages
     cdef readonly long long frames
+    cdef readonly long long pongs
     cdef readonly object close
     cdef readonly object error
     cdef unsigned long long _remaining
@@ -243,6 +244,7 @@ cdef class FrameScanner:
         self.max_message_size = max_message_size
         self.messages = 0
         self.frames = 0
+        self.pongs = 0
         self.close = None
         self.error = None
         self._remaining = 0
@@ -330,6 +332,8 @@ cdef class FrameScanner:
                 self.messages += 1
             return 0
         if self._opcode != 8:
+            if self._opcode == 10:
+                self.pongs += 1
             return 0
         if self._cmasked:
             for i in range(self._clen):

@@ -348,7 +348,9 @@ class FrameScanner:
     leading bytes it returns.  See the module docstring for the full contract.
 
     Readable attributes: ``messages`` (completed data messages: data frames, opcodes
-    0-7, with FIN=1), ``frames`` (completed frames of any opcode), ``close``
+    0-7, with FIN=1), ``frames`` (completed frames of any opcode), ``pongs``
+    (completed PONG frames: heartbeat answers, counted so liveness needs no
+    slow path), ``close``
     (``(code, reason)`` once a complete CLOSE frame was scanned),
     ``error`` (the :class:`FrameError` that stopped the stream), ``max_message_size``
     and the ``mid_frame`` property.
@@ -358,6 +360,7 @@ class FrameScanner:
         "max_message_size",
         "messages",
         "frames",
+        "pongs",
         "close",
         "error",
         "_remaining",
@@ -376,6 +379,7 @@ class FrameScanner:
         self.max_message_size = max_message_size
         self.messages = 0
         self.frames = 0
+        self.pongs = 0
         self.close = None
         self.error = None
         self._remaining = 0  # payload bytes of the current frame still to come
@@ -454,6 +458,9 @@ class FrameScanner:
         if opcode < 8:
             if self._fin:
                 self.messages += 1
+            return False
+        if opcode == 10:
+            self.pongs += 1
             return False
         if opcode == 8:
             payload = self._cbuf

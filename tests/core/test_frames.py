@@ -49,6 +49,7 @@ def outcome(scanner, forwarded: int):
         forwarded,
         scanner.messages,
         scanner.frames,
+        scanner.pongs,
         scanner.close,
         None if err is None else (type(err), str(err), err.close_code),
         scanner.mid_frame,
@@ -278,7 +279,7 @@ def test_scanner_counts_messages_and_frames(impl):
         + encode_frame(OP_BINARY, b"")
     )
     assert s.scan(stream) == len(stream)
-    assert (s.messages, s.frames) == (3, 7)
+    assert (s.messages, s.frames, s.pongs) == (3, 7, 1)
     assert s.scan(b"") == 0
     assert s.max_message_size == 0
 
@@ -682,9 +683,9 @@ def assert_same_outcome(got, expected, where):
     """
     if got == expected:
         return
-    assert expected[4] is not None, where
-    assert got[1:5] == expected[1:5], where
-    assert expected[0] < got[0] < expected[0] + 14 and got[5], where
+    assert expected[5] is not None, where
+    assert got[1:6] == expected[1:6], where
+    assert expected[0] < got[0] < expected[0] + 14 and got[6], where
 
 
 @pytest.mark.parametrize("limit", [0, 70000, 425])
@@ -711,7 +712,7 @@ def test_scanner_byte_by_byte(impl, name):
     assert_same_outcome(got, expected, name)
     # what only the endpoints judge goes through whole, however it is cut
     if name in PASSING_STREAMS:
-        assert expected[4] is None and got == expected == (len(data), *expected[1:])
+        assert expected[5] is None and got == expected == (len(data), *expected[1:])
 
 
 def test_scanner_three_way_splits(impl):

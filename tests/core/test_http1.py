@@ -411,7 +411,7 @@ def test_forwarded_upgrade_bytes_equal_h11s(extra, host_position):
 
 
 @settings(max_examples=400, deadline=None)
-@given(reason=st.binary(max_size=12), extra=HEADERS, crlf=st.booleans())
+@given(reason=VALUE, extra=HEADERS, crlf=st.booleans())
 def test_plain_101_parse_equals_h11(reason, extra, crlf):
     eol = b"\r\n" if crlf else b"\n"
     raw = eol.join([b"HTTP/1.1 101 " + reason] + [n + b": " + v for n, v in extra]) + eol + eol
