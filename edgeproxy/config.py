@@ -34,6 +34,8 @@ Value rules (see ``config.example.toml`` for every option with its default):
   ``limits.buffer_high_water >= 1024``;
 * addresses are ``host:port`` or ``[ipv6]:port``; hostnames are accepted and
   *not* resolved here; listeners may use port 0 (ephemeral), servers may not;
+* ``admin.bind`` is an address like the listeners' (port 0 = ephemeral);
+  ``admin.enabled = false`` turns the admin listener off;
 * ``routes[].host`` is a hostname without port, optionally ``*.``-prefixed,
   normalized to lower case; ``routes[].path_prefix`` starts with ``/``.
   Routes are kept in file order (no sorting happens here).
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import difflib
+import hashlib
 import ipaddress
 import json
 import math
@@ -56,6 +59,7 @@ from edgeproxy.errors import ConfigError
 
 __all__ = [
     "Address",
+    "AdminConfig",
     "Config",
     "HttpConfig",
     "LimitsConfig",
@@ -157,6 +161,21 @@ class LoggingConfig:
     access_log: bool = True
 
 
+DEFAULT_ADMIN_BIND = Address("127.0.0.1", 9901)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The ``[admin]`` table: the metrics/health/admin listener, loopback by default.
+
+    Loopback because its endpoints (reload, connection counts) are for operators
+    and scrapers on the same host or a private network, never for the public.
+    """
+
+    bind: Address = field(default_factory=lambda: DEFAULT_ADMIN_BIND)
+    enabled: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration. ``source`` is the file it came from."""
@@ -168,7 +187,11 @@ class Config:
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     source: str = "<string>"
+    #: sha256 of the file text: tells operators which file a running proxy loaded.
+    #: Not compared, so a reload of an equivalent file (comments changed) compares equal.
+    version: str = field(default="", compare=False)
 
     def upstream(self, name: str) -> UpstreamConfig:
         """Return the upstream called ``name``; ``KeyError`` if there is none."""
@@ -395,7 +418,7 @@ def _join(path: str, key: str) -> str:
 # Sections
 # --------------------------------------------------------------------------- #
 
-_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging")
+_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging", "admin")
 _LISTENER_KEYS = ("bind", "backlog")
 _UPSTREAM_KEYS = ("name", "servers", "connect_timeout", "read_timeout", "pool_size", "pool_idle_timeout")
 _ROUTE_KEYS = ("path_prefix", "host", "upstream")
@@ -403,6 +426,7 @@ _HTTP_KEYS = ("header_timeout", "keepalive_timeout", "max_header_size")
 _WEBSOCKET_KEYS = ("max_message_size", "handshake_timeout", "idle_timeout", "close_timeout")
 _LIMITS_KEYS = ("buffer_high_water",)
 _LOGGING_KEYS = ("level", "format", "access_log")
+_ADMIN_KEYS = ("bind", "enabled")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("text", "json")
 
@@ -578,6 +602,20 @@ def _logging(v: _Validator, data: dict[str, Any]) -> LoggingConfig:
     ))
 
 
+def _admin(v: _Validator, data: dict[str, Any], listeners: tuple[ListenerConfig, ...]) -> AdminConfig:
+    table = v.table(data, "admin")
+    v.unknown_keys(table, "admin", _ADMIN_KEYS)
+    enabled = v.boolean(table, "admin", "enabled", True)
+    bind = DEFAULT_ADMIN_BIND
+    if "bind" in table:
+        bind = v.address(table["bind"], "admin.bind", min_port=0) or bind
+    if enabled and bind.port != 0:
+        for index, listener in enumerate(listeners):
+            if listener.bind == bind:
+                v.error("admin.bind", f"address {bind} is already used by listeners[{index}].bind")
+    return AdminConfig(bind=bind, enabled=enabled)
+
+
 # --------------------------------------------------------------------------- #
 # Entry points
 # --------------------------------------------------------------------------- #
@@ -609,7 +647,9 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         websocket=_websocket(v, data),
         limits=_limits(v, data),
         logging=_logging(v, data),
+        admin=_admin(v, data, listeners),
         source=source,
+        version=hashlib.sha256(text.encode("utf-8")).hexdigest(),
     )
     if v.problems:
         raise ConfigError(v.problems)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -55,3 +56,23 @@ def load_frame_impl(name: str) -> SimpleNamespace:
 def impl(request) -> SimpleNamespace:
     """Namespace with the frame primitives, write_many, RelayCore and RelayEndpoint (+ name, module)."""
     return load_frame_impl(request.param)
+
+
+@pytest.fixture
+def external_tool():
+    """Factory: ``external_tool(command, debian_package)`` -> path of a system tool.
+
+    Without the tool the test is skipped with the install command, except under
+    ``CI=true``, where a missing tool is a failure (`.ci/run` installs it).
+    """
+
+    def find(command: str, package: str) -> str:
+        path = shutil.which(command)
+        if path is None:
+            msg = f"{command} is not installed (Debian: apt-get install -y {package})"
+            if env_flag("CI"):
+                pytest.fail(f"CI=true: {msg}", pytrace=False)
+            pytest.skip(msg)
+        return path
+
+    return find

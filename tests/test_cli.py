@@ -87,7 +87,7 @@ def test_run_serves_and_stops_cleanly_on_sigterm(tmp_path):
     config.write_text(
         f'[[listeners]]\nbind = "127.0.0.1:{proxy_port}"\n'
         f'[[upstreams]]\nname = "app"\nservers = ["127.0.0.1:{backend_port}"]\n'
-        '[[routes]]\nupstream = "app"\n[logging]\nformat = "json"\n'
+        '[[routes]]\nupstream = "app"\n[logging]\nformat = "json"\n[admin]\nbind = "127.0.0.1:0"\n'
     )
     backend = subprocess.Popen(
         [sys.executable, "-c", f"import http.server as h; h.ThreadingHTTPServer(('127.0.0.1', {backend_port}), h.SimpleHTTPRequestHandler).serve_forever()"],
@@ -131,7 +131,7 @@ def test_demo_answers_on_the_example_config():
     config = load_config(ROOT / "config.example.toml")
     port = config.listeners[0].bind.port
     backend_port = config.upstreams[0].servers[0].port
-    for p in (port, backend_port):
+    for p in (port, backend_port, config.admin.bind.port):
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", p)) == 0:
                 pytest.fail(f"port {p} of config.example.toml is already in use on this machine")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import tomllib
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from edgeproxy import config as cfgmod
 from edgeproxy.config import (
     Address,
+    AdminConfig,
     Config,
     HttpConfig,
     LimitsConfig,
@@ -87,6 +89,7 @@ def test_example_file_values_are_the_defaults() -> None:
     assert config.websocket == WebSocketConfig()
     assert config.limits == LimitsConfig()
     assert config.logging == LoggingConfig()
+    assert config.admin == AdminConfig()
     assert config.upstream("app") == UpstreamConfig(name="app", servers=(Address("127.0.0.1", 9001),))
 
 
@@ -100,6 +103,7 @@ def test_example_file_sets_every_option() -> None:
     assert set(data["websocket"]) == set(cfgmod._WEBSOCKET_KEYS)
     assert set(data["limits"]) == set(cfgmod._LIMITS_KEYS)
     assert set(data["logging"]) == set(cfgmod._LOGGING_KEYS)
+    assert set(data["admin"]) == set(cfgmod._ADMIN_KEYS)
     text = EXAMPLE.read_text("utf-8")
     # route keys: host is only shown commented out (it is optional)
     for key in cfgmod._ROUTE_KEYS:
@@ -123,6 +127,7 @@ def test_minimal_config_defaults() -> None:
     )
     assert config.limits.buffer_high_water == 262144
     assert config.logging == LoggingConfig(level="info", format="text", access_log=True)
+    assert config.admin == AdminConfig(bind=Address("127.0.0.1", 9901), enabled=True)
 
 
 def test_full_config_values() -> None:
@@ -390,6 +395,14 @@ RULES = [
     ("logging format", MINIMAL + '[logging]\nformat = "xml"\n', "logging.format", 'expected one of text, json, got "xml"'),
     ("logging level not a string", MINIMAL + "[logging]\nlevel = 10\n", "logging.level", "got 10"),
     ("access_log int", MINIMAL + "[logging]\naccess_log = 1\n", "logging.access_log", "expected true or false, got 1"),
+    # admin
+    ("admin not a table", 'admin = "127.0.0.1:9901"\n' + MINIMAL, "admin", "expected a table ([admin])"),
+    ("admin bind without port", MINIMAL + '[admin]\nbind = "127.0.0.1"\n', "admin.bind", "missing port"),
+    ("admin bind not a string", MINIMAL + "[admin]\nbind = 9901\n", "admin.bind", "expected an address string"),
+    ("admin bind unbracketed ipv6", MINIMAL + '[admin]\nbind = "::1:9901"\n', "admin.bind", "brackets"),
+    ("admin bind same as a listener", MINIMAL + '[admin]\nbind = "127.0.0.1:8080"\n', "admin.bind", "127.0.0.1:8080 is already used by listeners[0].bind"),
+    ("admin enabled string", MINIMAL + '[admin]\nenabled = "yes"\n', "admin.enabled", 'expected true or false, got "yes"'),
+    ("admin unknown key", MINIMAL + '[admin]\nbnd = "127.0.0.1:9901"\n', "admin.bnd", "did you mean 'bind'?"),
 ]
 
 
@@ -413,6 +426,25 @@ def test_error_message_format_includes_file_and_key() -> None:
     assert str(info.value) == (
         "proxy.toml: routes[0].upstream: route refers to upstream 'ap', which is not defined (defined: app)"
     )
+
+
+def test_admin_values() -> None:
+    config = parse_config(MINIMAL + '[admin]\nbind = "[::1]:0"\nenabled = false\n')
+    assert config.admin == AdminConfig(bind=Address("::1", 0), enabled=False)
+
+
+def test_disabled_admin_may_share_a_listener_address() -> None:
+    """Nothing binds a disabled admin listener, so it cannot collide."""
+    config = parse_config(MINIMAL + '[admin]\nbind = "127.0.0.1:8080"\nenabled = false\n')
+    assert config.admin.enabled is False
+
+
+def test_version_is_the_sha256_of_the_text_and_not_compared() -> None:
+    config = parse_config(MINIMAL)
+    commented = parse_config("# a comment changes the file, not the configuration\n" + MINIMAL)
+    assert config.version == hashlib.sha256(MINIMAL.encode()).hexdigest()
+    assert commented.version != config.version
+    assert commented == config
 
 
 def test_route_host_is_normalized_to_lowercase() -> None:

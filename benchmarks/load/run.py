@@ -397,7 +397,9 @@ class EdgeProxy(Target):
             "[websocket]\n"
             "idle_timeout = 0\n\n"
             "[logging]\n"
-            "access_log = false\n"
+            "access_log = false\n\n"
+            "[admin]\n"  # enabled, as in production, on a free port
+            'bind = "127.0.0.1:0"\n'
         )
         return [sys.executable, "-m", "edgeproxy", "run", "--config", str(cfg)], edgeproxy_env(self.pure)
 

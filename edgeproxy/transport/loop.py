@@ -18,6 +18,11 @@ def loop_name() -> str:
     return "uvloop"
 
 
+def running_loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """Name the loop that is running ("uvloop" or "asyncio"), not just the one installed."""
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 def run(main: Coroutine[Any, Any, Any]) -> Any:
     """Run `main` on uvloop (or asyncio as a fallback) until it returns."""
     try:

@@ -3,18 +3,29 @@
 Every timeout (request head, keep-alive, upstream response, WebSocket handshake,
 idle and close) is checked by a single periodic callback that walks the open
 connections, instead of a timer per connection: one loop timer drives them all.
+The same tick measures event-loop lag: how late it runs is how long the loop
+was busy elsewhere.
+
+The server owns the `Metrics` (``server.metrics``) and, unless ``[admin]
+enabled = false``, the admin listener (``server.admin``), which reads the
+``ready`` flag, ``on_reload`` and the snapshots below.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
+import time
+from typing import Any, Callable
 
 from edgeproxy.config import Config
 from edgeproxy.core import _accel
+from edgeproxy.metrics import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Metrics
 from edgeproxy.routing import Router
+from edgeproxy.transport.admin import AdminListener
 from edgeproxy.transport.downstream import ClientConnection
-from edgeproxy.transport.loop import loop_name
+from edgeproxy.transport.loop import running_loop_name
 from edgeproxy.transport.upstream import UpstreamGroup
 
 log = logging.getLogger("edgeproxy")
@@ -34,8 +45,12 @@ class ProxyServer:
     """Runs the proxy described by a `Config` on the running event loop.
 
     `await start()` binds every listener (`addresses` then gives the bound
-    host/port pairs, useful with port 0); `await stop()` closes the listeners and
-    every connection.
+    host/port pairs, useful with port 0) and the admin listener; `await stop()`
+    closes the listeners and every connection.
+
+    ``ready`` is True between start and stop; lifecycle code sets it False while
+    draining so /readyz answers 503. ``on_reload`` is what POST /admin/reload
+    calls (None: the endpoint answers 501).
     """
 
     def __init__(self, config: Config):
@@ -48,6 +63,15 @@ class ProxyServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick = _tick_interval(config)
+        self._tick_due = 0.0
+        self.metrics = Metrics()
+        self.metrics.live_messages = self._live_messages
+        self.metrics.upstream_servers = self.upstream_states
+        self.ready = False
+        self.on_reload: Callable[[], Any] | None = None
+        #: wall-clock time the running config was loaded (reload code updates it with `config`)
+        self.config_loaded_at = time.time()
+        self.admin: AdminListener | None = AdminListener(self, config.admin.bind) if config.admin.enabled else None
 
     def now(self) -> float:
         return self._loop.time()
@@ -78,17 +102,28 @@ class ProxyServer:
                     reuse_address=True,
                 )
                 self._servers.append(server)
+            if self.admin is not None:
+                await self.admin.start()
         except OSError:
             await self.stop()
             raise
-        self._tick_handle = loop.call_later(self._tick, self._on_tick)
+        self.metrics.event_loop = running_loop_name(loop)
+        self._schedule_tick()
+        extension = "compiled extension active" if _accel.SPEEDUPS else "compiled extension NOT active (pure Python)"
         for (host, port) in self.addresses:
-            log.info(
-                "listening on %s:%d (loop=%s, frames=%s)", host, port, loop_name(), _accel.IMPLEMENTATION
-            )
+            log.info("listening on %s:%d (loop=%s, %s)", host, port, self.metrics.event_loop, extension)
+        if self.admin is not None:
+            host, port = self.admin.address
+            log.info("admin listener on http://%s:%d/ (/metrics, /healthz, /readyz, /dashboard)", host, port)
+        self.ready = True
+
+    def _schedule_tick(self) -> None:
+        self._tick_due = self._loop.time() + self._tick
+        self._tick_handle = self._loop.call_at(self._tick_due, self._on_tick)
 
     def _on_tick(self) -> None:
         now = self._loop.time()
+        self.metrics.loop_lag(max(0.0, now - self._tick_due), now)
         for conn in list(self.connections):
             try:
                 conn.check_timers(now)
@@ -97,9 +132,10 @@ class ProxyServer:
                 conn.transport.abort()
         for group in self.groups.values():
             group.expire_idle(now)
-        self._tick_handle = self._loop.call_later(self._tick, self._on_tick)
+        self._schedule_tick()
 
     async def stop(self) -> None:
+        self.ready = False
         for server in self._servers:
             server.close()
         if self._tick_handle is not None:
@@ -115,5 +151,49 @@ class ProxyServer:
             except TimeoutError:
                 pass
         self._servers.clear()
+        if self.admin is not None:
+            await self.admin.stop()
         # Let the transports' close callbacks run.
         await asyncio.sleep(0)
+
+    # -- what the metrics and the admin listener read ----------------------------
+
+    def _live_messages(self):
+        """Per-direction totals of the open WebSocket sessions (not yet folded into metrics)."""
+        for conn in self.connections:
+            relay = conn.relay
+            if relay is not None:
+                yield CLIENT_TO_UPSTREAM, relay.messages_from_client, relay.bytes_from_client
+                yield UPSTREAM_TO_CLIENT, relay.messages_from_upstream, relay.bytes_from_upstream
+
+    def upstream_states(self) -> list[dict[str, Any]]:
+        """Every configured upstream server with its open connections.
+
+        ``up`` is None: nothing checks server health yet, and a guess would be
+        worse than saying so (the health checker will fill it in).
+        """
+        by_server = self.metrics.active_by("server")
+        return [
+            {"upstream": upstream.name, "server": str(address), "up": None,
+             "active_connections": by_server.get(str(address), 0)}
+            for upstream in self.config.upstreams
+            for address in upstream.servers
+        ]
+
+    def config_info(self) -> dict[str, Any]:
+        """Which configuration is running: its version (sha256 of the file) and load time."""
+        config = self.config
+        loaded = datetime.datetime.fromtimestamp(self.config_loaded_at, datetime.timezone.utc)
+        return {
+            "version": config.version,
+            "source": config.source,
+            "loaded_at": loaded.isoformat(timespec="seconds"),
+            "loaded_at_unix": self.config_loaded_at,
+            "compiled_extension_active": _accel.SPEEDUPS,
+            "implementation": _accel.IMPLEMENTATION,
+            "event_loop": self.metrics.event_loop,
+            "listeners": [str(listener.bind) for listener in config.listeners],
+            "upstreams": [upstream.name for upstream in config.upstreams],
+            "routes": len(config.routes),
+            "ready": self.ready,
+        }

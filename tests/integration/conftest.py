@@ -201,8 +201,9 @@ async def proxy():
 
     Positional arguments are the servers of a single upstream named "app" routed
     at "/".  ``upstreams=``/``routes=`` replace that default entirely.  Section
-    keyword arguments (``http``, ``websocket``, ``limits``, ``logging``) become
-    TOML tables; ``upstream`` adds keys to the default upstream.
+    keyword arguments (``http``, ``websocket``, ``limits``, ``logging``,
+    ``admin``) become TOML tables; ``admin`` defaults to an ephemeral port.
+    ``upstream`` adds keys to the default upstream.
     """
     from edgeproxy.config import parse_config
     from edgeproxy.transport.server import ProxyServer
@@ -223,6 +224,8 @@ async def proxy():
             upstreams = [up]
         if routes is None:
             routes = [{"path_prefix": "/", "upstream": upstreams[0]["name"]}]
+        # An ephemeral admin port: tests (and other checkouts) run proxies side by side.
+        sections.setdefault("admin", {"bind": f"{HOST}:0"})
         text = build_config(listeners=listeners, upstreams=upstreams, routes=routes, sections=sections)
         server = ProxyServer(parse_config(text))
         await asyncio.wait_for(server.start(), 5)

@@ -1,0 +1,480 @@
+"""Counters, gauges and histograms for the five WebSocket signals, in Prometheus text.
+
+Theory of operation
+-------------------
+The relay's hot path must not pay for observability, so the transport never
+touches prometheus-client objects (each of which takes a lock per update). It
+adds to plain ints in dicts keyed by strings or tuples, and observations go into
+:class:`Histogram` (a tuple of bounds, a list of counts, one ``bisect``).
+Nothing is formatted until a scrape: the registry's collector reads the ints and
+builds metric families then, and :meth:`Metrics.render` encodes them with
+prometheus-client's ``generate_latest``.
+
+Per-message counting costs nothing extra: the relay already counts messages and
+bytes per connection. The transport folds a connection's totals in with
+:meth:`Metrics.add_messages` when it closes, and the ``live_messages`` callback
+(set by the server, called at scrape time) adds what the open connections have
+relayed so far. A counter (folded + live) never goes down, because a
+connection's totals move from live to folded in the same callback that removes
+it from the open set.
+
+Everything runs on the event-loop thread, so nothing is locked.
+
+Labels are bounded. ``protocol``, ``route``, ``upstream`` and ``server`` come
+from the configuration; outcome reasons, close-code classes and status classes
+come from the fixed tables below, and anything unknown becomes ``"other"``, so
+a caller's bug cannot multiply the series. No label ever names a client.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+from edgeproxy import __version__
+from edgeproxy.core import _accel
+
+__all__ = [
+    "CLIENT_TO_UPSTREAM",
+    "CONTENT_TYPE",
+    "DIRECTIONS",
+    "DURATION_BUCKETS",
+    "FAILURE_REASONS",
+    "HTTP",
+    "HUB_DELIVERY",
+    "Histogram",
+    "LAG_WINDOW",
+    "Metrics",
+    "UPSTREAM_TO_CLIENT",
+    "WEBSOCKET",
+    "close_code_class",
+    "route_label",
+]
+
+#: The classic text format: every name here is a legacy-valid Prometheus name, so
+#: the output is the same in 0.0.4 and 1.0.0, and 0.0.4 is what every scraper reads.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+HTTP = "http"
+WEBSOCKET = "websocket"
+PROTOCOLS = (HTTP, WEBSOCKET)
+#: the outcome counted by `connection_opened`, per protocol
+_OPENED_OUTCOME = {HTTP: "accepted", WEBSOCKET: "upgraded"}
+
+CLIENT_TO_UPSTREAM = "client_to_upstream"
+UPSTREAM_TO_CLIENT = "upstream_to_client"
+HUB_DELIVERY = "hub_delivery"
+DIRECTIONS = (CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, HUB_DELIVERY)
+
+#: why a connection was refused (the proxy or upstream said no) or failed (it broke)
+FAILURE_REASONS = frozenset({
+    "no_route",              # no route matched the request
+    "bad_handshake",         # the client's upgrade request is invalid (400)
+    "upstream_refused",      # the upstream answered the upgrade with a non-101 response
+    "upstream_unreachable",  # connect refused or unreachable (502)
+    "upstream_timeout",      # no connect or no handshake answer in time (504)
+    "upstream_invalid",      # invalid 101 (bad Sec-WebSocket-Accept) or broken response
+    "client_gone",           # the client left during the handshake
+    "draining",              # the proxy is shutting down
+    "overloaded",            # a connection or memory limit was hit
+    "other",
+})
+
+#: 1 s .. 24 h; dense from 4 to 20 minutes, where NAT and load-balancer idle
+#: timeouts sit (Azure LB 240 s, AWS NAT gateway 350 s, many CPEs 5-15 min).
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 240, 300, 360, 600, 900, 1200, 1800, 3600, 7200, 21600, 43200, 86400)
+PING_RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+#: close codes an operator reads at a glance; 3000-4999 are the application's own
+_NAMED_CLOSE_CODES = (1000, 1001, 1002, 1006, 1008, 1009, 1011, 1012, 1014)
+_CLOSE_CLASS: dict[int | None, str] = {code: str(code) for code in _NAMED_CLOSE_CODES}
+_CLOSE_CLASS[None] = "abnormal"
+#: the class of an HTTP connection's end: HTTP has no close codes
+_HTTP_CLOSE_CLASS = "none"
+
+#: seconds a loop-lag sample stays visible (at least)
+LAG_WINDOW = 10.0
+
+_STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def close_code_class(code: int | None) -> str:
+    """The ``close_code`` label for a WebSocket close code (None: no close frame seen)."""
+    named = _CLOSE_CLASS.get(code)
+    if named is not None:
+        return named
+    return "application" if 3000 <= code <= 4999 else "other"
+
+
+def route_label(host: str | None, path_prefix: str) -> str:
+    """The ``route`` label of a configured route: ``host`` (or ``*``) then the prefix."""
+    return f"{host or '*'}{path_prefix}"
+
+
+class Histogram:
+    """Counts per bucket, a sum and nothing else: ``observe`` is one bisect and two adds.
+
+    ``counts[i]`` holds observations ``<= bounds[i]`` (and above the bound before
+    it); the last slot is ``+Inf``. Prometheus wants cumulative counts, made at
+    scrape time by :meth:`cumulative`.
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Iterable[float]):
+        self.bounds = tuple(sorted(float(b) for b in bounds))
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``[(le, count <= le), ...]`` ending with ``("+Inf", total count)``."""
+        out = []
+        running = 0
+        for bound, n in zip(self.bounds, self.counts):
+            running += n
+            out.append((_format_bound(bound), running))
+        out.append(("+Inf", running + self.counts[-1]))
+        return out
+
+
+def _format_bound(bound: float) -> str:
+    """``le`` values as Prometheus clients write them: 300.0, 0.005."""
+    return repr(float(bound))
+
+
+class Metrics:
+    """The proxy's metrics. The transport calls the methods; a scrape reads them.
+
+    Callbacks the server sets (each called at scrape or snapshot time only):
+
+    * ``live_messages() -> iterable of (direction, messages, bytes)``: what the
+      open connections have relayed and not yet folded in with `add_messages`.
+    * ``upstream_servers() -> iterable of dicts`` with at least ``upstream``,
+      ``server`` and ``up`` (True, False, or None when nothing checks health).
+
+    ``event_loop`` names the loop for ``edgeproxy_build_info``.
+    """
+
+    def __init__(self, *, event_loop: str = "unknown", process: bool = True):
+        self.event_loop = event_loop
+        self.live_messages: Callable[[], Iterable[tuple[str, int, int]]] | None = None
+        self.upstream_servers: Callable[[], Iterable[dict[str, Any]]] | None = None
+        # worst loop lag of the current and the previous window (see loop_lag)
+        self._lag_current = 0.0
+        self._lag_previous = 0.0
+        self._lag_window_start = 0.0
+        # (protocol, route, upstream, server) -> open connections
+        self.active: dict[tuple[str, str, str, str], int] = {}
+        self.opened: dict[str, int] = dict.fromkeys(PROTOCOLS, 0)
+        # (protocol, outcome, reason) -> count, for refused and failed connections
+        self.not_opened: dict[tuple[str, str, str], int] = {}
+        self.messages: dict[str, int] = dict.fromkeys(DIRECTIONS, 0)
+        self.message_bytes: dict[str, int] = dict.fromkeys(DIRECTIONS, 0)
+        self.heartbeat_failures = 0
+        self.ping_rtt_seconds = Histogram(PING_RTT_BUCKETS)
+        # protocol -> close-code class -> histogram
+        self.durations: dict[str, dict[str, Histogram]] = {p: {} for p in PROTOCOLS}
+        self.requests = [0] * len(_STATUS_CLASSES)
+        self.request_seconds = [Histogram(REQUEST_BUCKETS) for _ in _STATUS_CLASSES]
+        self.fanout_publishes = 0
+        self.fanout_subscribers_dropped = 0
+        self.backplane_sent = 0
+        self.backplane_received = 0
+        self.backplane_errors = 0
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+        if process:
+            # process_* with our prefix: edgeproxy_process_resident_memory_bytes, cpu, fds
+            # (reads /proc, so present on Linux only).
+            ProcessCollector(namespace="edgeproxy", registry=self.registry)
+
+    # -- connections ---------------------------------------------------------
+
+    def connection_opened(self, protocol: str, route: str, upstream: str, server: str) -> tuple[str, str, str, str]:
+        """Count a connection as open; returns the key to hand to `connection_closed`.
+
+        Args:
+            protocol: ``"http"`` (a client connection, at accept; route,
+                upstream and server are then ``""``) or ``"websocket"`` (a
+                session, after the upstream's 101).
+            route: `route_label` of the matched route.
+            upstream: the upstream's name.
+            server: the upstream server, ``str(Address)``.
+        """
+        key = (protocol, route, upstream, server)
+        active = self.active
+        active[key] = active.get(key, 0) + 1
+        self.opened[protocol] += 1
+        return key
+
+    def connection_closed(self, key: tuple[str, str, str, str], duration: float, close_code: int | None = None) -> None:
+        """Count a connection opened with `connection_opened` as closed.
+
+        Args:
+            key: what `connection_opened` returned.
+            duration: seconds it was open (for a WebSocket: since the 101).
+            close_code: the close code the client saw (sent by the upstream or
+                by the proxy), None if the session ended without a close
+                frame. Ignored for HTTP.
+        """
+        self.active[key] -= 1
+        protocol = key[0]
+        label = _HTTP_CLOSE_CLASS if protocol == HTTP else close_code_class(close_code)
+        by_class = self.durations[protocol]
+        histogram = by_class.get(label)
+        if histogram is None:
+            histogram = by_class[label] = Histogram(DURATION_BUCKETS)
+        histogram.observe(duration)
+
+    def connection_refused(self, protocol: str, reason: str) -> None:
+        """The proxy or the upstream said no (e.g. 404, 400, a non-101 answer)."""
+        self._not_opened(protocol, "refused", reason)
+
+    def connection_failed(self, protocol: str, reason: str) -> None:
+        """The connection broke before it opened (unreachable, timeout, bad 101)."""
+        self._not_opened(protocol, "failed", reason)
+
+    def _not_opened(self, protocol: str, outcome: str, reason: str) -> None:
+        key = (protocol, outcome, reason if reason in FAILURE_REASONS else "other")
+        self.not_opened[key] = self.not_opened.get(key, 0) + 1
+
+    # -- traffic -------------------------------------------------------------
+
+    def add_messages(self, direction: str, count: int, nbytes: int) -> None:
+        """Fold in ``count`` messages of ``nbytes`` bytes in all, in one of `DIRECTIONS`."""
+        self.messages[direction] += count
+        self.message_bytes[direction] += nbytes
+
+    def request_done(self, status: int, seconds: float) -> None:
+        """One HTTP exchange answered with ``status`` after ``seconds``."""
+        index = status // 100
+        if not 1 <= index <= 5:
+            index = 0
+        self.requests[index] += 1
+        self.request_seconds[index].observe(seconds)
+
+    def heartbeat_failed(self) -> None:
+        """A peer did not answer a ping in time."""
+        self.heartbeat_failures += 1
+
+    def ping_rtt(self, seconds: float) -> None:
+        """A pong arrived ``seconds`` after its ping."""
+        self.ping_rtt_seconds.observe(seconds)
+
+    def loop_lag(self, seconds: float, now: float) -> None:
+        """A periodic callback ran ``seconds`` late at loop time ``now``.
+
+        The gauge shows the worst lag of the last `LAG_WINDOW` to 2 x `LAG_WINDOW`
+        seconds, not the last sample: a 300 ms stall between two scrapes must
+        still be visible at the next scrape, after later ticks were on time.
+        """
+        if now - self._lag_window_start >= LAG_WINDOW:
+            self._lag_previous = self._lag_current
+            self._lag_current = 0.0
+            self._lag_window_start = now
+        if seconds > self._lag_current:
+            self._lag_current = seconds
+
+    @property
+    def event_loop_lag(self) -> float:
+        """Seconds: the worst loop lag seen recently (see `loop_lag`)."""
+        return max(self._lag_current, self._lag_previous)
+
+    # -- fan-out and backplane ------------------------------------------------
+
+    def fanout_published(self, deliveries: int, nbytes: int) -> None:
+        """One hub message of ``nbytes`` written to ``deliveries`` subscribers."""
+        self.fanout_publishes += 1
+        self.messages[HUB_DELIVERY] += deliveries
+        self.message_bytes[HUB_DELIVERY] += deliveries * nbytes
+
+    def fanout_subscriber_dropped(self) -> None:
+        """A subscriber passed its buffer high-water mark and was dropped."""
+        self.fanout_subscribers_dropped += 1
+
+    def backplane_message_sent(self, count: int = 1) -> None:
+        self.backplane_sent += count
+
+    def backplane_message_received(self, count: int = 1) -> None:
+        self.backplane_received += count
+
+    def backplane_failed(self) -> None:
+        """A backplane operation failed (lost connection, publish error)."""
+        self.backplane_errors += 1
+
+    # -- reading -------------------------------------------------------------
+
+    def message_totals(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(messages, bytes) per direction: folded totals plus the live connections'."""
+        messages = dict(self.messages)
+        nbytes = dict(self.message_bytes)
+        if self.live_messages is not None:
+            for direction, count, size in self.live_messages():
+                messages[direction] += count
+                nbytes[direction] += size
+        return messages, nbytes
+
+    def active_by(self, field: str) -> dict[str, int]:
+        """Open connections summed by one of protocol, route, upstream or server."""
+        index = ("protocol", "route", "upstream", "server").index(field)
+        out: dict[str, int] = {}
+        for key, n in self.active.items():
+            if n:
+                out[key[index]] = out.get(key[index], 0) + n
+        return out
+
+    def opened_total(self, protocol: str) -> int:
+        """Every connection attempt of ``protocol``: opened, refused or failed."""
+        failed = sum(n for (p, _, _), n in self.not_opened.items() if p == protocol)
+        return self.opened[protocol] + failed
+
+    def snapshot(self) -> dict[str, Any]:
+        """The five signals as plain JSON-able totals (the dashboard derives rates)."""
+        messages, _ = self.message_totals()
+        lifetimes = [0] * (len(DURATION_BUCKETS) + 1)
+        for histogram in self.durations[WEBSOCKET].values():
+            lifetimes = [a + b for a, b in zip(lifetimes, histogram.counts)]
+        active = self.active_by("protocol")
+        return {
+            "connections_active": {p: active.get(p, 0) for p in PROTOCOLS},
+            "connections_opened": {p: self.opened_total(p) for p in PROTOCOLS},
+            "messages": messages,
+            "heartbeat_failures": self.heartbeat_failures,
+            "lifetime_buckets": list(DURATION_BUCKETS),
+            "lifetime_counts": lifetimes,
+            "implementation": _accel.IMPLEMENTATION,
+        }
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition (content type `CONTENT_TYPE`)."""
+        return generate_latest(self.registry)
+
+
+class _Collector:
+    """Turns a `Metrics` into metric families, at scrape time only."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        m = self.metrics
+        info = InfoMetricFamily("edgeproxy_build", "edgeproxy version, frame implementation and event loop")
+        info.add_metric([], {"version": __version__, "implementation": _accel.IMPLEMENTATION, "event_loop": m.event_loop})
+        yield info
+        yield GaugeMetricFamily(
+            "edgeproxy_compiled_extension_active",
+            "1 when the compiled frame code (edgeproxy._speedups) is in use, 0 in pure-Python mode",
+            value=1 if _accel.SPEEDUPS else 0,
+        )
+        yield from self._connections(m)
+        yield from self._traffic(m)
+        yield from self._http(m)
+        yield from self._fanout(m)
+        yield from self._upstreams(m)
+        yield GaugeMetricFamily(
+            "edgeproxy_event_loop_lag_seconds",
+            "Worst delay of the periodic loop callback over the last 10-20 s: time the loop was busy elsewhere",
+            value=m.event_loop_lag,
+        )
+
+    @staticmethod
+    def _connections(m: Metrics) -> Iterator[Any]:
+        active = GaugeMetricFamily(
+            "edgeproxy_connections_active", "Open connections",
+            labels=["protocol", "route", "upstream", "server"],
+        )
+        for key, n in m.active.items():
+            active.add_metric(list(key), n)
+        yield active
+        opened = CounterMetricFamily(
+            "edgeproxy_connections_opened", "Connection attempts by outcome (accepted, upgraded, refused, failed)",
+            labels=["protocol", "outcome", "reason"],
+        )
+        for protocol, n in m.opened.items():
+            opened.add_metric([protocol, _OPENED_OUTCOME[protocol], ""], n)
+        for key, n in m.not_opened.items():
+            opened.add_metric(list(key), n)
+        yield opened
+        durations = HistogramMetricFamily(
+            "edgeproxy_connection_duration_seconds",
+            "How long connections lived, by protocol and close-code class (a ceiling reveals a NAT timeout)",
+            labels=["protocol", "close_code"],
+        )
+        for protocol, by_class in m.durations.items():
+            for label, histogram in by_class.items():
+                durations.add_metric([protocol, label], histogram.cumulative(), histogram.total)
+        yield durations
+
+    @staticmethod
+    def _traffic(m: Metrics) -> Iterator[Any]:
+        messages, nbytes = m.message_totals()
+        for name, doc, values in (
+            ("edgeproxy_messages", "WebSocket messages relayed, by direction", messages),
+            ("edgeproxy_message_bytes", "WebSocket bytes relayed, frames as on the wire, by direction", nbytes),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["direction"])
+            for direction, value in values.items():
+                family.add_metric([direction], value)
+            yield family
+        yield CounterMetricFamily(
+            "edgeproxy_heartbeat_failures", "Pings a peer did not answer in time", value=m.heartbeat_failures
+        )
+        rtt = HistogramMetricFamily("edgeproxy_ping_rtt_seconds", "Ping to pong round-trip time")
+        rtt.add_metric([], m.ping_rtt_seconds.cumulative(), m.ping_rtt_seconds.total)
+        yield rtt
+
+    @staticmethod
+    def _http(m: Metrics) -> Iterator[Any]:
+        requests = CounterMetricFamily("edgeproxy_http_requests", "HTTP requests answered, by status class", labels=["status_class"])
+        seconds = HistogramMetricFamily(
+            "edgeproxy_http_request_duration_seconds", "HTTP request time, head in to response end", labels=["status_class"]
+        )
+        for label, n, histogram in zip(_STATUS_CLASSES, m.requests, m.request_seconds):
+            if label == "other" and not n:
+                continue
+            requests.add_metric([label], n)
+            seconds.add_metric([label], histogram.cumulative(), histogram.total)
+        yield requests
+        yield seconds
+
+    @staticmethod
+    def _fanout(m: Metrics) -> Iterator[Any]:
+        yield CounterMetricFamily("edgeproxy_fanout_publishes", "Messages published to the hub", value=m.fanout_publishes)
+        yield CounterMetricFamily(
+            "edgeproxy_fanout_subscribers_dropped", "Subscribers dropped for passing their buffer high-water mark",
+            value=m.fanout_subscribers_dropped,
+        )
+        backplane = CounterMetricFamily("edgeproxy_backplane_messages", "Backplane messages, by direction", labels=["direction"])
+        backplane.add_metric(["sent"], m.backplane_sent)
+        backplane.add_metric(["received"], m.backplane_received)
+        yield backplane
+        yield CounterMetricFamily("edgeproxy_backplane_errors", "Failed backplane operations", value=m.backplane_errors)
+
+    @staticmethod
+    def _upstreams(m: Metrics) -> Iterator[Any]:
+        family = GaugeMetricFamily(
+            "edgeproxy_upstream_server_up", "1 when the upstream server is considered healthy, 0 when not",
+            labels=["upstream", "server"],
+        )
+        if m.upstream_servers is not None:
+            for state in m.upstream_servers():
+                if state.get("up") is not None:  # None: nothing checks this server's health
+                    family.add_metric([state["upstream"], state["server"]], 1 if state["up"] else 0)
+        yield family

@@ -1,0 +1,285 @@
+"""The admin listener: metrics, health, JSON admin endpoints and the live dashboard.
+
+A small HTTP/1.1 server on its own socket (``[admin] bind``, loopback by
+default), parsed with h11 like the rest of the proxy and run on the same loop.
+Its traffic is a scraper every few seconds and an operator's browser, so it
+favours plain code over speed: asyncio streams, one task per connection,
+keep-alive, and a short idle timeout so a forgotten connection cannot linger.
+
+What it serves comes from an `AdminSource` (the `ProxyServer`): the `Metrics`,
+the ``ready`` flag the lifecycle code flips while draining, snapshots of the
+upstreams and the config, and an optional reload handler.
+
+=====================  ======  =============================================
+path                   method  answer
+=====================  ======  =============================================
+/metrics               GET     Prometheus text exposition
+/healthz               GET     200 while the process runs
+/readyz                GET     200 when ready, 503 while draining
+/admin/connections     GET     JSON: open connections by route/upstream/server
+/admin/upstreams       GET     JSON: upstream servers and their state
+/admin/config          GET     JSON: config version (sha256) and load time
+/admin/reload          POST    calls the reload handler; 501 without one
+/admin/stream          GET     SSE: one JSON snapshot of the signals per second
+/dashboard             GET     self-contained HTML charts fed by /admin/stream
+=====================  ======  =============================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import time
+from collections.abc import Callable
+from functools import cache
+from importlib import resources
+from typing import Any, Protocol
+
+import h11
+
+from edgeproxy.config import Address
+from edgeproxy.errors import ConfigError
+from edgeproxy.metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger("edgeproxy")
+
+#: a request head larger than this is refused: admin requests are tiny
+MAX_HEAD = 8192
+#: a POST body larger than this is refused (reload takes no body)
+MAX_BODY = 65536
+#: seconds an admin connection may sit without a complete request
+IDLE_TIMEOUT = 30.0
+
+_JSON = "application/json"
+_TEXT = "text/plain; charset=utf-8"
+
+
+class AdminSource(Protocol):
+    """What the admin listener reads; `ProxyServer` provides it."""
+
+    metrics: Metrics
+    #: False while draining: /readyz answers 503 so load balancers stop sending.
+    ready: bool
+    #: called by POST /admin/reload; may return a dict (the JSON answer) or an awaitable of one.
+    on_reload: Callable[[], Any] | None
+
+    def upstream_states(self) -> list[dict[str, Any]]: ...
+
+    def config_info(self) -> dict[str, Any]: ...
+
+
+class _Reply:
+    __slots__ = ("status", "content_type", "body", "headers")
+
+    def __init__(self, status: int, content_type: str, body: bytes, headers: tuple[tuple[str, str], ...] = ()):
+        self.status = status
+        self.content_type = content_type
+        self.body = body
+        self.headers = headers
+
+
+def _json_reply(status: int, doc: Any) -> _Reply:
+    return _Reply(status, _JSON, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def _text_reply(status: int, text: str) -> _Reply:
+    return _Reply(status, _TEXT, text.encode())
+
+
+@cache
+def dashboard_html() -> bytes:
+    """The dashboard page, shipped next to this module (read once)."""
+    return resources.files("edgeproxy.transport").joinpath("dashboard.html").read_bytes()
+
+
+class AdminListener:
+    """Serves the admin endpoints for ``source`` on ``bind``.
+
+    ``stream_interval`` is the seconds between two /admin/stream snapshots.
+    """
+
+    def __init__(self, source: AdminSource, bind: Address, *, stream_interval: float = 1.0):
+        self.source = source
+        self.bind = bind
+        self.stream_interval = stream_interval
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._routes: dict[str, tuple[str, Callable[[], Any]]] = {
+            "/metrics": ("GET", self._metrics),
+            "/healthz": ("GET", lambda: _text_reply(200, "ok\n")),
+            "/readyz": ("GET", self._readyz),
+            "/admin/connections": ("GET", self._connections),
+            "/admin/upstreams": ("GET", lambda: _json_reply(200, {"upstreams": self.source.upstream_states()})),
+            "/admin/config": ("GET", lambda: _json_reply(200, self.source.config_info())),
+            "/admin/reload": ("POST", self._reload),
+            "/dashboard": ("GET", lambda: _Reply(200, "text/html; charset=utf-8", dashboard_html())),
+        }
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port): the real port when ``bind`` asked for port 0."""
+        name = self._server.sockets[0].getsockname()
+        return name[0], name[1]
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, self.bind.host, self.bind.port, reuse_address=True, limit=MAX_BODY
+        )
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        self._server = None
+
+    # -- connections ------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        try:
+            while True:
+                request = await self._read_request(conn, reader)
+                if request is None:
+                    break
+                if request == (b"GET", "/admin/stream"):
+                    await self._stream(conn, reader, writer)
+                    break
+                reply = await self._dispatch(*request)
+                await self._send(conn, writer, reply)
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    break
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                with contextlib.suppress(h11.LocalProtocolError, ConnectionError):
+                    await self._send(conn, writer, _text_reply(exc.error_status_hint, f"bad request: {exc}\n"))
+        except (ConnectionError, TimeoutError, asyncio.CancelledError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader) -> tuple[bytes, str] | None:
+        """The next request's (method, path), its body read and dropped; None at EOF."""
+        method_path = None
+        body = 0
+        async with asyncio.timeout(IDLE_TIMEOUT):
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    # MAX_HEAD at a time, so h11 sees an oversized head before it is whole
+                    conn.receive_data(await reader.read(MAX_HEAD))
+                    continue
+                if isinstance(event, h11.Request):
+                    target = event.target.decode("latin-1")
+                    method_path = (event.method, target.split("?", 1)[0])
+                elif isinstance(event, h11.Data):
+                    body += len(event.data)
+                    if body > MAX_BODY:
+                        raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
+                elif isinstance(event, h11.EndOfMessage):
+                    return method_path
+                else:  # ConnectionClosed, or PAUSED after a response we closed on
+                    return None
+
+    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, reply: _Reply) -> None:
+        headers = [
+            ("Content-Type", reply.content_type),
+            ("Content-Length", str(len(reply.body))),
+            ("Cache-Control", "no-store"),
+            *reply.headers,
+        ]
+        writer.write(conn.send(h11.Response(status_code=reply.status, headers=headers)))
+        writer.write(conn.send(h11.Data(data=reply.body)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+
+    async def _dispatch(self, method: bytes, path: str) -> _Reply:
+        route = self._routes.get(path)
+        if route is None:
+            return _json_reply(404, {"error": f"no admin endpoint {path}", "endpoints": sorted([*self._routes, "/admin/stream"])})
+        allowed, handler = route
+        if method.decode("latin-1") != allowed:
+            reply = _json_reply(405, {"error": f"{path} takes {allowed}"})
+            reply.headers = (("Allow", allowed),)
+            return reply
+        reply = handler()
+        if inspect.isawaitable(reply):
+            reply = await reply
+        return reply
+
+    # -- endpoints --------------------------------------------------------------
+
+    def _metrics(self) -> _Reply:
+        return _Reply(200, CONTENT_TYPE, self.source.metrics.render())
+
+    def _readyz(self) -> _Reply:
+        if self.source.ready:
+            return _text_reply(200, "ready\n")
+        return _text_reply(503, "draining\n")
+
+    def _connections(self) -> _Reply:
+        metrics = self.source.metrics
+        series = [
+            {"protocol": p, "route": r, "upstream": u, "server": s, "active": n}
+            for (p, r, u, s), n in sorted(metrics.active.items())
+            if n
+        ]
+        return _json_reply(200, {
+            "total": sum(item["active"] for item in series),
+            "by_protocol": metrics.active_by("protocol"),
+            "by_route": metrics.active_by("route"),
+            "by_upstream": metrics.active_by("upstream"),
+            "by_server": metrics.active_by("server"),
+            "connections": series,
+        })
+
+    async def _reload(self) -> _Reply:
+        handler = self.source.on_reload
+        if handler is None:
+            return _json_reply(501, {"error": "reload is not available: this proxy has no reload handler registered"})
+        try:
+            result = handler()
+            if inspect.isawaitable(result):
+                result = await result
+        except ConfigError as exc:
+            return _json_reply(400, {"error": "the new configuration is invalid; the running one is kept",
+                                     "problems": exc.format_lines()})
+        except Exception as exc:  # the admin listener must answer, whatever the handler does
+            log.exception("reload failed")
+            return _json_reply(500, {"error": f"reload failed: {exc}"})
+        return _json_reply(200, result if isinstance(result, dict) else {"reloaded": True})
+
+    async def _stream(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Server-sent events: a snapshot now, then one per `stream_interval`, until the client leaves."""
+        headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store")]
+        writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
+        try:
+            while True:
+                snapshot = self.source.metrics.snapshot()
+                snapshot["time"] = time.time()
+                snapshot["ready"] = self.source.ready
+                writer.write(conn.send(h11.Data(data=b"data: " + json.dumps(snapshot).encode() + b"\n\n")))
+                await writer.drain()
+                try:
+                    async with asyncio.timeout(self.stream_interval):
+                        if not await reader.read(4096):
+                            return  # the client went away
+                except TimeoutError:
+                    continue
+        except asyncio.CancelledError:
+            # The listener stops: end the chunked body properly, so the browser sees
+            # a finished stream (and reconnects) rather than a broken one.
+            writer.write(conn.send(h11.EndOfMessage()))
+            raise
