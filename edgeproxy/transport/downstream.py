@@ -136,6 +136,10 @@ class ClientConnection(asyncio.Protocol):
         if self.relay is not None:
             self.relay.client_eof()
             self._run_relay_actions()
+            if self.relay.state is RelayState.CLOSED:
+                # Nothing more goes to a client that has ended its side: close
+                # ours, or the connection would sit half-closed forever.
+                self._close()
             return True
         if self._lingering:
             self._close()

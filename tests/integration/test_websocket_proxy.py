@@ -316,6 +316,8 @@ async def test_client_vanishing_gives_backend_1001(ws_backend, proxy, ws_connect
     ws.transport.abort()
     await ws_backend.wait_done(rec, 5)
     assert rec.close_code == 1001, f"backend saw close code {rec.close_code} (None = no close frame)"
+    # The proxy let go of the client's connection too (it once stayed half-closed).
+    assert await _wait(lambda: not p.server.connections, 3)
 
 
 async def test_upstream_refused_gives_502(proxy, ws_connect, refused_port):
