@@ -50,6 +50,7 @@ from edgeproxy.core.websocket import (
     validate_upstream_accept,
 )
 from edgeproxy.errors import LocalProtocolError, RemoteProtocolError
+from edgeproxy.metrics import CLIENT_TO_UPSTREAM, HTTP, UPSTREAM_TO_CLIENT, WEBSOCKET, route_label
 from edgeproxy.transport.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -110,6 +111,9 @@ class ClientConnection(asyncio.Protocol):
         self._ws_route = ""
         self._ws_head: RequestHead | None = None
         self._lingering = False
+        #: the metrics key of what this connection is now (HTTP, then maybe a WebSocket)
+        self._metrics_key: tuple[str, str, str, str] | None = None
+        self._opened_at = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -120,7 +124,9 @@ class ClientConnection(asyncio.Protocol):
         if peer:
             self.client_ip = peer[0]
         self.server.connections.add(self)
-        self._deadline = self.server.now() + self.server.config.http.header_timeout
+        self._opened_at = now = self.server.now()
+        self._metrics_key = self.server.metrics.connection_opened(HTTP, "", "", "")
+        self._deadline = now + self.server.config.http.header_timeout
 
     def data_received(self, data: bytes) -> None:
         # HTTP mode only: after the 101 a RelayEndpoint is the transport's protocol.
@@ -157,9 +163,13 @@ class ClientConnection(asyncio.Protocol):
                 relay.client_eof()
                 self._run_relay_actions()
             self._log_ws_close()
+            self._count_ws_close()
             return
+        self.server.metrics.connection_closed(self._metrics_key, self.server.now() - self._opened_at)
         exchange = self.exchange
         if exchange is not None:
+            if exchange.head.websocket:
+                self.server.metrics.connection_failed(WEBSOCKET, "client_gone")
             self.exchange = None
             if exchange.task is not None and not exchange.task.done():
                 exchange.task.cancel()
@@ -256,6 +266,8 @@ class ClientConnection(asyncio.Protocol):
         now = server.now()
         route = server.router.match(head.host, head.path)
         if route is None:
+            if head.websocket:
+                server.metrics.connection_refused(WEBSOCKET, "no_route")
             self._answer_locally(head, 404, f"no route for host {head.host!r} and path {head.path!r}")
             return
         exchange = _Exchange(head, route, server.groups[route.upstream], now)
@@ -264,6 +276,7 @@ class ClientConnection(asyncio.Protocol):
             try:
                 exchange.websocket_key = validate_client_handshake(head)
             except RemoteProtocolError as exc:
+                server.metrics.connection_refused(WEBSOCKET, "bad_handshake")
                 self._fail_request(400, f"bad WebSocket handshake: {exc}", _WS_VERSION_HEADER)
                 return
         self._deadline = 0.0
@@ -353,7 +366,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if conn is None:
             status = 504 if failure == "timeout" else 502
-            self._upstream_failed(exchange, status, f"upstream {group.config.name!r} is unavailable ({failure})")
+            reason = "upstream_timeout" if failure == "timeout" else "upstream_unreachable"
+            self._upstream_failed(exchange, status, f"upstream {group.config.name!r} is unavailable ({failure})", reason)
             return
         try:
             self._attach(exchange, conn)
@@ -381,8 +395,13 @@ class ClientConnection(asyncio.Protocol):
         if self.transport.get_write_buffer_size() > self.server.config.limits.buffer_high_water:
             conn.pause_reading()
 
-    def _upstream_failed(self, exchange: _Exchange, status: int, message: str) -> None:
-        """No usable answer from the upstream: answer the client ourselves."""
+    def _upstream_failed(self, exchange: _Exchange, status: int, message: str, reason: str = "upstream_invalid") -> None:
+        """No usable answer from the upstream: answer the client ourselves.
+
+        `reason` is the metrics' failure reason when this was a WebSocket handshake.
+        """
+        if exchange.head.websocket and not exchange.status:
+            self.server.metrics.connection_failed(WEBSOCKET, reason)
         if exchange.status:
             # Part of the response is already out: the client must see a broken response.
             self._drop_exchange(abort_upstream=True)
@@ -438,6 +457,8 @@ class ClientConnection(asyncio.Protocol):
                 return False
             self._start_websocket(exchange, conn, head)
             return False
+        if exchange.websocket_key is not None and head.status >= 200:
+            self.server.metrics.connection_refused(WEBSOCKET, "upstream_refused")
         headers = http1.forwarded_response_headers(head.headers)
         informational = ResponseHead(head.status, head.reason, head.http_version, headers)
         try:
@@ -537,6 +558,12 @@ class ClientConnection(asyncio.Protocol):
             now=now,
         )
         self._log_http(exchange.head, 101, 0, now, conn, event="ws_open")
+        metrics = self.server.metrics
+        metrics.connection_closed(self._metrics_key, now - self._opened_at)  # its HTTP life ends here
+        route = exchange.route
+        self._metrics_key = metrics.connection_opened(
+            WEBSOCKET, route_label(route.host, route.path_prefix), route.upstream, str(conn.server)
+        )
         self.upstream = conn
         conn.websocket = True
         self.exchange = None
@@ -587,6 +614,19 @@ class ClientConnection(asyncio.Protocol):
             elif kind == SHUTDOWN_UPSTREAM:
                 up.shutdown()
 
+    def _count_ws_close(self) -> None:
+        """Fold the session's totals into the metrics (see `Metrics`: live to folded at once)."""
+        relay = self.relay
+        metrics = self.server.metrics
+        metrics.add_messages(CLIENT_TO_UPSTREAM, relay.messages_from_client, relay.bytes_from_client)
+        metrics.add_messages(UPSTREAM_TO_CLIENT, relay.messages_from_upstream, relay.bytes_from_upstream)
+        # The code the client saw: the upstream's, forwarded, or the proxy's own.
+        if relay.upstream_close is not None:
+            code = relay.upstream_close[0]
+        else:
+            code = relay.proxy_close_code
+        metrics.connection_closed(self._metrics_key, self.server.now() - self._ws_started, code)
+
     def _log_ws_close(self) -> None:
         relay = self.relay
         now = self.server.now()
@@ -628,7 +668,7 @@ class ClientConnection(asyncio.Protocol):
             elif exchange.deadline and now >= exchange.deadline:
                 what = "WebSocket handshake" if exchange.head.websocket else "response"
                 log.warning("upstream %s: no %s within the timeout", exchange.group.config.name, what)
-                self._upstream_failed(exchange, 504, f"upstream timed out ({what})")
+                self._upstream_failed(exchange, 504, f"upstream timed out ({what})", "upstream_timeout")
             return
         if self._deadline and now >= self._deadline:
             if self._deadline_kind == "header" and self.http.buffered:
@@ -653,6 +693,8 @@ class ClientConnection(asyncio.Protocol):
     def _log_http(self, head, status, bytes_out, now, conn=None, event="http") -> None:
         exchange = self.exchange
         started = exchange.started if exchange is not None else now
+        if event == "http":
+            self.server.metrics.request_done(status, now - started)
         fields = {
             "event": event,
             "client": self.client_ip,
