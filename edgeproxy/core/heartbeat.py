@@ -212,8 +212,11 @@ class Heartbeat:
         if peer is None or payload != peer.ping_payload:
             return None
         peer.ping_payload = None
-        self._answered(peer, now)
-        return max(0.0, now - peer.ping_sent)
+        peer.pong_deadline = _NEVER  # what _answered does, inlined: one call per pong
+        if peer.next_ping <= now:
+            self._wheel.reschedule(peer.handle, now)
+        rtt = now - peer.ping_sent
+        return rtt if rtt > 0.0 else 0.0
 
     def due(self, now: float) -> list[tuple[str, Hashable, bytes | None]]:
         """Everything due by `now`, as ``(action, key, payload)``; call once per loop tick.
@@ -225,45 +228,59 @@ class Heartbeat:
         self._last_due = now
         actions: list[tuple[str, Hashable, bytes | None]] = []
         peers = self._peers
+        # This loop runs for every ping of every connection: the common case (send a
+        # ping, re-arm) is written out here, with its lookups hoisted.
+        reschedule = self._wheel.reschedule
+        random_unit = self._rng.random
+        pack = _COUNTER.pack
+        pong_timeout = self.pong_timeout
+        shortest_interval = self.ping_interval * (1 - self.jitter)
+        interval_spread = 2 * self.ping_interval * self.jitter
+        counter = self._counter
         for key in self._wheel.advance(now):
             peer = peers[key]
-            verdict = self._verdict(peer, now)
-            if verdict is not None:
-                if not stalled or verdict is AGE_EXPIRED:
-                    del peers[key]
-                    actions.append((verdict, key, None))
-                    continue
-                # Pongs or data may wait unread in the socket buffer: judge again shortly.
-                later = now + self.stall_grace
-                if verdict is DEAD:
-                    peer.pong_deadline = later
-                else:  # IDLE: as if traffic had been seen just in time for `later`
-                    peer.last_traffic = later - peer.idle_limit
-            elif peer.next_ping <= now and peer.pong_deadline == _NEVER:
-                actions.append((PING, key, self._ping(peer, now)))
-            self._arm(peer, now)
+            pong_deadline = peer.pong_deadline
+            age_deadline = peer.age_deadline
+            idle_at = peer.last_traffic + peer.idle_limit
+            if pong_deadline <= now or age_deadline <= now or idle_at <= now:
+                self._judge(key, peer, now, stalled, actions)
+            elif pong_deadline == _NEVER and peer.next_ping <= now:
+                counter = (counter + 1) & _COUNTER_MASK
+                payload = pack(counter)
+                peer.ping_payload = payload
+                peer.ping_sent = now
+                peer.pong_deadline = pong_deadline = now + pong_timeout
+                peer.next_ping = next_ping = now + shortest_interval + interval_spread * random_unit()
+                actions.append((PING, key, payload))
+                wake = next_ping if next_ping < pong_deadline else pong_deadline
+                if idle_at < wake:
+                    wake = idle_at
+                reschedule(peer.handle, age_deadline if age_deadline < wake else wake)
+            else:  # woken early: a pong came, traffic moved the idle limit, ...
+                self._arm(peer, now)
+        self._counter = counter
         return actions
 
-    @staticmethod
-    def _verdict(peer: _Peer, now: float) -> str | None:
-        """DEAD, AGE_EXPIRED or IDLE when one is due (in that order: a dead peer can't close)."""
+    def _judge(self, key: Hashable, peer: _Peer, now: float, stalled: bool, actions: list) -> None:
+        """A limit has passed: report DEAD, AGE_EXPIRED or IDLE (in that order: a dead peer
+        cannot close gracefully) and forget the key, unless a stall defers the verdict."""
         if peer.pong_deadline <= now:
-            return DEAD
-        if peer.age_deadline <= now:
-            return AGE_EXPIRED
-        if peer.last_traffic + peer.idle_limit <= now:
-            return IDLE
-        return None
-
-    def _ping(self, peer: _Peer, now: float) -> bytes:
-        """Start a ping: a fresh payload, its pong deadline, and the next ping's jittered time."""
-        self._counter = counter = (self._counter + 1) & _COUNTER_MASK
-        payload = _COUNTER.pack(counter)
-        peer.ping_payload = payload
-        peer.ping_sent = now
-        peer.pong_deadline = now + self.pong_timeout
-        peer.next_ping = now + self.ping_interval * (1 + self.jitter * (2 * self._rng.random() - 1))
-        return payload
+            verdict = DEAD
+        elif peer.age_deadline <= now:
+            verdict = AGE_EXPIRED
+        else:
+            verdict = IDLE
+        if not stalled or verdict is AGE_EXPIRED:
+            del self._peers[key]
+            actions.append((verdict, key, None))
+            return
+        # Pongs or data may wait unread in the socket buffer: judge again shortly.
+        later = now + self.stall_grace
+        if verdict is DEAD:
+            peer.pong_deadline = later
+        else:  # IDLE: as if traffic had been seen just in time for `later`
+            peer.last_traffic = later - peer.idle_limit
+        self._arm(peer, now)
 
     def _answered(self, peer: _Peer, now: float) -> None:
         """The outstanding ping is answered; if the next ping is overdue, send it next tick."""

@@ -124,10 +124,7 @@ class TimerWheel:
 
     def schedule(self, key: Hashable, deadline: float) -> TimerHandle:
         """Schedule `key` to come out of :meth:`advance` once `deadline` has passed."""
-        handle = TimerHandle(key)
-        self._count += 1
-        self._place(handle, deadline)
-        return handle
+        return self.reschedule(TimerHandle(key), deadline)
 
     def cancel(self, handle: TimerHandle) -> bool:
         """Unschedule `handle`; returns False when it was not scheduled (fired or cancelled)."""
@@ -146,16 +143,11 @@ class TimerWheel:
             self._count += 1
         else:
             del bucket[handle]
-        self._place(handle, deadline)
-        return handle
-
-    def _place(self, handle: TimerHandle, deadline: float) -> None:
-        tick = _floor((deadline + self._offset) * self._per_second) + 1
-        handle.tick = tick
+        handle.tick = tick = _floor((deadline + self._offset) * self._per_second) + 1
         # A tick whose bucket was visited already goes out at the next advance.
-        bucket = self._overdue if tick <= self._tick else self._slots[tick % self._nslots]
-        handle.bucket = bucket
+        handle.bucket = bucket = self._overdue if tick <= self._tick else self._slots[tick % self._nslots]
         bucket[handle] = None
+        return handle
 
     def advance(self, now: float) -> list:
         """Move the wheel to `now`; return the keys whose deadlines have passed, in tick order.
