@@ -45,7 +45,8 @@ pong can be matched exactly, and a stale or forged one ignored.
 **Timers.**  Each peer has one handle on a :class:`~edgeproxy.core.timerwheel.TimerWheel`,
 set to its nearest deadline (next ping, pong deadline, idle limit, age limit).  When
 it fires, ``due`` checks the peer's deadlines against ``now`` (the wheel only says
-"look at this peer"), emits what is due and re-arms the handle.  The hot calls do not
+"look at this peer"), emits what is due and re-arms the handle.  Like the wheel, a limit counts as passed
+only once ``now`` is strictly after it.  The hot calls do not
 touch the wheel: ``saw_traffic`` stores a time (the idle deadline is checked lazily
 when the handle fires), and ``pong_received`` clears a field (the handle already
 waits for the next ping).  Per peer that is two small ``__slots__`` objects.
@@ -242,7 +243,7 @@ class Heartbeat:
             pong_deadline = peer.pong_deadline
             age_deadline = peer.age_deadline
             idle_at = peer.last_traffic + peer.idle_limit
-            if pong_deadline <= now or age_deadline <= now or idle_at <= now:
+            if pong_deadline < now or age_deadline < now or idle_at < now:
                 self._judge(key, peer, now, stalled, actions)
             elif pong_deadline == _NEVER and peer.next_ping <= now:
                 counter = (counter + 1) & _COUNTER_MASK
@@ -264,9 +265,9 @@ class Heartbeat:
     def _judge(self, key: Hashable, peer: _Peer, now: float, stalled: bool, actions: list) -> None:
         """A limit has passed: report DEAD, AGE_EXPIRED or IDLE (in that order: a dead peer
         cannot close gracefully) and forget the key, unless a stall defers the verdict."""
-        if peer.pong_deadline <= now:
+        if peer.pong_deadline < now:
             verdict = DEAD
-        elif peer.age_deadline <= now:
+        elif peer.age_deadline < now:
             verdict = AGE_EXPIRED
         else:
             verdict = IDLE
