@@ -45,18 +45,20 @@ pong can be matched exactly, and a stale or forged one ignored.
 **Timers.**  Each peer has one handle on a :class:`~edgeproxy.core.timerwheel.TimerWheel`,
 set to its nearest deadline (next ping, pong deadline, idle limit, age limit).  When
 it fires, ``due`` checks the peer's deadlines against ``now`` (the wheel only says
-"look at this peer"), emits what is due and re-arms the handle.  Like the wheel, a limit counts as passed
-only once ``now`` is strictly after it.  The hot calls do not
-touch the wheel: ``saw_traffic`` stores a time (the idle deadline is checked lazily
-when the handle fires), and ``pong_received`` clears a field (the handle already
-waits for the next ping).  Per peer that is two small ``__slots__`` objects.
+"look at this peer"), emits what is due and re-arms the handle.  Like the wheel's, a
+limit counts as passed only once ``now`` is strictly after it, and is acted on at
+most one tick late.  The hot calls rarely touch the wheel: ``saw_traffic`` stores a
+time (the idle limit is checked lazily when the handle fires), and ``pong_received``
+clears a field (the handle already waits for the next ping, unless that is overdue).
+Per peer that is two small ``__slots__`` objects.
 
 **Jitter** (``jitter``, 0.1 = 10 %) keeps a crowd of connections from acting in the
 same tick.  The first ping of a peer comes at a uniform random point within its first
 interval, so 100,000 connections registered at once (a restart's reconnect wave)
 ping evenly over a whole interval; each later interval is ``ping_interval`` +/-
 jitter, so they stay spread.  Each peer's idle and age limits are drawn once, from
-``limit * (1 - jitter)`` to ``limit``: a configured limit is never exceeded.
+``limit * (1 - jitter)`` to ``limit``: a configured limit is never exceeded (but for
+the tick).
 
 **Stalls.**  When the loop was blocked or the process suspended, ``due`` may run
 before the transport has read the pongs and data waiting in the socket buffers (uvloop
@@ -124,8 +126,8 @@ class Heartbeat:
         tick, slots: the timer wheel's granularity and size.
 
     Raises:
-        ValueError: a negative duration, a jitter outside [0, 1), or a pong_timeout or
-            stall_grace that is not positive.
+        ValueError: a negative duration, a jitter outside [0, 1), a pong_timeout or
+            stall_grace that is not positive, or a stall_grace not longer than a tick.
     """
 
     def __init__(
@@ -152,6 +154,8 @@ class Heartbeat:
                 raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
         if not 0 <= jitter < 1:
             raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
+        if not stall_grace > tick:  # due() runs every tick: a tick is not a stall
+            raise ValueError(f"stall_grace ({stall_grace!r}) must be longer than a tick ({tick!r})")
         self.ping_interval = ping_interval
         self.pong_timeout = pong_timeout
         self.idle_timeout = idle_timeout

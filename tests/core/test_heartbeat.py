@@ -250,6 +250,7 @@ class TestLifecycle:
             ({"stall_grace": 0.0}, "stall_grace"),
             ({"jitter": 1.0}, "jitter"),
             ({"jitter": -0.1}, "jitter"),
+            ({"stall_grace": 0.5, "tick": 0.5}, "longer than a tick"),
         ],
     )
     def test_rejects_bad_settings(self, options, message):
