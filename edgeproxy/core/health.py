@@ -11,6 +11,7 @@ Each server has one `ServerHealth`.  Two independent verdicts make it "down":
 * **Passive** (`passive_failure` / `passive_success`): real traffic reports
   connect failures and 5xx responses.  ``max_fails`` in a row eject the server
   for ``eject_base`` x 2^(ejections so far) seconds, capped at ``eject_max``.
+  ``max_fails = 0`` turns passive ejection off.
   The ejection count is forgotten once the server has served successfully for
   ``eject_max`` seconds after its last ejection ended.
 
@@ -125,8 +126,8 @@ class ServerHealth:
     def passive_failure(self, now: float) -> bool:
         """A connect failure or a 5xx; True when it ejected the server."""
         self._settle(now)
-        if self.ejected_until:
-            return False  # already out; failures of requests that started before don't count twice
+        if self.ejected_until or not self.policy.max_fails:
+            return False  # already out (requests that started before don't count twice), or disabled
         self.passive_fails += 1
         if self.passive_fails < self.policy.max_fails:
             return False
