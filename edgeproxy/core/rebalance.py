@@ -25,7 +25,8 @@ storm.
 
 Each closed client gets close code 1012 (service restart) or 1013 (try again
 later) with a reason like ``reconnect after 3.2s``: a delay drawn uniformly in
-``[delay_min, delay_max]`` so the reconnects spread out (`close_reason`).
+``[delay_min, delay_max]`` so the reconnects spread out (`close_reason`; also
+used when a server goes down under live sessions).
 
 Nothing here reads a clock or a random source: ``now`` and ``rng`` are passed in.
 """
@@ -128,7 +129,9 @@ class RebalancePlanner:
         self.closed_total += sum(plan.values())
         return plan
 
-    def close_reason(self, rng: random.Random) -> tuple[int, str]:
-        """The close code and a reason carrying a jittered reconnect delay."""
-        delay = rng.uniform(self.policy.delay_min, self.policy.delay_max)
-        return self.policy.close_code, f"reconnect after {delay:.1f}s"
+
+
+def close_reason(policy: RebalancePolicy, rng: random.Random) -> tuple[int, str]:
+    """The close code and a reason carrying a jittered reconnect delay, for one closed client."""
+    delay = rng.uniform(policy.delay_min, policy.delay_max)
+    return policy.close_code, f"reconnect after {delay:.1f}s"

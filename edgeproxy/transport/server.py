@@ -77,6 +77,8 @@ class ProxyServer:
             await self.stop()
             raise
         self._tick_handle = loop.call_later(self._tick, self._on_tick)
+        for group in self.groups.values():
+            group.start()
         for (host, port) in self.addresses:
             log.info(
                 "listening on %s:%d (loop=%s, frames=%s)", host, port, loop_name(), _accel.IMPLEMENTATION
@@ -103,6 +105,7 @@ class ProxyServer:
         for conn in list(self.connections):
             conn.shutdown()
         for group in self.groups.values():
+            group.stop()
             group.close_all()
         for server in self._servers:
             try:
