@@ -38,7 +38,13 @@ Value rules (see ``config.example.toml`` for every option with its default):
   ``admin.enabled = false`` turns the admin listener off;
 * ``routes[].host`` is a hostname without port, optionally ``*.``-prefixed,
   normalized to lower case; ``routes[].path_prefix`` starts with ``/``.
-  Routes are kept in file order (no sorting happens here).
+  Routes are kept in file order (no sorting happens here);
+* ``upstreams[].servers`` entries are address strings or tables
+  ``{address, weight, drain}``; weights are integers 1..100;
+* ``[upstreams.affinity]`` and ``[upstreams.rebalance]`` are opt-in: the table's
+  presence turns the feature on.  The affinity secret (``secret`` or
+  ``secret_file``, exactly one, at least 16 bytes) is read here, a relative
+  ``secret_file`` from the config file's directory.
 """
 
 from __future__ import annotations
@@ -55,12 +61,18 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from edgeproxy.core.affinity import SAME_SITE
+from edgeproxy.core.balance import POLICIES, parse_hash_source
+from edgeproxy.core.health import HealthPolicy
+from edgeproxy.core.rebalance import RebalancePolicy
 from edgeproxy.errors import ConfigError
 
 __all__ = [
     "Address",
     "AdminConfig",
+    "AffinityConfig",
     "Config",
+    "HealthConfig",
     "HttpConfig",
     "LimitsConfig",
     "ListenerConfig",
@@ -100,9 +112,45 @@ class ListenerConfig:
     backlog: int = 1024
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AffinityConfig:
+    """``[upstreams.affinity]``: the proxy's sticky cookie (see core.affinity).
+
+    ``secret`` holds the bytes of ``secret`` or of ``secret_file``; it is kept
+    out of ``repr`` so a logged config does not leak it.
+    """
+
+    cookie: str
+    secret: bytes = field(repr=False)
+    path: str = "/"
+    domain: str | None = None
+    max_age: int = 3600
+    secure: bool = False
+    http_only: bool = True
+    same_site: str = "lax"
+    #: give way above threshold x mean connections; None = strict affinity
+    rebalance_threshold: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """``[upstreams.health]``: active checks plus the state machine's thresholds."""
+
+    #: "none", "http" (GET ``path``, 2xx/3xx is healthy) or "tcp" (connect)
+    check: str = "none"
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 2.0
+    thresholds: HealthPolicy = field(default_factory=HealthPolicy)
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    """One ``[[upstreams]]`` table: a named group of backend servers."""
+    """One ``[[upstreams]]`` table: a named group of backend servers.
+
+    ``weights`` is empty when every server has weight 1, else one weight per
+    server in ``servers`` order; ``drain`` lists the servers marked ``drain``.
+    """
 
     name: str
     servers: tuple[Address, ...]
@@ -110,6 +158,17 @@ class UpstreamConfig:
     read_timeout: float = 60.0
     pool_size: int = 32
     pool_idle_timeout: float = 60.0
+    balance: str = "round_robin"
+    hash_key: str = "ip"
+    weights: tuple[int, ...] = ()
+    drain: tuple[Address, ...] = ()
+    affinity: AffinityConfig | None = None
+    rebalance: RebalancePolicy | None = None
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+    def weight(self, server: Address) -> int:
+        """The configured weight of ``server`` (1 unless set)."""
+        return self.weights[self.servers.index(server)] if self.weights else 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -361,22 +420,40 @@ class _Validator:
         if key not in data:
             return default
         value = data[key]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value < 0
-        ):
+        if not _is_number(value) or value < 0:
             self.error(_join(path, key), f"expected a number of seconds >= 0, got {_describe(value)}")
             return default
         return float(value)
 
-    def integer(self, data: dict[str, Any], path: str, key: str, default: int, minimum: int, what: str) -> int:
+    def number(self, data: dict[str, Any], path: str, key: str, default: float, *, above: float, what: str) -> float:
+        """A finite int or float strictly greater than ``above``."""
         if key not in data:
             return default
         value = data[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.error(_join(path, key), f"expected {what} (an integer >= {minimum}), got {_describe(value)}")
+        if not _is_number(value) or value <= above:
+            self.error(_join(path, key), f"expected {what} (a number > {above:g}), got {_describe(value)}")
+            return default
+        return float(value)
+
+    def integer(
+        self, data: dict[str, Any], path: str, key: str, default: int, minimum: int, what: str, maximum: int | None = None
+    ) -> int:
+        if key not in data:
+            return default
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"{minimum}..{maximum}"
+            self.error(_join(path, key), f"expected {what} (an integer {bounds}), got {_describe(value)}")
+            return default
+        return value
+
+    def string(self, data: dict[str, Any], path: str, key: str, default: str | None, what: str) -> str | None:
+        """A non-empty string without control characters."""
+        if key not in data:
+            return default
+        value = data[key]
+        if not isinstance(value, str) or not value or any(ord(ch) < 0x20 or ch == "\x7f" for ch in value):
+            self.error(_join(path, key), f"expected {what}, got {_describe(value)}")
             return default
         return value
 
@@ -410,6 +487,11 @@ class _Validator:
         return address
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float (TOML booleans are not numbers)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -420,7 +502,25 @@ def _join(path: str, key: str) -> str:
 
 _TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging", "admin")
 _LISTENER_KEYS = ("bind", "backlog")
-_UPSTREAM_KEYS = ("name", "servers", "connect_timeout", "read_timeout", "pool_size", "pool_idle_timeout")
+_UPSTREAM_KEYS = (
+    "name", "servers", "connect_timeout", "read_timeout", "pool_size", "pool_idle_timeout",
+    "balance", "hash_key", "affinity", "rebalance", "health",
+)
+_SERVER_KEYS = ("address", "weight", "drain")
+_AFFINITY_KEYS = (
+    "cookie", "secret", "secret_file", "path", "domain", "max_age", "secure", "http_only", "same_site",
+    "rebalance_threshold",
+)
+_REBALANCE_KEYS = (
+    "threshold", "sustain", "interval", "max_closes", "close_code", "reconnect_delay_min", "reconnect_delay_max",
+)
+_HEALTH_KEYS = (
+    "check", "path", "interval", "timeout", "rise", "fall", "max_fails", "eject_base", "eject_max", "slow_start",
+)
+_HEALTH_CHECKS = ("none", "http", "tcp")
+#: RFC 6265 cookie-name: an RFC 9110 token.
+_COOKIE_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_MIN_SECRET = 16
 _ROUTE_KEYS = ("path_prefix", "host", "upstream")
 _HTTP_KEYS = ("header_timeout", "keepalive_timeout", "max_header_size")
 _WEBSOCKET_KEYS = ("max_message_size", "handshake_timeout", "idle_timeout", "close_timeout")
@@ -469,20 +569,16 @@ def _upstreams(v: _Validator, data: dict[str, Any]) -> tuple[UpstreamConfig, ...
         else:
             seen[name] = path
 
-        servers_key = _join(path, "servers")
-        servers: list[Address] = []
-        raw = item.get("servers")
-        if "servers" not in item:
-            v.error(servers_key, 'missing required key (expected a list like ["127.0.0.1:9001"])')
-        elif not isinstance(raw, list):
-            v.error(servers_key, f'expected a list of addresses like ["127.0.0.1:9001"], got {_describe(raw)}')
-        elif not raw:
-            v.error(servers_key, "expected at least one server address, got an empty list")
-        else:
-            for index, entry in enumerate(raw):
-                address = v.address(entry, f"{servers_key}[{index}]", min_port=1)
-                if address is not None:
-                    servers.append(address)
+        servers, weights, drain = _servers(v, item, path)
+        balance = v.choice(item, path, "balance", "round_robin", POLICIES)
+        hash_key = item.get("hash_key", "ip")
+        try:
+            parse_hash_source(hash_key if isinstance(hash_key, str) else "")
+        except ValueError:
+            v.error(_join(path, "hash_key"), f'expected "ip", "header:NAME", "cookie:NAME" or "query:NAME", got {_describe(hash_key)}')
+            hash_key = "ip"
+        if "hash_key" in item and balance != "hash":
+            v.error(_join(path, "hash_key"), f'only used with balance = "hash" (balance is {balance!r})')
 
         upstreams.append(
             UpstreamConfig(
@@ -492,9 +588,189 @@ def _upstreams(v: _Validator, data: dict[str, Any]) -> tuple[UpstreamConfig, ...
                 read_timeout=v.seconds(item, path, "read_timeout", 60.0),
                 pool_size=v.integer(item, path, "pool_size", 32, 0, "a connection count"),
                 pool_idle_timeout=v.seconds(item, path, "pool_idle_timeout", 60.0),
+                balance=balance,
+                hash_key=hash_key,
+                weights=weights if any(w != 1 for w in weights) else (),
+                drain=drain,
+                affinity=_affinity(v, item, path),
+                rebalance=_rebalance(v, item, path),
+                health=_health(v, item, path),
             )
         )
     return tuple(upstreams)
+
+
+def _servers(v: _Validator, item: dict[str, Any], path: str) -> tuple[tuple[Address, ...], tuple[int, ...], tuple[Address, ...]]:
+    """``servers``: address strings or ``{address, weight, drain}`` tables."""
+    servers_key = _join(path, "servers")
+    servers: list[Address] = []
+    weights: list[int] = []
+    drain: list[Address] = []
+    raw = item.get("servers")
+    if "servers" not in item:
+        v.error(servers_key, 'missing required key (expected a list like ["127.0.0.1:9001"])')
+        raw = []
+    elif not isinstance(raw, list):
+        v.error(servers_key, f'expected a list of addresses like ["127.0.0.1:9001"], got {_describe(raw)}')
+        raw = []
+    elif not raw:
+        v.error(servers_key, "expected at least one server address, got an empty list")
+    seen: dict[Address, str] = {}
+    for index, entry in enumerate(raw):
+        key = f"{servers_key}[{index}]"
+        weight, drained = 1, False
+        if isinstance(entry, dict):
+            v.unknown_keys(entry, key, _SERVER_KEYS)
+            weight = v.integer(entry, key, "weight", 1, 1, "a server weight", maximum=100)
+            drained = v.boolean(entry, key, "drain", False)
+            if "address" not in entry:
+                v.error(_join(key, "address"), 'missing required key (expected an address like "127.0.0.1:9001")')
+                continue
+            address = v.address(entry["address"], _join(key, "address"), min_port=1)
+        else:
+            address = v.address(entry, key, min_port=1)
+        if address is None:
+            continue
+        if address in seen:
+            v.error(key, f"duplicate server {address} (already listed as {seen[address]})")
+            continue
+        seen[address] = key
+        servers.append(address)
+        weights.append(weight)
+        if drained:
+            drain.append(address)
+    return tuple(servers), tuple(weights), tuple(drain)
+
+
+def _subtable(v: _Validator, item: dict[str, Any], path: str, name: str, keys: tuple[str, ...]) -> tuple[str, dict[str, Any]] | None:
+    """The optional ``[upstreams.NAME]`` table with its key path, or None when absent."""
+    if name not in item:
+        return None
+    key = _join(path, name)
+    table = item[name]
+    if not isinstance(table, dict):
+        v.error(key, f"expected a table ([upstreams.{name}]), got {_describe(table)}")
+        return None
+    v.unknown_keys(table, key, keys)
+    return key, table
+
+
+def _affinity(v: _Validator, item: dict[str, Any], path: str) -> AffinityConfig | None:
+    found = _subtable(v, item, path, "affinity", _AFFINITY_KEYS)
+    if found is None:
+        return None
+    key, t = found
+    cookie = v.string(t, key, "cookie", None, "a cookie name (letters, digits and !#$%&'*+.^_`|~-)")
+    if "cookie" not in t:
+        v.error(_join(key, "cookie"), 'missing required key (expected a cookie name like "edgeproxy")')
+    elif cookie is not None and not _COOKIE_NAME_RE.fullmatch(cookie):
+        v.error(_join(key, "cookie"), f"expected a cookie name (letters, digits and !#$%&'*+.^_`|~-), got {_describe(cookie)}")
+    secret = _affinity_secret(v, t, key)
+    same_site = v.choice(t, key, "same_site", "lax", SAME_SITE)
+    secure = v.boolean(t, key, "secure", False)
+    if same_site == "none" and not secure:
+        v.error(_join(key, "same_site"), 'same_site = "none" needs secure = true (browsers refuse it otherwise)')
+    path_value = v.string(t, key, "path", "/", 'a cookie path starting with "/"')
+    if path_value is not None and (not path_value.startswith("/") or ";" in path_value):
+        v.error(_join(key, "path"), f'expected a cookie path starting with "/" (no ";"), got {_describe(path_value)}')
+    domain = v.string(t, key, "domain", None, 'a domain like "example.com"')
+    if domain is not None and _check_hostname(domain.lower().lstrip(".")):
+        v.error(_join(key, "domain"), f'expected a domain like "example.com", got {_describe(domain)}')
+    threshold = None
+    if "rebalance_threshold" in t:
+        threshold = v.number(t, key, "rebalance_threshold", 1.5, above=1.0, what="a load ratio like 1.5")
+    return AffinityConfig(
+        cookie=cookie or "edgeproxy",
+        secret=secret,
+        path=path_value or "/",
+        domain=domain,
+        max_age=v.integer(t, key, "max_age", 3600, 0, "seconds, 0 = a session cookie with no limit"),
+        secure=secure,
+        http_only=v.boolean(t, key, "http_only", True),
+        same_site=same_site,
+        rebalance_threshold=threshold,
+    )
+
+
+def _affinity_secret(v: _Validator, t: dict[str, Any], key: str) -> bytes:
+    if ("secret" in t) == ("secret_file" in t):
+        v.error(_join(key, "secret"), "set exactly one of secret or secret_file")
+        return b""
+    if "secret" in t:
+        text = v.string(t, key, "secret", None, "a secret string")
+        secret = text.encode("utf-8") if text else b""
+        where = _join(key, "secret")
+    else:
+        where = _join(key, "secret_file")
+        name = v.string(t, key, "secret_file", None, "a file path")
+        if name is None:
+            return b""
+        if not os.path.isabs(name) and os.path.isfile(v.source):
+            name = os.path.join(os.path.dirname(v.source), name)
+        try:
+            with open(name, "rb") as fh:
+                secret = fh.read().strip()
+        except OSError as exc:
+            v.error(where, f"cannot read the secret file {_quote(name)}: {exc.strerror or exc}")
+            return b""
+    if secret and len(secret) < _MIN_SECRET:
+        v.error(where, f"the secret must be at least {_MIN_SECRET} bytes, got {len(secret)}")
+    return secret
+
+
+def _rebalance(v: _Validator, item: dict[str, Any], path: str) -> RebalancePolicy | None:
+    found = _subtable(v, item, path, "rebalance", _REBALANCE_KEYS)
+    if found is None:
+        return None
+    key, t = found
+    default = RebalancePolicy()
+    close_code = default.close_code
+    if "close_code" in t:
+        close_code = t["close_code"]
+        if close_code not in (1012, 1013) or isinstance(close_code, bool):
+            v.error(_join(key, "close_code"), f"expected 1012 (service restart) or 1013 (try again later), got {_describe(close_code)}")
+            close_code = default.close_code
+    delay_min = v.seconds(t, key, "reconnect_delay_min", default.delay_min)
+    delay_max = v.seconds(t, key, "reconnect_delay_max", default.delay_max)
+    if delay_max < delay_min:
+        v.error(_join(key, "reconnect_delay_max"), f"must be >= reconnect_delay_min ({delay_min:g}), got {delay_max:g}")
+    return RebalancePolicy(
+        threshold=v.number(t, key, "threshold", default.threshold, above=1.0, what="a max/mean ratio like 1.2"),
+        sustain=v.seconds(t, key, "sustain", default.sustain),
+        interval=v.number(t, key, "interval", default.interval, above=0.0, what="seconds"),
+        max_closes=v.integer(t, key, "max_closes", default.max_closes, 1, "a connection count"),
+        close_code=close_code,
+        delay_min=delay_min,
+        delay_max=max(delay_min, delay_max),
+    )
+
+
+def _health(v: _Validator, item: dict[str, Any], path: str) -> HealthConfig:
+    key, t = _subtable(v, item, path, "health", _HEALTH_KEYS) or (_join(path, "health"), {})
+    default = HealthConfig()
+    base = HealthPolicy()
+    check_path = v.string(t, key, "path", "/", 'a request path starting with "/"')
+    if check_path is not None and (not check_path.startswith("/") or " " in check_path):
+        v.error(_join(key, "path"), f'expected a request path starting with "/" (no spaces), got {_describe(check_path)}')
+        check_path = "/"
+    eject_base = v.seconds(t, key, "eject_base", base.eject_base)
+    eject_max = v.seconds(t, key, "eject_max", base.eject_max)
+    if eject_max < eject_base:
+        v.error(_join(key, "eject_max"), f"must be >= eject_base ({eject_base:g}), got {eject_max:g}")
+    return HealthConfig(
+        check=v.choice(t, key, "check", default.check, _HEALTH_CHECKS),
+        path=check_path or "/",
+        interval=v.number(t, key, "interval", default.interval, above=0.0, what="seconds"),
+        timeout=v.number(t, key, "timeout", default.timeout, above=0.0, what="seconds"),
+        thresholds=HealthPolicy(
+            rise=v.integer(t, key, "rise", base.rise, 1, "a count of checks"),
+            fall=v.integer(t, key, "fall", base.fall, 1, "a count of checks"),
+            max_fails=v.integer(t, key, "max_fails", base.max_fails, 0, "a count of failures, 0 = no passive ejection"),
+            eject_base=eject_base,
+            eject_max=max(eject_base, eject_max),
+            slow_start=v.seconds(t, key, "slow_start", base.slow_start),
+        ),
+    )
 
 
 def _route_host(v: _Validator, key: str, value: Any) -> str | None:

@@ -98,7 +98,9 @@ def test_example_file_sets_every_option() -> None:
     data = tomllib.loads(EXAMPLE.read_text("utf-8"))
     assert set(data) == set(cfgmod._TOP_KEYS)
     assert set(data["listeners"][0]) == set(cfgmod._LISTENER_KEYS)
-    assert set(data["upstreams"][0]) == set(cfgmod._UPSTREAM_KEYS)
+    # affinity and rebalance are opt-in and hash_key needs balance = "hash": shown commented out
+    assert set(data["upstreams"][0]) == set(cfgmod._UPSTREAM_KEYS) - {"hash_key", "affinity", "rebalance"}
+    assert set(data["upstreams"][0]["health"]) == set(cfgmod._HEALTH_KEYS)
     assert set(data["http"]) == set(cfgmod._HTTP_KEYS)
     assert set(data["websocket"]) == set(cfgmod._WEBSOCKET_KEYS)
     assert set(data["limits"]) == set(cfgmod._LIMITS_KEYS)
@@ -108,6 +110,30 @@ def test_example_file_sets_every_option() -> None:
     # route keys: host is only shown commented out (it is optional)
     for key in cfgmod._ROUTE_KEYS:
         assert re.search(rf"^#? ?{key} = ", text, re.M), key
+    upstream_text = text[text.index("[[upstreams]]") : text.index("[[routes]]")]
+    for key in cfgmod._UPSTREAM_KEYS + cfgmod._AFFINITY_KEYS + cfgmod._REBALANCE_KEYS:
+        if key not in ("affinity", "rebalance", "health"):
+            assert re.search(rf"^#? ?{key} = ", upstream_text, re.M), key
+    for key in cfgmod._SERVER_KEYS:
+        assert re.search(rf"^# servers = \[.*\b{key} = ", upstream_text, re.M), key
+    for table in ("affinity", "rebalance"):
+        assert f"\n# [upstreams.{table}]\n" in upstream_text
+
+
+def test_example_opt_in_tables_are_valid_when_uncommented() -> None:
+    """Uncommenting the affinity and rebalance blocks (one secret) gives a valid config."""
+    text = EXAMPLE.read_text("utf-8")
+    start = text.index("\n# [upstreams.affinity]")
+    end = text.index("\n\n", text.index("# reconnect_delay_max"))
+    block = "\n".join(
+        line[2:] if re.fullmatch(r"# (\[upstreams\.\w+\]|\w+ = .*)", line) and "secret_file" not in line else line
+        for line in text[start:end].splitlines()
+    )
+    config = parse_config(text[:start] + block + text[end:])
+    upstream = config.upstream("app")
+    assert upstream.affinity is not None and upstream.affinity.cookie == "edgeproxy"
+    assert upstream.affinity.domain == "example.com" and upstream.affinity.rebalance_threshold == 1.5
+    assert upstream.rebalance is not None and upstream.rebalance.max_closes == 10
 
 
 def test_minimal_config_defaults() -> None:
@@ -623,3 +649,128 @@ def test_validation_errors_from_file_name_the_file(tmp_path: Path) -> None:
     assert info.value.problems == [
         (str(path), "routes[0].upstream", "route refers to upstream 'x', which is not defined (defined: app)")
     ]
+
+
+# --------------------------------------------------------------------------- #
+# Balancing, affinity, rebalance and health (issue #4)
+# --------------------------------------------------------------------------- #
+
+SECRET_LINE = 'secret = "0123456789abcdef"\n'
+
+
+def with_upstream(extra: str, servers: str = '["127.0.0.1:9001"]') -> str:
+    """MINIMAL with ``extra`` TOML added to the upstream (keys first, then sub-tables)."""
+    return MINIMAL.replace('servers = ["127.0.0.1:9001"]\n', f"servers = {servers}\n{extra}\n")
+
+
+def test_balancing_defaults() -> None:
+    upstream = parse_config(MINIMAL).upstreams[0]
+    assert upstream.balance == "round_robin" and upstream.hash_key == "ip"
+    assert upstream.weights == () and upstream.drain == ()
+    assert upstream.affinity is None and upstream.rebalance is None
+    assert upstream.health == cfgmod.HealthConfig()
+    assert upstream.weight(Address("127.0.0.1", 9001)) == 1
+
+
+def test_server_tables_weights_and_drain() -> None:
+    text = with_upstream(
+        'balance = "least_conn"',
+        servers='[{ address = "10.0.0.1:80", weight = 3 }, "10.0.0.2:80", { address = "10.0.0.3:80", drain = true }]',
+    )
+    upstream = parse_config(text).upstreams[0]
+    a, b, c = Address("10.0.0.1", 80), Address("10.0.0.2", 80), Address("10.0.0.3", 80)
+    assert upstream.servers == (a, b, c)
+    assert upstream.weights == (3, 1, 1)
+    assert upstream.weight(a) == 3 and upstream.weight(c) == 1
+    assert upstream.drain == (c,)
+    assert upstream.balance == "least_conn"
+
+
+def test_full_affinity_rebalance_health(tmp_path) -> None:
+    key = tmp_path / "affinity.key"
+    key.write_bytes(b"a-secret-from-a-file-0123\n")
+    text = with_upstream(
+        'balance = "hash"\nhash_key = "cookie:sid"\n'
+        '[upstreams.affinity]\ncookie = "ep"\nsecret_file = "affinity.key"\npath = "/app"\ndomain = "Example.com"\n'
+        'max_age = 60\nsecure = true\nhttp_only = false\nsame_site = "none"\nrebalance_threshold = 1.5\n'
+        '[upstreams.rebalance]\nthreshold = 1.1\nsustain = 0.5\ninterval = 0.2\nmax_closes = 3\nclose_code = 1013\n'
+        'reconnect_delay_min = 0.1\nreconnect_delay_max = 0.3\n'
+        '[upstreams.health]\ncheck = "http"\npath = "/healthz"\ninterval = 0.1\ntimeout = 0.5\nrise = 1\nfall = 2\n'
+        'max_fails = 0\neject_base = 1\neject_max = 2\nslow_start = 3\n'
+    )
+    config_file = tmp_path / "edge.toml"
+    config_file.write_text(text)
+    upstream = load_config(config_file).upstreams[0]
+    assert upstream.hash_key == "cookie:sid"
+    aff = upstream.affinity
+    assert aff.cookie == "ep" and aff.secret == b"a-secret-from-a-file-0123"
+    assert (aff.path, aff.domain, aff.max_age, aff.secure, aff.http_only, aff.same_site) == (
+        "/app", "Example.com", 60, True, False, "none")
+    assert aff.rebalance_threshold == 1.5
+    assert "a-secret" not in repr(upstream)
+    reb = upstream.rebalance
+    assert (reb.threshold, reb.sustain, reb.interval, reb.max_closes, reb.close_code, reb.delay_min, reb.delay_max) == (
+        1.1, 0.5, 0.2, 3, 1013, 0.1, 0.3)
+    health = upstream.health
+    assert (health.check, health.path, health.interval, health.timeout) == ("http", "/healthz", 0.1, 0.5)
+    t = health.thresholds
+    assert (t.rise, t.fall, t.max_fails, t.eject_base, t.eject_max, t.slow_start) == (1, 2, 0, 1.0, 2.0, 3.0)
+
+
+BALANCE_CASES = [
+    ("balance unknown", with_upstream('balance = "random"'), "upstreams[0].balance", "expected one of round_robin, least_conn, p2c, hash"),
+    ("hash_key without hash", with_upstream('hash_key = "ip"'), "upstreams[0].hash_key", 'only used with balance = "hash"'),
+    ("hash_key bad", with_upstream('balance = "hash"\nhash_key = "body:x"'), "upstreams[0].hash_key", '"header:NAME"'),
+    ("hash_key not a string", with_upstream('balance = "hash"\nhash_key = 1'), "upstreams[0].hash_key", "got 1"),
+    ("server table without address", with_upstream("", servers="[{ weight = 2 }]"), "upstreams[0].servers[0].address", "missing required key"),
+    ("server table unknown key", with_upstream("", servers='[{ address = "h:1", wieght = 2 }]'), "upstreams[0].servers[0].wieght", "did you mean 'weight'"),
+    ("server weight zero", with_upstream("", servers='[{ address = "h:1", weight = 0 }]'), "upstreams[0].servers[0].weight", "integer 1..100), got 0"),
+    ("server weight too big", with_upstream("", servers='[{ address = "h:1", weight = 101 }]'), "upstreams[0].servers[0].weight", "got 101"),
+    ("server drain not bool", with_upstream("", servers='[{ address = "h:1", drain = "yes" }]'), "upstreams[0].servers[0].drain", "expected true or false"),
+    ("duplicate server", with_upstream("", servers='["h:1", { address = "h:1" }]'), "upstreams[0].servers[1]", "duplicate server h:1 (already listed as upstreams[0].servers[0])"),
+    ("affinity not a table", with_upstream("affinity = 1"), "upstreams[0].affinity", "expected a table ([upstreams.affinity])"),
+    ("affinity without cookie", with_upstream("[upstreams.affinity]\n" + SECRET_LINE), "upstreams[0].affinity.cookie", "missing required key"),
+    ("affinity bad cookie name", with_upstream('[upstreams.affinity]\ncookie = "a b"\n' + SECRET_LINE), "upstreams[0].affinity.cookie", "expected a cookie name"),
+    ("affinity without secret", with_upstream('[upstreams.affinity]\ncookie = "ep"'), "upstreams[0].affinity.secret", "set exactly one of secret or secret_file"),
+    ("affinity two secrets", with_upstream('[upstreams.affinity]\ncookie = "ep"\nsecret_file = "x"\n' + SECRET_LINE), "upstreams[0].affinity.secret", "exactly one"),
+    ("affinity short secret", with_upstream('[upstreams.affinity]\ncookie = "ep"\nsecret = "short"'), "upstreams[0].affinity.secret", "at least 16 bytes, got 5"),
+    ("affinity missing secret file", with_upstream('[upstreams.affinity]\ncookie = "ep"\nsecret_file = "/nonexistent/key"'), "upstreams[0].affinity.secret_file", "cannot read the secret file"),
+    ("affinity same_site none insecure", with_upstream('[upstreams.affinity]\ncookie = "ep"\nsame_site = "none"\n' + SECRET_LINE), "upstreams[0].affinity.same_site", "needs secure = true"),
+    ("affinity same_site bad", with_upstream('[upstreams.affinity]\ncookie = "ep"\nsame_site = "loose"\n' + SECRET_LINE), "upstreams[0].affinity.same_site", "expected one of lax, strict, none"),
+    ("affinity path", with_upstream('[upstreams.affinity]\ncookie = "ep"\npath = "app"\n' + SECRET_LINE), "upstreams[0].affinity.path", 'starting with "/"'),
+    ("affinity domain", with_upstream('[upstreams.affinity]\ncookie = "ep"\ndomain = "a b"\n' + SECRET_LINE), "upstreams[0].affinity.domain", "expected a domain"),
+    ("affinity max_age negative", with_upstream('[upstreams.affinity]\ncookie = "ep"\nmax_age = -1\n' + SECRET_LINE), "upstreams[0].affinity.max_age", "got -1"),
+    ("affinity threshold too low", with_upstream('[upstreams.affinity]\ncookie = "ep"\nrebalance_threshold = 1\n' + SECRET_LINE), "upstreams[0].affinity.rebalance_threshold", "a number > 1), got 1"),
+    ("affinity unknown key", with_upstream('[upstreams.affinity]\ncookie = "ep"\nmaxage = 1\n' + SECRET_LINE), "upstreams[0].affinity.maxage", "did you mean 'max_age'"),
+    ("rebalance close code", with_upstream("[upstreams.rebalance]\nclose_code = 1001"), "upstreams[0].rebalance.close_code", "expected 1012 (service restart) or 1013"),
+    ("rebalance threshold", with_upstream("[upstreams.rebalance]\nthreshold = 0.9"), "upstreams[0].rebalance.threshold", "got 0.9"),
+    ("rebalance interval zero", with_upstream("[upstreams.rebalance]\ninterval = 0"), "upstreams[0].rebalance.interval", "a number > 0), got 0"),
+    ("rebalance max_closes zero", with_upstream("[upstreams.rebalance]\nmax_closes = 0"), "upstreams[0].rebalance.max_closes", "integer >= 1), got 0"),
+    ("rebalance delays reversed", with_upstream("[upstreams.rebalance]\nreconnect_delay_min = 5\nreconnect_delay_max = 1"), "upstreams[0].rebalance.reconnect_delay_max", "must be >= reconnect_delay_min (5)"),
+    ("rebalance unknown key", with_upstream("[upstreams.rebalance]\nfor = 5"), "upstreams[0].rebalance.for", "unknown key 'for'"),
+    ("health check", with_upstream('[upstreams.health]\ncheck = "icmp"'), "upstreams[0].health.check", "expected one of none, http, tcp"),
+    ("health path", with_upstream('[upstreams.health]\npath = "healthz"'), "upstreams[0].health.path", 'starting with "/"'),
+    ("health rise zero", with_upstream("[upstreams.health]\nrise = 0"), "upstreams[0].health.rise", "got 0"),
+    ("health timeout zero", with_upstream("[upstreams.health]\ntimeout = 0"), "upstreams[0].health.timeout", "got 0"),
+    ("health eject reversed", with_upstream("[upstreams.health]\neject_base = 10\neject_max = 1"), "upstreams[0].health.eject_max", "must be >= eject_base (10)"),
+    ("health unknown key", with_upstream("[upstreams.health]\nintervall = 1"), "upstreams[0].health.intervall", "did you mean 'interval'"),
+]
+
+
+@pytest.mark.parametrize("name, text, key, fragment", BALANCE_CASES, ids=[c[0] for c in BALANCE_CASES])
+def test_balancing_problems(name: str, text: str, key: str, fragment: str) -> None:
+    got_key, message = only_problem(text)
+    assert got_key == key
+    assert fragment in message, message
+
+
+def test_balancing_problems_are_all_collected() -> None:
+    text = with_upstream(
+        'balance = "x"\n[upstreams.affinity]\ncookie = "ep"\n[upstreams.rebalance]\nclose_code = 1\n'
+        "[upstreams.health]\nfall = 0\n",
+        servers='[{ address = "h:1", weight = 0 }]',
+    )
+    assert set(keys_of(text)) == {
+        "upstreams[0].servers[0].weight", "upstreams[0].balance", "upstreams[0].affinity.secret",
+        "upstreams[0].rebalance.close_code", "upstreams[0].health.fall",
+    }

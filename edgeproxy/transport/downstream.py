@@ -70,7 +70,7 @@ class _Exchange:
     __slots__ = (
         "head", "route", "group", "upstream", "pending", "pending_bytes", "request_done",
         "status", "bytes_out", "started", "websocket_key", "deadline", "task", "retried",
-        "connect_deadline", "connect_timed_out",
+        "connect_deadline", "connect_timed_out", "choice",
     )
 
     def __init__(self, head: RequestHead, route: RouteConfig, group, started: float):
@@ -91,6 +91,8 @@ class _Exchange:
         #: while a connect attempt runs: when the tick cancels it (0 = never)
         self.connect_deadline = 0.0
         self.connect_timed_out = False
+        #: where the balancer sent this request (and the server its cookie named)
+        self.choice = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -110,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
         self._ws_started = 0.0
         self._ws_route = ""
         self._ws_head: RequestHead | None = None
+        self._ws_group = None  # the UpstreamGroup counting this WebSocket session
         self._lingering = False
         #: the metrics key of what this connection is now (HTTP, then maybe a WebSocket)
         self._metrics_key: tuple[str, str, str, str] | None = None
@@ -162,6 +165,7 @@ class ClientConnection(asyncio.Protocol):
             if relay.state is not RelayState.CLOSED:
                 relay.client_eof()
                 self._run_relay_actions()
+            self._ws_group.session_closed(self.upstream.server, self)
             self._log_ws_close()
             self._count_ws_close()
             return
@@ -337,7 +341,10 @@ class ClientConnection(asyncio.Protocol):
         if exchange.head.websocket:
             # The handshake deadline covers connecting too.
             exchange.deadline = server.now() + (server.config.websocket.handshake_timeout or 1e9)
-        for address in group.order():
+        servers = self._choose_servers(exchange)
+        if servers is None:
+            return
+        for address in servers:
             if not exchange.head.websocket:
                 conn = group.take_idle(address, server.now())
                 if conn is not None:
@@ -360,6 +367,7 @@ class ClientConnection(asyncio.Protocol):
                 log.warning("upstream %s (%s) refused or unreachable: %s", address, group.config.name, exc)
             finally:
                 exchange.connect_deadline = 0.0
+            group.connect_failed(address, server.now())
         if self.exchange is not exchange or self.closed:
             if conn is not None:
                 conn.close()
@@ -395,7 +403,9 @@ class ClientConnection(asyncio.Protocol):
         if self.transport.get_write_buffer_size() > self.server.config.limits.buffer_high_water:
             conn.pause_reading()
 
-    def _upstream_failed(self, exchange: _Exchange, status: int, message: str, reason: str = "upstream_invalid") -> None:
+    def _upstream_failed(
+        self, exchange: _Exchange, status: int, message: str, reason: str = "upstream_invalid", extra_headers=()
+    ) -> None:
         """No usable answer from the upstream: answer the client ourselves.
 
         `reason` is the metrics' failure reason when this was a WebSocket handshake.
@@ -409,12 +419,12 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             return
         if exchange.request_done:
-            self._write(self.http.send_simple(status, message))
+            self._write(self.http.send_simple(status, message, extra_headers))
             self._log_http(exchange.head, status, 0, self.server.now())
             self._drop_exchange(abort_upstream=True)
             self._end_cycle()
         else:
-            self._fail_request(status, message)
+            self._fail_request(status, message, extra_headers)
 
     def upstream_events(self, conn: UpstreamConnection) -> None:
         """Called by the upstream Protocol after it received bytes (or EOF)."""
@@ -460,6 +470,8 @@ class ClientConnection(asyncio.Protocol):
         if exchange.websocket_key is not None and head.status >= 200:
             self.server.metrics.connection_refused(WEBSOCKET, "upstream_refused")
         headers = http1.forwarded_response_headers(head.headers)
+        if head.status >= 200:
+            headers += self._balance_response(exchange, conn, head.status)
         informational = ResponseHead(head.status, head.reason, head.http_version, headers)
         try:
             if head.status < 200:
@@ -543,10 +555,42 @@ class ClientConnection(asyncio.Protocol):
         self.resume_client_reading("connecting")
         self._process_client()
 
+    # -- balancing hooks (server choice, affinity cookie, passive health) -------
+
+    def _choose_servers(self, exchange: _Exchange):
+        """The servers to try for this exchange; None after answering 503 when all are down."""
+        group = exchange.group
+        now = self.server.now()
+        exchange.choice = choice = group.choose(exchange.head, self.client_ip, now)
+        if choice is None:
+            retry = group.retry_after(now)
+            log.warning("upstream %s: no server can take connections (all down or draining)", group.config.name)
+            self._upstream_failed(
+                exchange, 503, f"upstream {group.config.name!r} has no available server",
+                "upstream_unreachable", extra_headers=[(b"Retry-After", b"%d" % retry)],
+            )
+            return None
+        return choice.servers
+
+    def _balance_response(self, exchange: _Exchange, conn: UpstreamConnection, status: int) -> list:
+        """Passive health for a final response, and the Set-Cookie that pins the client to `conn.server`."""
+        exchange.group.response_status(conn.server, status, self.server.now())
+        return exchange.group.cookie_header(exchange.choice, conn.server)
+
+    def close_websocket(self, code: int, reason: str) -> None:
+        """End a relayed WebSocket from the proxy (rebalancing, its server went down): close frames both ways."""
+        relay = self.relay
+        if relay is not None and relay.state is RelayState.OPEN:
+            relay.close_both(code, reason)
+            self._run_relay_actions()
+
     # -- WebSocket mode ---------------------------------------------------------
 
     def _start_websocket(self, exchange: _Exchange, conn: UpstreamConnection, head: ResponseHead) -> None:
         headers = http1.forwarded_response_headers(head.headers, switching=True)
+        headers += self._balance_response(exchange, conn, 101)
+        self._ws_group = exchange.group
+        exchange.group.session_opened(conn.server, self)
         self._write(self.http.send_switching_protocols(head.reason or b"Switching Protocols", headers))
         cfg = self.server.config.websocket
         now = self.server.now()

@@ -109,6 +109,8 @@ class ProxyServer:
             raise
         self.metrics.event_loop = running_loop_name(loop)
         self._schedule_tick()
+        for group in self.groups.values():
+            group.start()
         extension = "compiled extension active" if _accel.SPEEDUPS else "compiled extension NOT active (pure Python)"
         for (host, port) in self.addresses:
             log.info("listening on %s:%d (loop=%s, %s)", host, port, self.metrics.event_loop, extension)
@@ -144,6 +146,7 @@ class ProxyServer:
         for conn in list(self.connections):
             conn.shutdown()
         for group in self.groups.values():
+            group.stop()
             group.close_all()
         for server in self._servers:
             try:

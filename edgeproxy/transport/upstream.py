@@ -1,20 +1,37 @@
-"""Connections to upstream servers: the Protocol, round robin and the keep-alive pool.
+"""Connections to upstream servers: the Protocol, server choice, health and the keep-alive pool.
 
 An `UpstreamConnection` belongs to at most one client connection at a time (its
 `owner`); between requests it waits in its group's idle pool.  WebSocket
 connections never return to the pool.  While owned, every callback is handed to
 the owner, which holds the proxying logic for both sides.
+
+An `UpstreamGroup` carries out the decisions of the sans-IO core for one
+``[[upstreams]]`` entry: `choose` asks `core.balance` / `core.affinity` which
+server a request goes to, given `core.health`'s verdicts and the live WebSocket
+count of each server (tracked here, `session_opened` / `session_closed`).  Two
+optional loop tasks per group run the active health checks and the paced
+rebalancer (`core.rebalance`), which ends chosen sessions through the client
+connection's `close_websocket`.  `snapshot()` gives the per-server counts and
+states as plain dicts, for an admin API or metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from edgeproxy.config import Address, UpstreamConfig
-from edgeproxy.core.http1 import ClientSide
+from edgeproxy.core import http1
+from edgeproxy.core.affinity import AffinityCodec, honour_pin, set_cookie_header
+from edgeproxy.core.balance import Balancer, hash_key, least_loaded, parse_hash_source, request_cookies
+from edgeproxy.core.health import HealthBook, State
+from edgeproxy.core.http1 import ClientSide, RequestHead
+from edgeproxy.core.rebalance import RebalancePlanner, RebalancePolicy, close_reason
 
 if TYPE_CHECKING:
     from edgeproxy.transport.downstream import ClientConnection
@@ -113,21 +130,227 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-class UpstreamGroup:
-    """The servers of one `[[upstreams]]` entry: round robin and an idle pool per server."""
+@dataclass(slots=True)
+class Choice:
+    """Where one request goes: `servers` to try in order, and the server its cookie named."""
 
-    def __init__(self, config: UpstreamConfig, *, high_water: int):
+    servers: list[Address]
+    pinned: Address | None
+
+
+class UpstreamGroup:
+    """The servers of one `[[upstreams]]` entry: choice, health, live sessions and an idle pool per server."""
+
+    def __init__(self, config: UpstreamConfig, *, high_water: int, rng: random.Random | None = None):
         self.config = config
         self.high_water = high_water
-        self._next = 0
+        self.rng = rng or random.Random()
         self._idle: dict[Address, deque[UpstreamConnection]] = {s: deque() for s in config.servers}
+        self._weights = {s: config.weight(s) for s in config.servers}
+        self.balancer = Balancer(config.balance, config.servers, self._weights)
+        self.health = HealthBook(config.health.thresholds, config.servers, config.drain)
+        #: live WebSocket sessions per server (the client connections relaying them)
+        self.sessions: dict[Address, set[ClientConnection]] = {s: set() for s in config.servers}
+        self._hash_source = parse_hash_source(config.hash_key) if config.balance == "hash" else None
+        aff = config.affinity
+        self.affinity = AffinityCodec(aff.secret, aff.max_age) if aff is not None else None
+        self._tokens = {self.affinity.token(str(s)): s for s in config.servers} if self.affinity else {}
+        self.planner = RebalancePlanner(config.rebalance) if config.rebalance is not None else None
+        #: close code and reconnect-delay range for sessions the proxy ends
+        self._close_policy = config.rebalance or RebalancePolicy()
+        self._tasks: list[asyncio.Task] = []
 
-    def order(self) -> list[Address]:
-        """Servers to try for one request: round robin start, the others as fallbacks."""
-        servers = self.config.servers
-        start = self._next % len(servers)
-        self._next += 1
-        return list(servers[start:] + servers[:start])
+    # -- choosing a server ----------------------------------------------------
+
+    def loads(self) -> dict[Address, int]:
+        return {server: len(conns) for server, conns in self.sessions.items()}
+
+    def choose(self, head: RequestHead, client_ip: str, now: float) -> Choice | None:
+        """The servers to try for `head`, best first; None when every server is down or draining."""
+        eligible = self.health.eligible(now, self._weights)
+        if not eligible:
+            return None
+        loads = self.loads()
+        pinned = None
+        if self.affinity is not None:
+            check = self.affinity.verify(request_cookies(head).get(self.config.affinity.cookie), time.time())
+            pinned = self._tokens.get(check.token)
+        if pinned is not None and honour_pin(
+            pinned, eligible, loads,
+            threshold=self.config.affinity.rebalance_threshold,
+            shedding=self.planner.shedding if self.planner is not None else frozenset(),
+        ):
+            first = pinned
+        elif pinned is not None:
+            first = least_loaded(eligible, loads, self.rng)  # give way
+        else:
+            key = hash_key(head, client_ip, self._hash_source) if self._hash_source else None
+            first = self.balancer.pick(eligible, loads, self.rng, key)
+        return Choice([first] + [s for s in self.config.servers if s in eligible and s != first], pinned)
+
+    def cookie_header(self, choice: Choice, server: Address) -> list[tuple[bytes, bytes]]:
+        """``[("Set-Cookie", ...)]`` when the client is not (validly) pinned to `server` yet, else []."""
+        aff = self.config.affinity
+        if aff is None or choice.pinned == server:
+            return []
+        value = self.affinity.issue(self.affinity.token(str(server)), time.time())
+        header = set_cookie_header(
+            aff.cookie, value, path=aff.path, domain=aff.domain, max_age=aff.max_age,
+            secure=aff.secure, http_only=aff.http_only, same_site=aff.same_site,
+        )
+        return [(b"Set-Cookie", header)]
+
+    def retry_after(self, now: float) -> int:
+        """Seconds for the Retry-After of a 503 when no server can take the request."""
+        interval = self.config.health.interval if self.config.health.check != "none" else 1.0
+        return self.health.retry_after(now, interval)
+
+    # -- passive health -----------------------------------------------------
+
+    def connect_failed(self, server: Address, now: float) -> None:
+        if self.health[server].passive_failure(now):
+            log.warning(
+                "upstream %s (%s) ejected for %.1fs after %d failures in a row",
+                server, self.config.name, self.health[server].ejected_until - now,
+                self.config.health.thresholds.max_fails,
+            )
+
+    def connect_ok(self, server: Address, now: float) -> None:
+        self.health[server].passive_success(now)
+
+    def response_status(self, server: Address, status: int, now: float) -> None:
+        """A final response (or 101) from `server`: 5xx counts as a failure."""
+        if status >= 500:
+            self.connect_failed(server, now)
+        else:
+            self.connect_ok(server, now)
+
+    # -- live WebSocket sessions ----------------------------------------------
+
+    def session_opened(self, server: Address, conn: ClientConnection) -> None:
+        self.sessions[server].add(conn)
+
+    def session_closed(self, server: Address, conn: ClientConnection) -> None:
+        self.sessions[server].discard(conn)
+
+    def _close_sessions(self, server: Address, count: int | None = None) -> int:
+        """End `count` (default: all) live sessions on `server` with 1012/1013 and a reconnect delay."""
+        conns = list(self.sessions[server])
+        if count is not None and count < len(conns):
+            conns = self.rng.sample(conns, count)
+        for conn in conns:
+            self.session_closed(server, conn)
+            code, reason = close_reason(self._close_policy, self.rng)
+            conn.close_websocket(code, reason)
+        return len(conns)
+
+    def set_drain(self, server: Address, drain: bool) -> None:
+        """Stop (or resume) sending new connections to `server`; for an admin API or a reload."""
+        self.health[server].drain = drain
+
+    # -- loop tasks: active checks and the rebalancer ----------------------------
+
+    def start(self) -> None:
+        """Start the active checks and the rebalancer, when configured (needs a running loop)."""
+        loop = asyncio.get_running_loop()
+        if self.config.health.check != "none":
+            self._tasks += [loop.create_task(self._check_loop(server)) for server in self.config.servers]
+        if self.planner is not None:
+            self._tasks.append(loop.create_task(self._rebalance_loop()))
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+
+    async def _check_loop(self, server: Address) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config.health
+        health = self.health[server]
+        while True:
+            ok = await self._probe(server)
+            now = loop.time()
+            if health.active_result(ok, now):
+                if health.active_up:
+                    log.warning("upstream %s (%s) is up again (%d checks passed)", server, self.config.name, cfg.thresholds.rise)
+                else:
+                    closed = self._close_sessions(server)
+                    log.warning(
+                        "upstream %s (%s) is down (%d checks failed); closed %d WebSocket sessions",
+                        server, self.config.name, cfg.thresholds.fall, closed,
+                    )
+            await asyncio.sleep(cfg.interval)
+
+    async def _probe(self, server: Address) -> bool:
+        """One active check: TCP connect, or GET `path` answered with 2xx/3xx, within `timeout`."""
+        cfg = self.config.health
+        writer = None
+        try:
+            async with asyncio.timeout(cfg.timeout):
+                reader, writer = await asyncio.open_connection(server.host, server.port)
+                if cfg.check == "tcp":
+                    return True
+                client = ClientSide()
+                head = RequestHead(b"GET", cfg.path.encode(), b"1.1", [])
+                headers = [(b"Host", str(server).encode()), (b"User-Agent", b"edgeproxy-health"), (b"Connection", b"close")]
+                writer.write(client.send_request(head, headers) + client.send_end())
+                while True:
+                    client.receive_data(await reader.read(65536))
+                    event = client.next_event()
+                    if isinstance(event, http1.ResponseHead) and event.status >= 200:
+                        return event.status < 400
+                    if event is not http1.NEED_DATA and not isinstance(event, http1.ResponseHead):
+                        return False
+        except (OSError, TimeoutError, http1.RemoteProtocolError):
+            return False
+        finally:
+            if writer is not None:
+                writer.transport.abort()
+
+    async def _rebalance_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        planner = self.planner
+        while True:
+            await asyncio.sleep(planner.policy.interval)
+            now = loop.time()
+            draining = {s for s, h in self.health.servers.items() if h.drain}
+            plan = planner.plan(now, self.health.eligible(now, self._weights), self.loads(), draining)
+            for server, count in plan.items():
+                self._close_sessions(server, count)
+            if plan:
+                log.info(
+                    "upstream %s: rebalancing, max/mean %.2f, closed %s",
+                    self.config.name, planner.last_ratio, ", ".join(f"{n} on {s}" for s, n in plan.items()),
+                )
+
+    # -- visibility ------------------------------------------------------------
+
+    def snapshot(self, now: float | None = None) -> dict:
+        """Per-server live connections and state as plain data (for an admin API or metrics)."""
+        if now is None:
+            now = asyncio.get_running_loop().time()
+        servers = []
+        for server in self.config.servers:
+            health = self.health[server]
+            state = health.state(now)
+            servers.append({
+                "address": str(server),
+                "state": state.value,
+                "connections": len(self.sessions[server]),
+                "weight": self._weights[server],
+                "effective_weight": round(self._weights[server] * health.weight_factor(now), 3)
+                if state in (State.UP, State.SLOW_START) else 0.0,
+                "drain": health.drain,
+                "ejections": health.ejections,
+            })
+        out = {"name": self.config.name, "balance": self.config.balance, "servers": servers}
+        if self.planner is not None:
+            out["rebalance"] = {
+                "ratio": round(self.planner.last_ratio, 3),
+                "shedding": sorted(str(s) for s in self.planner.shedding),
+                "closed_total": self.planner.closed_total,
+            }
+        return out
 
     def take_idle(self, server: Address, now: float) -> UpstreamConnection | None:
         """A pooled keep-alive connection to `server`, most recently used first."""

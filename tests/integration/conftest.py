@@ -407,11 +407,12 @@ class WSBackend:
                 rec.close_code, rec.close_reason = rcvd.code, rcvd.reason
             rec.done.set()
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
+        """Listen on ``port`` (0: a fresh ephemeral one; the old port to come back after ``kill``)."""
         self.server = await _ws_serve(
             self._handler,
             HOST,
-            0,
+            port,
             process_request=self._process_request,
             process_response=self._process_response,
             select_subprotocol=self._select_subprotocol,
@@ -426,6 +427,20 @@ class WSBackend:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.server.wait_closed(), 5)
 
+    async def stop_listening(self) -> None:
+        """Refuse new connections (the port is closed); live sessions go on."""
+        self.server.close(close_connections=False)
+        await asyncio.sleep(0)  # not wait_closed(): it would wait for the live sessions
+
+    async def kill(self) -> None:
+        """Die like a crashed process: stop listening and reset every live connection, no close frames."""
+        connections = list(self.server.connections)
+        self.server.close(close_connections=False)
+        for conn in connections:
+            conn.transport.abort()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.server.wait_closed(), 1)
+
 
 @pytest.fixture
 async def ws_backend():
@@ -433,6 +448,23 @@ async def ws_backend():
     await backend.start()
     yield backend
     await backend.stop()
+
+
+@pytest.fixture
+async def ws_backends():
+    """Factory: ``await ws_backends(n)`` -> n started WSBackends (stopped at teardown)."""
+    started: list[WSBackend] = []
+
+    async def factory(n: int) -> list[WSBackend]:
+        backends = [WSBackend() for _ in range(n)]
+        for backend in backends:
+            await backend.start()
+        started.extend(backends)
+        return backends
+
+    yield factory
+    for backend in started:
+        await backend.stop()
 
 
 @pytest.fixture
