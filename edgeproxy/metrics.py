@@ -74,6 +74,9 @@ UPSTREAM_TO_CLIENT = "upstream_to_client"
 HUB_DELIVERY = "hub_delivery"
 DIRECTIONS = (CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, HUB_DELIVERY)
 
+#: the health states of an upstream server (`core.health.State` values)
+UPSTREAM_STATES = ("up", "slow_start", "down", "draining")
+
 #: why a connection was refused (the proxy or upstream said no) or failed (it broke)
 FAILURE_REASONS = frozenset({
     "no_route",              # no route matched the request
@@ -473,8 +476,18 @@ class _Collector:
             "edgeproxy_upstream_server_up", "1 when the upstream server is considered healthy, 0 when not",
             labels=["upstream", "server"],
         )
-        if m.upstream_servers is not None:
-            for state in m.upstream_servers():
-                if state.get("up") is not None:  # None: nothing checks this server's health
-                    family.add_metric([state["upstream"], state["server"]], 1 if state["up"] else 0)
+        states = GaugeMetricFamily(
+            "edgeproxy_upstream_server_state",
+            "1 for the upstream server's current health state (up, slow_start, down, draining)",
+            labels=["upstream", "server", "state"],
+        )
+        servers = list(m.upstream_servers()) if m.upstream_servers is not None else []
+        for server in servers:
+            if server.get("up") is not None:  # None: nothing checks this server's health
+                family.add_metric([server["upstream"], server["server"]], 1 if server["up"] else 0)
+            current = server.get("state")
+            if current is not None:
+                for name in UPSTREAM_STATES:
+                    states.add_metric([server["upstream"], server["server"], name], 1 if name == current else 0)
         yield family
+        yield states

@@ -170,18 +170,31 @@ class ProxyServer:
                 yield UPSTREAM_TO_CLIENT, relay.messages_from_upstream, relay.bytes_from_upstream
 
     def upstream_states(self) -> list[dict[str, Any]]:
-        """Every configured upstream server with its open connections.
+        """Every configured upstream server: its health state and open connections.
 
-        ``up`` is None: nothing checks server health yet, and a guess would be
-        worse than saying so (the health checker will fill it in).
+        ``state`` is up, slow_start, down or draining (`core.health`); ``up`` is
+        True when the server takes new connections (up or slow_start);
+        ``websocket_sessions`` counts the sessions the balancer sees on it and
+        ``active_connections`` what the metrics count (the same, by two routes).
         """
         by_server = self.metrics.active_by("server")
-        return [
-            {"upstream": upstream.name, "server": str(address), "up": None,
-             "active_connections": by_server.get(str(address), 0)}
-            for upstream in self.config.upstreams
-            for address in upstream.servers
-        ]
+        now = self._loop.time() if self._loop is not None else 0.0
+        out = []
+        for group in self.groups.values():
+            for entry in group.snapshot(now)["servers"]:
+                out.append({
+                    "upstream": group.config.name,
+                    "server": entry["address"],
+                    "up": entry["state"] in ("up", "slow_start"),
+                    "state": entry["state"],
+                    "weight": entry["weight"],
+                    "effective_weight": entry["effective_weight"],
+                    "drain": entry["drain"],
+                    "ejections": entry["ejections"],
+                    "websocket_sessions": entry["connections"],
+                    "active_connections": by_server.get(entry["address"], 0),
+                })
+        return out
 
     def config_info(self) -> dict[str, Any]:
         """Which configuration is running: its version (sha256 of the file) and load time."""

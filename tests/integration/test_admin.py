@@ -120,10 +120,17 @@ async def test_upstreams_lists_every_configured_server(proxy, ws_backend, refuse
     p.server.metrics.connection_opened("websocket", "*/", "app", f"{HOST}:{ws_backend.port}")
     status, _, body = await fetch(p, "/admin/upstreams")
     assert status == 200
-    assert json.loads(body) == {"upstreams": [
-        {"upstream": "app", "server": f"{HOST}:{ws_backend.port}", "up": None, "active_connections": 1},
-        {"upstream": "app", "server": f"{HOST}:{refused_port}", "up": None, "active_connections": 0},
-    ]}
+    servers = json.loads(body)["upstreams"]
+    assert [(s["upstream"], s["server"], s["state"], s["up"], s["active_connections"]) for s in servers] == [
+        ("app", f"{HOST}:{ws_backend.port}", "up", True, 1),
+        ("app", f"{HOST}:{refused_port}", "up", True, 0),  # no check configured: assumed up
+    ]
+    _, _, text = await fetch(p, "/metrics")
+    got = exposition(text)
+    labels = {"upstream": "app", "server": f"{HOST}:{refused_port}"}
+    assert got[("edgeproxy_upstream_server_up", frozenset(labels.items()))] == 1
+    assert got[("edgeproxy_upstream_server_state", frozenset({**labels, "state": "up"}.items()))] == 1
+    assert got[("edgeproxy_upstream_server_state", frozenset({**labels, "state": "down"}.items()))] == 0
 
 
 async def test_config_reports_version_and_load_time(proxy, ws_backend) -> None:
