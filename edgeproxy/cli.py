@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -35,7 +36,16 @@ def _load_or_report(path: str) -> Config | None:
         return None
 
 
-async def _serve(config: Config, *, demo: bool = False) -> None:
+async def _reload_on_signal(server) -> None:
+    try:
+        await server.reload_file()
+    except (ConfigError, OSError):
+        pass  # logged by reload_file; the running configuration is kept
+    except Exception:
+        log.exception("reload failed; the running configuration is kept")
+
+
+async def _serve(config: Config, *, demo: bool = False, link=None) -> None:
     from edgeproxy.transport.server import ProxyServer
 
     loop = asyncio.get_running_loop()
@@ -51,7 +61,17 @@ async def _serve(config: Config, *, demo: bool = False) -> None:
                 backends.append(await start_demo_backend(address.host, address.port))
                 log.info("demo backend listening on %s", address)
     server = ProxyServer(config)
-    await server.start()
+    if link is None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_on_signal(server)))
+        await server.start()
+    else:  # a supervised worker: listeners and reloads come from the supervisor
+        for sig in (signal.SIGHUP, signal.SIGUSR2):
+            loop.add_signal_handler(sig, log.warning, "worker %d: signals go to the supervisor (pid %d)", link.index, link.supervisor)
+        server.reuse_port = True
+        if server.admin is not None:
+            server.admin.reuse_port = True
+        await server.start(link.sockets(config))
+        link.attach(server, loop)
     if demo:
         host, port = server.addresses[0]
         shown = f"[{host}]" if ":" in host else host
@@ -64,14 +84,15 @@ async def _serve(config: Config, *, demo: bool = False) -> None:
     log.info("stopped")
 
 
-def _run(config: Config, *, demo: bool = False) -> int:
+def _run(config: Config, *, demo: bool = False, link=None) -> int:
     from edgeproxy.logs import configure_logging
     from edgeproxy.transport import loop
 
     configure_logging(config.logging)
-    log.info(_version_text())
+    if link is None:
+        log.info(_version_text())
     try:
-        loop.run(_serve(config, demo=demo))
+        loop.run(_serve(config, demo=demo, link=link))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
@@ -84,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the proxy in the foreground (logs to stderr)")
     run.add_argument("--config", "-c", required=True, help="TOML configuration file")
+    run.add_argument("--pid-file", default=None, help="write the pid of the process in charge here (the supervisor with workers > 1)")
     check = sub.add_parser("validate", help="check a configuration file; exit 1 listing every error")
     check.add_argument("--config", "-c", required=True, help="TOML configuration file")
     demo = sub.add_parser("demo", help="run the proxy with a built-in example backend (WebSocket echo + HTTP page)")
@@ -100,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: ok ({len(config.listeners)} listener(s), {len(config.upstreams)} upstream(s), {len(config.routes)} route(s))")
         return 0
     if args.command == "run":
-        config = _load_or_report(args.config)
-        return 1 if config is None else _run(config)
+        return _run_command(args.config, args.pid_file)
     if args.command == "demo":
         path = args.config or _find_example()
         if path is None:
@@ -111,6 +132,29 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if config is None else _run(config, demo=True)
     parser.print_help()
     return 2
+
+
+def _run_command(path: str, pid_file: str | None) -> int:
+    """``run``: one process, a supervisor of workers, or (started by one) a worker."""
+    from edgeproxy import supervisor
+
+    link = supervisor.WorkerLink.from_environment()
+    if link is not None:
+        link.die_with_supervisor()
+        return _run(link.first_config(path), link=link)
+    config = _load_or_report(path)
+    if config is None:
+        return 1
+    if config.workers > 1 or supervisor.INHERIT_ENV in os.environ:
+        from edgeproxy.logs import configure_logging
+
+        configure_logging(config.logging)
+        log.info(_version_text())
+        return supervisor.run_supervisor(path, config, pid_file=pid_file)
+    if pid_file:
+        with open(pid_file, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+    return _run(config)
 
 
 def _find_example() -> str | None:

@@ -36,6 +36,9 @@ Value rules (see ``config.example.toml`` for every option with its default):
   *not* resolved here; listeners may use port 0 (ephemeral), servers may not;
 * ``admin.bind`` is an address like the listeners' (port 0 = ephemeral);
   ``admin.enabled = false`` turns the admin listener off;
+* ``workers`` (top level) is an integer 1..1024 or ``"auto"`` (one per CPU,
+  resolved here with ``os.cpu_count()``); with N > 1 worker ``i`` serves admin on
+  ``admin.bind`` port + ``i``, so those N ports must be free of the listeners;
 * ``routes[].host`` is a hostname without port, optionally ``*.``-prefixed,
   normalized to lower case; ``routes[].path_prefix`` starts with ``/``.
   Routes are kept in file order (no sorting happens here);
@@ -247,6 +250,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    #: worker processes (``"auto"`` already resolved to the CPU count); 1 = no supervisor
+    workers: int = 1
     source: str = "<string>"
     #: sha256 of the file text: tells operators which file a running proxy loaded.
     #: Not compared, so a reload of an equivalent file (comments changed) compares equal.
@@ -500,7 +505,9 @@ def _join(path: str, key: str) -> str:
 # Sections
 # --------------------------------------------------------------------------- #
 
-_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging", "admin")
+_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging", "admin", "workers")
+#: an upper bound that catches a typo (workers = 10000), not a tuning limit
+MAX_WORKERS = 1024
 _LISTENER_KEYS = ("bind", "backlog")
 _UPSTREAM_KEYS = (
     "name", "servers", "connect_timeout", "read_timeout", "pool_size", "pool_idle_timeout",
@@ -878,7 +885,18 @@ def _logging(v: _Validator, data: dict[str, Any]) -> LoggingConfig:
     ))
 
 
-def _admin(v: _Validator, data: dict[str, Any], listeners: tuple[ListenerConfig, ...]) -> AdminConfig:
+def _workers(v: _Validator, data: dict[str, Any]) -> int:
+    """``workers``: an integer 1..MAX_WORKERS or "auto" (one per CPU)."""
+    value = data.get("workers", 1)
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        v.error("workers", f'expected a process count (an integer 1..{MAX_WORKERS}) or "auto" (one per CPU), got {_describe(value)}')
+        return 1
+    return value
+
+
+def _admin(v: _Validator, data: dict[str, Any], listeners: tuple[ListenerConfig, ...], workers: int) -> AdminConfig:
     table = v.table(data, "admin")
     v.unknown_keys(table, "admin", _ADMIN_KEYS)
     enabled = v.boolean(table, "admin", "enabled", True)
@@ -886,9 +904,14 @@ def _admin(v: _Validator, data: dict[str, Any], listeners: tuple[ListenerConfig,
     if "bind" in table:
         bind = v.address(table["bind"], "admin.bind", min_port=0) or bind
     if enabled and bind.port != 0:
+        # With N workers, worker i serves admin on port + i (see edgeproxy.supervisor).
+        ports = range(bind.port, bind.port + workers)
+        if ports[-1] > 65535:
+            v.error("admin.bind", f"with workers = {workers} the admin ports {ports[0]}..{ports[-1]} (one per worker) pass 65535")
         for index, listener in enumerate(listeners):
-            if listener.bind == bind:
-                v.error("admin.bind", f"address {bind} is already used by listeners[{index}].bind")
+            if listener.bind.host == bind.host and listener.bind.port in ports:
+                used = f"address {bind}" if workers == 1 else f"admin port {listener.bind.port} (worker {listener.bind.port - bind.port})"
+                v.error("admin.bind", f"{used} is already used by listeners[{index}].bind")
     return AdminConfig(bind=bind, enabled=enabled)
 
 
@@ -915,6 +938,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     # be a consequence of that one mistake: skip the check rather than pile on.
     names = [u.name for u in upstreams]
     routes = _routes(v, data, names if names and all(names) else None)
+    workers = _workers(v, data)
     config = Config(
         listeners=listeners,
         upstreams=upstreams,
@@ -923,7 +947,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         websocket=_websocket(v, data),
         limits=_limits(v, data),
         logging=_logging(v, data),
-        admin=_admin(v, data, listeners),
+        admin=_admin(v, data, listeners, workers),
+        workers=workers,
         source=source,
         version=hashlib.sha256(text.encode("utf-8")).hexdigest(),
     )

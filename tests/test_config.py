@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -354,6 +355,14 @@ RULES = [
     ("unknown websocket key", MINIMAL + "[websocket]\nmax_size = 1\n", "websocket.max_size", "unknown key 'max_size' (expected one of: max_message_size"),
     ("unknown limits key", MINIMAL + "[limits]\nhigh_water = 1\n", "limits.high_water", "unknown key 'high_water'"),
     ("unknown logging key", MINIMAL + "[logging]\nfile = 'x'\n", "logging.file", "expected one of: level, format, access_log"),
+    # workers
+    ("workers zero", "workers = 0\n" + MINIMAL, "workers", 'expected a process count (an integer 1..1024) or "auto" (one per CPU), got 0'),
+    ("workers as a string", 'workers = "4"\n' + MINIMAL, "workers", 'or "auto" (one per CPU), got "4"'),
+    ("workers a boolean", "workers = true\n" + MINIMAL, "workers", "got true"),
+    ("workers' admin ports reach a listener", "workers = 3\n" + MINIMAL + '[admin]\nbind = "127.0.0.1:8078"\n',
+     "admin.bind", "admin port 8080 (worker 2) is already used by listeners[0].bind"),
+    ("workers' admin ports pass 65535", "workers = 3\n" + MINIMAL + '[admin]\nbind = "127.0.0.1:65534"\n',
+     "admin.bind", "with workers = 3 the admin ports 65534..65536 (one per worker) pass 65535"),
     # required sections
     ("no listeners", MINIMAL.replace('[[listeners]]\nbind = "127.0.0.1:8080"', ""), "listeners", "at least one [[listeners]]"),
     ("empty listeners array", MINIMAL.replace('[[listeners]]\nbind = "127.0.0.1:8080"', "listeners = []"), "listeners", "at least one [[listeners]]"),
@@ -774,3 +783,13 @@ def test_balancing_problems_are_all_collected() -> None:
         "upstreams[0].servers[0].weight", "upstreams[0].balance", "upstreams[0].affinity.secret",
         "upstreams[0].rebalance.close_code", "upstreams[0].health.fall",
     }
+
+
+def test_workers_default_count_and_auto() -> None:
+    assert parse_config(MINIMAL).workers == 1
+    assert parse_config("workers = 4\n" + MINIMAL).workers == 4
+    assert parse_config('workers = "auto"\n' + MINIMAL).workers == max(1, os.cpu_count() or 1)
+    # the worker count is part of the config: a reload that changes it is not a no-op
+    assert parse_config("workers = 2\n" + MINIMAL) != parse_config(MINIMAL)
+    # admin port 0 with workers: each worker takes a free port, nothing to collide with
+    assert parse_config("workers = 3\n" + MINIMAL + '[admin]\nbind = "127.0.0.1:0"\n').admin.bind.port == 0

@@ -165,6 +165,26 @@ class HealthBook:
     def __getitem__(self, server: Hashable) -> ServerHealth:
         return self.servers[server]
 
+    def update(self, policy: HealthPolicy, servers: Iterable[Hashable], drained: Iterable[Hashable] = ()) -> list[Hashable]:
+        """Follow a reloaded server list; returns the servers that left, in their old order.
+
+        A server that stays keeps its state (verdicts, streaks, ejections) under
+        the new `policy`; a new one starts up, like every server at start-up.
+        ``drain`` follows the new config for every server: a reload is the
+        operator's statement of intent, so it also ends a drain set at run time.
+        """
+        drained = set(drained)
+        old = self.servers
+        self.servers = {}
+        for server in servers:
+            health = old.get(server)
+            if health is None:
+                health = ServerHealth(policy)
+            health.policy = policy
+            health.drain = server in drained
+            self.servers[server] = health
+        return [s for s in old if s not in self.servers]
+
     def eligible(self, now: float, weights: dict[Hashable, int]) -> dict[Hashable, float]:
         """server -> effective weight, for the servers that may take a new connection."""
         out = {}

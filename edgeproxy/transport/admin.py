@@ -105,6 +105,9 @@ class AdminListener:
         self.source = source
         self.bind = bind
         self.stream_interval = stream_interval
+        #: bind with SO_REUSEPORT: a supervised worker and its successor in a binary
+        #: upgrade serve the same admin port while both run
+        self.reuse_port = False
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self._routes: dict[str, tuple[str, Callable[[], Any]]] = {
@@ -126,7 +129,8 @@ class AdminListener:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._serve, self.bind.host, self.bind.port, reuse_address=True, limit=MAX_BODY
+            self._serve, self.bind.host, self.bind.port, reuse_address=True, limit=MAX_BODY,
+            reuse_port=self.reuse_port or None,
         )
 
     async def stop(self) -> None:

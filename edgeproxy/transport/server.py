@@ -9,6 +9,12 @@ was busy elsewhere.
 The server owns the `Metrics` (``server.metrics``) and, unless ``[admin]
 enabled = false``, the admin listener (``server.admin``), which reads the
 ``ready`` flag, ``on_reload`` and the snapshots below.
+
+`reload` applies a new, validated `Config` in place without dropping a
+connection (see its docstring for what changes how); `reload_file` is the
+SIGHUP and POST /admin/reload path.  Listeners may be handed in as ready
+sockets (`start(sockets=...)`): that is how the supervisor's workers get their
+SO_REUSEPORT sockets (`edgeproxy.supervisor`).
 """
 
 from __future__ import annotations
@@ -16,11 +22,15 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
+import socket
 import time
+from collections.abc import Mapping
 from typing import Any, Callable
 
-from edgeproxy.config import Config
+from edgeproxy.config import Address, Config, ListenerConfig, load_config
 from edgeproxy.core import _accel
+from edgeproxy.errors import ConfigError
 from edgeproxy.metrics import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Metrics
 from edgeproxy.routing import Router
 from edgeproxy.transport.admin import AdminListener
@@ -39,6 +49,22 @@ def _tick_interval(config: Config) -> float:
         timeouts += [upstream.read_timeout, upstream.pool_idle_timeout, upstream.connect_timeout]
     shortest = min((t for t in timeouts if t > 0), default=4.0)
     return min(1.0, max(0.05, shortest / 4))
+
+
+#: identifies a listener across reloads: its bind address, and which occurrence
+#: of it (several port-0 listeners on one host are allowed and distinct)
+ListenerKey = tuple[Address, int]
+
+
+def listener_keys(listeners: tuple[ListenerConfig, ...]) -> list[ListenerKey]:
+    """The key of each listener, in config order."""
+    seen: dict[Address, int] = {}
+    keys = []
+    for listener in listeners:
+        n = seen.get(listener.bind, 0)
+        seen[listener.bind] = n + 1
+        keys.append((listener.bind, n))
+    return keys
 
 
 class ProxyServer:
@@ -60,6 +86,12 @@ class ProxyServer:
         self.groups = {u.name: UpstreamGroup(u, high_water=high_water) for u in config.upstreams}
         self.connections: set[ClientConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
+        #: the ListenerKey of each entry of `_servers`
+        self._server_keys: list[ListenerKey] = []
+        #: bind listeners with SO_REUSEPORT (set for supervised workers)
+        self.reuse_port = False
+        #: groups of upstreams a reload removed, while their sessions are paced out
+        self._retired_groups: list[UpstreamGroup] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick = _tick_interval(config)
@@ -68,7 +100,8 @@ class ProxyServer:
         self.metrics.live_messages = self._live_messages
         self.metrics.upstream_servers = self.upstream_states
         self.ready = False
-        self.on_reload: Callable[[], Any] | None = None
+        #: POST /admin/reload: re-read the config file, when there is one
+        self.on_reload: Callable[[], Any] | None = self.reload_file if os.path.isfile(config.source) else None
         #: wall-clock time the running config was loaded (reload code updates it with `config`)
         self.config_loaded_at = time.time()
         self.admin: AdminListener | None = AdminListener(self, config.admin.bind) if config.admin.enabled else None
@@ -90,24 +123,19 @@ class ProxyServer:
             out.append((name[0], name[1]))
         return out
 
-    async def start(self) -> None:
-        self._loop = loop = asyncio.get_running_loop()
+    async def start(self, sockets: Mapping[ListenerKey, socket.socket] | None = None) -> None:
+        """Bind every listener (or take its socket from `sockets`) and the admin listener."""
+        self._loop = asyncio.get_running_loop()
         try:
-            for listener in self.config.listeners:
-                server = await loop.create_server(
-                    lambda: ClientConnection(self),
-                    listener.bind.host,
-                    listener.bind.port,
-                    backlog=listener.backlog,
-                    reuse_address=True,
-                )
-                self._servers.append(server)
+            for key, listener in zip(listener_keys(self.config.listeners), self.config.listeners):
+                self._servers.append(await self._open_listener(listener, (sockets or {}).get(key)))
+                self._server_keys.append(key)
             if self.admin is not None:
                 await self.admin.start()
         except OSError:
             await self.stop()
             raise
-        self.metrics.event_loop = running_loop_name(loop)
+        self.metrics.event_loop = running_loop_name(self._loop)
         self._schedule_tick()
         for group in self.groups.values():
             group.start()
@@ -118,6 +146,16 @@ class ProxyServer:
             host, port = self.admin.address
             log.info("admin listener on http://%s:%d/ (/metrics, /healthz, /readyz, /dashboard)", host, port)
         self.ready = True
+
+    async def _open_listener(self, listener: ListenerConfig, sock: socket.socket | None) -> asyncio.AbstractServer:
+        """Accept clients on `listener`: on `sock` when given (already bound and listening), else bind it."""
+        factory = lambda: ClientConnection(self)  # noqa: E731
+        if sock is not None:
+            return await self._loop.create_server(factory, sock=sock, backlog=listener.backlog)
+        return await self._loop.create_server(
+            factory, listener.bind.host, listener.bind.port,
+            backlog=listener.backlog, reuse_address=True, reuse_port=self.reuse_port or None,
+        )
 
     def _schedule_tick(self) -> None:
         self._tick_due = self._loop.time() + self._tick
@@ -145,7 +183,7 @@ class ProxyServer:
             self._tick_handle = None
         for conn in list(self.connections):
             conn.shutdown()
-        for group in self.groups.values():
+        for group in [*self.groups.values(), *self._retired_groups]:
             group.stop()
             group.close_all()
         for server in self._servers:
@@ -158,6 +196,145 @@ class ProxyServer:
             await self.admin.stop()
         # Let the transports' close callbacks run.
         await asyncio.sleep(0)
+
+    # -- reload: apply a new config in place ---------------------------------------
+
+    async def reload_file(self, path: str | None = None) -> dict[str, Any]:
+        """Re-read the config file (default: the running config's source) and apply it.
+
+        An invalid file is logged, one line per problem with its file and key
+        path, and the running config is kept.
+
+        Raises:
+            ConfigError: the file is invalid (POST /admin/reload answers 400 with the problems).
+            OSError: a new listener could not be bound (nothing was changed).
+        """
+        try:
+            config = load_config(path or self.config.source)
+        except ConfigError as exc:
+            for line in exc.format_lines():
+                log.error("reload: %s", line)
+            log.error("reload: the configuration is invalid; the running one is kept")
+            raise
+        return await self.reload(config)
+
+    async def reload(self, config: Config, sockets: Mapping[ListenerKey, socket.socket] | None = None) -> dict[str, Any]:
+        """Apply `config` without dropping an open connection; returns what changed.
+
+        * listeners: new ones are bound first (from `sockets` when given); if one
+          cannot be, the reload stops there and nothing has changed.  Removed ones
+          stop accepting; their established connections go on.  A kept listener
+          whose settings changed gets them here (backlog today; TLS certificates
+          will be swapped in `_update_listener`).
+        * upstreams: new groups start, removed ones are retired (idle pools closed,
+          live WebSockets paced out with close frames), kept ones `reconfigure`
+          (servers that stay keep their health state, sessions and pools).
+        * routes: the `Router` is swapped; requests already routed finish where
+          they were sent.
+        * http, websocket, limits, upstream timeouts: read when used, so new
+          connections and new requests get the new values; open WebSockets keep
+          the values they started with.
+        * logging: reconfigured at once.  ``admin`` and ``workers`` take effect on
+          a restart (or, for workers, a binary upgrade); a change is logged.
+
+        A config equal to the running one (`Config` equality ignores the file's
+        version hash) changes nothing but the version and load time.
+        """
+        old = self.config
+        now = self._loop.time()
+        if config == old:
+            self.config = config  # the same values, maybe from a file with other comments
+            self.config_loaded_at = time.time()
+            log.info("reload: no effective change (version %s)", config.version[:12])
+            return {"reloaded": True, "changed": [], "version": config.version}
+        changed = await self._reload_listeners(old, config, sockets or {})
+        changed += self._reload_upstreams(old, config, now)
+        if config.routes != old.routes:
+            self.router = Router(config.routes)
+            changed.append("routes")
+        for name in ("http", "websocket", "limits"):
+            if getattr(config, name) != getattr(old, name):
+                changed.append(name)
+        if config.logging != old.logging:
+            from edgeproxy.logs import configure_logging
+
+            configure_logging(config.logging)
+            changed.append("logging")
+        for name in ("admin", "workers"):
+            if getattr(config, name) != getattr(old, name):
+                log.warning("reload: %s changed; it takes effect on a restart", name)
+        self.config = config
+        self.config_loaded_at = time.time()
+        self._tick = _tick_interval(config)
+        log.info("reload: applied version %s (changed: %s)", config.version[:12], ", ".join(changed) or "nothing in effect")
+        return {"reloaded": True, "changed": changed, "version": config.version}
+
+    async def _reload_listeners(
+        self, old: Config, new: Config, sockets: Mapping[ListenerKey, socket.socket]
+    ) -> list[str]:
+        current = dict(zip(self._server_keys, self._servers))
+        old_by_key = dict(zip(listener_keys(old.listeners), old.listeners))
+        new_keys = listener_keys(new.listeners)
+        opened: dict[ListenerKey, asyncio.AbstractServer] = {}
+        try:
+            for key, listener in zip(new_keys, new.listeners):
+                if key not in current:
+                    opened[key] = await self._open_listener(listener, sockets.get(key))
+        except OSError as exc:
+            for server in opened.values():
+                server.close()
+            log.error("reload: cannot bind a new listener (%s); the running configuration is kept", exc)
+            raise
+        for key, listener in zip(new_keys, new.listeners):
+            if key in current and old_by_key[key] != listener:
+                self._update_listener(current[key], old_by_key[key], listener)
+        removed = [key for key in current if key not in set(new_keys)]
+        for key in removed:
+            current[key].close()  # stops accepting; established connections are not touched
+        self._servers = [opened[key] if key in opened else current[key] for key in new_keys]
+        self._server_keys = list(new_keys)
+        for key in opened:
+            log.info("reload: listening on %s", key[0])
+        for key in removed:
+            log.info("reload: stopped listening on %s (its connections stay open)", key[0])
+        return ["listeners"] if opened or removed or old.listeners != new.listeners else []
+
+    def _update_listener(self, server: asyncio.AbstractServer, old: ListenerConfig, new: ListenerConfig) -> None:
+        """A kept listener's settings changed: apply them to its open socket.
+
+        The backlog is set again with listen(2), which Linux applies to a
+        listening socket.  This is also where TLS certificates are to be
+        reloaded when listeners get them: build the new `ssl.SSLContext` and
+        swap it for new handshakes; sessions already established keep theirs.
+        """
+        if new.backlog != old.backlog:
+            for sock in server.sockets:  # the loop's socket views do not offer listen(): use a dup
+                with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+                    dup.listen(new.backlog)
+
+    def _reload_upstreams(self, old: Config, new: Config, now: float) -> list[str]:
+        high_water = new.limits.buffer_high_water
+        groups = {}
+        changed = []
+        for upstream in new.upstreams:
+            group = self.groups.get(upstream.name)
+            if group is None:
+                group = UpstreamGroup(upstream, high_water=high_water)
+                group.start()
+                changed.append(f"upstream {upstream.name} added")
+            elif group.config != upstream or group.high_water != high_water:
+                removed = group.reconfigure(upstream, high_water=high_water, now=now)
+                changed.append(f"upstream {upstream.name} changed" + (f" ({len(removed)} server(s) removed)" if removed else ""))
+            groups[upstream.name] = group
+        for name, group in self.groups.items():
+            if name not in groups:
+                group.retire_all(now)
+                group.close_all()
+                self._retired_groups.append(group)
+                changed.append(f"upstream {name} removed")
+        self._retired_groups = [g for g in self._retired_groups if not g.retired]
+        self.groups = groups
+        return changed
 
     # -- what the metrics and the admin listener read ----------------------------
 

@@ -13,6 +13,13 @@ optional loop tasks per group run the active health checks and the paced
 rebalancer (`core.rebalance`), which ends chosen sessions through the client
 connection's `close_websocket`.  `snapshot()` gives the per-server counts and
 states as plain dicts, for an admin API or metrics.
+
+A reload hands a group its new ``[[upstreams]]`` entry (`reconfigure`): servers
+that stay keep their health, sessions and idle pool; new ones start up; removed
+ones are *retired*: their idle pool is closed at once and their live WebSocket
+sessions are paced out with close frames by a `core.drain.Drain` over
+`RETIRE_DRAIN_TIMEOUT` seconds (a group whose whole upstream was removed is
+retired with all its servers, `retire_all`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from edgeproxy.config import Address, UpstreamConfig
 from edgeproxy.core import http1
 from edgeproxy.core.affinity import AffinityCodec, honour_pin, set_cookie_header
 from edgeproxy.core.balance import Balancer, hash_key, least_loaded, parse_hash_source, request_cookies
+from edgeproxy.core.drain import Drain
 from edgeproxy.core.health import HealthBook, State
 from edgeproxy.core.http1 import ClientSide, RequestHead
 from edgeproxy.core.rebalance import RebalancePlanner, RebalancePolicy, close_reason
@@ -37,6 +45,12 @@ if TYPE_CHECKING:
     from edgeproxy.transport.downstream import ClientConnection
 
 log = logging.getLogger("edgeproxy")
+
+#: seconds over which the sessions of a server removed by a reload are closed: the
+#: closes go out in the first half (batches at least 0.5 s apart), the second half
+#: leaves the closing handshakes time, as in `core.drain`
+RETIRE_DRAIN_TIMEOUT = 10.0
+RETIRE_REASON = "server removed; reconnect in {delay:.1f}s"
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -142,23 +156,35 @@ class UpstreamGroup:
     """The servers of one `[[upstreams]]` entry: choice, health, live sessions and an idle pool per server."""
 
     def __init__(self, config: UpstreamConfig, *, high_water: int, rng: random.Random | None = None):
-        self.config = config
-        self.high_water = high_water
         self.rng = rng or random.Random()
         self._idle: dict[Address, deque[UpstreamConnection]] = {s: deque() for s in config.servers}
-        self._weights = {s: config.weight(s) for s in config.servers}
-        self.balancer = Balancer(config.balance, config.servers, self._weights)
         self.health = HealthBook(config.health.thresholds, config.servers, config.drain)
         #: live WebSocket sessions per server (the client connections relaying them)
         self.sessions: dict[Address, set[ClientConnection]] = {s: set() for s in config.servers}
+        #: sessions still open on servers a reload removed, while they are paced out
+        self.retiring: dict[Address, set[ClientConnection]] = {}
+        self._drains: list[Drain] = []
+        self.planner: RebalancePlanner | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._pacers: set[asyncio.Task] = set()
+        self._started = False
+        self._configure(config, high_water)
+
+    def _configure(self, config: UpstreamConfig, high_water: int) -> None:
+        """Everything derived from the config alone (per-server state is kept elsewhere)."""
+        old = getattr(self, "config", None)
+        self.config = config
+        self.high_water = high_water
+        self._weights = {s: config.weight(s) for s in config.servers}
+        self.balancer = Balancer(config.balance, config.servers, self._weights)
         self._hash_source = parse_hash_source(config.hash_key) if config.balance == "hash" else None
         aff = config.affinity
         self.affinity = AffinityCodec(aff.secret, aff.max_age) if aff is not None else None
         self._tokens = {self.affinity.token(str(s)): s for s in config.servers} if self.affinity else {}
-        self.planner = RebalancePlanner(config.rebalance) if config.rebalance is not None else None
+        if old is None or old.rebalance != config.rebalance:
+            self.planner = RebalancePlanner(config.rebalance) if config.rebalance is not None else None
         #: close code and reconnect-delay range for sessions the proxy ends
         self._close_policy = config.rebalance or RebalancePolicy()
-        self._tasks: list[asyncio.Task] = []
 
     # -- choosing a server ----------------------------------------------------
 
@@ -208,15 +234,18 @@ class UpstreamGroup:
     # -- passive health -----------------------------------------------------
 
     def connect_failed(self, server: Address, now: float) -> None:
-        if self.health[server].passive_failure(now):
+        health = self.health.servers.get(server)
+        if health is not None and health.passive_failure(now):
             log.warning(
                 "upstream %s (%s) ejected for %.1fs after %d failures in a row",
-                server, self.config.name, self.health[server].ejected_until - now,
+                server, self.config.name, health.ejected_until - now,
                 self.config.health.thresholds.max_fails,
             )
 
     def connect_ok(self, server: Address, now: float) -> None:
-        self.health[server].passive_success(now)
+        health = self.health.servers.get(server)  # None: a reload removed it meanwhile
+        if health is not None:
+            health.passive_success(now)
 
     def response_status(self, server: Address, status: int, now: float) -> None:
         """A final response (or 101) from `server`: 5xx counts as a failure."""
@@ -228,10 +257,25 @@ class UpstreamGroup:
     # -- live WebSocket sessions ----------------------------------------------
 
     def session_opened(self, server: Address, conn: ClientConnection) -> None:
-        self.sessions[server].add(conn)
+        sessions = self.sessions.get(server)
+        if sessions is None:
+            # Its handshake raced a reload that removed the server: the end of the
+            # current pacing sweeps it up (see `_pace_out`).
+            sessions = self.retiring.setdefault(server, set())
+        sessions.add(conn)
 
     def session_closed(self, server: Address, conn: ClientConnection) -> None:
-        self.sessions[server].discard(conn)
+        sessions = self.sessions.get(server)
+        if sessions is not None:
+            sessions.discard(conn)
+            return
+        retiring = self.retiring.get(server)
+        if retiring is not None:
+            retiring.discard(conn)
+            if not retiring:
+                del self.retiring[server]
+            for drain in self._drains:
+                drain.forget(conn)
 
     def _close_sessions(self, server: Address, count: int | None = None) -> int:
         """End `count` (default: all) live sessions on `server` with 1012/1013 and a reconnect delay."""
@@ -248,17 +292,94 @@ class UpstreamGroup:
         """Stop (or resume) sending new connections to `server`; for an admin API or a reload."""
         self.health[server].drain = drain
 
+    # -- reload ------------------------------------------------------------------
+
+    def reconfigure(self, config: UpstreamConfig, *, high_water: int, now: float) -> list[Address]:
+        """Apply a reloaded ``[[upstreams]]`` entry of the same name; returns the removed servers.
+
+        Servers that stay keep their health state, live sessions and idle pool;
+        new servers start up with empty pools; removed ones are retired (idle
+        pool closed, live WebSockets paced out).  Balancing, affinity, the
+        rebalancer (kept when its policy is unchanged) and the active checks
+        follow the new entry; timeouts and pool sizes apply from the next use.
+        """
+        self._configure(config, high_water)
+        removed = self.health.update(config.health.thresholds, config.servers, config.drain)
+        for server in config.servers:
+            self._idle.setdefault(server, deque())
+            self.sessions.setdefault(server, set())
+        self._retire(removed, now)
+        if self._started:  # the checks and the rebalancer follow the new servers and settings
+            self._stop_tasks()
+            self.start()
+        return removed
+
+    def retire_all(self, now: float) -> None:
+        """The whole upstream left the config: stop its tasks and retire every server."""
+        self._stop_tasks()
+        self._started = False
+        self._retire(list(self.sessions), now)
+
+    @property
+    def retired(self) -> bool:
+        """True once nothing of a retired group is left (no sessions, no pacing)."""
+        return not self.sessions and not self.retiring and not self._pacers
+
+    def _retire(self, servers: list[Address], now: float) -> None:
+        conns: list[ClientConnection] = []
+        for server in servers:
+            for conn in self._idle.pop(server, ()):
+                conn.close()
+            sessions = self.sessions.pop(server, set())
+            if sessions:
+                self.retiring.setdefault(server, set()).update(sessions)
+                conns += sessions
+            log.info("upstream %s: server %s removed; pacing out its %d WebSocket sessions", self.config.name, server, len(sessions))
+        if not conns:
+            return
+        policy = self._close_policy
+        drain = Drain(
+            now, conns, RETIRE_DRAIN_TIMEOUT, rng=self.rng, close_code=policy.close_code,
+            reconnect_hint=(policy.delay_min, policy.delay_max), reason_format=RETIRE_REASON,
+        )
+        self._drains.append(drain)
+        task = asyncio.get_running_loop().create_task(self._pace_out(drain))
+        self._pacers.add(task)
+        task.add_done_callback(self._pacers.discard)
+
+    async def _pace_out(self, drain: Drain) -> None:
+        """Send the drain's close frames as its batches fall due (one task per reload, not per session)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while not drain.done:
+                await asyncio.sleep(max(0.0, drain.next_batch_at - loop.time()))
+                for conn, code, reason in drain.due(loop.time()):
+                    conn.close_websocket(code, reason)
+            # Sessions whose handshake finished after the drain was planned: close them now.
+            policy = self._close_policy
+            for sessions in list(self.retiring.values()):
+                for conn in list(sessions):
+                    conn.close_websocket(*close_reason(policy, self.rng))
+        finally:
+            self._drains.remove(drain)
+
     # -- loop tasks: active checks and the rebalancer ----------------------------
 
     def start(self) -> None:
         """Start the active checks and the rebalancer, when configured (needs a running loop)."""
         loop = asyncio.get_running_loop()
+        self._started = True
         if self.config.health.check != "none":
             self._tasks += [loop.create_task(self._check_loop(server)) for server in self.config.servers]
         if self.planner is not None:
             self._tasks.append(loop.create_task(self._rebalance_loop()))
 
     def stop(self) -> None:
+        self._stop_tasks()
+        for task in self._pacers:
+            task.cancel()
+
+    def _stop_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
@@ -354,7 +475,7 @@ class UpstreamGroup:
 
     def take_idle(self, server: Address, now: float) -> UpstreamConnection | None:
         """A pooled keep-alive connection to `server`, most recently used first."""
-        idle = self._idle[server]
+        idle = self._idle.get(server, ())
         while idle:
             conn = idle.pop()
             if not conn.closed and now - conn.idle_since < self.config.pool_idle_timeout:
@@ -368,8 +489,8 @@ class UpstreamGroup:
         conn.owner = None
         conn.active = False
         conn.resume_reading()  # so a close by the server is noticed while idle
-        idle = self._idle[conn.server]
-        if conn.closed or len(idle) >= self.config.pool_size:
+        idle = self._idle.get(conn.server)  # None: a reload removed the server
+        if conn.closed or idle is None or len(idle) >= self.config.pool_size:
             conn.close()
             return
         conn.http.start_next_cycle()
@@ -379,7 +500,7 @@ class UpstreamGroup:
     def forget(self, conn: UpstreamConnection) -> None:
         try:
             self._idle[conn.server].remove(conn)
-        except ValueError:
+        except (KeyError, ValueError):
             pass
 
     def expire_idle(self, now: float) -> None:

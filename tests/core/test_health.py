@@ -87,3 +87,20 @@ def test_book_eligible_weights_and_retry_after() -> None:
     book["b"].passive_failure(7.0)  # out until 17
     assert book.eligible(7.0, {}) == {}
     assert book.retry_after(7.0, 2.0) == 4  # a: rise 2 checks x 2 s beats b's 10 s
+
+
+def test_book_update_keeps_the_state_of_servers_that_stay() -> None:
+    book = HealthBook(POLICY, ["a", "b", "c"], drained=["c"])
+    book["b"].passive_failure(0.0)
+    book["b"].passive_failure(0.0)  # b ejected until 5
+    kept_b = book["b"]
+    stricter = HealthPolicy(rise=1, fall=1, max_fails=1, eject_base=1.0, eject_max=4.0, slow_start=0.0)
+    removed = book.update(stricter, ["d", "b", "c"], drained=[])
+    assert removed == ["a"]
+    assert list(book.servers) == ["d", "b", "c"]
+    assert book["b"] is kept_b and book["b"].policy is stricter
+    assert book["b"].state(1.0) is State.DOWN  # its ejection survives the reload
+    assert book["d"].state(1.0) is State.UP  # a new server starts up
+    assert book["c"].state(1.0) is State.UP  # the new config lifts c's drain
+    book.update(stricter, ["d", "b", "c"], drained=["d"])
+    assert book["d"].state(1.0) is State.DRAINING
