@@ -599,6 +599,7 @@ cdef class RelayCore:
     cdef object _relay(self, FrameScanner scanner, object data, bint client):
         cdef Py_buffer b
         cdef Py_ssize_t n, length
+        cdef long long pongs = scanner.pongs
         self.active = True
         if scanner.close is not None or scanner.error is not None:
             return None
@@ -612,7 +613,7 @@ cdef class RelayCore:
             self.bytes_from_client += n
         else:
             self.bytes_from_upstream += n
-        if n == length and scanner.close is None and scanner.error is None and self.passing:
+        if n == length and scanner.close is None and scanner.error is None and self.passing and scanner.pongs == pongs:
             return data
         return (<object>self)._after_stop(scanner, data, n, client)
 

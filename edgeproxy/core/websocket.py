@@ -25,7 +25,10 @@ idle timeout                close 1001                     close 1001
 ==========================  =============================  ==========================
 
 A frame can only be injected between frames; when the stream toward a side is in
-the middle of a frame, that side's connection is aborted instead.  The relay
+the middle of a frame, that side's connection is aborted instead (for a close),
+or the frame waits (a heartbeat ping: `ping_client` / `ping_upstream` say
+whether it went out).  Pongs are noticed by count on the hot path, so the slow
+path runs once per pong, not per read.  The relay
 gives its decisions as `actions` for the transport to carry out, and never reads
 a clock or a random source: `now` and the mask-key source are passed in.
 """
@@ -63,6 +66,11 @@ ABORT_UPSTREAM = "abort_upstream"  #: reset the upstream's connection now
 #: our close frame instead of a reset (a lingering close, as nginx does)
 SHUTDOWN_CLIENT = "shutdown_client"
 SHUTDOWN_UPSTREAM = "shutdown_upstream"
+#: a PONG came from that side (data: its payload, or None if it was too long to
+#: read): the transport hands it to the heartbeat.  The pong itself is relayed
+#: on like any frame; an unsolicited pong is allowed (RFC 6455 section 5.5.3).
+PONG_FROM_CLIENT = "pong_from_client"
+PONG_FROM_UPSTREAM = "pong_from_upstream"
 
 
 def validate_client_handshake(head: RequestHead) -> bytes:
@@ -153,6 +161,9 @@ class WebSocketRelay(_accel.RelayCore):
         # In FAILING, the proxy waits for both sides' answers itself.
         self._await_client = False
         self._await_upstream = False
+        # PONG frames already reported, per side
+        self._client_pongs = 0
+        self._upstream_pongs = 0
 
     @property
     def state(self) -> RelayState:
@@ -165,9 +176,18 @@ class WebSocketRelay(_accel.RelayCore):
         self.passing = value is RelayState.OPEN or value is RelayState.CLOSING
 
     def _after_stop(self, scanner, data: bytes, n: int, client: bool):
-        """The slow path: a close frame, a broken frame, or a session being failed."""
+        """The slow path: a pong, a close frame, a broken frame, or a session being failed."""
+        if client:
+            if scanner.pongs != self._client_pongs:
+                self._client_pongs = scanner.pongs
+                self.actions.append((PONG_FROM_CLIENT, scanner.last_pong))
+        elif scanner.pongs != self._upstream_pongs:
+            self._upstream_pongs = scanner.pongs
+            self.actions.append((PONG_FROM_UPSTREAM, scanner.last_pong))
         if scanner.close is None and scanner.error is None:
-            return None  # FAILING: the proxy ended this session, data is dropped
+            # Only a pong brought us here (the scan then took all of data), or the
+            # session is FAILING: the proxy ended it, and data is dropped.
+            return data if self.passing else None
         forward = data[:n] if n != len(data) else data
         if scanner.error is not None:
             if self.state is RelayState.FAILING or self.state is RelayState.CLOSED:
@@ -306,6 +326,24 @@ class WebSocketRelay(_accel.RelayCore):
             self._tell_client(CLOSE_BAD_GATEWAY, "upstream went away")
         self.state = RelayState.CLOSED
         self.actions.append((CLOSE_CLIENT, None))
+
+    def ping_client(self, payload: bytes) -> bool:
+        """Send the client a heartbeat PING; False when it cannot go now.
+
+        It cannot while the stream toward the client is inside a frame (the
+        transport tries again on a later tick) or once the session is closing.
+        """
+        if self._state is not RelayState.OPEN or self.upstream_frames.mid_frame:
+            return False
+        self.actions.append((SEND_CLIENT, _accel.encode_frame(_accel.OP_PING, payload)))
+        return True
+
+    def ping_upstream(self, payload: bytes) -> bool:
+        """The mirror of `ping_client`: a masked PING, as a client sends it."""
+        if self._state is not RelayState.OPEN or self.client_frames.mid_frame:
+            return False
+        self.actions.append((SEND_UPSTREAM, _accel.encode_frame(_accel.OP_PING, payload, mask_key=self._mask_key())))
+        return True
 
     def close_both(self, code: int, reason: str) -> None:
         """The proxy ends the session itself (idle timeout, shutdown)."""
