@@ -67,8 +67,9 @@ ABORT_UPSTREAM = "abort_upstream"  #: reset the upstream's connection now
 SHUTDOWN_CLIENT = "shutdown_client"
 SHUTDOWN_UPSTREAM = "shutdown_upstream"
 #: a PONG came from that side (data: its payload, or None if it was too long to
-#: read): the transport hands it to the heartbeat.  The pong itself is relayed
-#: on like any frame; an unsolicited pong is allowed (RFC 6455 section 5.5.3).
+#: read): the transport hands it to the heartbeat.  A pong that answers the
+#: proxy's own ping and arrived alone in its read is not relayed; any other is
+#: relayed on like any frame (an unsolicited pong is allowed, RFC 6455 5.5.3).
 PONG_FROM_CLIENT = "pong_from_client"
 PONG_FROM_UPSTREAM = "pong_from_upstream"
 
@@ -164,6 +165,9 @@ class WebSocketRelay(_accel.RelayCore):
         # PONG frames already reported, per side
         self._client_pongs = 0
         self._upstream_pongs = 0
+        # payloads of the proxy's own outstanding pings, per side
+        self._client_ping: bytes | None = None
+        self._upstream_ping: bytes | None = None
 
     @property
     def state(self) -> RelayState:
@@ -181,9 +185,15 @@ class WebSocketRelay(_accel.RelayCore):
             if scanner.pongs != self._client_pongs:
                 self._client_pongs = scanner.pongs
                 self.actions.append((PONG_FROM_CLIENT, scanner.last_pong))
+                if self._own_pong_alone(scanner, data, n, self._client_ping, 6):
+                    self._client_ping = None
+                    return None
         elif scanner.pongs != self._upstream_pongs:
             self._upstream_pongs = scanner.pongs
             self.actions.append((PONG_FROM_UPSTREAM, scanner.last_pong))
+            if self._own_pong_alone(scanner, data, n, self._upstream_ping, 2):
+                self._upstream_ping = None
+                return None
         if scanner.close is None and scanner.error is None:
             # Only a pong brought us here (the scan then took all of data), or the
             # session is FAILING: the proxy ended it, and data is dropped.
@@ -327,6 +337,23 @@ class WebSocketRelay(_accel.RelayCore):
         self.state = RelayState.CLOSED
         self.actions.append((CLOSE_CLIENT, None))
 
+    def _own_pong_alone(self, scanner, data: bytes, n: int, ping: bytes | None, header: int) -> bool:
+        """True when `data` is exactly one PONG answering the proxy's ping: it need not be relayed.
+
+        The pong's payload equals the ping's, so its frame is `header` (2, plus 4
+        for a client's mask key) + len(ping) bytes; a read of exactly that length
+        that ends at a frame boundary and holds that pong holds nothing else.
+        """
+        return (
+            ping is not None
+            and scanner.last_pong == ping
+            and n == len(data) == header + len(ping)
+            and not scanner.mid_frame
+            and scanner.close is None
+            and scanner.error is None
+            and self.passing
+        )
+
     def ping_client(self, payload: bytes) -> bool:
         """Send the client a heartbeat PING; False when it cannot go now.
 
@@ -335,6 +362,7 @@ class WebSocketRelay(_accel.RelayCore):
         """
         if self._state is not RelayState.OPEN or self.upstream_frames.mid_frame:
             return False
+        self._client_ping = payload
         self.actions.append((SEND_CLIENT, _accel.encode_frame(_accel.OP_PING, payload)))
         return True
 
@@ -342,6 +370,7 @@ class WebSocketRelay(_accel.RelayCore):
         """The mirror of `ping_client`: a masked PING, as a client sends it."""
         if self._state is not RelayState.OPEN or self.client_frames.mid_frame:
             return False
+        self._upstream_ping = payload
         self.actions.append((SEND_UPSTREAM, _accel.encode_frame(_accel.OP_PING, payload, mask_key=self._mask_key())))
         return True
 

@@ -373,3 +373,29 @@ def test_bad_header_split_across_reads_aborts_the_side_that_got_its_first_bytes(
     kinds = [a[0] for a in relay.actions]
     assert kinds == [SEND_CLIENT, SHUTDOWN_CLIENT, ABORT_UPSTREAM]
     assert read_close(relay.actions[0][1])[0][0] == 1009
+
+
+def test_a_pong_answering_the_proxys_own_ping_is_not_relayed_when_alone():
+    relay = new_relay()
+    assert relay.ping_client(b"12345678") and relay.ping_upstream(b"abcdefgh")
+    relay.actions.clear()
+    # Each answer arrives alone in its read: reported, not relayed.
+    assert relay.from_client(client_frame(0xA, b"12345678")) is None
+    assert relay.from_upstream(server_frame(0xA, b"abcdefgh")) is None
+    assert relay.actions == [(PONG_FROM_CLIENT, b"12345678"), (PONG_FROM_UPSTREAM, b"abcdefgh")]
+    relay.actions.clear()
+    # A second copy (no ping outstanding any more) is relayed like any pong.
+    again = client_frame(0xA, b"12345678")
+    assert relay.from_client(again) is again
+    # A pong that shares its read with data is relayed whole, and still reported.
+    assert relay.ping_client(b"87654321")
+    relay.actions.clear()
+    data = client_frame(0xA, b"87654321") + client_frame(OP_TEXT, b"hello")
+    assert relay.from_client(data) is data
+    assert relay.actions == [(PONG_FROM_CLIENT, b"87654321")]
+    # Somebody else's pong (another payload) is relayed.
+    relay.actions.clear()
+    assert relay.ping_upstream(b"zzzzzzzz")
+    relay.actions.clear()
+    foreign = server_frame(0xA, b"yyyyyyyy")
+    assert relay.from_upstream(foreign) is foreign
