@@ -51,6 +51,8 @@ async def balanced():
         text = (
             f'[[listeners]]\nbind = "{HOST}:0"\n\n[[upstreams]]\nname = "app"\nservers = {servers}\n'
             f'balance = "{balance}"\n{keys}{tables}\n[[routes]]\nupstream = "app"\n'
+            # an ephemeral admin port, as the shared fixture does: proxies run side by side
+            f'\n[admin]\nbind = "{HOST}:0"\n'
         )
         server = ProxyServer(parse_config(text))
         await asyncio.wait_for(server.start(), 5)
