@@ -50,8 +50,16 @@ async def _serve(config: Config, *, demo: bool = False, link=None) -> None:
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    force = asyncio.Event()
+
+    def on_signal() -> None:
+        # The first SIGTERM/SIGINT drains gracefully; a second one means "now".
+        if stop.is_set():
+            force.set()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     backends = []
     if demo:
         from edgeproxy.demo import start_demo_backend
@@ -77,8 +85,16 @@ async def _serve(config: Config, *, demo: bool = False, link=None) -> None:
         shown = f"[{host}]" if ":" in host else host
         log.info("demo ready: open http://%s:%d/ (WebSocket echo at ws://%s:%d/ws); Ctrl-C stops", shown, port, shown, port)
     await stop.wait()
-    log.info("stopping")
-    await server.stop()
+    log.info("stopping: draining for at most %.1fs (a second signal stops at once)",
+             config.shutdown.readiness_grace + config.shutdown.drain_timeout)
+    drain = asyncio.ensure_future(server.drain_and_stop())
+    forced = asyncio.ensure_future(force.wait())
+    await asyncio.wait([drain, forced], return_when=asyncio.FIRST_COMPLETED)
+    if not drain.done():
+        log.warning("second signal: stopping now")
+        drain.cancel()
+        await server.stop()
+    forced.cancel()
     for backend in backends:
         backend.close()
     log.info("stopped")

@@ -25,8 +25,11 @@ the first ``[[routes]]`` table in the file.
 
 Value rules (see ``config.example.toml`` for every option with its default):
 
-* durations (every ``*_timeout``) are seconds, int or float, finite, ``>= 0``;
-  ``websocket.idle_timeout = 0`` disables the idle timeout;
+* durations (every ``*_timeout``, ``*_interval``, ``*_age``, ``*_grace``) are
+  seconds, int or float, finite, ``>= 0``; ``websocket.idle_timeout = 0``,
+  ``ping_interval = 0`` and ``max_connection_age = 0`` disable what they name;
+  ``websocket.pong_timeout`` must be ``> 0``;
+* ``shutdown.close_code`` is 1001 (going away) or 1012 (service restart);
 * sizes and counts are integers (booleans are never numbers):
   ``websocket.max_message_size`` ``>= 0`` (``0`` = unlimited),
   ``http.max_header_size >= 1024``, ``upstreams[].pool_size >= 0``
@@ -82,6 +85,7 @@ __all__ = [
     "LoggingConfig",
     "RouteConfig",
     "UpstreamConfig",
+    "ShutdownConfig",
     "WebSocketConfig",
     "load_config",
     "parse_address",
@@ -199,12 +203,30 @@ class HttpConfig:
 
 @dataclass(frozen=True, slots=True)
 class WebSocketConfig:
-    """The ``[websocket]`` table. ``max_message_size`` 0 = unlimited, ``idle_timeout`` 0 = disabled."""
+    """The ``[websocket]`` table. ``max_message_size`` 0 = unlimited; 0 disables
+    ``idle_timeout``, ``ping_interval`` and ``max_connection_age``."""
 
     max_message_size: int = 67108864
     handshake_timeout: float = 10.0
     idle_timeout: float = 3600.0
     close_timeout: float = 5.0
+    ping_interval: float = 30.0
+    pong_timeout: float = 60.0
+    ping_upstream: bool = True
+    max_connection_age: float = 0.0
+
+
+#: close codes a server may send to say "go away, come back later"
+SHUTDOWN_CLOSE_CODES = (1001, 1012)
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    """The ``[shutdown]`` table: how SIGTERM drains the proxy."""
+
+    drain_timeout: float = 10.0
+    readiness_grace: float = 1.0
+    close_code: int = 1001
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +274,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     #: worker processes (``"auto"`` already resolved to the CPU count); 1 = no supervisor
     workers: int = 1
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     source: str = "<string>"
     #: sha256 of the file text: tells operators which file a running proxy loaded.
     #: Not compared, so a reload of an equivalent file (comments changed) compares equal.
@@ -505,7 +528,7 @@ def _join(path: str, key: str) -> str:
 # Sections
 # --------------------------------------------------------------------------- #
 
-_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging", "admin", "workers")
+_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging", "admin", "shutdown", "workers")
 #: an upper bound that catches a typo (workers = 10000), not a tuning limit
 MAX_WORKERS = 1024
 _LISTENER_KEYS = ("bind", "backlog")
@@ -530,7 +553,11 @@ _COOKIE_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _MIN_SECRET = 16
 _ROUTE_KEYS = ("path_prefix", "host", "upstream")
 _HTTP_KEYS = ("header_timeout", "keepalive_timeout", "max_header_size")
-_WEBSOCKET_KEYS = ("max_message_size", "handshake_timeout", "idle_timeout", "close_timeout")
+_WEBSOCKET_KEYS = (
+    "max_message_size", "handshake_timeout", "idle_timeout", "close_timeout",
+    "ping_interval", "pong_timeout", "ping_upstream", "max_connection_age",
+)
+_SHUTDOWN_KEYS = ("drain_timeout", "readiness_grace", "close_code")
 _LIMITS_KEYS = ("buffer_high_water",)
 _LOGGING_KEYS = ("level", "format", "access_log")
 _ADMIN_KEYS = ("bind", "enabled")
@@ -868,7 +895,26 @@ def _websocket(v: _Validator, data: dict[str, Any]) -> WebSocketConfig:
         handshake_timeout=v.seconds(t, "websocket", "handshake_timeout", 10.0),
         idle_timeout=v.seconds(t, "websocket", "idle_timeout", 3600.0),
         close_timeout=v.seconds(t, "websocket", "close_timeout", 5.0),
+        ping_interval=v.seconds(t, "websocket", "ping_interval", 30.0),
+        pong_timeout=v.number(t, "websocket", "pong_timeout", 60.0, above=0, what="seconds"),
+        ping_upstream=v.boolean(t, "websocket", "ping_upstream", True),
+        max_connection_age=v.seconds(t, "websocket", "max_connection_age", 0.0),
     ))
+
+
+def _shutdown(v: _Validator, data: dict[str, Any]) -> ShutdownConfig:
+    def build(t: dict[str, Any]) -> ShutdownConfig:
+        code = t.get("close_code", 1001)
+        if code not in SHUTDOWN_CLOSE_CODES or isinstance(code, bool):
+            v.error("shutdown.close_code", f"expected 1001 (going away) or 1012 (service restart), got {_describe(code)}")
+            code = 1001
+        return ShutdownConfig(
+            drain_timeout=v.seconds(t, "shutdown", "drain_timeout", 10.0),
+            readiness_grace=v.seconds(t, "shutdown", "readiness_grace", 1.0),
+            close_code=code,
+        )
+
+    return _section(v, data, "shutdown", _SHUTDOWN_KEYS, build)
 
 
 def _limits(v: _Validator, data: dict[str, Any]) -> LimitsConfig:
@@ -949,6 +995,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         logging=_logging(v, data),
         admin=_admin(v, data, listeners, workers),
         workers=workers,
+        shutdown=_shutdown(v, data),
         source=source,
         version=hashlib.sha256(text.encode("utf-8")).hexdigest(),
     )

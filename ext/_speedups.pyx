@@ -222,6 +222,7 @@ cdef class FrameScanner:
     cdef readonly long long messages
     cdef readonly long long frames
     cdef readonly long long pongs
+    cdef readonly object last_pong
     cdef readonly object close
     cdef readonly object error
     cdef unsigned long long _remaining
@@ -231,6 +232,7 @@ cdef class FrameScanner:
     cdef int _hlen
     cdef int _clen
     cdef int _cmasked
+    cdef int _collect  # 1 while a CLOSE or PONG payload goes into _cbuf
     cdef unsigned char _hbuf[16]
     cdef unsigned char _cbuf[128]
     cdef unsigned char _ckey[4]
@@ -245,6 +247,7 @@ cdef class FrameScanner:
         self.messages = 0
         self.frames = 0
         self.pongs = 0
+        self.last_pong = None
         self.close = None
         self.error = None
         self._remaining = 0
@@ -254,6 +257,7 @@ cdef class FrameScanner:
         self._hlen = 0
         self._clen = 0
         self._cmasked = 0
+        self._collect = 0
 
     @property
     def mid_frame(self):
@@ -316,7 +320,9 @@ cdef class FrameScanner:
         self._remaining = length
         if opcode < 8:
             self._msg_size = 0 if self._fin else size
-        elif opcode == 8:
+        elif opcode == 8 or (opcode == 10 and length <= 125):
+            # CLOSE and PONG payloads are read: the close code, the heartbeat answer.
+            self._collect = 1
             self._clen = 0
             self._cmasked = b1 & 0x80
             if self._cmasked:
@@ -334,7 +340,14 @@ cdef class FrameScanner:
         if self._opcode != 8:
             if self._opcode == 10:
                 self.pongs += 1
+                if self._collect:
+                    self._collect = 0
+                    if self._cmasked:
+                        for i in range(self._clen):
+                            self._cbuf[i] ^= self._ckey[i & 3]
+                    self.last_pong = PyBytes_FromStringAndSize(<const char *>self._cbuf, self._clen)
             return 0
+        self._collect = 0
         if self._cmasked:
             for i in range(self._clen):
                 self._cbuf[i] ^= self._ckey[i & 3]
@@ -354,7 +367,7 @@ cdef class FrameScanner:
                 take = end - pos
                 if <unsigned long long>take > self._remaining:
                     take = <Py_ssize_t>self._remaining
-                if self._opcode == 8:
+                if self._collect:
                     memcpy(self._cbuf + self._clen, p + pos, take)
                     self._clen += <int>take
                 pos += take
@@ -586,6 +599,7 @@ cdef class RelayCore:
     cdef object _relay(self, FrameScanner scanner, object data, bint client):
         cdef Py_buffer b
         cdef Py_ssize_t n, length
+        cdef long long pongs = scanner.pongs
         self.active = True
         if scanner.close is not None or scanner.error is not None:
             return None
@@ -599,7 +613,7 @@ cdef class RelayCore:
             self.bytes_from_client += n
         else:
             self.bytes_from_upstream += n
-        if n == length and scanner.close is None and scanner.error is None and self.passing:
+        if n == length and scanner.close is None and scanner.error is None and self.passing and scanner.pongs == pongs:
             return data
         return (<object>self)._after_stop(scanner, data, n, client)
 

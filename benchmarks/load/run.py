@@ -274,9 +274,13 @@ def run_loadgen(argv: list[str], timeout: float, on_event: Callable[[dict, subpr
 # --------------------------------------------------------------------------
 
 
-def edgeproxy_env(pure: bool) -> dict[str, str]:
+#: another checkout of edgeproxy (its extension built in place) for the "edgeproxy-base" target
+BASE_TREE: Path | None = None
+
+
+def edgeproxy_env(pure: bool, tree: Path = REPO) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(tree) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if pure:
         env["EDGEPROXY_PURE"] = "1"
     else:
@@ -288,9 +292,9 @@ def binary(name: str) -> str | None:
     return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/local/sbin/{name}") if os.access(p, os.X_OK)), None)
 
 
-def command_output(cmd: list[str], env: dict[str, str] | None = None) -> str:
+def command_output(cmd: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) -> str:
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, env=env, cwd=str(REPO))
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, env=env, cwd=str(cwd))
         return (out.stdout + out.stderr).strip()
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unavailable ({exc})"
@@ -409,6 +413,33 @@ class EdgeProxyPure(EdgeProxy):
     pure = True
 
 
+class EdgeProxyBase(EdgeProxy):
+    """edgeproxy from another checkout (`--base-tree`): an A/B of two versions in one run.
+
+    For example, the cost of a change on the hot path: `git worktree add /tmp/base
+    <commit>`, build its extension in place, then `--targets edgeproxy,edgeproxy-base
+    --base-tree /tmp/base`.
+    """
+
+    name = "edgeproxy-base"
+
+    def available(self) -> str | None:
+        if BASE_TREE is None:
+            return "no --base-tree given"
+        return super().available()
+
+    def version(self) -> str:
+        if self._version is None:
+            # cwd matters: `python -m` puts it first on sys.path
+            self._version = command_output([sys.executable, "-m", "edgeproxy", "--version"],
+                                           edgeproxy_env(False, BASE_TREE), cwd=BASE_TREE) + f" [{BASE_TREE}]"
+        return self._version
+
+    def command(self, port: int) -> tuple[list[str], dict[str, str] | None]:
+        cmd, _ = super().command(port)
+        return cmd, edgeproxy_env(False, BASE_TREE)
+
+
 class Nginx(Target):
     name = "nginx"
 
@@ -520,7 +551,7 @@ backend echo
         return [binary("haproxy"), "-db", "-f", str(cfg)], None
 
 
-TARGET_CLASSES = {cls.name: cls for cls in (Direct, EdgeProxy, EdgeProxyPure, Nginx, HAProxy)}
+TARGET_CLASSES = {cls.name: cls for cls in (Direct, EdgeProxy, EdgeProxyPure, EdgeProxyBase, Nginx, HAProxy)}
 
 
 # --------------------------------------------------------------------------
@@ -996,11 +1027,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a few-second version (for the smoke test)")
     p.add_argument("--out", default=str(HERE / "results.json"), help="JSON output path ('-' = none)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir with configs and logs")
+    p.add_argument("--base-tree", type=Path, default=None,
+                   help="another edgeproxy checkout for the edgeproxy-base target (an A/B of two versions)")
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in args.targets if t not in TARGET_CLASSES]
     if unknown:
-        p.error(f"unknown target(s) {unknown}; choose from {ALL_TARGETS}")
+        p.error(f"unknown target(s) {unknown}; choose from {', '.join(TARGET_CLASSES)}")
+    if args.base_tree is not None:
+        if not (args.base_tree / "edgeproxy" / "__init__.py").is_file():
+            p.error(f"--base-tree {args.base_tree}: no edgeproxy package there")
+        global BASE_TREE
+        BASE_TREE = args.base_tree.resolve()
     if args.duration is None:
         args.duration = 0.6 if args.quick else 10.0
     if args.warmup is None:

@@ -350,7 +350,9 @@ class FrameScanner:
     Readable attributes: ``messages`` (completed data messages: data frames, opcodes
     0-7, with FIN=1), ``frames`` (completed frames of any opcode), ``pongs``
     (completed PONG frames: heartbeat answers, counted so liveness needs no
-    slow path), ``close``
+    slow path), ``last_pong`` (the unmasked payload of the latest PONG of at
+    most 125 bytes, or None: the proxy matches it against its own ping),
+    ``close``
     (``(code, reason)`` once a complete CLOSE frame was scanned),
     ``error`` (the :class:`FrameError` that stopped the stream), ``max_message_size``
     and the ``mid_frame`` property.
@@ -361,6 +363,7 @@ class FrameScanner:
         "messages",
         "frames",
         "pongs",
+        "last_pong",
         "close",
         "error",
         "_remaining",
@@ -380,6 +383,7 @@ class FrameScanner:
         self.messages = 0
         self.frames = 0
         self.pongs = 0
+        self.last_pong = None
         self.close = None
         self.error = None
         self._remaining = 0  # payload bytes of the current frame still to come
@@ -446,7 +450,8 @@ class FrameScanner:
         self._remaining = length
         if opcode < 8:
             self._msg_size = 0 if fin else size
-        elif opcode == 8:
+        elif opcode == 8 or (opcode == 10 and length <= 125):
+            # CLOSE and PONG payloads are read: the close code, the heartbeat answer.
             self._cbuf = bytearray()
             self._ckey = bytes(buf[pos + hl - 4 : pos + hl]) if b1 & 0x80 else None
         return hl
@@ -461,6 +466,10 @@ class FrameScanner:
             return False
         if opcode == 10:
             self.pongs += 1
+            payload = self._cbuf
+            if payload is not None:
+                self.last_pong = bytes(apply_mask(payload, self._ckey) if self._ckey is not None else payload)
+                self._cbuf = self._ckey = None
             return False
         if opcode == 8:
             payload = self._cbuf

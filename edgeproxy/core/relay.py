@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 Once a WebSocket is relayed, every read on either socket does the same thing:
 scan the frame headers in it, write it unchanged to the other socket, and only
-when something unusual happened (a close frame, a broken frame, a session the
-proxy is ending) take the slow path.  That per-read work is split in two so the
+when something unusual happened (a close frame, a broken frame, a pong that may
+answer the proxy's heartbeat, a session the proxy is ending) take the slow
+path.  That per-read work is split in two so the
 common case can run without executing Python code when the extension is built
 (`edgeproxy._speedups` has the compiled twins; `core._accel` picks):
 
@@ -50,9 +51,10 @@ class RelayCore:
         scanner = self.client_frames
         if scanner.close is not None or scanner.error is not None:
             return None  # nothing may follow a close frame or a broken frame
+        pongs = scanner.pongs
         n = scanner.scan(data)
         self.bytes_from_client += n
-        if n == len(data) and scanner.close is None and scanner.error is None and self.passing:
+        if n == len(data) and scanner.close is None and scanner.error is None and self.passing and scanner.pongs == pongs:
             return data
         return self._after_stop(scanner, data, n, True)
 
@@ -62,9 +64,10 @@ class RelayCore:
         scanner = self.upstream_frames
         if scanner.close is not None or scanner.error is not None:
             return None
+        pongs = scanner.pongs
         n = scanner.scan(data)
         self.bytes_from_upstream += n
-        if n == len(data) and scanner.close is None and scanner.error is None and self.passing:
+        if n == len(data) and scanner.close is None and scanner.error is None and self.passing and scanner.pongs == pongs:
             return data
         return self._after_stop(scanner, data, n, False)
 

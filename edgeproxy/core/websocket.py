@@ -25,7 +25,10 @@ idle timeout                close 1001                     close 1001
 ==========================  =============================  ==========================
 
 A frame can only be injected between frames; when the stream toward a side is in
-the middle of a frame, that side's connection is aborted instead.  The relay
+the middle of a frame, that side's connection is aborted instead (for a close),
+or the frame waits (a heartbeat ping: `ping_client` / `ping_upstream` say
+whether it went out).  Pongs are noticed by count on the hot path, so the slow
+path runs once per pong, not per read.  The relay
 gives its decisions as `actions` for the transport to carry out, and never reads
 a clock or a random source: `now` and the mask-key source are passed in.
 """
@@ -63,6 +66,12 @@ ABORT_UPSTREAM = "abort_upstream"  #: reset the upstream's connection now
 #: our close frame instead of a reset (a lingering close, as nginx does)
 SHUTDOWN_CLIENT = "shutdown_client"
 SHUTDOWN_UPSTREAM = "shutdown_upstream"
+#: a PONG came from that side (data: its payload, or None if it was too long to
+#: read): the transport hands it to the heartbeat.  A pong that answers the
+#: proxy's own ping and arrived alone in its read is not relayed; any other is
+#: relayed on like any frame (an unsolicited pong is allowed, RFC 6455 5.5.3).
+PONG_FROM_CLIENT = "pong_from_client"
+PONG_FROM_UPSTREAM = "pong_from_upstream"
 
 
 def validate_client_handshake(head: RequestHead) -> bytes:
@@ -153,6 +162,12 @@ class WebSocketRelay(_accel.RelayCore):
         # In FAILING, the proxy waits for both sides' answers itself.
         self._await_client = False
         self._await_upstream = False
+        # PONG frames already reported, per side
+        self._client_pongs = 0
+        self._upstream_pongs = 0
+        # payloads of the proxy's own outstanding pings, per side
+        self._client_ping: bytes | None = None
+        self._upstream_ping: bytes | None = None
 
     @property
     def state(self) -> RelayState:
@@ -165,9 +180,24 @@ class WebSocketRelay(_accel.RelayCore):
         self.passing = value is RelayState.OPEN or value is RelayState.CLOSING
 
     def _after_stop(self, scanner, data: bytes, n: int, client: bool):
-        """The slow path: a close frame, a broken frame, or a session being failed."""
+        """The slow path: a pong, a close frame, a broken frame, or a session being failed."""
+        if client:
+            if scanner.pongs != self._client_pongs:
+                self._client_pongs = scanner.pongs
+                self.actions.append((PONG_FROM_CLIENT, scanner.last_pong))
+                if self._own_pong_alone(scanner, data, n, self._client_ping, 6):
+                    self._client_ping = None
+                    return None
+        elif scanner.pongs != self._upstream_pongs:
+            self._upstream_pongs = scanner.pongs
+            self.actions.append((PONG_FROM_UPSTREAM, scanner.last_pong))
+            if self._own_pong_alone(scanner, data, n, self._upstream_ping, 2):
+                self._upstream_ping = None
+                return None
         if scanner.close is None and scanner.error is None:
-            return None  # FAILING: the proxy ended this session, data is dropped
+            # Only a pong brought us here (the scan then took all of data), or the
+            # session is FAILING: the proxy ended it, and data is dropped.
+            return data if self.passing else None
         forward = data[:n] if n != len(data) else data
         if scanner.error is not None:
             if self.state is RelayState.FAILING or self.state is RelayState.CLOSED:
@@ -306,6 +336,43 @@ class WebSocketRelay(_accel.RelayCore):
             self._tell_client(CLOSE_BAD_GATEWAY, "upstream went away")
         self.state = RelayState.CLOSED
         self.actions.append((CLOSE_CLIENT, None))
+
+    def _own_pong_alone(self, scanner, data: bytes, n: int, ping: bytes | None, header: int) -> bool:
+        """True when `data` is exactly one PONG answering the proxy's ping: it need not be relayed.
+
+        The pong's payload equals the ping's, so its frame is `header` (2, plus 4
+        for a client's mask key) + len(ping) bytes; a read of exactly that length
+        that ends at a frame boundary and holds that pong holds nothing else.
+        """
+        return (
+            ping is not None
+            and scanner.last_pong == ping
+            and n == len(data) == header + len(ping)
+            and not scanner.mid_frame
+            and scanner.close is None
+            and scanner.error is None
+            and self.passing
+        )
+
+    def ping_client(self, payload: bytes) -> bool:
+        """Send the client a heartbeat PING; False when it cannot go now.
+
+        It cannot while the stream toward the client is inside a frame (the
+        transport tries again on a later tick) or once the session is closing.
+        """
+        if self._state is not RelayState.OPEN or self.upstream_frames.mid_frame:
+            return False
+        self._client_ping = payload
+        self.actions.append((SEND_CLIENT, _accel.encode_frame(_accel.OP_PING, payload)))
+        return True
+
+    def ping_upstream(self, payload: bytes) -> bool:
+        """The mirror of `ping_client`: a masked PING, as a client sends it."""
+        if self._state is not RelayState.OPEN or self.client_frames.mid_frame:
+            return False
+        self._upstream_ping = payload
+        self.actions.append((SEND_UPSTREAM, _accel.encode_frame(_accel.OP_PING, payload, mask_key=self._mask_key())))
+        return True
 
     def close_both(self, code: int, reason: str) -> None:
         """The proxy ends the session itself (idle timeout, shutdown)."""

@@ -34,12 +34,15 @@ from typing import TYPE_CHECKING
 from edgeproxy import logs
 from edgeproxy.core import http1
 from edgeproxy.core._accel import RelayEndpoint
+from edgeproxy.core.heartbeat import AGE_EXPIRED, DEAD, PING
 from edgeproxy.core.http1 import Body, ConnectionClosed, EndOfMessage, RequestHead, ResponseHead
 from edgeproxy.core.websocket import (
     ABORT_CLIENT,
     ABORT_UPSTREAM,
     CLOSE_CLIENT,
     CLOSE_UPSTREAM,
+    PONG_FROM_CLIENT,
+    PONG_FROM_UPSTREAM,
     SEND_CLIENT,
     SEND_UPSTREAM,
     SHUTDOWN_CLIENT,
@@ -117,6 +120,9 @@ class ClientConnection(asyncio.Protocol):
         #: the metrics key of what this connection is now (HTTP, then maybe a WebSocket)
         self._metrics_key: tuple[str, str, str, str] | None = None
         self._opened_at = 0.0
+        #: heartbeat pings that waited for a frame boundary (payload or None)
+        self._client_ping: bytes | None = None
+        self._upstream_ping: bytes | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -166,6 +172,7 @@ class ClientConnection(asyncio.Protocol):
                 relay.client_eof()
                 self._run_relay_actions()
             self._ws_group.session_closed(self.upstream.server, self)
+            self._stop_heartbeats()
             self._log_ws_close()
             self._count_ws_close()
             return
@@ -545,7 +552,7 @@ class ClientConnection(asyncio.Protocol):
         self.exchange = None
         if self.closed:
             return
-        if not self.http.keep_alive:
+        if not self.http.keep_alive or self.server.draining:
             self._close()
             return
         self.http.start_next_cycle()
@@ -596,7 +603,8 @@ class ClientConnection(asyncio.Protocol):
         now = self.server.now()
         self.relay = relay = WebSocketRelay(
             max_message_size=cfg.max_message_size,
-            idle_timeout=cfg.idle_timeout,
+            # up to 10% shorter, drawn once: idle sessions opened together do not all end together
+            idle_timeout=cfg.idle_timeout * (1.0 - 0.1 * self.server.rng.random()),
             close_timeout=cfg.close_timeout,
             mask_key_source=_mask_key,
             now=now,
@@ -627,10 +635,83 @@ class ClientConnection(asyncio.Protocol):
         self._paused.discard("connecting")
         if not self._paused:
             self.transport.resume_reading()
+        server = self.server
+        if server.client_beats is not None:
+            server.client_beats.register(self, now)
+        if server.upstream_beats is not None:
+            server.upstream_beats.register(self, now)
         if upstream_early:
             upstream_end.data_received(upstream_early)
         if client_early and not self.closed:
             client_end.data_received(client_early)
+        if server.draining:
+            # Opened while the proxy drains (its upgrade was in flight): send it away at once.
+            self.close_websocket(server.config.shutdown.close_code, "server shutting down")
+
+    def _stop_heartbeats(self) -> None:
+        server = self.server
+        if server.client_beats is not None:
+            server.client_beats.unregister(self)
+        if server.upstream_beats is not None:
+            server.upstream_beats.unregister(self)
+
+    def heartbeat(self, action: str, client: bool, payload: bytes | None) -> None:
+        """Carry out a heartbeat decision (`core.heartbeat`) for the client's or the upstream's side."""
+        relay = self.relay
+        if relay is None or self.closed:
+            return
+        if action == PING:
+            sent = relay.ping_client(payload) if client else relay.ping_upstream(payload)
+            if not sent and relay.state is RelayState.OPEN:
+                # Inside a frame: the next tick tries again (check_timers).
+                if client:
+                    self._client_ping = payload
+                else:
+                    self._upstream_ping = payload
+        elif action == DEAD:
+            self.server.metrics.heartbeat_failed()
+            side = "client" if client else "upstream"
+            log.warning("WebSocket %s %s did not answer a ping within pong_timeout: closing the session",
+                        side, self.client_ip if client else self.upstream.server)
+            if client:
+                relay.client_eof()  # the upstream gets 1001 "client went away"
+                self._run_relay_actions()
+                if not self.closed:
+                    self.closed = True
+                    self.transport.abort()
+            else:
+                relay.upstream_eof()  # the client gets 1014 "upstream went away"
+                self._run_relay_actions()
+                self.upstream.abort()
+            return
+        elif action == AGE_EXPIRED:
+            self.close_websocket(1001, "maximum connection age reached; please reconnect")
+            return
+        if relay.actions:
+            self._run_relay_actions()
+
+    def _retry_pings(self) -> None:
+        relay = self.relay
+        if self._client_ping is not None and relay.ping_client(self._client_ping):
+            self._client_ping = None
+        if self._upstream_ping is not None and relay.ping_upstream(self._upstream_ping):
+            self._upstream_ping = None
+        if relay.state is not RelayState.OPEN:
+            self._client_ping = self._upstream_ping = None
+        if relay.actions:
+            self._run_relay_actions()
+
+    def _pong(self, beats, payload: bytes | None) -> None:
+        if beats is None or payload is None:
+            return
+        rtt = beats.pong_received(self, payload, self.server.now())
+        if rtt is not None:
+            self.server.metrics.ping_rtt(rtt)
+
+    def drain_http(self) -> None:
+        """The proxy drains: an idle HTTP connection closes now; one with a request in flight after it."""
+        if self.relay is None and self.exchange is None and not self.http.buffered:
+            self._close()
 
     def _run_relay_actions(self) -> None:
         relay = self.relay
@@ -657,6 +738,10 @@ class ClientConnection(asyncio.Protocol):
                     self.transport.write_eof()
             elif kind == SHUTDOWN_UPSTREAM:
                 up.shutdown()
+            elif kind == PONG_FROM_CLIENT:
+                self._pong(self.server.client_beats, data)
+            elif kind == PONG_FROM_UPSTREAM:
+                self._pong(self.server.upstream_beats, data)
 
     def _count_ws_close(self) -> None:
         """Fold the session's totals into the metrics (see `Metrics`: live to folded at once)."""
@@ -696,6 +781,8 @@ class ClientConnection(asyncio.Protocol):
     def check_timers(self, now: float) -> None:
         relay = self.relay
         if relay is not None:
+            if self._client_ping is not None or self._upstream_ping is not None:
+                self._retry_pings()
             relay.check_timers(now)
             if relay.actions:
                 self._run_relay_actions()
@@ -722,9 +809,9 @@ class ClientConnection(asyncio.Protocol):
             self._close()
 
     def shutdown(self) -> None:
-        """Close now (the graceful drain with close frames is a later feature)."""
+        """Close now: a close frame first where one can go, then FIN (see `ProxyServer.drain_and_stop`)."""
         if self.relay is not None and self.relay.state is not RelayState.CLOSED:
-            self.relay.close_both(1001, "proxy shutting down")
+            self.relay.close_both(self.server.config.shutdown.close_code, "server shutting down")
             self._run_relay_actions()
         if self.exchange is not None:
             self._drop_exchange(abort_upstream=True)

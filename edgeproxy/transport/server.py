@@ -23,6 +23,7 @@ import asyncio
 import datetime
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import Mapping
@@ -30,6 +31,8 @@ from typing import Any, Callable
 
 from edgeproxy.config import Address, Config, ListenerConfig, load_config
 from edgeproxy.core import _accel
+from edgeproxy.core.drain import Drain
+from edgeproxy.core.heartbeat import Heartbeat
 from edgeproxy.errors import ConfigError
 from edgeproxy.metrics import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Metrics
 from edgeproxy.routing import Router
@@ -43,8 +46,9 @@ log = logging.getLogger("edgeproxy")
 
 def _tick_interval(config: Config) -> float:
     """A quarter of the shortest timeout, between 50 ms and 1 s."""
-    timeouts = [config.http.header_timeout, config.http.keepalive_timeout, config.websocket.handshake_timeout,
-                config.websocket.idle_timeout, config.websocket.close_timeout]
+    ws = config.websocket
+    timeouts = [config.http.header_timeout, config.http.keepalive_timeout, ws.handshake_timeout,
+                ws.idle_timeout, ws.close_timeout, ws.ping_interval, ws.pong_timeout, ws.max_connection_age]
     for upstream in config.upstreams:
         timeouts += [upstream.read_timeout, upstream.pool_idle_timeout, upstream.connect_timeout]
     shortest = min((t for t in timeouts if t > 0), default=4.0)
@@ -105,6 +109,14 @@ class ProxyServer:
         #: wall-clock time the running config was loaded (reload code updates it with `config`)
         self.config_loaded_at = time.time()
         self.admin: AdminListener | None = AdminListener(self, config.admin.bind) if config.admin.enabled else None
+        self.rng = random.Random()
+        #: heartbeats of clients (pings, dead peers, age limit) and of upstreams
+        #: (pings only); one timer wheel each, advanced by the shared tick
+        self.client_beats: Heartbeat | None = None
+        self.upstream_beats: Heartbeat | None = None
+        #: set when a graceful drain has begun: no keep-alive, no new sessions
+        self.draining = False
+        self._drain_task: asyncio.Task | None = None
 
     def now(self) -> float:
         return self._loop.time()
@@ -136,6 +148,7 @@ class ProxyServer:
             await self.stop()
             raise
         self.metrics.event_loop = running_loop_name(self._loop)
+        self._start_heartbeats(self._loop.time())
         self._schedule_tick()
         for group in self.groups.values():
             group.start()
@@ -157,6 +170,15 @@ class ProxyServer:
             backlog=listener.backlog, reuse_address=True, reuse_port=self.reuse_port or None,
         )
 
+    def _start_heartbeats(self, now: float) -> None:
+        ws = self.config.websocket
+        # A stall is a tick late by more than a couple of ticks (see core.heartbeat).
+        common = dict(rng=self.rng, pong_timeout=ws.pong_timeout, tick=self._tick, stall_grace=max(2.0, 3 * self._tick))
+        if ws.ping_interval or ws.max_connection_age:
+            self.client_beats = Heartbeat(now, ping_interval=ws.ping_interval, max_connection_age=ws.max_connection_age, **common)
+        if ws.ping_interval and ws.ping_upstream:
+            self.upstream_beats = Heartbeat(now, ping_interval=ws.ping_interval, **common)
+
     def _schedule_tick(self) -> None:
         self._tick_due = self._loop.time() + self._tick
         self._tick_handle = self._loop.call_at(self._tick_due, self._on_tick)
@@ -172,7 +194,55 @@ class ProxyServer:
                 conn.transport.abort()
         for group in self.groups.values():
             group.expire_idle(now)
+        for beats, client in ((self.client_beats, True), (self.upstream_beats, False)):
+            if beats is not None:
+                for action, conn, payload in beats.due(now):
+                    try:
+                        conn.heartbeat(action, client, payload)
+                    except Exception:
+                        log.exception("heartbeat action failed for a connection from %s", conn.client_ip)
+                        conn.transport.abort()
         self._schedule_tick()
+
+    # -- graceful drain ------------------------------------------------------------
+
+    async def drain_and_stop(self) -> None:
+        """Graceful shutdown: readiness off, stop accepting, close frames in paced batches, then stop.
+
+        The steps follow ``[shutdown]``: /readyz answers 503 for
+        ``readiness_grace`` seconds so load balancers stop sending; the listeners
+        close (established connections stay); idle keep-alive connections close
+        and requests in flight finish without keep-alive; every open WebSocket
+        gets a close frame (code ``close_code``, a reason with a jittered
+        reconnect hint) in batches spread by `core.drain.Drain` over the first
+        half of ``drain_timeout``, so the reconnect wave lands spread out; at
+        ``drain_timeout`` whatever remains is closed by `stop`.
+        """
+        cfg = self.config.shutdown
+        self.ready = False
+        if cfg.readiness_grace:
+            await asyncio.sleep(cfg.readiness_grace)
+        for server in self._servers:
+            server.close()
+        self.draining = True
+        for conn in list(self.connections):
+            conn.drain_http()
+        now = self.now()
+        sessions = [conn for conn in self.connections if conn.relay is not None]
+        plan = Drain(now, sessions, cfg.drain_timeout, rng=self.rng, close_code=cfg.close_code)
+        log.info("draining: %d WebSocket session(s), %d connection(s) in all, for at most %.1fs",
+                 len(sessions), len(self.connections), cfg.drain_timeout)
+        while self.connections and self.now() < plan.deadline:
+            for conn, code, reason in plan.due(self.now()):
+                conn.close_websocket(code, reason)
+            next_batch = plan.next_batch_at
+            wake = min(plan.deadline, next_batch if next_batch is not None else plan.deadline, self.now() + 0.05)
+            await asyncio.sleep(max(0.0, wake - self.now()))
+        if self.connections:
+            log.info("drain deadline: closing the %d connection(s) left", len(self.connections))
+        else:
+            log.info("drained")
+        await self.stop()
 
     async def stop(self) -> None:
         self.ready = False

@@ -29,7 +29,9 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from edgeproxy.config import Address, UpstreamConfig
@@ -51,6 +53,8 @@ log = logging.getLogger("edgeproxy")
 #: leaves the closing handshakes time, as in `core.drain`
 RETIRE_DRAIN_TIMEOUT = 10.0
 RETIRE_REASON = "server removed; reconnect in {delay:.1f}s"
+#: seconds before a background loop (health check, rebalancer) that failed is restarted
+RESTART_DELAY = 1.0
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -370,9 +374,22 @@ class UpstreamGroup:
         loop = asyncio.get_running_loop()
         self._started = True
         if self.config.health.check != "none":
-            self._tasks += [loop.create_task(self._check_loop(server)) for server in self.config.servers]
+            self._tasks += [
+                loop.create_task(self._supervise(f"the health check of {server}", partial(self._check_loop, server)))
+                for server in self.config.servers
+            ]
         if self.planner is not None:
-            self._tasks.append(loop.create_task(self._rebalance_loop()))
+            self._tasks.append(loop.create_task(self._supervise("the rebalancer", self._rebalance_loop)))
+
+    async def _supervise(self, what: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run a background loop; a bug in it is logged and the loop restarted, never silently lost."""
+        while True:
+            try:
+                await run()
+                return
+            except Exception:  # CancelledError is not an Exception: stop() still ends it
+                log.exception("upstream %s: %s failed; restarting it in %.0f s", self.config.name, what, RESTART_DELAY)
+                await asyncio.sleep(RESTART_DELAY)
 
     def stop(self) -> None:
         self._stop_tasks()

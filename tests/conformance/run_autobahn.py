@@ -465,6 +465,10 @@ max_message_size = 0
 
 [logging]
 access_log = false
+
+# an ephemeral admin port: several checkouts may run this at once
+[admin]
+bind = "127.0.0.1:0"
 """
 
 

@@ -50,6 +50,7 @@ def outcome(scanner, forwarded: int):
         scanner.messages,
         scanner.frames,
         scanner.pongs,
+        scanner.last_pong,
         scanner.close,
         None if err is None else (type(err), str(err), err.close_code),
         scanner.mid_frame,
@@ -279,7 +280,7 @@ def test_scanner_counts_messages_and_frames(impl):
         + encode_frame(OP_BINARY, b"")
     )
     assert s.scan(stream) == len(stream)
-    assert (s.messages, s.frames, s.pongs) == (3, 7, 1)
+    assert (s.messages, s.frames, s.pongs, s.last_pong) == (3, 7, 1, b"")
     assert s.scan(b"") == 0
     assert s.max_message_size == 0
 
@@ -683,9 +684,9 @@ def assert_same_outcome(got, expected, where):
     """
     if got == expected:
         return
-    assert expected[5] is not None, where
-    assert got[1:6] == expected[1:6], where
-    assert expected[0] < got[0] < expected[0] + 14 and got[6], where
+    assert expected[6] is not None, where
+    assert got[1:7] == expected[1:7], where
+    assert expected[0] < got[0] < expected[0] + 14 and got[7], where
 
 
 @pytest.mark.parametrize("limit", [0, 70000, 425])
@@ -712,7 +713,7 @@ def test_scanner_byte_by_byte(impl, name):
     assert_same_outcome(got, expected, name)
     # what only the endpoints judge goes through whole, however it is cut
     if name in PASSING_STREAMS:
-        assert expected[5] is None and got == expected == (len(data), *expected[1:])
+        assert expected[6] is None and got == expected == (len(data), *expected[1:])
 
 
 def test_scanner_three_way_splits(impl):
@@ -778,3 +779,22 @@ def test_accel_in_this_process():
         assert not _accel.SPEEDUPS
     assert _accel.encode_frame(OP_TEXT, b"Hello", mask_key=KEY) == bytes.fromhex("818537fa213d7f9f4d5158")
     assert _accel.parse_close_payload(_accel.encode_close_payload(1000, "x")) == (1000, "x")
+
+
+def test_scanner_keeps_the_latest_pong_payload_unmasked(impl):
+    """The heartbeat matches pongs by payload; masked client pongs are unmasked."""
+    s = impl.FrameScanner()
+    assert s.last_pong is None
+    stream = (
+        encode_frame(OP_PONG, b"\x00\x01\x02\x03\x04\x05\x06\x07", mask_key=KEY)
+        + encode_frame(OP_TEXT, b"between")
+        + encode_frame(OP_PONG, b"second", mask_key=KEY)
+    )
+    for cut in range(len(stream) + 1):
+        s = impl.FrameScanner()
+        assert s.scan(stream[:cut]) + s.scan(stream[cut:]) == len(stream)
+        assert (s.pongs, s.last_pong, s.messages) == (2, b"second", 1)
+    # An over-long pong (not a valid control frame) is counted but not read.
+    s = impl.FrameScanner()
+    s.scan(encode_frame(OP_PONG, b"p" * 126) + encode_frame(OP_TEXT, b"x"))
+    assert (s.pongs, s.last_pong, s.messages) == (1, None, 1)

@@ -26,6 +26,8 @@ from edgeproxy.core.websocket import (
     ABORT_UPSTREAM,
     CLOSE_CLIENT,
     CLOSE_UPSTREAM,
+    PONG_FROM_CLIENT,
+    PONG_FROM_UPSTREAM,
     SEND_CLIENT,
     SEND_UPSTREAM,
     SHUTDOWN_CLIENT,
@@ -325,7 +327,42 @@ def test_pings_pass_through_in_both_directions():
     assert relay.from_client(ping) is ping
     pong = server_frame(0xA, b"are you there")
     assert relay.from_upstream(pong) is pong
-    assert relay.actions == [] and relay.state is RelayState.OPEN
+    # The pong is relayed and also reported, for the heartbeat to match.
+    assert relay.actions == [(PONG_FROM_UPSTREAM, b"are you there")] and relay.state is RelayState.OPEN
+
+
+def test_pongs_are_reported_once_each_with_their_unmasked_payload():
+    relay = new_relay()
+    data = client_frame(OP_TEXT, b"hi") + client_frame(0xA, b"\x01\x02\x03\x04\x05\x06\x07\x08")
+    for cut in range(len(data) + 1):
+        relay = new_relay()
+        forwarded = [relay.from_client(data[:cut]), relay.from_client(data[cut:])]
+        assert b"".join(f for f in forwarded if f) == data
+        assert relay.actions == [(PONG_FROM_CLIENT, b"\x01\x02\x03\x04\x05\x06\x07\x08")]
+    relay.actions.clear()
+    text = client_frame(OP_TEXT, b"more")
+    assert relay.from_client(text) is text and relay.actions == []  # nothing new to report
+
+
+def test_heartbeat_pings_go_out_only_between_frames():
+    relay = new_relay()
+    assert relay.ping_client(b"12345678")
+    kind, frame = relay.actions.pop()
+    assert kind == SEND_CLIENT and frame == server_frame(OP_PING, b"12345678")
+    assert relay.ping_upstream(b"abcdefgh")
+    kind, frame = relay.actions.pop()
+    assert kind == SEND_UPSTREAM and frame[0] == 0x89 and frame[1] == 0x88  # masked, 8 bytes
+    # The upstream is half-way through sending a frame: no ping to the client now.
+    big = server_frame(OP_BINARY, b"z" * 1000)
+    relay.from_upstream(big[:100])
+    assert not relay.ping_client(b"12345678") and relay.actions == []
+    relay.from_upstream(big[100:])
+    assert relay.ping_client(b"12345678")
+    # A closing session gets no more pings.
+    relay = new_relay()
+    relay.close_both(1001, "bye")
+    relay.actions.clear()
+    assert not relay.ping_client(b"x") and not relay.ping_upstream(b"x") and relay.actions == []
 
 
 def test_bad_header_split_across_reads_aborts_the_side_that_got_its_first_bytes():
@@ -336,3 +373,29 @@ def test_bad_header_split_across_reads_aborts_the_side_that_got_its_first_bytes(
     kinds = [a[0] for a in relay.actions]
     assert kinds == [SEND_CLIENT, SHUTDOWN_CLIENT, ABORT_UPSTREAM]
     assert read_close(relay.actions[0][1])[0][0] == 1009
+
+
+def test_a_pong_answering_the_proxys_own_ping_is_not_relayed_when_alone():
+    relay = new_relay()
+    assert relay.ping_client(b"12345678") and relay.ping_upstream(b"abcdefgh")
+    relay.actions.clear()
+    # Each answer arrives alone in its read: reported, not relayed.
+    assert relay.from_client(client_frame(0xA, b"12345678")) is None
+    assert relay.from_upstream(server_frame(0xA, b"abcdefgh")) is None
+    assert relay.actions == [(PONG_FROM_CLIENT, b"12345678"), (PONG_FROM_UPSTREAM, b"abcdefgh")]
+    relay.actions.clear()
+    # A second copy (no ping outstanding any more) is relayed like any pong.
+    again = client_frame(0xA, b"12345678")
+    assert relay.from_client(again) is again
+    # A pong that shares its read with data is relayed whole, and still reported.
+    assert relay.ping_client(b"87654321")
+    relay.actions.clear()
+    data = client_frame(0xA, b"87654321") + client_frame(OP_TEXT, b"hello")
+    assert relay.from_client(data) is data
+    assert relay.actions == [(PONG_FROM_CLIENT, b"87654321")]
+    # Somebody else's pong (another payload) is relayed.
+    relay.actions.clear()
+    assert relay.ping_upstream(b"zzzzzzzz")
+    relay.actions.clear()
+    foreign = server_frame(0xA, b"yyyyyyyy")
+    assert relay.from_upstream(foreign) is foreign

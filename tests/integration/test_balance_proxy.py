@@ -51,6 +51,8 @@ async def balanced():
         text = (
             f'[[listeners]]\nbind = "{HOST}:0"\n\n[[upstreams]]\nname = "app"\nservers = {servers}\n'
             f'balance = "{balance}"\n{keys}{tables}\n[[routes]]\nupstream = "app"\n'
+            # an ephemeral admin port, as the shared fixture does: proxies run side by side
+            f'\n[admin]\nbind = "{HOST}:0"\n'
         )
         server = ProxyServer(parse_config(text))
         await asyncio.wait_for(server.start(), 5)
@@ -460,3 +462,22 @@ async def test_paced_rebalancing_after_a_server_is_added(balanced, ws_backends, 
     for first in closes:
         assert sum(1 for t in closes if first <= t < first + interval * 0.9) <= max_closes
     assert group.snapshot()["rebalance"]["closed_total"] == 4
+
+
+async def test_a_background_loop_that_fails_is_logged_and_restarted(balanced, ws_backends, monkeypatch, caplog) -> None:
+    from edgeproxy.transport import upstream as upstream_module
+
+    monkeypatch.setattr(upstream_module, "RESTART_DELAY", 0.01)
+    backends = await ws_backends(1)
+    group = group_of(await balanced(backends))
+    runs = []
+
+    async def flaky() -> None:
+        runs.append(len(runs))
+        if len(runs) < 3:
+            raise RuntimeError(f"bug number {len(runs)}")
+
+    await asyncio.wait_for(group._supervise("the test loop", flaky), 5)
+    assert runs == [0, 1, 2]  # failed twice, restarted each time, then ended normally
+    failures = [r for r in caplog.records if "the test loop failed; restarting" in r.getMessage()]
+    assert len(failures) == 2 and failures[0].exc_info[1].args == ("bug number 1",)
