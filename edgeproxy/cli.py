@@ -45,7 +45,8 @@ async def _reload_on_signal(server) -> None:
         log.exception("reload failed; the running configuration is kept")
 
 
-async def _serve(config: Config, *, demo: bool = False, link=None) -> None:
+async def _serve(config: Config, *, demo: bool = False, link=None) -> bool:
+    """Run until SIGTERM/SIGINT, then drain; True when a second signal cut the drain short."""
     from edgeproxy.transport.server import ProxyServer
 
     loop = asyncio.get_running_loop()
@@ -90,7 +91,8 @@ async def _serve(config: Config, *, demo: bool = False, link=None) -> None:
     drain = asyncio.ensure_future(server.drain_and_stop())
     forced = asyncio.ensure_future(force.wait())
     await asyncio.wait([drain, forced], return_when=asyncio.FIRST_COMPLETED)
-    if not drain.done():
+    cut_short = not drain.done()
+    if cut_short:
         log.warning("second signal: stopping now")
         drain.cancel()
         await server.stop()
@@ -98,6 +100,7 @@ async def _serve(config: Config, *, demo: bool = False, link=None) -> None:
     for backend in backends:
         backend.close()
     log.info("stopped")
+    return cut_short
 
 
 def _run(config: Config, *, demo: bool = False, link=None) -> int:
@@ -108,11 +111,12 @@ def _run(config: Config, *, demo: bool = False, link=None) -> int:
     if link is None:
         log.info(_version_text())
     try:
-        loop.run(_serve(config, demo=demo, link=link))
+        cut_short = loop.run(_serve(config, demo=demo, link=link))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
-    return 0
+    # 1 when a second signal cut the drain short, as the supervisor does: visible, not an error
+    return 1 if cut_short else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -636,10 +636,7 @@ class ClientConnection(asyncio.Protocol):
         if not self._paused:
             self.transport.resume_reading()
         server = self.server
-        if server.client_beats is not None:
-            server.client_beats.register(self, now)
-        if server.upstream_beats is not None:
-            server.upstream_beats.register(self, now)
+        self.register_heartbeats(now)
         if upstream_early:
             upstream_end.data_received(upstream_early)
         if client_early and not self.closed:
@@ -647,6 +644,14 @@ class ClientConnection(asyncio.Protocol):
         if server.draining:
             # Opened while the proxy drains (its upgrade was in flight): send it away at once.
             self.close_websocket(server.config.shutdown.close_code, "server shutting down")
+
+    def register_heartbeats(self, now: float) -> None:
+        """Put this session on the heartbeat trackers (at its start, or after a reload rebuilt them)."""
+        server = self.server
+        if server.client_beats is not None:
+            server.client_beats.register(self, now)
+        if server.upstream_beats is not None:
+            server.upstream_beats.register(self, now)
 
     def _stop_heartbeats(self) -> None:
         server = self.server

@@ -44,6 +44,11 @@ from edgeproxy.transport.upstream import UpstreamGroup
 log = logging.getLogger("edgeproxy")
 
 
+def _heartbeat_settings(config: Config) -> tuple:
+    ws = config.websocket
+    return ws.ping_interval, ws.pong_timeout, ws.ping_upstream, ws.max_connection_age
+
+
 def _tick_interval(config: Config) -> float:
     """A quarter of the shortest timeout, between 50 ms and 1 s."""
     ws = config.websocket
@@ -88,6 +93,8 @@ class ProxyServer:
         self.router = Router(config.routes)
         high_water = config.limits.buffer_high_water
         self.groups = {u.name: UpstreamGroup(u, high_water=high_water) for u in config.upstreams}
+        for group in self.groups.values():
+            group.retire_drain_timeout = config.shutdown.drain_timeout
         self.connections: set[ClientConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         #: the ListenerKey of each entry of `_servers`
@@ -178,6 +185,18 @@ class ProxyServer:
             self.client_beats = Heartbeat(now, ping_interval=ws.ping_interval, max_connection_age=ws.max_connection_age, **common)
         if ws.ping_interval and ws.ping_upstream:
             self.upstream_beats = Heartbeat(now, ping_interval=ws.ping_interval, **common)
+
+    def _restart_heartbeats(self, now: float) -> None:
+        """New heartbeat settings: new trackers, every open session registered again.
+
+        A session's ping schedule and its age limit start over from now (a tracker
+        cannot change its settings under peers it already placed on its wheel).
+        """
+        self.client_beats = self.upstream_beats = None
+        self._start_heartbeats(now)
+        for conn in self.connections:
+            if conn.relay is not None and not conn.closed:
+                conn.register_heartbeats(now)
 
     def _schedule_tick(self) -> None:
         self._tick_due = self._loop.time() + self._tick
@@ -322,7 +341,7 @@ class ProxyServer:
         if config.routes != old.routes:
             self.router = Router(config.routes)
             changed.append("routes")
-        for name in ("http", "websocket", "limits"):
+        for name in ("http", "websocket", "limits", "shutdown"):
             if getattr(config, name) != getattr(old, name):
                 changed.append(name)
         if config.logging != old.logging:
@@ -336,6 +355,8 @@ class ProxyServer:
         self.config = config
         self.config_loaded_at = time.time()
         self._tick = _tick_interval(config)
+        if _heartbeat_settings(config) != _heartbeat_settings(old):
+            self._restart_heartbeats(now)
         log.info("reload: applied version %s (changed: %s)", config.version[:12], ", ".join(changed) or "nothing in effect")
         return {"reloaded": True, "changed": changed, "version": config.version}
 
@@ -393,11 +414,14 @@ class ProxyServer:
                 group.start()
                 changed.append(f"upstream {upstream.name} added")
             elif group.config != upstream or group.high_water != high_water:
+                group.retire_drain_timeout = new.shutdown.drain_timeout
                 removed = group.reconfigure(upstream, high_water=high_water, now=now)
                 changed.append(f"upstream {upstream.name} changed" + (f" ({len(removed)} server(s) removed)" if removed else ""))
+            group.retire_drain_timeout = new.shutdown.drain_timeout
             groups[upstream.name] = group
         for name, group in self.groups.items():
             if name not in groups:
+                group.retire_drain_timeout = new.shutdown.drain_timeout
                 group.retire_all(now)
                 group.close_all()
                 self._retired_groups.append(group)

@@ -18,8 +18,9 @@ A reload hands a group its new ``[[upstreams]]`` entry (`reconfigure`): servers
 that stay keep their health, sessions and idle pool; new ones start up; removed
 ones are *retired*: their idle pool is closed at once and their live WebSocket
 sessions are paced out with close frames by a `core.drain.Drain` over
-`RETIRE_DRAIN_TIMEOUT` seconds (a group whose whole upstream was removed is
-retired with all its servers, `retire_all`).
+`retire_drain_timeout` seconds (the server sets it to ``[shutdown]
+drain_timeout``; a group whose whole upstream was removed is retired with all its
+servers, `retire_all`).
 """
 
 from __future__ import annotations
@@ -179,6 +180,8 @@ class UpstreamGroup:
         old = getattr(self, "config", None)
         self.config = config
         self.high_water = high_water
+        #: seconds over which a removed server's sessions are paced out (see `_retire`)
+        self.retire_drain_timeout = RETIRE_DRAIN_TIMEOUT
         self._weights = {s: config.weight(s) for s in config.servers}
         self.balancer = Balancer(config.balance, config.servers, self._weights)
         self._hash_source = parse_hash_source(config.hash_key) if config.balance == "hash" else None
@@ -343,7 +346,7 @@ class UpstreamGroup:
             return
         policy = self._close_policy
         drain = Drain(
-            now, conns, RETIRE_DRAIN_TIMEOUT, rng=self.rng, close_code=policy.close_code,
+            now, conns, self.retire_drain_timeout, rng=self.rng, close_code=policy.close_code,
             reconnect_hint=(policy.delay_min, policy.delay_max), reason_format=RETIRE_REASON,
         )
         self._drains.append(drain)
