@@ -25,6 +25,7 @@ from edgeproxy.metrics import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Metrics
 from edgeproxy.routing import Router
 from edgeproxy.transport.admin import AdminListener
 from edgeproxy.transport.downstream import ClientConnection
+from edgeproxy.transport.hub import HubService, publish_endpoint
 from edgeproxy.transport.loop import running_loop_name
 from edgeproxy.transport.upstream import UpstreamGroup
 
@@ -72,6 +73,11 @@ class ProxyServer:
         #: wall-clock time the running config was loaded (reload code updates it with `config`)
         self.config_loaded_at = time.time()
         self.admin: AdminListener | None = AdminListener(self, config.admin.bind) if config.admin.enabled else None
+        #: the ``[[hubs]]`` by path: upgrades to these paths are served by the proxy itself
+        self.hubs = {hub.path: HubService(hub, self) for hub in config.hubs}
+        if self.admin is not None:
+            self.admin.add_route("/v1/publish", "POST", lambda request: publish_endpoint(self, request),
+                                 max_body=config.admin.max_publish_size)
 
     def now(self) -> float:
         return self._loop.time()
@@ -104,6 +110,8 @@ class ProxyServer:
                 self._servers.append(server)
             if self.admin is not None:
                 await self.admin.start()
+            for hub in self.hubs.values():
+                await hub.start()
         except OSError:
             await self.stop()
             raise
@@ -145,6 +153,8 @@ class ProxyServer:
             self._tick_handle = None
         for conn in list(self.connections):
             conn.shutdown()
+        for hub in self.hubs.values():
+            await hub.stop()
         for group in self.groups.values():
             group.stop()
             group.close_all()
