@@ -169,23 +169,24 @@ class HubService:
                 self._drop_interest(channel.name)
             return
         snapshot, blob, count = batch
-        self._write_slice(channel, snapshot, blob, count, 0)
+        self._write_slice(channel, snapshot, blob, count, 0, 0)
 
-    def _write_slice(self, channel: Channel, snapshot, blob: bytes, count: int, start: int) -> None:
+    def _write_slice(self, channel: Channel, snapshot, blob: bytes, count: int, start: int, delivered: int) -> None:
+        """Write ``blob`` to the snapshot's transports from ``start``, one `fanout_batch` per loop iteration."""
         subscribers, transports = snapshot
-        size = self.config.fanout_batch
-        end = start + size
+        end = start + self.config.fanout_batch
         part = transports if start == 0 and end >= len(transports) else transports[start:end]
         skipped = _accel.write_many(part, blob, self.config.subscriber_buffer_limit)
         for index in skipped:
             if not part[index].is_closing():
                 subscribers[start + index].drop_slow()
-        self.server.metrics.fanout_published(len(part) - len(skipped), len(blob), count if start == 0 else 0)
+        delivered += len(part) - len(skipped)
         if end < len(transports):
             # A huge channel: give the loop back between slices.
-            self.server.loop.call_soon(self._write_slice, channel, snapshot, blob, count, end)
-        else:
-            self._flush(channel)
+            self.server.loop.call_soon(self._write_slice, channel, snapshot, blob, count, end, delivered)
+            return
+        self.server.metrics.fanout_published(delivered, len(blob), count)
+        self._flush(channel)
 
     def _drop_interest(self, name: str) -> None:
         task = self.server.loop.create_task(self.backplane.unsubscribe(name))
@@ -251,7 +252,9 @@ class HubConnection(asyncio.Protocol):
         metrics = service.server.metrics
         self._metrics_key = metrics.connection_opened(WEBSOCKET, service.route, _HUB_UPSTREAM, "")
         self.messages_in = 0
+        #: publications written to this connection alone (replays), not by the fan-out
         self.messages_out = 0
+        self.bytes_out = 0
 
     def start(self, token: str | None) -> None:
         service = self.service
@@ -308,7 +311,7 @@ class HubConnection(asyncio.Protocol):
         self.subscriptions.clear()
         now = service.server.now()
         metrics = service.server.metrics
-        metrics.add_messages(HUB_DELIVERY, self.messages_out, 0)
+        metrics.add_messages(HUB_DELIVERY, self.messages_out, self.bytes_out)
         metrics.connection_closed(self._metrics_key, now - self.opened, self.close_code)
         logs.access({"event": "ws_close", "client": self.client_ip, "path": self.head.target.decode("latin-1"),
                      "upstream": _HUB_UPSTREAM, "proxy_close": self.close_code, "duration": round(now - self.opened, 3),
@@ -432,8 +435,10 @@ class HubConnection(asyncio.Protocol):
             return
         frames = registry.complete(channel, self, self.transport, result.position, result.missed, result.recovered)
         if frames:
-            self.transport.write(b"".join(frames))
-            self.messages_out += len(frames) - 1
+            blob = b"".join(frames)
+            self.transport.write(blob)
+            self.messages_out += len(frames) - 1  # the publications after `subscribed`
+            self.bytes_out += len(blob) - len(frames[0])
 
     async def _authorize(self, command: Subscribe) -> None:
         """Raise `HubError` unless the channel is granted (token) and allowed (hook)."""

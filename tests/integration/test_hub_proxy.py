@@ -382,6 +382,8 @@ async def test_huge_channel_is_written_in_slices(hub, ws_connect) -> None:
     await publish(p, {"channel": "c", "data": 20})
     for ws in subs:
         assert [(await recv(ws))["data"] for _ in range(21)] == list(range(21))
+    metrics = p.server.metrics
+    assert metrics.fanout_publishes == 21 and metrics.messages["hub_delivery"] == 210
 
 
 # -- the Python client ---------------------------------------------------------------
