@@ -167,8 +167,9 @@ async def test_bad_input_gets_a_clear_error_and_leaves_others_alone(hub, ws_conn
                                      "data": "still here"}
 
 
-async def test_bad_connect_token_closes_with_4001_and_expired_with_4002(hub, ws_connect) -> None:
+async def test_bad_connect_token_closes_with_4001_and_expired_with_4002(hub, ws_connect, caplog) -> None:
     p = await hub(token_secret=SECRET)
+    assert "anonymous mode" not in caplog.text
     ws = await ws_connect(p.ws_url("/hub?token=not.a.token"))
     assert (await recv(ws))["op"] == "connected"
     answer = await recv(ws)
@@ -183,8 +184,9 @@ async def test_bad_connect_token_closes_with_4001_and_expired_with_4002(hub, ws_
     assert ws.close_code == 4002
 
 
-async def test_publish_api_is_off_without_a_key_and_bodies_are_bounded(proxy, refused_port) -> None:
+async def test_publish_api_is_off_without_a_key_and_bodies_are_bounded(proxy, refused_port, caplog) -> None:
     p = await proxy(refused_port, hubs=[{"path": "/hub"}], admin={"bind": "127.0.0.1:0", "max_publish_size": 1024})
+    assert "hub /hub has no token_secret: anonymous mode" in caplog.text
     status, doc = await publish(p, {"channel": "c", "data": 1})
     assert status == 403 and "api_key" in doc["error"]
     q = await proxy(refused_port, hubs=[{"path": "/hub"}],
