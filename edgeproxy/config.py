@@ -51,6 +51,12 @@ Value rules (see ``config.example.toml`` for every option with its default):
   presence turns the feature on.  The affinity secret (``secret`` or
   ``secret_file``, exactly one, at least 16 bytes) is read here, a relative
   ``secret_file`` from the config file's directory.
+* ``[[hubs]]`` (optional, any number) are channel hubs the proxy serves itself
+  (see :mod:`edgeproxy.hub`): ``path`` is an exact request path, not a prefix,
+  and is unique; ``token_secret`` (or ``token_secret_file``) is the JWT HS256
+  key, at least 32 bytes (RFC 7518 section 3.2); ``auth_hook`` is an
+  ``http://host:port/path`` URL;
+* ``admin.api_key`` (at least 16 characters) turns on the publish API.
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ __all__ = [
     "Config",
     "HealthConfig",
     "HttpConfig",
+    "HubConfig",
     "LimitsConfig",
     "ListenerConfig",
     "LoggingConfig",
@@ -245,6 +252,33 @@ class LoggingConfig:
     access_log: bool = True
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HubConfig:
+    """One ``[[hubs]]`` table: a channel hub served by the proxy itself at ``path``.
+
+    ``token_secret`` is None in anonymous mode (every channel allowed, for
+    development; the server logs a warning). It is kept out of ``repr``.
+    ``auth_hook`` is the backend's allow/deny URL split into address and path.
+    """
+
+    path: str
+    history_size: int = 1000
+    #: seconds a publication stays in history; 0 = until pushed out by history_size
+    history_ttl: float = 300.0
+    token_secret: bytes | None = field(default=None, repr=False)
+    auth_hook: tuple[Address, str] | None = None
+    auth_hook_timeout: float = 2.0
+    #: bytes buffered for one subscriber before it is dropped (and told to resume)
+    subscriber_buffer_limit: int = 1048576
+    #: largest client message and largest publication ``data`` (bytes of JSON)
+    max_message_size: int = 65536
+    max_subscriptions: int = 128
+    #: seconds between the hub's pings; 0 = no pings
+    ping_interval: float = 25.0
+    #: subscribers written per event-loop iteration during one fan-out
+    fanout_batch: int = 2000
+
+
 DEFAULT_ADMIN_BIND = Address("127.0.0.1", 9901)
 
 
@@ -258,6 +292,10 @@ class AdminConfig:
 
     bind: Address = field(default_factory=lambda: DEFAULT_ADMIN_BIND)
     enabled: bool = True
+    #: the publish API's bearer key; None = the publish API refuses every call
+    api_key: str | None = field(default=None, repr=False)
+    #: largest request body POST /v1/publish accepts (413 above)
+    max_publish_size: int = 1048576
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +313,7 @@ class Config:
     #: worker processes (``"auto"`` already resolved to the CPU count); 1 = no supervisor
     workers: int = 1
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    hubs: tuple[HubConfig, ...] = ()
     source: str = "<string>"
     #: sha256 of the file text: tells operators which file a running proxy loaded.
     #: Not compared, so a reload of an equivalent file (comments changed) compares equal.
@@ -528,7 +567,7 @@ def _join(path: str, key: str) -> str:
 # Sections
 # --------------------------------------------------------------------------- #
 
-_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging", "admin", "shutdown", "workers")
+_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging", "admin", "shutdown", "workers", "hubs")
 #: an upper bound that catches a typo (workers = 10000), not a tuning limit
 MAX_WORKERS = 1024
 _LISTENER_KEYS = ("bind", "backlog")
@@ -560,7 +599,13 @@ _WEBSOCKET_KEYS = (
 _SHUTDOWN_KEYS = ("drain_timeout", "readiness_grace", "close_code")
 _LIMITS_KEYS = ("buffer_high_water",)
 _LOGGING_KEYS = ("level", "format", "access_log")
-_ADMIN_KEYS = ("bind", "enabled")
+_ADMIN_KEYS = ("bind", "enabled", "api_key", "max_publish_size")
+_HUB_KEYS = (
+    "path", "history_size", "history_ttl", "token_secret", "token_secret_file", "auth_hook", "auth_hook_timeout",
+    "subscriber_buffer_limit", "max_message_size", "max_subscriptions", "ping_interval", "fanout_batch",
+)
+_MIN_TOKEN_SECRET = 32
+_MIN_API_KEY = 16
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("text", "json")
 
@@ -730,25 +775,30 @@ def _affinity_secret(v: _Validator, t: dict[str, Any], key: str) -> bytes:
     if ("secret" in t) == ("secret_file" in t):
         v.error(_join(key, "secret"), "set exactly one of secret or secret_file")
         return b""
-    if "secret" in t:
-        text = v.string(t, key, "secret", None, "a secret string")
+    return _secret(v, t, key, "secret", _MIN_SECRET)
+
+
+def _secret(v: _Validator, t: dict[str, Any], key: str, name: str, minimum: int) -> bytes:
+    """The bytes of ``NAME`` or of the file named by ``NAME_file`` (one of them is in ``t``)."""
+    if name in t:
+        text = v.string(t, key, name, None, "a secret string")
         secret = text.encode("utf-8") if text else b""
-        where = _join(key, "secret")
+        where = _join(key, name)
     else:
-        where = _join(key, "secret_file")
-        name = v.string(t, key, "secret_file", None, "a file path")
-        if name is None:
+        where = _join(key, f"{name}_file")
+        path = v.string(t, key, f"{name}_file", None, "a file path")
+        if path is None:
             return b""
-        if not os.path.isabs(name) and os.path.isfile(v.source):
-            name = os.path.join(os.path.dirname(v.source), name)
+        if not os.path.isabs(path) and os.path.isfile(v.source):
+            path = os.path.join(os.path.dirname(v.source), path)
         try:
-            with open(name, "rb") as fh:
+            with open(path, "rb") as fh:
                 secret = fh.read().strip()
         except OSError as exc:
-            v.error(where, f"cannot read the secret file {_quote(name)}: {exc.strerror or exc}")
+            v.error(where, f"cannot read the secret file {_quote(path)}: {exc.strerror or exc}")
             return b""
-    if secret and len(secret) < _MIN_SECRET:
-        v.error(where, f"the secret must be at least {_MIN_SECRET} bytes, got {len(secret)}")
+    if secret and len(secret) < minimum:
+        v.error(where, f"the secret must be at least {minimum} bytes, got {len(secret)}")
     return secret
 
 
@@ -958,7 +1008,74 @@ def _admin(v: _Validator, data: dict[str, Any], listeners: tuple[ListenerConfig,
             if listener.bind.host == bind.host and listener.bind.port in ports:
                 used = f"address {bind}" if workers == 1 else f"admin port {listener.bind.port} (worker {listener.bind.port - bind.port})"
                 v.error("admin.bind", f"{used} is already used by listeners[{index}].bind")
-    return AdminConfig(bind=bind, enabled=enabled)
+    api_key = v.string(table, "admin", "api_key", None, "a key string")
+    if api_key is not None and len(api_key) < _MIN_API_KEY:
+        v.error("admin.api_key", f"the key must be at least {_MIN_API_KEY} characters, got {len(api_key)}")
+    return AdminConfig(
+        bind=bind,
+        enabled=enabled,
+        api_key=api_key,
+        max_publish_size=v.integer(table, "admin", "max_publish_size", 1048576, 1024, "a size in bytes"),
+    )
+
+
+def _hubs(v: _Validator, data: dict[str, Any]) -> tuple[HubConfig, ...]:
+    """Validate the optional ``[[hubs]]`` array."""
+    if "hubs" not in data:
+        return ()
+    hubs = []
+    seen: dict[str, str] = {}
+    for path, item in v.array_of_tables(data, "hubs"):
+        v.unknown_keys(item, path, _HUB_KEYS)
+        hub_path = item.get("path")
+        path_key = _join(path, "path")
+        if "path" not in item:
+            v.error(path_key, 'missing required key (expected a request path like "/hub")')
+            hub_path = "/"
+        elif not isinstance(hub_path, str) or not hub_path.startswith("/") or any(
+            ch.isspace() or ch in "?#" or ord(ch) < 0x20 for ch in hub_path
+        ):
+            v.error(path_key, f'expected a plain request path starting with "/" (no spaces, "?" or "#"), got {_describe(hub_path)}')
+            hub_path = "/"
+        elif hub_path in seen:
+            v.error(path_key, f"duplicate hub path {hub_path!r} (already used by {seen[hub_path]})")
+        else:
+            seen[hub_path] = path
+        secret = None
+        if "token_secret" in item and "token_secret_file" in item:
+            v.error(_join(path, "token_secret"), "set at most one of token_secret or token_secret_file")
+        elif "token_secret" in item or "token_secret_file" in item:
+            secret = _secret(v, item, path, "token_secret", _MIN_TOKEN_SECRET) or None
+        hubs.append(HubConfig(
+            path=hub_path,
+            history_size=v.integer(item, path, "history_size", 1000, 0, "a count of publications per channel"),
+            history_ttl=v.seconds(item, path, "history_ttl", 300.0),
+            token_secret=secret,
+            auth_hook=_hook_url(v, item, path),
+            auth_hook_timeout=v.number(item, path, "auth_hook_timeout", 2.0, above=0.0, what="seconds"),
+            subscriber_buffer_limit=v.integer(item, path, "subscriber_buffer_limit", 1048576, 1024, "a size in bytes"),
+            max_message_size=v.integer(item, path, "max_message_size", 65536, 256, "a size in bytes"),
+            max_subscriptions=v.integer(item, path, "max_subscriptions", 128, 1, "a count of channels"),
+            ping_interval=v.seconds(item, path, "ping_interval", 25.0),
+            fanout_batch=v.integer(item, path, "fanout_batch", 2000, 1, "a count of subscribers"),
+        ))
+    return tuple(hubs)
+
+
+def _hook_url(v: _Validator, item: dict[str, Any], path: str) -> tuple[Address, str] | None:
+    """``auth_hook = "http://host:port/path"`` split into (address, path)."""
+    url = v.string(item, path, "auth_hook", None, 'an URL like "http://127.0.0.1:9000/auth"')
+    if url is None:
+        return None
+    key = _join(path, "auth_hook")
+    if not url.startswith("http://"):
+        v.error(key, f'expected an http:// URL like "http://127.0.0.1:9000/auth", got {_describe(url)}')
+        return None
+    authority, slash, rest = url[len("http://"):].partition("/")
+    address = v.address(authority, key, min_port=1)
+    if address is None:
+        return None
+    return address, slash + rest if slash else "/"
 
 
 # --------------------------------------------------------------------------- #
@@ -996,6 +1113,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         admin=_admin(v, data, listeners, workers),
         workers=workers,
         shutdown=_shutdown(v, data),
+        hubs=_hubs(v, data),
         source=source,
         version=hashlib.sha256(text.encode("utf-8")).hexdigest(),
     )

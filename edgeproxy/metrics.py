@@ -302,10 +302,13 @@ class Metrics:
 
     # -- fan-out and backplane ------------------------------------------------
 
-    def fanout_published(self, deliveries: int, nbytes: int) -> None:
-        """One hub message of ``nbytes`` written to ``deliveries`` subscribers."""
-        self.fanout_publishes += 1
-        self.messages[HUB_DELIVERY] += deliveries
+    def fanout_published(self, deliveries: int, nbytes: int, publications: int = 1) -> None:
+        """``publications`` hub messages, ``nbytes`` in all, written to ``deliveries`` subscribers.
+
+        More than one publication when the hub coalesced a burst into one write.
+        """
+        self.fanout_publishes += publications
+        self.messages[HUB_DELIVERY] += deliveries * publications
         self.message_bytes[HUB_DELIVERY] += deliveries * nbytes
 
     def fanout_subscriber_dropped(self) -> None:

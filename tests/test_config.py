@@ -20,6 +20,7 @@ from edgeproxy.config import (
     AdminConfig,
     Config,
     HttpConfig,
+    HubConfig,
     LimitsConfig,
     ListenerConfig,
     LoggingConfig,
@@ -91,6 +92,7 @@ def test_example_file_values_are_the_defaults() -> None:
     assert config.limits == LimitsConfig()
     assert config.logging == LoggingConfig()
     assert config.admin == AdminConfig()
+    assert config.hubs == (HubConfig(path="/hub"),)
     assert config.upstream("app") == UpstreamConfig(name="app", servers=(Address("127.0.0.1", 9001),))
 
 
@@ -106,7 +108,10 @@ def test_example_file_sets_every_option() -> None:
     assert set(data["websocket"]) == set(cfgmod._WEBSOCKET_KEYS)
     assert set(data["limits"]) == set(cfgmod._LIMITS_KEYS)
     assert set(data["logging"]) == set(cfgmod._LOGGING_KEYS)
-    assert set(data["admin"]) == set(cfgmod._ADMIN_KEYS)
+    # api_key has no default (it turns the publish API on): shown commented out
+    assert set(data["admin"]) == set(cfgmod._ADMIN_KEYS) - {"api_key"}
+    # token secrets and the auth hook are opt-in: shown commented out
+    assert set(data["hubs"][0]) == set(cfgmod._HUB_KEYS) - {"token_secret", "token_secret_file", "auth_hook"}
     text = EXAMPLE.read_text("utf-8")
     # route keys: host is only shown commented out (it is optional)
     for key in cfgmod._ROUTE_KEYS:
@@ -119,6 +124,8 @@ def test_example_file_sets_every_option() -> None:
         assert re.search(rf"^# servers = \[.*\b{key} = ", upstream_text, re.M), key
     for table in ("affinity", "rebalance"):
         assert f"\n# [upstreams.{table}]\n" in upstream_text
+    for key in ("api_key", "token_secret", "token_secret_file", "auth_hook"):
+        assert re.search(rf"^# {key} = ", text, re.M), key
 
 
 def test_example_opt_in_tables_are_valid_when_uncommented() -> None:
@@ -793,3 +800,82 @@ def test_workers_default_count_and_auto() -> None:
     assert parse_config("workers = 2\n" + MINIMAL) != parse_config(MINIMAL)
     # admin port 0 with workers: each worker takes a free port, nothing to collide with
     assert parse_config("workers = 3\n" + MINIMAL + '[admin]\nbind = "127.0.0.1:0"\n').admin.bind.port == 0
+# --------------------------------------------------------------------------- #
+# [[hubs]] and the publish API key
+# --------------------------------------------------------------------------- #
+
+HUB_SECRET = "k" * 32
+
+
+def test_hub_values(tmp_path: Path) -> None:
+    secret_file = tmp_path / "hub.secret"
+    secret_file.write_text("f" * 40 + "\n")
+    config_file = tmp_path / "edgeproxy.toml"
+    config_file.write_text(MINIMAL + f'''
+[admin]
+api_key = "0123456789abcdef"
+max_publish_size = 4096
+[[hubs]]
+path = "/hub"
+history_size = 50
+history_ttl = 30
+token_secret = "{HUB_SECRET}"
+auth_hook = "http://127.0.0.1:9000/auth?x=1"
+auth_hook_timeout = 0.5
+subscriber_buffer_limit = 65536
+max_message_size = 4096
+max_subscriptions = 8
+ping_interval = 0
+fanout_batch = 100
+[[hubs]]
+path = "/other"
+token_secret_file = "hub.secret"
+''')
+    config = load_config(config_file)
+    assert config.admin.api_key == "0123456789abcdef" and config.admin.max_publish_size == 4096
+    assert "0123456789abcdef" not in repr(config.admin)
+    first, second = config.hubs
+    assert first == HubConfig(
+        path="/hub", history_size=50, history_ttl=30.0, token_secret=HUB_SECRET.encode(),
+        auth_hook=(Address("127.0.0.1", 9000), "/auth?x=1"), auth_hook_timeout=0.5,
+        subscriber_buffer_limit=65536, max_message_size=4096, max_subscriptions=8, ping_interval=0.0,
+        fanout_batch=100,
+    )
+    assert HUB_SECRET not in repr(first)
+    assert second.token_secret == b"f" * 40 and second.auth_hook is None and second.history_size == 1000
+
+
+def test_no_hubs_by_default() -> None:
+    assert parse_config(MINIMAL).hubs == ()
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "words"),
+    [
+        ("[[hubs]]\nhistory_size = 5\n", "hubs[0].path", "missing required key"),
+        ('[[hubs]]\npath = "hub"\n', "hubs[0].path", 'starting with "/"'),
+        ('[[hubs]]\npath = "/h?x"\n', "hubs[0].path", "plain request path"),
+        ('[[hubs]]\npath = "/h"\n[[hubs]]\npath = "/h"\n', "hubs[1].path", "duplicate hub path '/h' (already used by hubs[0])"),
+        ('[[hubs]]\npath = "/h"\nhistory_sise = 5\n', "hubs[0].history_sise", "did you mean 'history_size'?"),
+        ('[[hubs]]\npath = "/h"\nhistory_size = -1\n', "hubs[0].history_size", "an integer >= 0"),
+        ('[[hubs]]\npath = "/h"\nhistory_ttl = "5m"\n', "hubs[0].history_ttl", "number of seconds"),
+        ('[[hubs]]\npath = "/h"\ntoken_secret = "short"\n', "hubs[0].token_secret", "at least 32 bytes, got 5"),
+        (f'[[hubs]]\npath = "/h"\ntoken_secret = "{HUB_SECRET}"\ntoken_secret_file = "x"\n', "hubs[0].token_secret", "at most one"),
+        ('[[hubs]]\npath = "/h"\ntoken_secret_file = "/nonexistent/hub.secret"\n', "hubs[0].token_secret_file", "cannot read"),
+        ('[[hubs]]\npath = "/h"\nauth_hook = "https://a:1/x"\n', "hubs[0].auth_hook", "http:// URL"),
+        ('[[hubs]]\npath = "/h"\nauth_hook = "http://a/x"\n', "hubs[0].auth_hook", "missing port"),
+        ('[[hubs]]\npath = "/h"\nsubscriber_buffer_limit = 10\n', "hubs[0].subscriber_buffer_limit", ">= 1024"),
+        ('[[hubs]]\npath = "/h"\nmax_message_size = 10\n', "hubs[0].max_message_size", ">= 256"),
+        ('[[hubs]]\npath = "/h"\nmax_subscriptions = 0\n', "hubs[0].max_subscriptions", ">= 1"),
+        ('[[hubs]]\npath = "/h"\nfanout_batch = 0\n', "hubs[0].fanout_batch", ">= 1"),
+        ('[[hubs]]\npath = "/h"\nauth_hook_timeout = 0\n', "hubs[0].auth_hook_timeout", "a number > 0"),
+        ('hubs = "/h"\n', "hubs", "expected an array of tables"),
+        ('[admin]\napi_key = "short"\n', "admin.api_key", "at least 16 characters, got 5"),
+        ("[admin]\napi_key = 5\n", "admin.api_key", "expected a key string"),
+        ("[admin]\nmax_publish_size = 10\n", "admin.max_publish_size", ">= 1024"),
+    ],
+)
+def test_hub_and_api_key_problems(extra: str, key: str, words: str) -> None:
+    text = MINIMAL + extra if not extra.startswith("hubs =") else extra + MINIMAL
+    got_key, message = only_problem(text)
+    assert got_key == key and words in message, message

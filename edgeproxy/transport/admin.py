@@ -23,6 +23,9 @@ path                   method  answer
 /admin/stream          GET     SSE: one JSON snapshot of the signals per second
 /dashboard             GET     self-contained HTML charts fed by /admin/stream
 =====================  ======  =============================================
+
+Other layers add endpoints that read the request (headers and body) with
+`AdminListener.add_route`: the hub's ``POST /v1/publish`` is one.
 """
 
 from __future__ import annotations
@@ -69,6 +72,34 @@ class AdminSource(Protocol):
     def upstream_states(self) -> list[dict[str, Any]]: ...
 
     def config_info(self) -> dict[str, Any]: ...
+
+
+class AdminRequest:
+    """A request to an endpoint added with `AdminListener.add_route`.
+
+    ``too_large`` is True when the body passed the route's ``max_body`` (the body is
+    then cut there; the handler answers 413).
+    """
+
+    __slots__ = ("method", "path", "headers", "body", "too_large")
+
+    def __init__(self, method: bytes, path: str, headers: list[tuple[bytes, bytes]]):
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = b""
+        self.too_large = False
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+#: an added endpoint: it gets the request and answers (status, JSON document)
+ApiHandler = Callable[[AdminRequest], Any]
 
 
 class _Reply:
@@ -120,6 +151,12 @@ class AdminListener:
             "/admin/reload": ("POST", self._reload),
             "/dashboard": ("GET", lambda: _Reply(200, "text/html; charset=utf-8", dashboard_html())),
         }
+        #: endpoints added by other layers: path -> (method, handler, max_body)
+        self._api: dict[str, tuple[str, ApiHandler, int]] = {}
+
+    def add_route(self, path: str, method: str, handler: ApiHandler, *, max_body: int = MAX_BODY) -> None:
+        """Serve ``method path`` with ``handler(request) -> (status, doc)`` (may be a coroutine)."""
+        self._api[path] = (method, handler, max_body)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -156,10 +193,10 @@ class AdminListener:
                 request = await self._read_request(conn, reader)
                 if request is None:
                     break
-                if request == (b"GET", "/admin/stream"):
+                if (request.method, request.path) == (b"GET", "/admin/stream"):
                     await self._stream(conn, reader, writer)
                     break
-                reply = await self._dispatch(*request)
+                reply = await self._dispatch(request)
                 await self._send(conn, writer, reply)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     break
@@ -174,10 +211,11 @@ class AdminListener:
             self._tasks.discard(task)
             writer.close()
 
-    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader) -> tuple[bytes, str] | None:
-        """The next request's (method, path), its body read and dropped; None at EOF."""
-        method_path = None
+    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader) -> AdminRequest | None:
+        """The next request; its body is kept for added routes, else dropped; None at EOF."""
+        request = None
         body = 0
+        keep = 0
         async with asyncio.timeout(IDLE_TIMEOUT):
             while True:
                 event = conn.next_event()
@@ -187,13 +225,20 @@ class AdminListener:
                     continue
                 if isinstance(event, h11.Request):
                     target = event.target.decode("latin-1")
-                    method_path = (event.method, target.split("?", 1)[0])
+                    request = AdminRequest(bytes(event.method), target.split("?", 1)[0],
+                                           [(bytes(k), bytes(v)) for k, v in event.headers])
+                    api = self._api.get(request.path)
+                    keep = api[2] if api is not None else 0
                 elif isinstance(event, h11.Data):
                     body += len(event.data)
-                    if body > MAX_BODY:
+                    if body <= keep:
+                        request.body += event.data
+                    elif keep:
+                        request.too_large = True  # read on and drop, so the 413 is read
+                    elif body > MAX_BODY:
                         raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
                 elif isinstance(event, h11.EndOfMessage):
-                    return method_path
+                    return request
                 else:  # ConnectionClosed, or PAUSED after a response we closed on
                     return None
 
@@ -209,10 +254,18 @@ class AdminListener:
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
 
-    async def _dispatch(self, method: bytes, path: str) -> _Reply:
-        route = self._routes.get(path)
+    async def _dispatch(self, request: AdminRequest) -> _Reply:
+        method, path = request.method, request.path
+        api = self._api.get(path)
+        if api is not None and method.decode("latin-1") == api[0]:
+            answer = api[1](request)
+            if inspect.isawaitable(answer):
+                answer = await answer
+            return _json_reply(*answer)
+        route = self._routes.get(path) or (api[:2] if api is not None else None)
         if route is None:
-            return _json_reply(404, {"error": f"no admin endpoint {path}", "endpoints": sorted([*self._routes, "/admin/stream"])})
+            endpoints = sorted([*self._routes, *self._api, "/admin/stream"])
+            return _json_reply(404, {"error": f"no admin endpoint {path}", "endpoints": endpoints})
         allowed, handler = route
         if method.decode("latin-1") != allowed:
             reply = _json_reply(405, {"error": f"{path} takes {allowed}"})

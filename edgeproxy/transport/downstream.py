@@ -274,6 +274,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_request(self, head: RequestHead) -> None:
         server = self.server
+        if head.websocket and head.path in server.hubs:
+            server.hubs[head.path].take_over(self, head)  # served by the proxy: transport/hub.py
+            return
         now = server.now()
         route = server.router.match(head.host, head.path)
         if route is None:

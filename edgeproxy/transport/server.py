@@ -38,6 +38,7 @@ from edgeproxy.metrics import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Metrics
 from edgeproxy.routing import Router
 from edgeproxy.transport.admin import AdminListener
 from edgeproxy.transport.downstream import ClientConnection
+from edgeproxy.transport.hub import HubService, publish_endpoint
 from edgeproxy.transport.loop import running_loop_name
 from edgeproxy.transport.upstream import UpstreamGroup
 
@@ -124,6 +125,11 @@ class ProxyServer:
         #: set when a graceful drain has begun: no keep-alive, no new sessions
         self.draining = False
         self._drain_task: asyncio.Task | None = None
+        #: the ``[[hubs]]`` by path: upgrades to these paths are served by the proxy itself
+        self.hubs = {hub.path: HubService(hub, self) for hub in config.hubs}
+        if self.admin is not None:
+            self.admin.add_route("/v1/publish", "POST", lambda request: publish_endpoint(self, request),
+                                 max_body=config.admin.max_publish_size)
 
     def now(self) -> float:
         return self._loop.time()
@@ -151,6 +157,8 @@ class ProxyServer:
                 self._server_keys.append(key)
             if self.admin is not None:
                 await self.admin.start()
+            for hub in self.hubs.values():
+                await hub.start()
         except OSError:
             await self.stop()
             raise
@@ -272,6 +280,8 @@ class ProxyServer:
             self._tick_handle = None
         for conn in list(self.connections):
             conn.shutdown()
+        for hub in self.hubs.values():
+            await hub.stop()
         for group in [*self.groups.values(), *self._retired_groups]:
             group.stop()
             group.close_all()
@@ -349,7 +359,7 @@ class ProxyServer:
 
             configure_logging(config.logging)
             changed.append("logging")
-        for name in ("admin", "workers"):
+        for name in ("admin", "workers", "hubs"):
             if getattr(config, name) != getattr(old, name):
                 log.warning("reload: %s changed; it takes effect on a restart", name)
         self.config = config

@@ -144,6 +144,7 @@ def build_config(
     upstreams: list[dict],
     routes: list[dict],
     sections: dict[str, dict] | None = None,
+    hubs: list[dict] | None = None,
 ) -> str:
     out: list[str] = []
     for lst in listeners or [{"bind": f"{HOST}:0"}]:
@@ -157,6 +158,10 @@ def build_config(
     for r in routes:
         out.append("[[routes]]")
         out += [f"{k} = {_toml_value(v)}" for k, v in r.items()]
+        out.append("")
+    for hub in hubs or []:
+        out.append("[[hubs]]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in hub.items()]
         out.append("")
     for name, body in (sections or {}).items():
         if not body:
@@ -216,6 +221,7 @@ async def proxy():
         upstreams: list[dict] | None = None,
         routes: list[dict] | None = None,
         listeners: list[dict] | None = None,
+        hubs: list[dict] | None = None,
         **sections: dict,
     ) -> Proxy:
         if upstreams is None:
@@ -226,7 +232,12 @@ async def proxy():
             routes = [{"path_prefix": "/", "upstream": upstreams[0]["name"]}]
         # An ephemeral admin port: tests (and other checkouts) run proxies side by side.
         sections.setdefault("admin", {"bind": f"{HOST}:0"})
-        text = build_config(listeners=listeners, upstreams=upstreams, routes=routes, sections=sections)
+        # No heartbeat pings unless a test asks: the first ping of a session comes at
+        # a random point of its first interval, and tests that read raw frames want
+        # exactly the frames they provoke.  test_lifecycle.py tests heartbeats; the
+        # real-process tests and the Autobahn run keep the default (30 s).
+        sections["websocket"] = {"ping_interval": 0, **sections.get("websocket", {})}
+        text = build_config(listeners=listeners, upstreams=upstreams, routes=routes, sections=sections, hubs=hubs)
         server = ProxyServer(parse_config(text))
         await asyncio.wait_for(server.start(), 5)
         started.append(server)

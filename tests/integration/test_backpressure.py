@@ -161,6 +161,10 @@ async def test_websocket_flood_to_slow_reader_stays_bounded(ws_backend, proxy, p
                         state["cur"] = bytearray()
                 elif isinstance(ev, wse.CloseConnection):
                     state["closed"] = True
+                elif isinstance(ev, wse.Ping):
+                    # The proxy's heartbeat: answer it, as a client does (a few bytes,
+                    # which the non-blocking socket takes at once).
+                    sock.send(client.send(ev.response()))
                 else:
                     raise AssertionError(f"unexpected event {ev!r}")
 

@@ -573,7 +573,7 @@ async def test_control_frames_interleaved_in_fragmented_message(ws_backend, prox
                 data += ev.data
                 if ev.message_finished:
                     got_msg = data
-            else:
+            elif not isinstance(ev, wse.Ping):  # a heartbeat ping from the proxy may come
                 raise AssertionError(f"unexpected {ev!r}")
     assert got_pong == b"ping-in-the-middle"
     assert got_msg == b"part1-part2-part3"
