@@ -29,6 +29,7 @@ from edgeproxy.routing import Router
 from edgeproxy.transport.admin import AdminListener
 from edgeproxy.transport.downstream import ClientConnection
 from edgeproxy.transport.loop import running_loop_name
+from edgeproxy.transport.resume import ResumeRegistry
 from edgeproxy.transport.upstream import UpstreamGroup
 
 log = logging.getLogger("edgeproxy")
@@ -84,6 +85,8 @@ class ProxyServer:
         #: set when a graceful drain has begun: no keep-alive, no new sessions
         self.draining = False
         self._drain_task: asyncio.Task | None = None
+        #: resumable sessions (docs/resume-protocol.md), when websocket.resume_secret is set
+        self.resume: ResumeRegistry | None = ResumeRegistry(self) if config.websocket.resume_secret else None
 
     def now(self) -> float:
         return self._loop.time()
@@ -156,6 +159,8 @@ class ProxyServer:
                 conn.transport.abort()
         for group in self.groups.values():
             group.expire_idle(now)
+        if self.resume is not None:
+            self.resume.check_timers(now)
         for beats, client in ((self.client_beats, True), (self.upstream_beats, False)):
             if beats is not None:
                 for action, conn, payload in beats.due(now):
@@ -215,6 +220,8 @@ class ProxyServer:
             self._tick_handle = None
         for conn in list(self.connections):
             conn.shutdown()
+        if self.resume is not None:
+            self.resume.close_all(self.config.shutdown.close_code, "server shutting down")
         for group in self.groups.values():
             group.stop()
             group.close_all()
