@@ -136,34 +136,33 @@ class FaultRelay:
             task.cancel()
 
 
-@pytest.fixture
-async def backend():
+async def _started(cls):
+    """A fixture body: yields a factory that builds and starts `cls` objects, stops them all after."""
     started = []
 
-    async def factory(**kw) -> StreamBackend:
-        b = StreamBackend(**kw)
-        await b.start()
-        started.append(b)
-        return b
+    async def factory(*args, **kw):
+        obj = cls(*args, **kw)
+        await obj.start()
+        started.append(obj)
+        return obj
 
     yield factory
-    for b in started:
-        await b.stop()
+    for obj in started:
+        await obj.stop()
+
+
+@pytest.fixture
+async def backend():
+    """Factory: ``await backend(interval=..., size=...)`` -> a started `StreamBackend`."""
+    async for factory in _started(StreamBackend):
+        yield factory
 
 
 @pytest.fixture
 async def relay():
-    started = []
-
-    async def factory(port: int) -> FaultRelay:
-        r = FaultRelay(port)
-        await r.start()
-        started.append(r)
-        return r
-
-    yield factory
-    for r in started:
-        await r.stop()
+    """Factory: ``await relay(proxy_port)`` -> a started `FaultRelay`."""
+    async for factory in _started(FaultRelay):
+        yield factory
 
 
 def resume_proxy(proxy, backend, *, window: float = 30.0, buffer: int = 1 << 20, instance: str | None = None,
