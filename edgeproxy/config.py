@@ -197,6 +197,11 @@ class RouteConfig:
     path_prefix: str = "/"
     host: str | None = None
     upstream: str
+    #: resumable sessions on this route (when ``websocket.resume_secret`` is set)
+    resume: bool = True
+    #: per-route overrides of ``[websocket]`` resume_window / resume_buffer_bytes
+    resume_window: float | None = None
+    resume_buffer_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +226,12 @@ class WebSocketConfig:
     pong_timeout: float = 60.0
     ping_upstream: bool = True
     max_connection_age: float = 0.0
+    #: resumable sessions (docs/resume-protocol.md): on when ``resume_secret`` is set
+    resume_window: float = 30.0
+    resume_buffer_bytes: int = 1048576
+    resume_secret: bytes = field(default=b"", repr=False)
+    #: names this proxy in resume tokens; "" = drawn at random when the server starts
+    instance_id: str = ""
 
 
 #: close codes a server may send to say "go away, come back later"
@@ -590,12 +601,16 @@ _HEALTH_CHECKS = ("none", "http", "tcp")
 #: RFC 6265 cookie-name: an RFC 9110 token.
 _COOKIE_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _MIN_SECRET = 16
-_ROUTE_KEYS = ("path_prefix", "host", "upstream")
+_ROUTE_KEYS = ("path_prefix", "host", "upstream", "resume", "resume_window", "resume_buffer_bytes")
 _HTTP_KEYS = ("header_timeout", "keepalive_timeout", "max_header_size")
 _WEBSOCKET_KEYS = (
     "max_message_size", "handshake_timeout", "idle_timeout", "close_timeout",
     "ping_interval", "pong_timeout", "ping_upstream", "max_connection_age",
+    "resume_window", "resume_buffer_bytes", "resume_secret", "resume_secret_file", "instance_id",
 )
+#: an instance id goes into resume tokens and log lines: keep it short and plain
+_INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_MIN_RESUME_BUFFER = 1024
 _SHUTDOWN_KEYS = ("drain_timeout", "readiness_grace", "close_code")
 _LIMITS_KEYS = ("buffer_high_water",)
 _LOGGING_KEYS = ("level", "format", "access_log")
@@ -744,7 +759,7 @@ def _affinity(v: _Validator, item: dict[str, Any], path: str) -> AffinityConfig 
         v.error(_join(key, "cookie"), 'missing required key (expected a cookie name like "edgeproxy")')
     elif cookie is not None and not _COOKIE_NAME_RE.fullmatch(cookie):
         v.error(_join(key, "cookie"), f"expected a cookie name (letters, digits and !#$%&'*+.^_`|~-), got {_describe(cookie)}")
-    secret = _affinity_secret(v, t, key)
+    secret = _secret(v, t, key, "secret", required=True)
     same_site = v.choice(t, key, "same_site", "lax", SAME_SITE)
     secure = v.boolean(t, key, "secure", False)
     if same_site == "none" and not secure:
@@ -771,22 +786,26 @@ def _affinity(v: _Validator, item: dict[str, Any], path: str) -> AffinityConfig 
     )
 
 
-def _affinity_secret(v: _Validator, t: dict[str, Any], key: str) -> bytes:
-    if ("secret" in t) == ("secret_file" in t):
-        v.error(_join(key, "secret"), "set exactly one of secret or secret_file")
+def _secret(
+    v: _Validator, t: dict[str, Any], key: str, name: str, *, required: bool, minimum: int = _MIN_SECRET
+) -> bytes:
+    """The key ``name`` or the contents of the file ``name_file`` (exactly one; b"" when neither and optional).
+
+    A relative file name is taken from the config file's directory; the secret
+    must have at least ``minimum`` bytes.
+    """
+    file_key = name + "_file"
+    if (name in t) == (file_key in t):
+        if required or name in t:
+            v.error(_join(key, name), f"set exactly one of {name} or {file_key}")
         return b""
-    return _secret(v, t, key, "secret", _MIN_SECRET)
-
-
-def _secret(v: _Validator, t: dict[str, Any], key: str, name: str, minimum: int) -> bytes:
-    """The bytes of ``NAME`` or of the file named by ``NAME_file`` (one of them is in ``t``)."""
     if name in t:
         text = v.string(t, key, name, None, "a secret string")
         secret = text.encode("utf-8") if text else b""
         where = _join(key, name)
     else:
-        where = _join(key, f"{name}_file")
-        path = v.string(t, key, f"{name}_file", None, "a file path")
+        where = _join(key, file_key)
+        path = v.string(t, key, file_key, None, "a file path")
         if path is None:
             return b""
         if not os.path.isabs(path) and os.path.isfile(v.source):
@@ -918,9 +937,23 @@ def _routes(v: _Validator, data: dict[str, Any], upstream_names: list[str] | Non
                 path_prefix=prefix if prefix is not None else "/",
                 host=host,
                 upstream=upstream if isinstance(upstream, str) else "",
+                resume=v.boolean(item, path, "resume", True),
+                resume_window=v.number(item, path, "resume_window", None, above=0, what="seconds"),
+                resume_buffer_bytes=v.integer(item, path, "resume_buffer_bytes", None, _MIN_RESUME_BUFFER, "a size in bytes"),
             )
         )
     return tuple(routes)
+
+
+def _check_resume(v: _Validator, data: dict[str, Any], websocket: WebSocketConfig) -> None:
+    """Per-route resume keys mean nothing without the secret that turns resume on."""
+    if websocket.resume_secret:
+        return
+    routes = data.get("routes")
+    for index, item in enumerate(routes if isinstance(routes, list) else ()):
+        for key in ("resume_window", "resume_buffer_bytes"):
+            if isinstance(item, dict) and key in item:
+                v.error(f"routes[{index}].{key}", "resumable sessions are off: set websocket.resume_secret or resume_secret_file")
 
 
 def _section(
@@ -940,6 +973,13 @@ def _http(v: _Validator, data: dict[str, Any]) -> HttpConfig:
 
 
 def _websocket(v: _Validator, data: dict[str, Any]) -> WebSocketConfig:
+    def instance_id(t: dict[str, Any]) -> str:
+        value = v.string(t, "websocket", "instance_id", "", "an instance id")
+        if value and not _INSTANCE_ID_RE.fullmatch(value):
+            v.error("websocket.instance_id", f"expected 1 to 64 letters, digits, '.', '_' or '-', got {_describe(value)}")
+            return ""
+        return value or ""
+
     return _section(v, data, "websocket", _WEBSOCKET_KEYS, lambda t: WebSocketConfig(
         max_message_size=v.integer(t, "websocket", "max_message_size", 67108864, 0, "a size in bytes, 0 = unlimited"),
         handshake_timeout=v.seconds(t, "websocket", "handshake_timeout", 10.0),
@@ -949,6 +989,10 @@ def _websocket(v: _Validator, data: dict[str, Any]) -> WebSocketConfig:
         pong_timeout=v.number(t, "websocket", "pong_timeout", 60.0, above=0, what="seconds"),
         ping_upstream=v.boolean(t, "websocket", "ping_upstream", True),
         max_connection_age=v.seconds(t, "websocket", "max_connection_age", 0.0),
+        resume_window=v.number(t, "websocket", "resume_window", 30.0, above=0, what="seconds"),
+        resume_buffer_bytes=v.integer(t, "websocket", "resume_buffer_bytes", 1048576, _MIN_RESUME_BUFFER, "a size in bytes"),
+        resume_secret=_secret(v, t, "websocket", "resume_secret", required=False),
+        instance_id=instance_id(t),
     ))
 
 
@@ -1045,7 +1089,7 @@ def _hubs(v: _Validator, data: dict[str, Any]) -> tuple[HubConfig, ...]:
         if "token_secret" in item and "token_secret_file" in item:
             v.error(_join(path, "token_secret"), "set at most one of token_secret or token_secret_file")
         elif "token_secret" in item or "token_secret_file" in item:
-            secret = _secret(v, item, path, "token_secret", _MIN_TOKEN_SECRET) or None
+            secret = _secret(v, item, path, "token_secret", required=False, minimum=_MIN_TOKEN_SECRET) or None
         hubs.append(HubConfig(
             path=hub_path,
             history_size=v.integer(item, path, "history_size", 1000, 0, "a count of publications per channel"),
@@ -1102,12 +1146,14 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     names = [u.name for u in upstreams]
     routes = _routes(v, data, names if names and all(names) else None)
     workers = _workers(v, data)
+    websocket = _websocket(v, data)
+    _check_resume(v, data, websocket)
     config = Config(
         listeners=listeners,
         upstreams=upstreams,
         routes=routes,
         http=_http(v, data),
-        websocket=_websocket(v, data),
+        websocket=websocket,
         limits=_limits(v, data),
         logging=_logging(v, data),
         admin=_admin(v, data, listeners, workers),

@@ -105,7 +105,12 @@ def test_example_file_sets_every_option() -> None:
     assert set(data["upstreams"][0]) == set(cfgmod._UPSTREAM_KEYS) - {"hash_key", "affinity", "rebalance"}
     assert set(data["upstreams"][0]["health"]) == set(cfgmod._HEALTH_KEYS)
     assert set(data["http"]) == set(cfgmod._HTTP_KEYS)
-    assert set(data["websocket"]) == set(cfgmod._WEBSOCKET_KEYS)
+    # resume is on only with a secret, and instance_id defaults to a random one: shown commented out
+    commented = {"resume_secret", "resume_secret_file", "instance_id"}
+    assert set(data["websocket"]) == set(cfgmod._WEBSOCKET_KEYS) - commented
+    websocket_text = EXAMPLE.read_text("utf-8").split("\n[websocket]\n", 1)[1].split("\n[limits]\n", 1)[0]
+    for key in commented:
+        assert re.search(rf"^# {key} = ", websocket_text, re.M), key
     assert set(data["limits"]) == set(cfgmod._LIMITS_KEYS)
     assert set(data["logging"]) == set(cfgmod._LOGGING_KEYS)
     # api_key has no default (it turns the publish API on): shown commented out

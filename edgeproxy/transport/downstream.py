@@ -54,6 +54,7 @@ from edgeproxy.core.websocket import (
 )
 from edgeproxy.errors import LocalProtocolError, RemoteProtocolError
 from edgeproxy.metrics import CLIENT_TO_UPSTREAM, HTTP, UPSTREAM_TO_CLIENT, WEBSOCKET, route_label
+from edgeproxy.transport import resume
 from edgeproxy.transport.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class _Exchange:
     __slots__ = (
         "head", "route", "group", "upstream", "pending", "pending_bytes", "request_done",
         "status", "bytes_out", "started", "websocket_key", "deadline", "task", "retried",
-        "connect_deadline", "connect_timed_out", "choice",
+        "connect_deadline", "connect_timed_out", "choice", "resume",
     )
 
     def __init__(self, head: RequestHead, route: RouteConfig, group, started: float):
@@ -96,6 +97,8 @@ class _Exchange:
         self.connect_timed_out = False
         #: where the balancer sent this request (and the server its cookie named)
         self.choice = None
+        #: the client's resume offer (`core.resume.Offer`) when it asked for a resumable session
+        self.resume = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -278,6 +281,8 @@ class ClientConnection(asyncio.Protocol):
             server.hubs[head.path].take_over(self, head)  # served by the proxy: transport/hub.py
             return
         now = server.now()
+        if head.path == resume.CLIENT_JS_PATH and resume.serve_client_js(self, head):
+            return
         route = server.router.match(head.host, head.path)
         if route is None:
             if head.websocket:
@@ -289,6 +294,13 @@ class ClientConnection(asyncio.Protocol):
         if head.websocket:
             try:
                 exchange.websocket_key = validate_client_handshake(head)
+            except RemoteProtocolError as exc:
+                server.metrics.connection_refused(WEBSOCKET, "bad_handshake")
+                self._fail_request(400, f"bad WebSocket handshake: {exc}", _WS_VERSION_HEADER)
+                return
+            try:
+                if resume.on_upgrade(self, exchange):
+                    return  # a resume attempt, answered by the proxy itself
             except RemoteProtocolError as exc:
                 server.metrics.connection_refused(WEBSOCKET, "bad_handshake")
                 self._fail_request(400, f"bad WebSocket handshake: {exc}", _WS_VERSION_HEADER)
@@ -599,6 +611,8 @@ class ClientConnection(asyncio.Protocol):
     def _start_websocket(self, exchange: _Exchange, conn: UpstreamConnection, head: ResponseHead) -> None:
         headers = http1.forwarded_response_headers(head.headers, switching=True)
         headers += self._balance_response(exchange, conn, 101)
+        if exchange.resume is not None and resume.start_session(self, exchange, conn, head, headers):
+            return  # a resumable session: transport/resume.py relays it message by message
         self._ws_group = exchange.group
         exchange.group.session_opened(conn.server, self)
         self._write(self.http.send_switching_protocols(head.reason or b"Switching Protocols", headers))

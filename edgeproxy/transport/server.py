@@ -40,6 +40,7 @@ from edgeproxy.transport.admin import AdminListener
 from edgeproxy.transport.downstream import ClientConnection
 from edgeproxy.transport.hub import HubService, publish_endpoint
 from edgeproxy.transport.loop import running_loop_name
+from edgeproxy.transport.resume import ResumeRegistry
 from edgeproxy.transport.upstream import UpstreamGroup
 
 log = logging.getLogger("edgeproxy")
@@ -130,6 +131,8 @@ class ProxyServer:
         if self.admin is not None:
             self.admin.add_route("/v1/publish", "POST", lambda request: publish_endpoint(self, request),
                                  max_body=config.admin.max_publish_size)
+        #: resumable sessions (docs/resume-protocol.md), when websocket.resume_secret is set
+        self.resume: ResumeRegistry | None = ResumeRegistry(self) if config.websocket.resume_secret else None
 
     def now(self) -> float:
         return self._loop.time()
@@ -221,6 +224,8 @@ class ProxyServer:
                 conn.transport.abort()
         for group in self.groups.values():
             group.expire_idle(now)
+        if self.resume is not None:
+            self.resume.check_timers(now)
         for beats, client in ((self.client_beats, True), (self.upstream_beats, False)):
             if beats is not None:
                 for action, conn, payload in beats.due(now):
@@ -280,6 +285,8 @@ class ProxyServer:
             self._tick_handle = None
         for conn in list(self.connections):
             conn.shutdown()
+        if self.resume is not None:
+            self.resume.close_all(self.config.shutdown.close_code, "server shutting down")
         for hub in self.hubs.values():
             await hub.stop()
         for group in [*self.groups.values(), *self._retired_groups]:

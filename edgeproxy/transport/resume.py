@@ -1,0 +1,614 @@
+"""Resumable sessions on the event loop: the glue between sockets and `core.resume`.
+
+Theory of operation
+-------------------
+`downstream.ClientConnection` calls three hooks and nothing else:
+
+* `serve_client_js` answers ``GET /.edgeproxy/resume-client.js`` (the browser
+  client) before routing;
+* `on_upgrade` looks at each upgrade's subprotocol offers.  An offer without the
+  ``edgeproxy.resume.v1`` wrapper changes nothing (byte-for-byte passthrough).  A
+  new resumable session has the wrapper stripped from the upgrade forwarded to
+  the backend (and ``Sec-WebSocket-Extensions`` dropped: a compressed stream can
+  not be re-framed or replayed on another connection).  A resume attempt is
+  answered here, never forwarded: 101, then the replay, or close 4409;
+* `start_session` takes over after the backend's 101 when the client's wrapper
+  fits the backend's choice: it answers the client with the wrapper, and from
+  then on a `Session` owns both sockets.
+
+A `Session` outlives its client connections: each client connection gets its own
+`ClientEnd` protocol, and when it goes the session is parked in the server's
+`ResumeRegistry` with the upstream still open.  The registry is advanced by the
+server's shared tick (window expiry, close timeouts, pending acks); heartbeats
+come from the server's timer wheels like every WebSocket's: a `ClientEnd` is the
+client's heartbeat key, the `Session` the upstream's.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from wsproto.utilities import generate_accept_token
+
+from edgeproxy import logs
+from edgeproxy.core import http1
+from edgeproxy.core.heartbeat import AGE_EXPIRED, DEAD, PING
+from edgeproxy.core.http1 import EndOfMessage, ResponseHead
+from edgeproxy.core import _accel
+from edgeproxy.core.resume import (
+    CLOSE_NOT_RESUMABLE,
+    ENDED,
+    PARKED,
+    MessageReader,
+    NotResumable,
+    Offer,
+    ResumeSession,
+    SessionState,
+    TokenCodec,
+    parse_offers,
+    route_key,
+)
+from edgeproxy.core.websocket import (
+    ABORT_CLIENT,
+    ABORT_UPSTREAM,
+    CLOSE_CLIENT,
+    CLOSE_UPSTREAM,
+    PONG_FROM_CLIENT,
+    PONG_FROM_UPSTREAM,
+    SEND_CLIENT,
+    SEND_UPSTREAM,
+)
+from edgeproxy.errors import RemoteProtocolError
+from edgeproxy.metrics import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, WEBSOCKET, route_label
+
+if TYPE_CHECKING:
+    from edgeproxy.transport.downstream import ClientConnection, _Exchange
+    from edgeproxy.transport.server import ProxyServer
+    from edgeproxy.transport.upstream import UpstreamConnection
+
+log = logging.getLogger("edgeproxy")
+
+#: where the proxy serves the browser client itself, before routing
+CLIENT_JS_PATH = "/.edgeproxy/resume-client.js"
+_PROTOCOL_HEADER = b"sec-websocket-protocol"
+
+
+def _mask_key() -> bytes:
+    return os.urandom(4)
+
+
+def client_js() -> bytes:
+    """The browser client (an ES module), as shipped in the package."""
+    return importlib.resources.files("edgeproxy").joinpath("static/resume-client.js").read_bytes()
+
+
+# --------------------------------------------------------------------------- #
+# Hooks called by downstream.ClientConnection
+# --------------------------------------------------------------------------- #
+
+
+def serve_client_js(conn: ClientConnection, head: http1.RequestHead) -> bool:
+    """Answer ``GET``/``HEAD`` of `CLIENT_JS_PATH`; False for any other request."""
+    if head.path != CLIENT_JS_PATH or head.method not in (b"GET", b"HEAD") or head.has_body or head.websocket:
+        return False
+    event = conn.http.next_event()  # the EndOfMessage of a body-less request
+    if not isinstance(event, EndOfMessage):  # pragma: no cover - h11 yields it at once
+        conn._close()
+        return True
+    body = client_js()
+    headers = [
+        (b"Content-Type", b"text/javascript; charset=utf-8"),
+        (b"Content-Length", b"%d" % len(body)),
+        (b"Cache-Control", b"public, max-age=3600"),
+    ]
+    out = conn.http.send_response(ResponseHead(200, b"OK", b"1.1", headers))
+    if head.method == b"GET":
+        out += conn.http.send_data(body)
+    conn._write(out + conn.http.send_end())
+    conn._log_http(head, 200, len(body), conn.server.now())
+    conn._end_cycle()
+    return True
+
+
+def on_upgrade(conn: ClientConnection, exchange: _Exchange) -> bool:
+    """Look at an upgrade's subprotocols; True when it was answered here (a resume attempt).
+
+    A new resumable session gets ``exchange.resume`` set and its forwarded
+    headers rewritten; anything else is left exactly as it came.
+
+    Raises:
+        RemoteProtocolError: a malformed resume offer (400).
+    """
+    registry = conn.server.resume
+    head = exchange.head
+    if registry is None or not exchange.route.resume:
+        return False
+    values = [value for name, value in head.headers if name.lower() == _PROTOCOL_HEADER]
+    offer = parse_offers(values)
+    if offer is None:
+        return False
+    if offer.token is not None:
+        registry.resume(conn, exchange, offer)
+        return True
+    headers = [(n, v) for n, v in head.headers
+               if n.lower() not in (_PROTOCOL_HEADER, b"sec-websocket-extensions")]
+    if offer.forward:
+        headers.append((b"Sec-WebSocket-Protocol", ", ".join(offer.forward).encode("latin-1")))
+    head.headers = headers
+    exchange.resume = offer
+    return False
+
+
+def start_session(conn: ClientConnection, exchange: _Exchange, upstream: UpstreamConnection,
+                  head: ResponseHead, headers: list[tuple[bytes, bytes]]) -> bool:
+    """After the backend's 101: run the session resumable; False when the wrapper does not fit (plain relay)."""
+    offer = exchange.resume
+    chosen = None
+    for name, value in head.headers:
+        if name.lower() == _PROTOCOL_HEADER:
+            chosen = value.strip().decode("latin-1")
+    wrapper = offer.wrapper_for(chosen)
+    if wrapper is None or any(n.lower() == b"sec-websocket-extensions" for n, _ in head.headers):
+        return False
+    headers = [(n, v) for n, v in headers if n.lower() != _PROTOCOL_HEADER]
+    headers.append((b"Sec-WebSocket-Protocol", wrapper.encode("latin-1")))
+    conn.server.resume.start(conn, exchange, upstream, wrapper, headers)
+    return True
+
+
+# --------------------------------------------------------------------------- #
+# Protocols
+# --------------------------------------------------------------------------- #
+
+
+class ClientEnd:
+    """The protocol of one client connection of a session (and its heartbeat key)."""
+
+    __slots__ = ("session", "transport", "client_ip", "__weakref__")
+
+    def __init__(self, session: Session | None, transport, client_ip: str):
+        self.session = session
+        self.transport = transport
+        self.client_ip = client_ip
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.client_data(self, data)
+
+    def eof_received(self) -> bool:
+        if self.session is not None:
+            self.session.client_lost(self)
+        return False
+
+    def connection_lost(self, exc) -> None:
+        if self.session is not None:
+            self.session.client_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.upstream.resume_reading()
+
+    def heartbeat(self, action: str, client: bool, payload: bytes | None) -> None:
+        if self.session is not None:
+            self.session.heartbeat(action, True, payload)
+
+
+class UpstreamEnd:
+    """The protocol of a session's upstream connection."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def data_received(self, data: bytes) -> None:
+        self.session.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        self.session.upstream_lost()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.session.upstream.closed = True
+        self.session.upstream_lost()
+
+    def pause_writing(self) -> None:
+        client = self.session.client
+        if client is not None and not client.transport.is_closing():
+            client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.session.client
+        if client is not None and not client.transport.is_closing():
+            client.transport.resume_reading()
+
+
+class Refusal:
+    """A resume attempt answered with close 4409: waits for the client's close, then closes."""
+
+    __slots__ = ("transport", "reader", "deadline")
+
+    def __init__(self, transport, deadline: float):
+        self.transport = transport
+        self.reader = MessageReader(masked=True)
+        self.deadline = deadline
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.reader.feed(data)
+        except RemoteProtocolError:
+            self.transport.abort()
+            return
+        if any(opcode == _accel.OP_CLOSE for opcode, _ in messages):
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- #
+# The session and the registry
+# --------------------------------------------------------------------------- #
+
+
+class Session:
+    """One resumable session on the loop: carries out its `ResumeSession`'s actions."""
+
+    def __init__(self, registry: ResumeRegistry, core: ResumeSession, upstream: UpstreamConnection,
+                 exchange: _Exchange, wrapper: str, client_ip: str, now: float):
+        self.registry = registry
+        self.server = registry.server
+        self.core = core
+        self.upstream = upstream
+        self.group = exchange.group
+        self.route = exchange.route
+        self.path = exchange.head.target.decode("latin-1")
+        self.wrapper = wrapper
+        self.client_ip = client_ip
+        self.client: ClientEnd | None = None
+        self.started = now
+        self.metrics_key = None
+
+    @property
+    def transport(self):
+        """For the server tick's last-resort abort: the upstream's transport."""
+        return self.upstream.transport
+
+    # -- clients come and go ------------------------------------------------------
+
+    def attach_client(self, conn: ClientConnection, now: float) -> ClientEnd:
+        end = ClientEnd(self, conn.transport, conn.client_ip)
+        self.client = end
+        self.client_ip = conn.client_ip
+        beats = self.server.client_beats
+        if beats is not None:
+            beats.register(end, now)
+        return end
+
+    def _detach_client(self) -> None:
+        end = self.client
+        if end is None:
+            return
+        self.client = None
+        end.session = None
+        beats = self.server.client_beats
+        if beats is not None:
+            beats.unregister(end)
+        self.upstream.resume_reading()  # a paused upstream must fill the buffer now
+
+    def client_data(self, end: ClientEnd, data: bytes) -> None:
+        if end is self.client:
+            self.core.from_client(data, self.server.now())
+            if self.core.actions:
+                self.run_actions()
+
+    def client_lost(self, end: ClientEnd) -> None:
+        if end is self.client:
+            self.core.client_gone(self.server.now())
+            self.run_actions()
+
+    def upstream_data(self, data: bytes) -> None:
+        self.core.from_upstream(data)
+        if self.core.actions:
+            self.run_actions()
+
+    def upstream_lost(self) -> None:
+        self.core.upstream_gone()
+        self.run_actions()
+
+    # -- heartbeats, timers, the proxy's own closes -------------------------------
+
+    def heartbeat(self, action: str, client: bool, payload: bytes | None) -> None:
+        core = self.core
+        if action == PING:
+            if client and self.client is not None:
+                self.client.transport.write(_accel.encode_frame(_accel.OP_PING, payload))
+            elif not client and not self.upstream.closed:
+                self.upstream.write(_accel.encode_frame(_accel.OP_PING, payload, mask_key=_mask_key()))
+            return
+        if action == DEAD:
+            self.server.metrics.heartbeat_failed()
+            if client:
+                log.info("resumable WebSocket client %s missed its pong: session parked", self.client_ip)
+                core.client_gone(self.server.now())
+            else:
+                log.warning("WebSocket upstream %s did not answer a ping within pong_timeout", self.upstream.server)
+                self.upstream.abort()
+                core.upstream_gone()
+        elif action == AGE_EXPIRED:
+            core.close_both(1001, "maximum connection age reached; please reconnect")
+        self.run_actions()
+
+    def close_websocket(self, code: int, reason: str) -> None:
+        """The proxy ends the session (rebalancing, drain, shutdown)."""
+        self.core.close_both(code, reason)
+        self.run_actions()
+
+    def check_timers(self, now: float) -> None:
+        self.core.check_timers(now)
+        if self.core.actions:
+            self.run_actions()
+
+    def _pong(self, beats, key, payload) -> None:
+        if beats is not None and payload is not None:
+            rtt = beats.pong_received(key, payload, self.server.now())
+            if rtt is not None:
+                self.server.metrics.ping_rtt(rtt)
+
+    def run_actions(self) -> None:
+        core = self.core
+        actions = core.actions[:]
+        core.actions.clear()
+        up = self.upstream
+        for kind, data in actions:
+            client = self.client
+            if kind == SEND_CLIENT:
+                if client is not None:
+                    client.transport.write(data)
+            elif kind == SEND_UPSTREAM:
+                up.write(data)
+            elif kind == CLOSE_CLIENT:
+                if client is not None:
+                    client.transport.close()
+            elif kind == ABORT_CLIENT:
+                if client is not None:
+                    client.transport.abort()
+            elif kind == CLOSE_UPSTREAM:
+                up.close()
+            elif kind == ABORT_UPSTREAM:
+                up.abort()
+            elif kind == PONG_FROM_CLIENT:
+                self._pong(self.server.client_beats, client, data)
+            elif kind == PONG_FROM_UPSTREAM:
+                self._pong(self.server.upstream_beats, self, data)
+            elif kind == PARKED:
+                self._detach_client()
+                self.registry.parked_count += 1
+                log.info("resumable session from %s parked for %.1fs (%d message(s) buffered)",
+                         self.client_ip, core.window, len(core.buffer))
+            elif kind == ENDED:
+                self._ended()
+
+    def _ended(self) -> None:
+        core = self.core
+        if self.client is not None:
+            client = self.client
+            self._detach_client()
+            client.transport.close()
+        if self.registry.sessions.pop(core.session_id, None) is None:
+            return
+        self.group.session_closed(self.upstream.server, self)
+        beats = self.server.upstream_beats
+        if beats is not None:
+            beats.unregister(self)
+        now = self.server.now()
+        metrics = self.server.metrics
+        metrics.add_messages(CLIENT_TO_UPSTREAM, core.messages_from_client, core.bytes_from_client)
+        metrics.add_messages(UPSTREAM_TO_CLIENT, core.messages_from_upstream, core.bytes_from_upstream)
+        metrics.connection_closed(self.metrics_key, now - self.started)
+        logs.access({
+            "event": "ws_close",
+            "client": self.client_ip,
+            "path": self.path,
+            "upstream": self.route.upstream,
+            "server": str(self.upstream.server),
+            "resumable": True,
+            "resumes": core.resumes,
+            "end": core.end_reason,
+            "duration": round(now - self.started, 3),
+            "bytes_in": core.bytes_from_client,
+            "bytes_out": core.bytes_from_upstream,
+            "msgs_in": core.messages_from_client,
+            "msgs_out": core.messages_from_upstream,
+        })
+
+
+class ResumeRegistry:
+    """The server's resumable sessions (attached and parked), by session id.
+
+    Args:
+        server: the `ProxyServer`; ``config.websocket.resume_secret`` must be set.
+        instance_id: names this proxy in tokens; default ``websocket.instance_id``
+            or, when that is empty, 12 random hex digits (a restarted proxy has
+            lost its parked sessions, so a new id is right).
+    """
+
+    def __init__(self, server: ProxyServer, instance_id: str | None = None):
+        cfg = server.config.websocket
+        self.server = server
+        self.codec = TokenCodec(cfg.resume_secret, instance_id or cfg.instance_id or os.urandom(6).hex())
+        self.sessions: dict[bytes, Session] = {}
+        self._refusals: list[Refusal] = []
+        #: sessions parked since start (a counter for tests and logs)
+        self.parked_count = 0
+
+    @property
+    def instance_id(self) -> str:
+        return self.codec.instance_id
+
+    def parked(self) -> list[Session]:
+        return [s for s in self.sessions.values() if s.core.state is SessionState.PARKED]
+
+    def _settings(self, route) -> tuple[float, int]:
+        cfg = self.server.config.websocket
+        window = route.resume_window if route.resume_window is not None else cfg.resume_window
+        limit = route.resume_buffer_bytes if route.resume_buffer_bytes is not None else cfg.resume_buffer_bytes
+        return window, limit
+
+    def start(self, conn: ClientConnection, exchange: _Exchange, upstream: UpstreamConnection,
+              wrapper: str, headers: list[tuple[bytes, bytes]]) -> None:
+        """A new resumable session: answer the client's upgrade and take both sockets over."""
+        server = self.server
+        now = server.now()
+        route = exchange.route
+        window, limit = self._settings(route)
+        cfg = server.config.websocket
+        core = ResumeSession(
+            session_id=os.urandom(16), route_key=route_key(route.host, route.path_prefix, route.upstream),
+            codec=self.codec, window=window, buffer_limit=limit, max_message_size=cfg.max_message_size,
+            close_timeout=cfg.close_timeout, mask_key_source=_mask_key, now=now,
+        )
+        session = Session(self, core, upstream, exchange, wrapper, conn.client_ip, now)
+        self.sessions[core.session_id] = session
+        conn._write(conn.http.send_switching_protocols(b"Switching Protocols", headers))
+        conn._log_http(exchange.head, 101, 0, now, upstream, event="ws_open")
+        metrics = server.metrics
+        metrics.connection_closed(conn._metrics_key, now - conn._opened_at)
+        session.metrics_key = metrics.connection_opened(
+            WEBSOCKET, route_label(route.host, route.path_prefix), route.upstream, str(upstream.server))
+        exchange.group.session_opened(upstream.server, session)
+        upstream.websocket = True
+        upstream.owner = None
+        upstream_early = upstream.http.trailing_data()
+        upstream.transport.set_protocol(UpstreamEnd(session))
+        if server.upstream_beats is not None:
+            server.upstream_beats.register(session, now)
+        client_early = self._take_over(conn)
+        end = session.attach_client(conn, now)
+        conn.transport.set_protocol(end)
+        conn.transport.resume_reading()
+        core.open()
+        session.run_actions()
+        if upstream_early:
+            session.upstream_data(upstream_early)
+        if client_early:
+            session.client_data(end, client_early)
+        if server.draining:
+            session.close_websocket(server.config.shutdown.close_code, "server shutting down")
+
+    def _take_over(self, conn: ClientConnection) -> bytes:
+        """Retire the HTTP connection object whose socket a session now owns; return early frames."""
+        conn.exchange = None
+        conn.closed = True  # this object no longer writes or closes the socket
+        self.server.connections.discard(conn)
+        return conn.http.switched_trailing_data()
+
+    def resume(self, conn: ClientConnection, exchange: _Exchange, offer: Offer) -> None:
+        """A resume attempt: reattach and replay, or answer close 4409 with the reason."""
+        server = self.server
+        now = server.now()
+        route = exchange.route
+        session = None
+        try:
+            session_id, generation = self.codec.verify(offer.token, route_key(route.host, route.path_prefix, route.upstream))
+            session = self.sessions.get(session_id)
+            if session is None:
+                raise NotResumable("unknown or expired session")
+            if generation != session.core.generation:
+                raise NotResumable("token already used")
+            if session.wrapper not in (wrapper for wrapper, _ in offer.wrapped):
+                raise NotResumable("the subprotocol offered differs from the session's")
+            if session.core.state is SessionState.ATTACHED:
+                # The old connection is not known dead yet: the newcomer holds the token.
+                session.core.client_gone(now)
+                session.run_actions()
+            session.core.attach(offer.last_seq, now)
+        except NotResumable as exc:
+            if session is not None:
+                session.run_actions()
+            self._refuse(conn, exchange, offer, exc.reason, now)
+            return
+        headers = self._switching_headers(exchange, session.wrapper)
+        server.metrics.connection_closed(conn._metrics_key, now - conn._opened_at)
+        conn._write(http1.serialize_head(b"HTTP/1.1 101 Switching Protocols", headers))
+        conn._log_http(exchange.head, 101, 0, now, session.upstream, event="ws_resume")
+        client_early = self._take_over(conn)
+        end = session.attach_client(conn, now)
+        conn.transport.set_protocol(end)
+        conn.transport.resume_reading()
+        log.info("resumable session from %s resumed after %d message(s) seen", conn.client_ip, offer.last_seq)
+        session.run_actions()
+        if client_early:
+            session.client_data(end, client_early)
+
+    def _switching_headers(self, exchange: _Exchange, wrapper: str) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"Upgrade", b"websocket"),
+            (b"Connection", b"Upgrade"),
+            (b"Sec-WebSocket-Accept", generate_accept_token(exchange.websocket_key)),
+            (b"Sec-WebSocket-Protocol", wrapper.encode("latin-1")),
+        ]
+
+    def _refuse(self, conn: ClientConnection, exchange: _Exchange, offer: Offer, reason: str, now: float) -> None:
+        """Open the WebSocket only to say 4409 (a browser sees close codes, not HTTP statuses)."""
+        server = self.server
+        log.info("resume attempt from %s refused: %s", conn.client_ip, reason)
+        server.metrics.connection_refused(WEBSOCKET, "not_resumable")
+        server.metrics.connection_closed(conn._metrics_key, now - conn._opened_at)
+        headers = self._switching_headers(exchange, offer.wrapped[0][0])
+        frame = _accel.encode_frame(_accel.OP_CLOSE, _accel.encode_close_payload(CLOSE_NOT_RESUMABLE, f"not resumable: {reason}"))
+        conn._write(http1.serialize_head(b"HTTP/1.1 101 Switching Protocols", headers) + frame)
+        conn._log_http(exchange.head, 101, 0, now, event="ws_not_resumable")
+        self._take_over(conn)
+        refusal = Refusal(conn.transport, now + server.config.websocket.close_timeout)
+        conn.transport.set_protocol(refusal)
+        conn.transport.resume_reading()
+        self._refusals.append(refusal)
+
+    def check_timers(self, now: float) -> None:
+        """Once per server tick: every session's timers, and refusals whose client never answered."""
+        for session in list(self.sessions.values()):
+            try:
+                session.check_timers(now)
+            except Exception:  # one session's bug must not stop everyone's timers
+                log.exception("timer check failed for a resumable session from %s", session.client_ip)
+                session.upstream.abort()
+        if self._refusals:
+            keep = []
+            for refusal in self._refusals:
+                if refusal.transport is None:
+                    continue
+                if now >= refusal.deadline:
+                    refusal.transport.close()
+                else:
+                    keep.append(refusal)
+            self._refusals = keep
+
+    def close_all(self, code: int, reason: str) -> None:
+        """Shutdown: every session closes (close frames where a side is connected)."""
+        for session in list(self.sessions.values()):
+            session.close_websocket(code, reason)
+        for session in list(self.sessions.values()):
+            # No time left for the close handshakes: end what is still open.
+            session.core.abandon("proxy stopped")
+            session.run_actions()
+        for refusal in self._refusals:
+            if refusal.transport is not None:
+                refusal.transport.close()
+        self._refusals.clear()

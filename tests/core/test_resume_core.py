@@ -1,0 +1,337 @@
+"""The sans-IO resume core: offers, tokens, the envelope reader, the replay buffer and the session machine.
+
+Bytes in, actions out: no sockets, no clock (``now`` is passed), mask keys from a
+counter.  The reader is fed every input split at every offset.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from edgeproxy.core import _accel
+from edgeproxy.core.resume import (
+    CLOSE_NOT_RESUMABLE,
+    ENDED,
+    PARKED,
+    MessageReader,
+    NotResumable,
+    ReplayBuffer,
+    ResumeSession,
+    SessionState,
+    TokenCodec,
+    encode_control,
+    encode_data,
+    parse_offers,
+    route_key,
+)
+from edgeproxy.core.websocket import (
+    ABORT_CLIENT,
+    CLOSE_CLIENT,
+    CLOSE_UPSTREAM,
+    PONG_FROM_CLIENT,
+    SEND_CLIENT,
+    SEND_UPSTREAM,
+)
+from edgeproxy.errors import RemoteProtocolError
+
+KEY = b"\x01\x02\x03\x04"
+ROUTE = route_key(None, "/", "app")
+
+
+def masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    return _accel.encode_frame(opcode, payload, fin=fin, mask_key=KEY)
+
+
+def client_data(seq: int, text: str) -> bytes:
+    return masked(_accel.OP_TEXT, f"D{seq}:{text}".encode())
+
+
+def client_control(fields: dict) -> bytes:
+    return masked(_accel.OP_TEXT, b"C" + json.dumps(fields).encode())
+
+
+def upstream_text(text: str) -> bytes:
+    return _accel.encode_frame(_accel.OP_TEXT, text.encode())
+
+
+def frames(data: bytes, masked_frames: bool = False) -> list[tuple[int, bytes]]:
+    return MessageReader(masked=masked_frames).feed(data)
+
+
+# -- offers ------------------------------------------------------------------------
+
+
+def test_offers_strip_the_wrapper_and_keep_other_protocols() -> None:
+    offer = parse_offers([b"edgeproxy.resume.v1+chat, edgeproxy.resume.v1", b"plain"])
+    assert offer.forward == ("chat", "plain")
+    assert offer.wrapper_for("chat") == "edgeproxy.resume.v1+chat"
+    assert offer.wrapper_for(None) == "edgeproxy.resume.v1"
+    assert offer.wrapper_for("plain") is None
+    assert offer.token is None
+
+
+def test_offers_without_the_wrapper_are_not_resume() -> None:
+    assert parse_offers([]) is None
+    assert parse_offers([b"chat, superchat"]) is None
+
+
+def test_resume_offer_carries_token_and_seq() -> None:
+    offer = parse_offers([b"edgeproxy.resume.v1+chat, edgeproxy.resume.v1.r.abc-_DEF.42"])
+    assert (offer.token, offer.last_seq, offer.forward) == ("abc-_DEF", 42, ("chat",))
+
+
+@pytest.mark.parametrize("bad", [b"edgeproxy.resume.v1, edgeproxy.resume.v1.r.tok", b"edgeproxy.resume.v1, edgeproxy.resume.v1.r..5",
+                                 b"edgeproxy.resume.v1, edgeproxy.resume.v1.r.tok.x1", b"edgeproxy.resume.v1.r.tok.1"])
+def test_malformed_resume_offers_are_refused(bad: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        parse_offers([bad])
+
+
+# -- tokens ------------------------------------------------------------------------
+
+
+def test_token_round_trip_and_binding() -> None:
+    codec = TokenCodec(b"s" * 16, "edge-1")
+    token = codec.issue(b"\x07" * 16, 3, ROUTE)
+    assert all(c.isalnum() or c in "-_" for c in token)  # an HTTP token character set
+    assert codec.verify(token, ROUTE) == (b"\x07" * 16, 3)
+    with pytest.raises(NotResumable, match="invalid token"):
+        codec.verify(token, route_key(None, "/other", "app"))  # bound to its route
+    with pytest.raises(NotResumable, match="invalid token"):
+        TokenCodec(b"t" * 16, "edge-1").verify(token, ROUTE)  # another secret: a forgery
+    with pytest.raises(NotResumable, match="instance 'edge-1'"):
+        TokenCodec(b"s" * 16, "edge-2").verify(token, ROUTE)
+
+
+def test_every_flipped_bit_is_refused() -> None:
+    codec = TokenCodec(b"s" * 16, "i")
+    raw = bytearray(__import__("base64").urlsafe_b64decode(codec.issue(b"\x00" * 16, 1, ROUTE) + "=="))
+    import base64
+
+    for i in range(len(raw) * 8):
+        forged = bytearray(raw)
+        forged[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(NotResumable):
+            codec.verify(base64.urlsafe_b64encode(bytes(forged)).rstrip(b"=").decode(), ROUTE)
+    for junk in ["", "!!!", "AAAA"]:
+        with pytest.raises(NotResumable, match="malformed"):
+            codec.verify(junk, ROUTE)
+
+
+# -- the reader --------------------------------------------------------------------
+
+
+def test_reader_joins_fragments_and_passes_control_frames_at_every_split() -> None:
+    stream = (
+        masked(_accel.OP_TEXT, b"hel", fin=False)
+        + masked(_accel.OP_PING, b"p")
+        + masked(_accel.OP_CONT, b"lo", fin=False)
+        + masked(_accel.OP_CONT, b"!", fin=True)
+        + masked(_accel.OP_BINARY, bytes(300))
+        + masked(_accel.OP_CLOSE, _accel.encode_close_payload(1000, "bye"))
+    )
+    expected = [(9, b"p"), (1, b"hello!"), (2, bytes(300)), (8, _accel.encode_close_payload(1000, "bye"))]
+    for cut in range(len(stream) + 1):
+        reader = MessageReader(masked=True)
+        assert reader.feed(stream[:cut]) + reader.feed(stream[cut:]) == expected, cut
+    for a, b in itertools.combinations(range(0, len(stream), 7), 2):
+        reader = MessageReader(masked=True)
+        assert reader.feed(stream[:a]) + reader.feed(stream[a:b]) + reader.feed(stream[b:]) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (upstream_text("unmasked from a client"), 1002),
+        (masked(_accel.OP_CONT, b"x"), 1002),
+        (masked(_accel.OP_TEXT, b"a", fin=False) + masked(_accel.OP_TEXT, b"b"), 1002),
+        (masked(_accel.OP_PING, bytes(126)), 1002),
+        (masked(3, b"reserved"), 1002),
+        (_accel.encode_frame(_accel.OP_TEXT, b"x", rsv=4, mask_key=KEY), 1002),
+        (masked(_accel.OP_BINARY, bytes(101)), 1009),
+    ],
+)
+def test_reader_refuses_what_it_cannot_reframe(data: bytes, code: int) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        MessageReader(masked=True, max_message_size=100).feed(data)
+    assert info.value.close_code == code
+
+
+# -- the buffer --------------------------------------------------------------------
+
+
+def test_buffer_acks_trims_and_replays() -> None:
+    buf = ReplayBuffer(10)
+    for seq in range(1, 6):
+        assert buf.append(seq, 1, b"ab")
+    assert not buf.append(6, 1, b"ab")  # 12 bytes > 10
+    buf.trim()
+    assert buf.size == 10 and buf.acked == 1
+    assert buf.replay_from(0) is None  # message 1 is gone
+    assert [s for s, _, _ in buf.replay_from(3)] == [4, 5, 6]
+    buf.ack(4)
+    assert buf.size == 4 and [s for s, _, _ in buf.replay_from(4)] == [5, 6]
+
+
+# -- the session -------------------------------------------------------------------
+
+
+def new_session(window: float = 10.0, limit: int = 1 << 20) -> ResumeSession:
+    keys = (i.to_bytes(4, "big") for i in itertools.count(1))
+    s = ResumeSession(session_id=b"\x05" * 16, route_key=ROUTE, codec=TokenCodec(b"k" * 16, "me"), window=window,
+                      buffer_limit=limit, mask_key_source=lambda: next(keys), now=0.0)
+    s.open()
+    return s
+
+
+def take(s: ResumeSession) -> list[tuple[str, bytes | None]]:
+    out = s.actions[:]
+    s.actions.clear()
+    return out
+
+
+def decoded(actions, kind=SEND_CLIENT) -> list[tuple[int, bytes]]:
+    """Messages inside the frames of `kind` actions (upstream frames are masked)."""
+    data = b"".join(d for k, d in actions if k == kind)
+    return MessageReader(masked=kind == SEND_UPSTREAM).feed(data)
+
+
+def test_new_session_sends_its_token_first_and_numbers_upstream_messages() -> None:
+    s = new_session()
+    [(opcode, payload)] = decoded(take(s))
+    hello = json.loads(payload[1:])
+    assert payload[:1] == b"C" and hello["t"] == "session" and hello["resumed"] is False
+    assert s.codec.verify(hello["token"], ROUTE) == (b"\x05" * 16, 1)
+    s.from_upstream(upstream_text("a") + _accel.encode_frame(_accel.OP_BINARY, b"\x00b"))
+    assert decoded(take(s)) == [(1, b"D1:a"), (2, b"D2:\x00b")]
+
+
+def test_client_messages_are_forwarded_once_in_order_and_acknowledged() -> None:
+    s = new_session()
+    take(s)
+    s.from_client(client_data(1, "x") + client_data(2, "y") + client_data(1, "x"), 0.0)
+    actions = take(s)
+    assert decoded(actions, SEND_UPSTREAM) == [(1, b"x"), (1, b"y")]
+    s.check_timers(0.1)
+    [(_, ack)] = decoded(take(s))
+    assert json.loads(ack[1:]) == {"t": "ack", "seq": 2}
+    s.from_client(client_data(4, "gap"), 0.2)
+    actions = take(s)
+    assert (CLOSE_CLIENT, None) in actions and s.state is SessionState.CLOSED
+    closes = [p for op, p in decoded(actions) if op == 8]
+    assert _accel.parse_close_payload(closes[0])[0] == 1002
+
+
+def test_client_pings_pongs_and_app_level_ping() -> None:
+    s = new_session()
+    take(s)
+    s.from_client(masked(_accel.OP_PING, b"hb") + masked(_accel.OP_PONG, b"12345678") + client_control({"t": "ping", "id": 7}), 0)
+    actions = take(s)
+    assert (PONG_FROM_CLIENT, b"12345678") in actions
+    assert decoded(actions) == [(10, b"hb"), (1, b'C{"t":"pong","id":7}')]
+
+
+def test_park_buffer_and_resume_replays_exactly_the_missed_messages() -> None:
+    s = new_session()
+    take(s)
+    s.from_upstream(b"".join(upstream_text(f"m{i}") for i in range(1, 4)))
+    s.from_client(client_control({"t": "ack", "seq": 1}) + client_data(1, "c1"), 0)
+    take(s)
+    s.client_gone(1.0)
+    assert [k for k, _ in take(s)] == [ABORT_CLIENT, PARKED]
+    assert s.state is SessionState.PARKED and s.parked_until == 11.0
+    s.from_upstream(upstream_text("m4"))
+    assert take(s) == []  # buffered while parked
+    s.attach(2, 2.0)  # the client saw m1 and m2
+    messages = decoded(take(s))
+    hello = json.loads(messages[0][1][1:])
+    assert hello["resumed"] is True and hello["ack"] == 1 and hello["replayed"] == 2
+    assert messages[1:] == [(1, b"D3:m3"), (1, b"D4:m4")]
+    # the client resends c1 (unacked on its side) and c2: c1 is a duplicate
+    s.from_client(client_data(1, "c1") + client_data(2, "c2"), 2.0)
+    assert decoded(take(s), SEND_UPSTREAM) == [(1, b"c2")]
+    # the old token is spent; the new one names generation 2
+    assert s.codec.verify(hello["token"], ROUTE)[1] == s.generation == 2
+
+
+def test_window_expiry_closes_the_upstream_1001() -> None:
+    s = new_session(window=5)
+    take(s)
+    s.client_gone(0.0)
+    take(s)
+    s.check_timers(4.9)
+    assert take(s) == []
+    s.check_timers(5.0)
+    actions = take(s)
+    [(op, payload)] = decoded(actions, SEND_UPSTREAM)
+    assert op == 8 and _accel.parse_close_payload(payload)[0] == 1001
+    assert (CLOSE_UPSTREAM, None) in actions and (ENDED, None) in actions
+    assert s.end_reason == "resume window expired"
+    with pytest.raises(NotResumable):
+        s.attach(0, 6.0)
+
+
+def test_buffer_overflow_while_parked_ends_the_session_and_frees_the_buffer() -> None:
+    s = new_session(limit=1024)
+    take(s)
+    s.client_gone(0.0)
+    take(s)
+    s.from_upstream(upstream_text("x" * 1000))
+    assert take(s) == [] and s.held_bytes == 1000
+    s.from_upstream(upstream_text("y" * 100))
+    actions = take(s)
+    assert (ENDED, None) in actions and s.end_reason == "buffer overflow"
+    assert s.held_bytes == 0 and s.state is SessionState.CLOSED
+
+
+def test_overflow_while_attached_drops_the_oldest_so_an_old_resume_fails() -> None:
+    s = new_session(limit=1024)
+    take(s)
+    for i in range(1, 4):
+        s.from_upstream(upstream_text(str(i) * 500))
+    assert s.buffer.size <= 1024 and s.buffer.acked == 1
+    s.client_gone(0.0)
+    take(s)
+    with pytest.raises(NotResumable, match="no longer buffered"):
+        s.attach(0, 1.0)
+    assert s.state is SessionState.CLOSED
+
+
+def test_close_1000_from_the_client_ends_the_session_at_the_upstream() -> None:
+    s = new_session()
+    take(s)
+    s.from_client(masked(_accel.OP_CLOSE, _accel.encode_close_payload(1000, "done")), 0)
+    actions = take(s)
+    assert s.state is SessionState.CLOSING
+    [(op, payload)] = decoded(actions, SEND_UPSTREAM)
+    assert op == 8 and _accel.parse_close_payload(payload) == (1000, "done")
+    s.from_upstream(_accel.encode_frame(_accel.OP_CLOSE, _accel.encode_close_payload(1000, "done")))
+    assert (ENDED, None) in take(s) and s.state is SessionState.CLOSED
+
+
+def test_other_close_codes_park() -> None:
+    s = new_session()
+    take(s)
+    s.from_client(masked(_accel.OP_CLOSE, _accel.encode_close_payload(1001, "tab hidden")), 3.0)
+    actions = take(s)
+    assert (PARKED, None) in actions and s.state is SessionState.PARKED and s.parked_until == 13.0
+
+
+def test_upstream_close_is_forwarded_and_ends_resume() -> None:
+    s = new_session()
+    take(s)
+    s.from_upstream(_accel.encode_frame(_accel.OP_CLOSE, _accel.encode_close_payload(4000, "app done")))
+    actions = take(s)
+    [(op, payload)] = [m for m in decoded(actions) if m[0] == 8]
+    assert _accel.parse_close_payload(payload) == (4000, "app done")
+    s.from_client(masked(_accel.OP_CLOSE, _accel.encode_close_payload(4000, "app done")), 0)
+    assert (ENDED, None) in take(s)
+
+
+def test_close_code_is_documented_value() -> None:
+    assert CLOSE_NOT_RESUMABLE == 4409
+    assert encode_data(1, 7, b"x") == _accel.encode_frame(1, b"D7:x")
+    assert encode_control({"t": "ack", "seq": 1}) == _accel.encode_frame(1, b'C{"t":"ack","seq":1}')
