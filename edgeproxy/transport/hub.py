@@ -72,6 +72,7 @@ from edgeproxy.hub.protocol import (
 )
 from edgeproxy.hub.token import ANONYMOUS, NOTHING, Grants, verify_token
 from edgeproxy.metrics import HUB_DELIVERY, WEBSOCKET, route_label
+from edgeproxy.transport.backplanes import BackplaneUnavailable
 
 if TYPE_CHECKING:
     from edgeproxy.config import HubConfig
@@ -547,7 +548,8 @@ async def publish_endpoint(server: ProxyServer, request: AdminRequest) -> tuple[
 
     Answers ``{"seq", "epoch"}`` (or ``{"results": [...]}`` in order) with 200; 400 for
     a malformed body, 401 for a missing or wrong key, 403 when the API is off, 413 for
-    a body over ``[admin] max_publish_size`` or data over a hub's ``max_message_size``.
+    a body over ``[admin] max_publish_size`` or data over a hub's ``max_message_size``;
+    503 when the backplane is unavailable (``published`` lists what went out before).
     Nothing of a batch is published unless all of it is valid.
     """
     try:
@@ -569,7 +571,13 @@ async def publish_endpoint(server: ProxyServer, request: AdminRequest) -> tuple[
             checked = [_publication(server, doc, "body")]
         results = []
         for hub, channel, data in checked:
-            position = await hub.publish(channel, data)
+            try:
+                position = await hub.publish(channel, data)
+            except BackplaneUnavailable as exc:
+                # Loud, never silent: the caller learns which ones (the first len(published)) went out.
+                log.warning("publish API: %s", exc)
+                return 503, {"error": f"{exc}; nothing after the published ones was published, retry later",
+                             "published": results}
             results.append({"seq": position.seq, "epoch": position.epoch})
     except _ApiError as exc:
         return exc.status, {"error": str(exc)}

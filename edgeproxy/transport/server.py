@@ -24,6 +24,7 @@ from edgeproxy.core import _accel
 from edgeproxy.metrics import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Metrics
 from edgeproxy.routing import Router
 from edgeproxy.transport.admin import AdminListener
+from edgeproxy.transport.backplanes import instance_id, make_backplane
 from edgeproxy.transport.downstream import ClientConnection
 from edgeproxy.transport.hub import HubService, publish_endpoint
 from edgeproxy.transport.loop import running_loop_name
@@ -74,7 +75,10 @@ class ProxyServer:
         self.config_loaded_at = time.time()
         self.admin: AdminListener | None = AdminListener(self, config.admin.bind) if config.admin.enabled else None
         #: the ``[[hubs]]`` by path: upgrades to these paths are served by the proxy itself
-        self.hubs = {hub.path: HubService(hub, self) for hub in config.hubs}
+        #: this process in the backplane (presence, instance-addressed messages)
+        self.instance = instance_id(config.backplane)
+        self.hubs = {hub.path: HubService(hub, self, make_backplane(config.backplane, hub, self.metrics, self.instance))
+                     for hub in config.hubs}
         if self.admin is not None:
             self.admin.add_route("/v1/publish", "POST", lambda request: publish_endpoint(self, request),
                                  max_body=config.admin.max_publish_size)
