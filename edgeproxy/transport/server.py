@@ -26,8 +26,9 @@ from edgeproxy.routing import Router
 from edgeproxy.transport.admin import AdminListener
 from edgeproxy.transport.backplanes import instance_id, make_backplane
 from edgeproxy.transport.downstream import ClientConnection
-from edgeproxy.transport.hub import HubService, publish_endpoint
+from edgeproxy.transport.hub import HubService, publish_endpoint, send_endpoint
 from edgeproxy.transport.loop import running_loop_name
+from edgeproxy.transport.presence import make_presence
 from edgeproxy.transport.upstream import UpstreamGroup
 
 log = logging.getLogger("edgeproxy")
@@ -79,8 +80,12 @@ class ProxyServer:
         self.instance = instance_id(config.backplane)
         self.hubs = {hub.path: HubService(hub, self, make_backplane(config.backplane, hub, self.metrics, self.instance))
                      for hub in config.hubs}
+        #: who is connected where, for POST /v1/send (in Redis with kind = "redis")
+        self.presence = make_presence(self)
         if self.admin is not None:
             self.admin.add_route("/v1/publish", "POST", lambda request: publish_endpoint(self, request),
+                                 max_body=config.admin.max_publish_size)
+            self.admin.add_route("/v1/send", "POST", lambda request: send_endpoint(self, request),
                                  max_body=config.admin.max_publish_size)
 
     def now(self) -> float:
@@ -116,6 +121,7 @@ class ProxyServer:
                 await self.admin.start()
             for hub in self.hubs.values():
                 await hub.start()
+            await self.presence.start()
         except OSError:
             await self.stop()
             raise
@@ -159,6 +165,7 @@ class ProxyServer:
             conn.shutdown()
         for hub in self.hubs.values():
             await hub.stop()
+        await self.presence.stop()
         for group in self.groups.values():
             group.stop()
             group.close_all()
