@@ -57,6 +57,13 @@ Value rules (see ``config.example.toml`` for every option with its default):
   key, at least 32 bytes (RFC 7518 section 3.2); ``auth_hook`` is an
   ``http://host:port/path`` URL;
 * ``admin.api_key`` (at least 16 characters) turns on the publish API.
+* ``[backplane]`` (optional) picks where hub publications are ordered, stored and
+  spread: ``kind`` is ``memory`` (the default: one process, no service),
+  ``redis`` or ``nats``; the others need ``url`` or ``urls`` (exactly one;
+  several Redis URLs are shards), ``redis://``/``rediss://`` or
+  ``nats://``/``tls://`` with a host and port.  ``prefix`` names every key,
+  channel, subject and stream (``A-Z a-z 0-9 _ -``), so several deployments
+  share one server.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from edgeproxy.core.affinity import SAME_SITE
 from edgeproxy.core.balance import POLICIES, parse_hash_source
@@ -83,6 +91,7 @@ __all__ = [
     "Address",
     "AdminConfig",
     "AffinityConfig",
+    "BackplaneConfig",
     "Config",
     "HealthConfig",
     "HttpConfig",
@@ -309,6 +318,33 @@ class AdminConfig:
     max_publish_size: int = 1048576
 
 
+BACKPLANE_KINDS = ("memory", "redis", "nats")
+_URL_SCHEMES = {"redis": ("redis", "rediss"), "nats": ("nats", "tls")}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackplaneConfig:
+    """The ``[backplane]`` table: how the hubs of several proxies share channels.
+
+    ``urls`` holds one URL per Redis shard (one, or the servers of one NATS
+    cluster); it is empty for ``memory``.  ``instance_id`` None means "generate
+    one at start" (host name and random bytes).
+    """
+
+    kind: str = "memory"
+    urls: tuple[str, ...] = ()
+    prefix: str = "edgeproxy"
+    instance_id: str | None = None
+    #: seconds between presence heartbeats; a dead instance's presence is gone
+    #: 1.5 intervals after its last heartbeat
+    heartbeat_interval: float = 1.0
+    #: seconds one backplane call may take before it counts as failed (publish: 503)
+    timeout: float = 2.0
+    #: reconnect backoff: the n-th wait is uniform in [0, min(max, min * 2**n)]
+    reconnect_min: float = 0.1
+    reconnect_max: float = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration. ``source`` is the file it came from."""
@@ -325,6 +361,7 @@ class Config:
     workers: int = 1
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     hubs: tuple[HubConfig, ...] = ()
+    backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
     source: str = "<string>"
     #: sha256 of the file text: tells operators which file a running proxy loaded.
     #: Not compared, so a reload of an equivalent file (comments changed) compares equal.
@@ -578,7 +615,7 @@ def _join(path: str, key: str) -> str:
 # Sections
 # --------------------------------------------------------------------------- #
 
-_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging", "admin", "shutdown", "workers", "hubs")
+_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging", "admin", "shutdown", "workers", "hubs", "backplane")
 #: an upper bound that catches a typo (workers = 10000), not a tuning limit
 MAX_WORKERS = 1024
 _LISTENER_KEYS = ("bind", "backlog")
@@ -619,6 +656,10 @@ _HUB_KEYS = (
     "path", "history_size", "history_ttl", "token_secret", "token_secret_file", "auth_hook", "auth_hook_timeout",
     "subscriber_buffer_limit", "max_message_size", "max_subscriptions", "ping_interval", "fanout_batch",
 )
+_BACKPLANE_KEYS = (
+    "kind", "url", "urls", "prefix", "instance_id", "heartbeat_interval", "timeout", "reconnect_min", "reconnect_max",
+)
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MIN_TOKEN_SECRET = 32
 _MIN_API_KEY = 16
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -1106,6 +1147,77 @@ def _hubs(v: _Validator, data: dict[str, Any]) -> tuple[HubConfig, ...]:
     return tuple(hubs)
 
 
+def _backplane(v: _Validator, data: dict[str, Any]) -> BackplaneConfig:
+    """Validate the optional ``[backplane]`` table."""
+    table = v.table(data, "backplane")
+    v.unknown_keys(table, "backplane", _BACKPLANE_KEYS)
+    kind = v.choice(table, "backplane", "kind", "memory", BACKPLANE_KINDS)
+    urls: list[str] = []
+    if "url" in table and "urls" in table:
+        v.error("backplane.url", "set at most one of url or urls")
+    elif "url" in table:
+        urls = [table["url"]]
+        keys = ["backplane.url"]
+    elif "urls" in table:
+        value = table["urls"]
+        if not isinstance(value, list) or not value:
+            v.error("backplane.urls", f"expected a non-empty array of URL strings, got {_describe(value)}")
+        else:
+            urls = value
+        keys = [f"backplane.urls[{i}]" for i in range(len(urls))]
+    if kind == "memory":
+        if urls:
+            v.error("backplane.kind", 'kind "memory" takes no url/urls (set kind = "redis" or "nats")')
+        urls = []
+    elif not urls and "url" not in table and "urls" not in table:
+        v.error("backplane.url", f'kind "{kind}" needs url (or urls), e.g. "{_URL_SCHEMES[kind][0]}://127.0.0.1:'
+                                 f'{6379 if kind == "redis" else 4222}"')
+    for key, url in zip(keys if urls else [], urls):
+        _backplane_url(v, key, url, kind)
+    if kind == "redis" and len(set(urls)) != len(urls):
+        v.error("backplane.urls", "the same shard URL is listed twice")
+    prefix = v.string(table, "backplane", "prefix", "edgeproxy", "a name")
+    if prefix is not None and not _NAME_RE.fullmatch(prefix):
+        v.error("backplane.prefix", f"expected 1-64 of A-Z a-z 0-9 _ -, got {_describe(prefix)}")
+    instance_id = v.string(table, "backplane", "instance_id", None, "a name")
+    if instance_id is not None and not _NAME_RE.fullmatch(instance_id):
+        v.error("backplane.instance_id", f"expected 1-64 of A-Z a-z 0-9 _ -, got {_describe(instance_id)}")
+    reconnect_min = v.number(table, "backplane", "reconnect_min", 0.1, above=0.0, what="seconds")
+    reconnect_max = v.number(table, "backplane", "reconnect_max", 5.0, above=0.0, what="seconds")
+    if reconnect_max < reconnect_min:
+        v.error("backplane.reconnect_max", f"must be >= reconnect_min ({reconnect_min:g}), got {reconnect_max:g}")
+    return BackplaneConfig(
+        kind=kind,
+        urls=tuple(urls),
+        prefix=prefix or "edgeproxy",
+        instance_id=instance_id,
+        heartbeat_interval=v.number(table, "backplane", "heartbeat_interval", 1.0, above=0.0, what="seconds"),
+        timeout=v.number(table, "backplane", "timeout", 2.0, above=0.0, what="seconds"),
+        reconnect_min=reconnect_min,
+        reconnect_max=reconnect_max,
+    )
+
+
+def _backplane_url(v: _Validator, key: str, url: Any, kind: str) -> None:
+    schemes = _URL_SCHEMES.get(kind, ())
+    example = f"{schemes[0]}://127.0.0.1:{6379 if kind == 'redis' else 4222}" if schemes else ""
+    if not isinstance(url, str):
+        v.error(key, f'expected a URL string like "{example}", got {_describe(url)}')
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        v.error(key, f'expected a {" or ".join(s + "://" for s in schemes)} URL like "{example}", got {_describe(url)}')
+        return
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+        v.error(key, f"bad port in {_describe(url)}")
+        return
+    if not parts.hostname or port is None:
+        v.error(key, f'expected host and port, like "{example}", got {_describe(url)}')
+
+
 def _hook_url(v: _Validator, item: dict[str, Any], path: str) -> tuple[Address, str] | None:
     """``auth_hook = "http://host:port/path"`` split into (address, path)."""
     url = v.string(item, path, "auth_hook", None, 'an URL like "http://127.0.0.1:9000/auth"')
@@ -1160,6 +1272,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         workers=workers,
         shutdown=_shutdown(v, data),
         hubs=_hubs(v, data),
+        backplane=_backplane(v, data),
         source=source,
         version=hashlib.sha256(text.encode("utf-8")).hexdigest(),
     )

@@ -58,6 +58,13 @@ def impl(request) -> SimpleNamespace:
     return load_frame_impl(request.param)
 
 
+def skip_or_fail(msg: str, flag: str) -> None:
+    """Skip the test with ``msg``, or fail it when the environment variable ``flag`` is set."""
+    if env_flag(flag):
+        pytest.fail(f"{flag}={os.environ[flag]}: {msg}", pytrace=False)
+    pytest.skip(msg)
+
+
 @pytest.fixture
 def external_tool():
     """Factory: ``external_tool(command, debian_package)`` -> path of a system tool.
@@ -69,10 +76,139 @@ def external_tool():
     def find(command: str, package: str) -> str:
         path = shutil.which(command)
         if path is None:
-            msg = f"{command} is not installed (Debian: apt-get install -y {package})"
-            if env_flag("CI"):
-                pytest.fail(f"CI=true: {msg}", pytrace=False)
-            pytest.skip(msg)
+            skip_or_fail(f"{command} is not installed (Debian: apt-get install -y {package})", "CI")
         return path
 
     return find
+
+
+# -- backplane services (Redis, NATS) ---------------------------------------------------
+
+REDIS_URL = os.environ.get("EDGEPROXY_TEST_REDIS", "redis://127.0.0.1:6379/0")
+NATS_URL = os.environ.get("EDGEPROXY_TEST_NATS", "nats://127.0.0.1:4222")
+
+
+def _answers(url: str) -> bool:
+    """True when something accepts TCP connections at the URL's host and port."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(kind: str) -> str:
+    """The URL of the shared Redis or NATS server; skip the test without it, fail under
+    ``EDGEPROXY_REQUIRE_SERVICES=1`` (set by ``.ci/run``)."""
+    url = {"redis": REDIS_URL, "nats": NATS_URL}[kind]
+    if not _answers(url):
+        skip_or_fail(f"{kind} is not answering at {url} (start it, or point EDGEPROXY_TEST_{kind.upper()} at one; "
+                     f"Debian packages redis-server / nats-server)", "EDGEPROXY_REQUIRE_SERVICES")
+    return url
+
+
+def require_binary(command: str, package: str) -> str:
+    """A server binary for kill/restart tests: skip without it, fail under EDGEPROXY_REQUIRE_SERVICES=1."""
+    path = shutil.which(command) or next(
+        (p for p in (f"/usr/sbin/{command}", f"/usr/bin/{command}") if os.access(p, os.X_OK)), None)
+    if path is None:
+        skip_or_fail(f"{command} is not installed (Debian: apt-get install -y {package})", "EDGEPROXY_REQUIRE_SERVICES")
+    return path
+
+
+class ServerProcess:
+    """A private redis-server or nats-server on a free port, to kill and restart in a test."""
+
+    def __init__(self, kind: str, tmpdir: str):
+        import socket
+
+        self.kind = kind
+        self.tmpdir = tmpdir
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = None
+        self.binary = require_binary("redis-server" if kind == "redis" else "nats-server",
+                                     "redis-server" if kind == "redis" else "nats-server")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0" if self.kind == "redis" else f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        if self.kind == "redis":
+            # keeps everything in memory only: a restart loses all state (a new epoch everywhere)
+            argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", self.tmpdir]
+        else:
+            argv = [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.tmpdir]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not _answers(self.url):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} server on port {self.port} did not start")
+            time.sleep(0.02)
+        if self.kind == "nats":
+            time.sleep(0.2)  # JetStream comes up just after the port opens
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    """Factory: ``server_process("redis"|"nats")`` -> a started `ServerProcess`, killed after the test."""
+    started = []
+
+    def start(kind: str) -> ServerProcess:
+        d = tmp_path / f"{kind}-{len(started)}"
+        d.mkdir()
+        server = ServerProcess(kind, str(d))
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+async def cleanup_backplane(kind: str, url: str, prefix: str) -> None:
+    """Remove what a test created under ``prefix`` on a shared server."""
+    if kind == "redis":
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(url)
+        try:
+            keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
+    elif kind == "nats":
+        import nats
+
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            for name in await js.streams_info():
+                if name.config.name.startswith(prefix + "_"):
+                    await js.delete_stream(name.config.name)
+        finally:
+            await nc.close()
+
+
+@pytest.fixture
+def services():
+    """``services.require(kind) -> url`` (skip or fail), ``await services.cleanup(kind, url, prefix)``."""
+    return SimpleNamespace(require=require_service, cleanup=cleanup_backplane)

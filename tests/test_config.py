@@ -18,6 +18,7 @@ from edgeproxy import config as cfgmod
 from edgeproxy.config import (
     Address,
     AdminConfig,
+    BackplaneConfig,
     Config,
     HttpConfig,
     HubConfig,
@@ -93,6 +94,7 @@ def test_example_file_values_are_the_defaults() -> None:
     assert config.logging == LoggingConfig()
     assert config.admin == AdminConfig()
     assert config.hubs == (HubConfig(path="/hub"),)
+    assert config.backplane == BackplaneConfig()
     assert config.upstream("app") == UpstreamConfig(name="app", servers=(Address("127.0.0.1", 9001),))
 
 
@@ -117,6 +119,8 @@ def test_example_file_sets_every_option() -> None:
     assert set(data["admin"]) == set(cfgmod._ADMIN_KEYS) - {"api_key"}
     # token secrets and the auth hook are opt-in: shown commented out
     assert set(data["hubs"][0]) == set(cfgmod._HUB_KEYS) - {"token_secret", "token_secret_file", "auth_hook"}
+    # the servers and the instance name have no default: shown commented out
+    assert set(data["backplane"]) == set(cfgmod._BACKPLANE_KEYS) - {"url", "urls", "instance_id"}
     text = EXAMPLE.read_text("utf-8")
     # route keys: host is only shown commented out (it is optional)
     for key in cfgmod._ROUTE_KEYS:
@@ -129,7 +133,7 @@ def test_example_file_sets_every_option() -> None:
         assert re.search(rf"^# servers = \[.*\b{key} = ", upstream_text, re.M), key
     for table in ("affinity", "rebalance"):
         assert f"\n# [upstreams.{table}]\n" in upstream_text
-    for key in ("api_key", "token_secret", "token_secret_file", "auth_hook"):
+    for key in ("api_key", "token_secret", "token_secret_file", "auth_hook", "url", "urls", "instance_id"):
         assert re.search(rf"^# {key} = ", text, re.M), key
 
 
@@ -884,3 +888,38 @@ def test_hub_and_api_key_problems(extra: str, key: str, words: str) -> None:
     text = MINIMAL + extra if not extra.startswith("hubs =") else extra + MINIMAL
     got_key, message = only_problem(text)
     assert got_key == key and words in message, message
+
+
+# --------------------------------------------------------------------------- #
+# [backplane]
+# --------------------------------------------------------------------------- #
+
+
+def test_backplane_redis_shards_and_nats() -> None:
+    config = parse_config(MINIMAL + '[backplane]\nkind = "redis"\nurls = ["redis://10.0.0.1:6379/0", '
+                          '"rediss://r2.internal:6380"]\nprefix = "prod-eu"\ninstance_id = "edge-1"\n')
+    assert config.backplane == BackplaneConfig(kind="redis", urls=("redis://10.0.0.1:6379/0", "rediss://r2.internal:6380"),
+                                               prefix="prod-eu", instance_id="edge-1")
+    nats_config = parse_config(MINIMAL + '[backplane]\nkind = "NATS"\nurl = "nats://127.0.0.1:4222"\n')
+    assert nats_config.backplane.kind == "nats" and nats_config.backplane.urls == ("nats://127.0.0.1:4222",)
+
+
+@pytest.mark.parametrize("table, key, needle", [
+    ('kind = "kafka"', "backplane.kind", "memory, redis, nats"),
+    ('kind = "redis"', "backplane.url", "needs url"),
+    ('kind = "redis"\nurl = "nats://127.0.0.1:4222"', "backplane.url", "redis://"),
+    ('kind = "nats"\nurls = ["nats://a:4222", "redis://b:6379"]', "backplane.urls[1]", "nats://"),
+    ('kind = "redis"\nurl = "redis://127.0.0.1"', "backplane.url", "host and port"),
+    ('kind = "redis"\nurls = []', "backplane.urls", "non-empty array"),
+    ('kind = "redis"\nurls = ["redis://a:1", "redis://a:1"]', "backplane.urls", "twice"),
+    ('kind = "redis"\nurl = "redis://a:1"\nurls = ["redis://a:1"]', "backplane.url", "at most one"),
+    ('url = "redis://127.0.0.1:6379"', "backplane.kind", "takes no url"),
+    ('prefix = "a.b"', "backplane.prefix", "A-Z a-z 0-9 _ -"),
+    ('instance_id = "x y"', "backplane.instance_id", "A-Z a-z 0-9 _ -"),
+    ('reconnect_min = 2\nreconnect_max = 1', "backplane.reconnect_max", ">= reconnect_min"),
+    ('heartbeat_interval = 0', "backplane.heartbeat_interval", "a number > 0"),
+    ('hosts = 1', "backplane.hosts", "unknown key"),
+])
+def test_backplane_problems(table: str, key: str, needle: str) -> None:
+    got_key, message = only_problem(MINIMAL + "[backplane]\n" + table + "\n")
+    assert got_key == key and needle in message, message

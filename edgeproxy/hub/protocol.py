@@ -25,7 +25,10 @@ Hub to client:
 ================  =============================================================
 op                fields
 ================  =============================================================
-``connected``     ``ping_interval`` (seconds, 0 = no pings): the first message
+``connected``     ``ping_interval`` (seconds, 0 = no pings): the first message;
+                  ``client``: the connection's id (for ``POST /v1/send``)
+``message``       ``data``: a targeted message (``POST /v1/send``), not on any
+                  channel, not stored: no seq, no resume
 ``subscribed``    ``channel``, ``seq`` and ``epoch`` (the channel's position:
                   the publications that follow have higher seqs), ``recovered``
                   (with ``since``: true when every missed publication follows;
@@ -222,8 +225,11 @@ def text_frame(message: bytes) -> bytes:
     return _accel.encode_frame(_accel.OP_TEXT, message)
 
 
-def encode_connected(ping_interval: float) -> bytes:
-    return orjson.dumps({"op": "connected", "ping_interval": ping_interval})
+def encode_connected(ping_interval: float, client: str | None = None) -> bytes:
+    doc: dict = {"op": "connected", "ping_interval": ping_interval}
+    if client is not None:
+        doc["client"] = client  # the id POST /v1/send addresses the connection by
+    return orjson.dumps(doc)
 
 
 def encode_subscribed(channel: str, position: Position, recovered: bool) -> bytes:

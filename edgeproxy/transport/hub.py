@@ -72,6 +72,7 @@ from edgeproxy.hub.protocol import (
 )
 from edgeproxy.hub.token import ANONYMOUS, NOTHING, Grants, verify_token
 from edgeproxy.metrics import HUB_DELIVERY, WEBSOCKET, route_label
+from edgeproxy.transport.backplanes import BackplaneUnavailable
 
 if TYPE_CHECKING:
     from edgeproxy.config import HubConfig
@@ -255,18 +256,24 @@ class HubConnection(asyncio.Protocol):
         #: publications written to this connection alone (replays), not by the fan-out
         self.messages_out = 0
         self.bytes_out = 0
+        #: the id ``POST /v1/send`` addresses this connection by, and its token's user
+        self.client_id = service.server.presence.new_id()
+        self.user: str | None = None
 
     def start(self, token: str | None) -> None:
         service = self.service
         service.connections.add(self)
         logs.access({"event": "ws_open", "client": self.client_ip, "path": self.head.target.decode("latin-1"),
                      "upstream": _HUB_UPSTREAM, "status": 101})
-        self.send(encode_connected(service.config.ping_interval))
+        self.send(encode_connected(service.config.ping_interval, self.client_id))
         if token is not None and not service.anonymous:
             try:
                 self.grants = verify_token(token, service.config.token_secret, time.time())
             except HubError as exc:
                 self.fail(exc, CLOSE_TOKEN_EXPIRED if exc.code == "token_expired" else CLOSE_BAD_TOKEN)
+        if not self.closed:
+            self.user = self.grants.subject
+            service.server.presence.add(self)
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -301,6 +308,7 @@ class HubConnection(asyncio.Protocol):
         self.closed = True
         service = self.service
         service.connections.discard(self)
+        service.server.presence.remove(self)
         if self._abort_handle is not None:
             self._abort_handle.cancel()
         for task in self._tasks:
@@ -552,7 +560,8 @@ async def publish_endpoint(server: ProxyServer, request: AdminRequest) -> tuple[
 
     Answers ``{"seq", "epoch"}`` (or ``{"results": [...]}`` in order) with 200; 400 for
     a malformed body, 401 for a missing or wrong key, 403 when the API is off, 413 for
-    a body over ``[admin] max_publish_size`` or data over a hub's ``max_message_size``.
+    a body over ``[admin] max_publish_size`` or data over a hub's ``max_message_size``;
+    503 when the backplane is unavailable (``published`` lists what went out before).
     Nothing of a batch is published unless all of it is valid.
     """
     try:
@@ -574,9 +583,56 @@ async def publish_endpoint(server: ProxyServer, request: AdminRequest) -> tuple[
             checked = [_publication(server, doc, "body")]
         results = []
         for hub, channel, data in checked:
-            position = await hub.publish(channel, data)
+            try:
+                position = await hub.publish(channel, data)
+            except BackplaneUnavailable as exc:
+                # Loud, never silent: the caller learns which ones (the first len(published)) went out.
+                log.warning("publish API: %s", exc)
+                return 503, {"error": f"{exc}; nothing after the published ones was published, retry later",
+                             "published": results}
             results.append({"seq": position.seq, "epoch": position.epoch})
     except _ApiError as exc:
         return exc.status, {"error": str(exc)}
     return 200, ({"results": results} if len(checked) > 1 or "publications" in doc else results[0])
 
+
+
+async def send_endpoint(server: ProxyServer, request: AdminRequest) -> tuple[int, dict]:
+    """``POST /v1/send``: ``{"user": U, "data": ...}`` or ``{"client": C, "data": ...}``, optional ``hub``.
+
+    The message goes only through the instance(s) holding the target (presence, see
+    ``edgeproxy.transport.presence``) and reaches its connections as
+    ``{"op": "message", "data": ...}``.  Answers 200 ``{"delivered": {instance: [ids]}}``,
+    404 when the target is connected nowhere, 503 when the registry is unavailable;
+    400/401/403/413 as ``/v1/publish``.
+    """
+    try:
+        _check_api_key(server, request)
+        if request.too_large:
+            raise _ApiError(413, f"request body over [admin] max_publish_size ({server.config.admin.max_publish_size} bytes)")
+        try:
+            doc = orjson.loads(request.body)
+        except orjson.JSONDecodeError as exc:
+            raise _ApiError(400, f"body is not JSON: {exc}") from None
+        if not isinstance(doc, dict) or "data" not in doc or len({"user", "client"} & set(doc)) != 1:
+            raise _ApiError(400, 'expected {"user": ..., "data": ...} or {"client": ..., "data": ...} (optional "hub")')
+        unknown = set(doc) - {"user", "client", "data", "hub"}
+        if unknown:
+            raise _ApiError(400, f"unknown field(s) {', '.join(sorted(unknown))} (expected user or client, data, hub)")
+        target = {k: doc[k] for k in ("user", "client", "hub") if k in doc}
+        if not all(isinstance(v, str) and v for v in target.values()):
+            raise _ApiError(400, "user, client and hub are non-empty strings")
+        if "hub" in target and target["hub"] not in server.hubs:
+            raise _ApiError(400, f"hub: no hub at {target['hub'][:80]!r} (hubs: {', '.join(server.hubs) or 'none'})")
+        data = orjson.dumps(doc["data"])
+        try:
+            where = await server.presence.send(target, data)
+        except BackplaneUnavailable as exc:
+            log.warning("send API: %s", exc)
+            return 503, {"error": f"{exc}; not sent, retry later"}
+        if not where:
+            name = f"user {target['user']!r}" if "user" in target else f"connection {target['client']!r}"
+            raise _ApiError(404, f"{name} is not connected to any live instance")
+    except _ApiError as exc:
+        return exc.status, {"error": str(exc)}
+    return 200, {"delivered": where}

@@ -37,10 +37,12 @@ from edgeproxy.errors import ConfigError
 from edgeproxy.metrics import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Metrics
 from edgeproxy.routing import Router
 from edgeproxy.transport.admin import AdminListener
+from edgeproxy.transport.backplanes import instance_id, make_backplane
 from edgeproxy.transport.downstream import ClientConnection
-from edgeproxy.transport.hub import HubService, publish_endpoint
+from edgeproxy.transport.hub import HubService, publish_endpoint, send_endpoint
 from edgeproxy.transport.loop import running_loop_name
 from edgeproxy.transport.resume import ResumeRegistry
+from edgeproxy.transport.presence import make_presence
 from edgeproxy.transport.upstream import UpstreamGroup
 
 log = logging.getLogger("edgeproxy")
@@ -127,9 +129,16 @@ class ProxyServer:
         self.draining = False
         self._drain_task: asyncio.Task | None = None
         #: the ``[[hubs]]`` by path: upgrades to these paths are served by the proxy itself
-        self.hubs = {hub.path: HubService(hub, self) for hub in config.hubs}
+        #: this process in the backplane (presence, instance-addressed messages)
+        self.instance = instance_id(config.backplane)
+        self.hubs = {hub.path: HubService(hub, self, make_backplane(config.backplane, hub, self.metrics, self.instance))
+                     for hub in config.hubs}
+        #: who is connected where, for POST /v1/send (in Redis with kind = "redis")
+        self.presence = make_presence(self)
         if self.admin is not None:
             self.admin.add_route("/v1/publish", "POST", lambda request: publish_endpoint(self, request),
+                                 max_body=config.admin.max_publish_size)
+            self.admin.add_route("/v1/send", "POST", lambda request: send_endpoint(self, request),
                                  max_body=config.admin.max_publish_size)
         #: resumable sessions (docs/resume-protocol.md), when websocket.resume_secret is set
         self.resume: ResumeRegistry | None = ResumeRegistry(self) if config.websocket.resume_secret else None
@@ -162,6 +171,7 @@ class ProxyServer:
                 await self.admin.start()
             for hub in self.hubs.values():
                 await hub.start()
+            await self.presence.start()
         except OSError:
             await self.stop()
             raise
@@ -289,6 +299,7 @@ class ProxyServer:
             self.resume.close_all(self.config.shutdown.close_code, "server shutting down")
         for hub in self.hubs.values():
             await hub.stop()
+        await self.presence.stop()
         for group in [*self.groups.values(), *self._retired_groups]:
             group.stop()
             group.close_all()

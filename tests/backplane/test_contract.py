@@ -1,0 +1,213 @@
+"""The backplane contract (``edgeproxy.hub.backplane``), one suite for memory, Redis and NATS.
+
+Redis and NATS are the real servers of this machine (each test under its own prefix,
+removed after); a test skips when its service is absent and fails instead under
+``EDGEPROXY_REQUIRE_SERVICES=1``.  Tests of several nodes make one adapter per node,
+as separate proxies would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from edgeproxy.config import BackplaneConfig, HubConfig
+from edgeproxy.hub.protocol import Position, Publication
+from edgeproxy.metrics import Metrics
+from edgeproxy.transport.backplanes import BackplaneUnavailable, make_backplane
+
+KINDS = ["memory", "redis", "nats"]
+NETWORK = ["redis", "nats"]
+
+
+class Node:
+    """One backplane as a proxy would hold it, recording what it delivers."""
+
+    def __init__(self, backplane):
+        self.backplane = backplane
+        self.got: list[Publication] = []
+
+    def seqs(self, channel: str) -> list[int]:
+        return [p.seq for p in self.got if p.channel == channel]
+
+    async def wait(self, channel: str, n: int, timeout: float = 5.0) -> list[int]:
+        async with asyncio.timeout(timeout):
+            while len(self.seqs(channel)) < n:
+                await asyncio.sleep(0.005)
+        return self.seqs(channel)
+
+
+@pytest.fixture
+async def nodes(request, services):
+    """Factory: ``await nodes(n, **hub_keys)`` -> n started `Node`s of the kind under test."""
+    kind = request.param
+    url = services.require(kind) if kind != "memory" else None
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    made: list[Node] = []
+
+    async def make(n: int = 1, *, url_override: str | None = None, **hub_keys) -> list[Node]:
+        hub = HubConfig(path="/hub", **{"history_size": 100, "history_ttl": 60.0, **hub_keys})
+        config = BackplaneConfig(kind=kind, urls=(url_override or url,) if kind != "memory" else (),
+                                 prefix=prefix, timeout=2.0, reconnect_min=0.05, reconnect_max=0.5)
+        out = []
+        for i in range(n):
+            node = Node(make_backplane(config, hub, Metrics(), f"node{i}"))
+            await node.backplane.start(node.got.append)
+            out.append(node)
+        made.extend(out)
+        return out
+
+    make.kind = kind
+    yield make
+    for node in made:
+        await node.backplane.close()
+    if url is not None:
+        await services.cleanup(kind, url, prefix)
+
+
+all_kinds = pytest.mark.parametrize("nodes", KINDS, indirect=True)
+network_kinds = pytest.mark.parametrize("nodes", NETWORK, indirect=True)
+
+
+@all_kinds
+async def test_publish_numbers_and_history_answers(nodes) -> None:
+    [node] = await nodes(1, history_size=3)
+    bp = node.backplane
+    first = await bp.history("news", None)
+    assert first.position.seq == 0 and first.missed == [] and first.recovered is False
+    epoch = first.position.epoch
+    assert [await bp.publish("news", b"%d" % i) for i in range(1, 6)] == [Position(i, epoch) for i in range(1, 6)]
+    now = await bp.history("news", Position(3, epoch))
+    assert now == ((5, epoch), [(4, b"4"), (5, b"5")], True)
+    assert await bp.history("news", Position(5, epoch)) == ((5, epoch), [], True)
+    assert (await bp.history("news", Position(1, epoch))).recovered is False  # 2 was pushed out (size 3)
+    assert (await bp.history("news", Position(3, "another"))).recovered is False
+    assert (await bp.history("news", Position(9, epoch))).recovered is False  # ahead of the channel
+    assert (await bp.history("news", None)).position == Position(5, epoch)
+
+
+@all_kinds
+async def test_interest_order_and_unsubscribe(nodes) -> None:
+    [node] = await nodes(1)
+    bp = node.backplane
+    await bp.publish("a", b"before")  # nobody interested: not delivered
+    await bp.subscribe("a")
+    for i in range(50):
+        await bp.publish("a", b"x")
+    await bp.publish("b", b"other channel")
+    assert await node.wait("a", 50) == list(range(2, 52))
+    assert node.seqs("b") == []
+    await bp.unsubscribe("a")
+    await bp.publish("a", b"after")
+    await asyncio.sleep(0.1)
+    assert len(node.seqs("a")) == 50
+
+
+@all_kinds
+async def test_stored_before_delivered(nodes) -> None:
+    """Whatever is delivered is already in history (point 2)."""
+    [node] = await nodes(1)
+    bp = node.backplane
+    checks: list[asyncio.Task] = []
+    node.backplane._deliver = lambda pub: checks.append(asyncio.ensure_future(bp.history(pub.channel, None)))
+    await bp.subscribe("c")
+    for _ in range(20):
+        await bp.publish("c", b"x")
+    async with asyncio.timeout(5):
+        while len(checks) < 20:
+            await asyncio.sleep(0.005)
+    tops = [(await task).position.seq for task in checks]
+    assert all(top >= seq for seq, top in zip(range(1, 21), tops))
+
+
+@all_kinds
+async def test_history_ttl_expires(nodes) -> None:
+    [node] = await nodes(1, history_ttl=1.0)
+    bp = node.backplane
+    p1 = await bp.publish("t", b"1")
+    await bp.publish("t", b"2")
+    assert (await bp.history("t", Position(0, p1.epoch))).missed == [(1, b"1"), (2, b"2")]
+    await asyncio.sleep(2.2)
+    late = await bp.history("t", Position(1, p1.epoch))
+    assert late.recovered is False and late.missed == []
+
+
+@network_kinds
+async def test_every_node_gets_every_publication_once_in_order(nodes) -> None:
+    """Three nodes publish concurrently to one channel: one seq order, seen by all."""
+    group = await nodes(3)
+    for node in group:
+        await node.backplane.subscribe("room")
+    async def burst(node, n):
+        return [await node.backplane.publish("room", b"%s" % node.backplane.instance.encode()) for _ in range(n)]
+    results = await asyncio.gather(*(burst(node, 40) for node in group))
+    seqs = sorted(p.seq for r in results for p in r)
+    assert seqs == list(range(1, 121))  # consistent across instances: no seq twice
+    assert len({p.epoch for r in results for p in r}) == 1
+    for node in group:
+        assert await node.wait("room", 120) == list(range(1, 121))
+
+
+@network_kinds
+async def test_resume_on_another_node(nodes) -> None:
+    a, b = await nodes(2)
+    await a.backplane.subscribe("feed")
+    positions = [await a.backplane.publish("feed", b"%d" % i) for i in range(10)]
+    await a.wait("feed", 10)
+    # a client saw 4 on node a, then resumes on node b
+    answer = await b.backplane.history("feed", positions[3])
+    assert answer.recovered and [s for s, _ in answer.missed] == list(range(5, 11))
+    assert answer.position == positions[-1]
+
+
+@network_kinds
+async def test_interest_is_per_node(nodes) -> None:
+    a, b = await nodes(2)
+    await a.backplane.subscribe("only-a")
+    await b.backplane.publish("only-a", b"1")
+    await a.wait("only-a", 1)
+    await asyncio.sleep(0.1)
+    assert b.got == []
+    if nodes.kind == "redis":
+        client = a.backplane.shards[0].client
+        name = a.backplane._keys("only-a")[2]
+        assert (await client.pubsub_numsub(name)) == [(name.encode(), 1)]  # only node a subscribed in Redis
+
+
+@network_kinds
+async def test_lost_state_starts_a_new_epoch(nodes, services) -> None:
+    [node] = await nodes(1)
+    bp = node.backplane
+    await bp.subscribe("e")
+    old = await bp.publish("e", b"1")
+    await node.wait("e", 1)
+    # the channel's state disappears (expired, or a server without persistence restarted)
+    if nodes.kind == "redis":
+        await bp.shards[0].client.delete(*bp._keys("e")[:2])
+    else:
+        await bp.js.purge_stream(bp.stream, subject=bp.history_base + "e")
+        bp.last.clear()
+    new = await bp.publish("e", b"2")
+    assert new.seq == 1 and new.epoch != old.epoch
+    async with asyncio.timeout(5):
+        while len(node.got) < 2:
+            await asyncio.sleep(0.005)
+    assert node.got[1] == Publication("e", 1, new.epoch, b"2")
+    assert (await bp.history("e", old)).recovered is False
+
+
+@network_kinds
+async def test_unreachable_backplane_fails_loudly(nodes, server_process) -> None:
+    server = server_process(nodes.kind)
+    [node] = await nodes(1, url_override=server.url)
+    bp = node.backplane
+    assert (await bp.publish("x", b"1")).seq == 1
+    server.kill()
+    with pytest.raises(BackplaneUnavailable):
+        for _ in range(50):  # the first may still be in flight when the socket breaks
+            await bp.publish("x", b"2")
+            await asyncio.sleep(0.02)
+    assert bp.metrics.backplane_errors >= 1
+    assert bp.up is False
