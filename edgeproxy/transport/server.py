@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 import os
 import random
@@ -140,6 +141,7 @@ class ProxyServer:
                                  max_body=config.admin.max_publish_size)
             self.admin.add_route("/v1/send", "POST", lambda request: send_endpoint(self, request),
                                  max_body=config.admin.max_publish_size)
+            self.admin.add_route("/admin/drain", "POST", self.drain_endpoint, max_body=4096)
         #: resumable sessions (docs/resume-protocol.md), when websocket.resume_secret is set
         self.resume: ResumeRegistry | None = ResumeRegistry(self) if config.websocket.resume_secret else None
 
@@ -494,6 +496,31 @@ class ProxyServer:
                     "active_connections": by_server.get(entry["address"], 0),
                 })
         return out
+
+    def drain_endpoint(self, request) -> tuple[int, dict[str, Any]]:
+        """``POST /admin/drain`` ``{"upstream": NAME, "server": "host:port", "drain": true|false}``.
+
+        A drained server takes no new connections; its live sessions stay, or are
+        paced out when the upstream has ``[upstreams.rebalance]``.  Until the next
+        reload or restart, which apply the config's own ``drain`` flags.
+        """
+        try:
+            doc = json.loads(request.body or b"null")
+        except ValueError as exc:
+            return 400, {"error": f"body is not JSON: {exc}"}
+        if not isinstance(doc, dict) or set(doc) != {"upstream", "server", "drain"} or not isinstance(doc["drain"], bool):
+            return 400, {"error": 'expected {"upstream": NAME, "server": "host:port", "drain": true or false}'}
+        group = self.groups.get(doc["upstream"]) if isinstance(doc["upstream"], str) else None
+        if group is None:
+            return 404, {"error": f"no upstream {doc['upstream']!r}", "upstreams": sorted(self.groups)}
+        server = next((s for s in group.config.servers if str(s) == doc["server"]), None)
+        if server is None:
+            return 404, {"error": f"upstream {group.config.name!r} has no server {doc['server']!r}",
+                         "servers": [str(s) for s in group.config.servers]}
+        group.set_drain(server, doc["drain"])
+        log.warning("admin: upstream %s server %s %s", group.config.name, server, "draining" if doc["drain"] else "no longer draining")
+        state = next(s for s in self.upstream_states() if s["upstream"] == group.config.name and s["server"] == str(server))
+        return 200, state
 
     def config_info(self) -> dict[str, Any]:
         """Which configuration is running: its version (sha256 of the file) and load time."""

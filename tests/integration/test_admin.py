@@ -277,3 +277,37 @@ async def test_admin_port_in_use_fails_start_and_closes_the_listeners(proxy, ws_
     taken = p.server.admin.address[1]
     with pytest.raises(OSError):
         await proxy(ws_backend, admin={"bind": f"{HOST}:{taken}"})
+
+
+async def post_json(p, path: str, doc) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(admin_url(p, path), data=json.dumps(doc)) as resp:
+            return resp.status, await resp.json()
+
+
+async def test_drain_endpoint_sends_new_connections_elsewhere(proxy, ws_backend, http_backend) -> None:
+    p = await proxy(ws_backend, http_backend)  # two servers, round robin
+    ws_server, http_server = f"{HOST}:{ws_backend.port}", f"{HOST}:{http_backend.port}"
+    status, state = await post_json(p, "/admin/drain", {"upstream": "app", "server": http_server, "drain": True})
+    assert status == 200 and state["state"] == "draining" and state["drain"] is True
+    # Every new request now goes to the other server.
+    async with aiohttp.ClientSession() as session:
+        for _ in range(4):
+            async with session.get(p.url("/"), headers={"Connection": "close"}) as resp:
+                await resp.read()
+    assert http_backend.requests == []
+    _, _, body = await fetch(p, "/metrics")
+    labels = frozenset({"upstream": "app", "server": http_server, "state": "draining"}.items())
+    assert exposition(body)[("edgeproxy_upstream_server_state", labels)] == 1
+    status, state = await post_json(p, "/admin/drain", {"upstream": "app", "server": http_server, "drain": False})
+    assert status == 200 and state["state"] == "up"
+    # Mistakes get clear answers, and change nothing.
+    assert (await post_json(p, "/admin/drain", {"upstream": "nope", "server": ws_server, "drain": True}))[0] == 404
+    assert (await post_json(p, "/admin/drain", {"upstream": "app", "server": "10.9.9.9:1", "drain": True}))[0] == 404
+    assert (await post_json(p, "/admin/drain", {"upstream": "app", "server": ws_server}))[0] == 400
+    assert all(s["state"] == "up" for s in (await fetch_json(p, "/admin/upstreams"))["upstreams"])
+
+
+async def fetch_json(p, path: str) -> dict:
+    _, _, body = await fetch(p, path)
+    return json.loads(body)
