@@ -45,15 +45,15 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import orjson
 
 from edgeproxy.hub.protocol import CLOSE_BAD_TOKEN, CLOSE_TOKEN_EXPIRED, Position
+from edgeproxy.reconnect import Backoff
 
-__all__ = ["Backoff", "HubClient", "HubClosed", "Publication", "Position"]
+__all__ = ["Backoff", "HubClient", "HubClosed", "Publication", "Position", "hub_backoff"]
 
 log = logging.getLogger("edgeproxy.client")
 
@@ -73,19 +73,9 @@ class HubClosed(Exception):
     """The client stopped for good (closed, or the hub refused its static token)."""
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with full jitter (see the module docstring)."""
-
-    min_delay: float = 0.5
-    first_max: float = 1.0
-    max_delay: float = 30.0
-    factor: float = 2.0
-
-    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
-        """Seconds to wait before reconnect number ``attempt`` (0 for the first)."""
-        ceiling = min(self.max_delay, self.first_max * self.factor ** min(attempt, 64))
-        return self.min_delay + (max(ceiling, self.min_delay) - self.min_delay) * rand()
+def hub_backoff(first_max: float = 1.0, max_delay: float = 30.0, min_delay: float = 0.5) -> Backoff:
+    """The channels client's reconnect policy: 0.5-1 s, 0.5-2 s, ... 0.5-30 s (`reconnect.Backoff`)."""
+    return Backoff(first_max, max_delay, floor=min_delay)
 
 
 class HubClient:
@@ -104,14 +94,14 @@ class HubClient:
         rand: the jitter source (tests pass their own).
     """
 
-    def __init__(self, url: str, *, token: TokenSource = None, backoff: Backoff = Backoff(),
+    def __init__(self, url: str, *, token: TokenSource = None, backoff: Backoff | None = None,
                  ping_timeout: float | None = None, open_timeout: float = 10.0,
                  on_unrecovered: Callable[[str, Position], None] | None = None,
                  on_error: Callable[[dict], None] | None = None,
                  rand: Callable[[], float] = random.random):
         self.url = url
         self.token = token
-        self.backoff = backoff
+        self.backoff = backoff or hub_backoff()
         self.ping_timeout = ping_timeout
         self.open_timeout = open_timeout
         self.on_unrecovered = on_unrecovered
@@ -238,7 +228,7 @@ class HubClient:
             if code in (CLOSE_BAD_TOKEN, CLOSE_TOKEN_EXPIRED) and not callable(self.token):
                 self._queue.put_nowait(HubClosed(f"the hub refused the token (close code {code})"))
                 return
-            delay = self.backoff.delay(attempt, self.rand)
+            delay = self.backoff.delay(attempt, self.rand())
             attempt += 1
             await asyncio.sleep(delay)
 

@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 import pytest
 
-from edgeproxy.client import Backoff, HubClient
+from edgeproxy.client import HubClient, hub_backoff
 
 API_KEY = "partition-api-key-0123456789"
 PARTITION_SECONDS = 30.0
@@ -118,7 +118,7 @@ async def test_subscriber_cut_off_for_30_seconds_gets_everything_once_in_order(p
     relay = Relay((p.host, p.port))
     relay_port = await relay.start()
     admin_host, admin_port = p.server.admin.address
-    client = HubClient(f"ws://127.0.0.1:{relay_port}/hub", backoff=Backoff(max_delay=2.0), open_timeout=3.0)
+    client = HubClient(f"ws://127.0.0.1:{relay_port}/hub", backoff=hub_backoff(max_delay=2.0), open_timeout=3.0)
     received: list[int] = []
     stop = asyncio.Event()
 

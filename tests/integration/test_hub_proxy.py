@@ -413,14 +413,16 @@ async def test_client_resubscribes_and_drops_duplicates(hub) -> None:
 
 
 async def test_client_backoff_policy() -> None:
-    from edgeproxy.client import Backoff
+    from edgeproxy.client import HubClient, hub_backoff
+    from edgeproxy.reconnect import Backoff
 
-    b = Backoff()
-    assert [b.delay(0, lambda: 0.0), b.delay(0, lambda: 1.0)] == [0.5, 1.0]
-    assert [b.delay(n, lambda: 1.0) for n in range(7)] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
-    assert b.delay(100, lambda: 0.0) == 0.5
-    custom = Backoff(min_delay=0.1, first_max=0.2, max_delay=1.0)
-    assert custom.delay(3, lambda: 1.0) == 1.0
+    b = hub_backoff()  # the same Backoff as the resume client's, with a 0.5 s floor
+    assert isinstance(b, Backoff) and isinstance(HubClient("ws://127.0.0.1:1/hub").backoff, Backoff)
+    assert [b.delay(0, 0.0), b.delay(0, 1.0)] == [0.5, 1.0]
+    assert [b.delay(n, 1.0) for n in range(7)] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert b.delay(100, 0.0) == 0.5
+    custom = hub_backoff(min_delay=0.1, first_max=0.2, max_delay=1.0)
+    assert custom.delay(3, 1.0) == 1.0
 
 
 async def test_proxy_restart_on_same_port_is_reported_unrecovered(refused_port) -> None:

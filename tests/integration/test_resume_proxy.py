@@ -345,8 +345,8 @@ async def test_python_client_resets_when_the_session_is_gone(proxy, backend) -> 
     b = await backend(interval=0.02)
     p = await resume_proxy(proxy, b, window=0.3)
     class Longest(random.Random):
-        def uniform(self, a: float, b: float) -> float:
-            return b
+        def random(self) -> float:
+            return 1.0  # the top of every backoff range
 
     c = await client(p.ws_url("/ws"), backoff=Backoff(1.0, 1.0, rng=Longest()))  # reconnects after the window
     got: list = []
