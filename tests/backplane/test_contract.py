@@ -211,3 +211,47 @@ async def test_unreachable_backplane_fails_loudly(nodes, server_process) -> None
             await asyncio.sleep(0.02)
     assert bp.metrics.backplane_errors >= 1
     assert bp.up is False
+
+
+async def test_redis_shards_place_each_tenant_on_one_real_server(server_process) -> None:
+    """Two private redis-servers as shards: a tenant's channels live on the shard the
+    hash names, and subscribers on two nodes get publications of every shard in order."""
+    import redis.asyncio as aioredis
+
+    from edgeproxy.hub.shards import shard_of
+
+    shards = [server_process("redis"), server_process("redis")]
+    urls = tuple(s.url for s in shards)
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    hub = HubConfig(path="/hub", history_size=100, history_ttl=60.0)
+    config = BackplaneConfig(kind="redis", urls=urls, prefix=prefix, timeout=2.0, reconnect_min=0.05, reconnect_max=0.5)
+    nodes = [Node(make_backplane(config, hub, Metrics(), f"node{i}")) for i in range(2)]
+    for node in nodes:
+        await node.backplane.start(node.got.append)
+    try:
+        # Tenants that the hash puts on each shard (the part of the name before ':').
+        tenants = {0: None, 1: None}
+        for i in range(100):
+            tenant = f"tenant{i}"
+            tenants[shard_of(f"{tenant}:x", 2)] = tenants[shard_of(f"{tenant}:x", 2)] or tenant
+        assert None not in tenants.values()
+        channels = [f"{tenants[0]}:orders", f"{tenants[0]}:chat", f"{tenants[1]}:orders"]
+        for channel in channels:
+            await nodes[1].backplane.subscribe(channel)
+        for round_ in range(5):
+            for channel in channels:
+                await nodes[0].backplane.publish(channel, b"%d" % round_)
+        for channel in channels:
+            assert await nodes[1].wait(channel, 5) == [1, 2, 3, 4, 5]
+        # Each shard holds exactly its tenant's keys.
+        for index, shard in enumerate(shards):
+            client = aioredis.Redis.from_url(shard.url)
+            try:
+                keys = [k.decode() for k in await client.keys(f"{prefix}:*:ch:*")]
+            finally:
+                await client.aclose()
+            assert keys and all(tenants[index] + ":" in key for key in keys), (index, keys)
+            assert not any(tenants[1 - index] + ":" in key for key in keys)
+    finally:
+        for node in nodes:
+            await node.backplane.close()
