@@ -565,7 +565,9 @@ class ClientSide:
 
     def __init__(self, *, max_header_size: int = 65536):
         self.max_header_size = max_header_size
-        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_size)
+        #: the h11 connection, made on first use: a WebSocket upgrade on the fast
+        #: path never needs one, and it is most of this object's memory (~1 KiB)
+        self._h11: h11.Connection | None = None
         self.method = b"GET"
         #: an upgrade request sent on the fast path, waiting for its answer
         self._upgrade: tuple[bytes, Headers] | None = None
@@ -579,6 +581,13 @@ class ClientSide:
         conn = self._conn
         return self._upgrade is None and self._switched is None and conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
+    @property
+    def _conn(self) -> h11.Connection:
+        conn = self._h11
+        if conn is None:
+            conn = self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=self.max_header_size)
+        return conn
+
     def _send(self, event) -> bytes:
         try:
             return self._conn.send(event) or b""
@@ -587,7 +596,9 @@ class ClientSide:
 
     def send_request(self, head: RequestHead, headers: Headers) -> bytes:
         self.method = head.method
-        if head.websocket and head.method == b"GET" and not head.has_body and self._conn.our_state is h11.IDLE:
+        if head.websocket and head.method == b"GET" and not head.has_body and (
+            self._h11 is None or self._h11.our_state is h11.IDLE
+        ):
             # `headers` came from a request h11 parsed (and validated) plus the
             # proxy's own, so they are valid; h11 would write the same bytes.
             self._upgrade = (head.target, headers)

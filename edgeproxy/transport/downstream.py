@@ -102,6 +102,14 @@ class _Exchange:
 
 
 class ClientConnection(asyncio.Protocol):
+    # Slots, not a __dict__: one of these lives as long as its connection, and
+    # memory per idle WebSocket is a target (issue #3: at most 8 KiB).
+    __slots__ = (
+        "server", "http", "transport", "client_ip", "closed", "exchange", "relay", "upstream",
+        "_paused", "_deadline", "_deadline_kind", "_ws_started", "_ws_route", "_ws_target", "_ws_group",
+        "_lingering", "_metrics_key", "_opened_at", "_client_ping", "_upstream_ping",
+    )
+
     def __init__(self, server: ProxyServer):
         self.server = server
         cfg = server.config
@@ -117,7 +125,7 @@ class ClientConnection(asyncio.Protocol):
         self._deadline_kind = "header"
         self._ws_started = 0.0
         self._ws_route = ""
-        self._ws_head: RequestHead | None = None
+        self._ws_target = b""  # the upgrade's request target, for the ws_close log line
         self._ws_group = None  # the UpstreamGroup counting this WebSocket session
         self._lingering = False
         #: the metrics key of what this connection is now (HTTP, then maybe a WebSocket)
@@ -639,9 +647,12 @@ class ClientConnection(asyncio.Protocol):
         self._deadline = 0.0
         self._ws_started = now
         self._ws_route = exchange.route.upstream
-        self._ws_head = exchange.head
+        self._ws_target = exchange.head.target
         client_early = self.http.switched_trailing_data()
         upstream_early = conn.http.trailing_data()
+        # Neither side speaks HTTP again: let the parsers' state go (an idle
+        # WebSocket should cost as little memory as it can).
+        self.http = conn.http = None
         # From here on each socket's bytes go straight to the relay and out to the
         # other socket: no HTTP-mode checks, and no Python at all when compiled.
         client_end = RelayEndpoint(relay, True, conn.transport, self, self._run_relay_actions)
@@ -781,11 +792,10 @@ class ClientConnection(asyncio.Protocol):
     def _log_ws_close(self) -> None:
         relay = self.relay
         now = self.server.now()
-        head = self._ws_head
         logs.access({
             "event": "ws_close",
             "client": self.client_ip,
-            "path": head.target.decode("latin-1"),
+            "path": self._ws_target.decode("latin-1"),
             "upstream": self._ws_route,
             "server": str(self.upstream.server),
             "client_close": relay.client_close[0] if relay.client_close else None,

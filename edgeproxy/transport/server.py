@@ -273,16 +273,22 @@ class ProxyServer:
             conn.drain_http()
         now = self.now()
         sessions = [conn for conn in self.connections if conn.relay is not None]
+        if self.resume is not None:  # resumable sessions are paced in the same batches
+            sessions += self.resume.sessions.values()
         plan = Drain(now, sessions, cfg.drain_timeout, rng=self.rng, close_code=cfg.close_code)
         log.info("draining: %d WebSocket session(s), %d connection(s) in all, for at most %.1fs",
                  len(sessions), len(self.connections), cfg.drain_timeout)
-        while self.connections and self.now() < plan.deadline:
+
+        def left() -> bool:
+            return bool(self.connections or (self.resume is not None and self.resume.sessions))
+
+        while left() and self.now() < plan.deadline:
             for conn, code, reason in plan.due(self.now()):
                 conn.close_websocket(code, reason)
             next_batch = plan.next_batch_at
             wake = min(plan.deadline, next_batch if next_batch is not None else plan.deadline, self.now() + 0.05)
             await asyncio.sleep(max(0.0, wake - self.now()))
-        if self.connections:
+        if left():
             log.info("drain deadline: closing the %d connection(s) left", len(self.connections))
         else:
             log.info("drained")

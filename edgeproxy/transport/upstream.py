@@ -61,6 +61,12 @@ RESTART_DELAY = 1.0
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to an upstream server."""
 
+    # Slots: one of these lives as long as its connection (see ClientConnection).
+    __slots__ = (
+        "group", "server", "high_water", "http", "owner", "transport", "websocket", "closed", "reused",
+        "active", "idle_since", "_reading_paused",
+    )
+
     def __init__(self, group: UpstreamGroup, server: Address, high_water: int):
         self.group = group
         self.server = server
