@@ -133,6 +133,12 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
+def header_value(headers: Headers, name: bytes) -> bytes | None:
+    """The values of header ``name`` (lower case) joined with ", " (RFC 9110 5.3), None when absent."""
+    values = [value for key, value in headers if key.lower() == name]
+    return b", ".join(values) if values else None
+
+
 def strip_hop_by_hop(headers: Headers) -> Headers:
     """Drop RFC 9110 hop-by-hop headers and every header that `Connection` names."""
     drop = HOP_BY_HOP | _connection_tokens(headers)

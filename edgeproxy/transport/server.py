@@ -21,10 +21,13 @@ from typing import Any, Callable
 
 from edgeproxy.config import Config
 from edgeproxy.core import _accel
+from edgeproxy.core.admission import Admission, AdmissionPolicy
+from edgeproxy.core.origin import OriginPolicy
 from edgeproxy.metrics import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Metrics
 from edgeproxy.routing import Router
 from edgeproxy.transport.admin import AdminListener
 from edgeproxy.transport.downstream import ClientConnection
+from edgeproxy.transport.edge import ProxyProtocolListener, ServerTLS
 from edgeproxy.transport.loop import running_loop_name
 from edgeproxy.transport.upstream import UpstreamGroup
 
@@ -72,6 +75,7 @@ class ProxyServer:
         #: wall-clock time the running config was loaded (reload code updates it with `config`)
         self.config_loaded_at = time.time()
         self.admin: AdminListener | None = AdminListener(self, config.admin.bind) if config.admin.enabled else None
+        self._init_edge(config)
 
     def now(self) -> float:
         return self._loop.time()
@@ -94,14 +98,7 @@ class ProxyServer:
         self._loop = loop = asyncio.get_running_loop()
         try:
             for listener in self.config.listeners:
-                server = await loop.create_server(
-                    lambda: ClientConnection(self),
-                    listener.bind.host,
-                    listener.bind.port,
-                    backlog=listener.backlog,
-                    reuse_address=True,
-                )
-                self._servers.append(server)
+                self._servers.append(await self._open_listener(loop, listener))
             if self.admin is not None:
                 await self.admin.start()
         except OSError:
@@ -134,6 +131,8 @@ class ProxyServer:
                 conn.transport.abort()
         for group in self.groups.values():
             group.expire_idle(now)
+        if self.admission is not None:
+            self.admission.expire(now)
         self._schedule_tick()
 
     async def stop(self) -> None:
@@ -158,6 +157,57 @@ class ProxyServer:
             await self.admin.stop()
         # Let the transports' close callbacks run.
         await asyncio.sleep(0)
+
+    # -- edge hardening: TLS, admission control, origins, PROXY protocol ---------
+
+    def _init_edge(self, config: Config) -> None:
+        limits = config.limits
+        policy = AdmissionPolicy(
+            max_connections=limits.max_connections, max_connections_per_ip=limits.max_connections_per_ip,
+            rate=limits.connection_rate, burst=limits.connection_burst, ip_rate=limits.ip_connection_rate,
+            ip_burst=limits.ip_connection_burst, table_size=limits.ip_table_size,
+        )
+        #: None when no admission limit is configured (nothing is counted then)
+        self.admission: Admission | None = Admission(policy) if policy.enabled else None
+        #: per route (by identity): the compiled allowed_origins, for routes that have them
+        self.origin_policies = {id(r): OriginPolicy(r.allowed_origins) for r in config.routes if r.allowed_origins}
+        #: the TLS contexts of each TLS listener, in listener order
+        self.tls: list[ServerTLS] = [ServerTLS(listener) for listener in config.listeners if listener.tls]
+
+    async def _open_listener(self, loop: asyncio.AbstractEventLoop, listener) -> Any:
+        tls = next((t for t in self.tls if t.listener is listener), None)
+        timeout = self.config.http.header_timeout or None
+        if listener.proxy_protocol:
+            pp = ProxyProtocolListener(
+                listener, lambda real: ClientConnection(self, listener, real),
+                tls=tls, timeout=timeout, on_refused=self.metrics.limit_refused,
+            )
+            await pp.start(loop)
+            return pp
+        return await loop.create_server(
+            lambda: ClientConnection(self, listener),
+            listener.bind.host,
+            listener.bind.port,
+            backlog=listener.backlog,
+            reuse_address=True,
+            ssl=tls.context if tls is not None else None,
+            ssl_handshake_timeout=timeout if tls is not None else None,
+        )
+
+    def reload_certificates(self) -> int:
+        """Re-read every TLS listener's certificates and keys (SIGHUP); returns how many listeners.
+
+        New handshakes use the new certificates; open connections keep theirs.
+        All files are read before anything is swapped per listener.
+
+        Raises:
+            ssl.SSLError, OSError: a file is unreadable or invalid (that listener keeps its set).
+        """
+        for tls in self.tls:
+            tls.reload()
+        if self.tls:
+            log.info("reloaded the TLS certificates of %d listener(s)", len(self.tls))
+        return len(self.tls)
 
     # -- what the metrics and the admin listener read ----------------------------
 

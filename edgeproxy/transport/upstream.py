@@ -32,6 +32,7 @@ from edgeproxy.core.balance import Balancer, hash_key, least_loaded, parse_hash_
 from edgeproxy.core.health import HealthBook, State
 from edgeproxy.core.http1 import ClientSide, RequestHead
 from edgeproxy.core.rebalance import RebalancePlanner, RebalancePolicy, close_reason
+from edgeproxy.transport.edge import upstream_ssl_context
 
 if TYPE_CHECKING:
     from edgeproxy.transport.downstream import ClientConnection
@@ -159,6 +160,19 @@ class UpstreamGroup:
         #: close code and reconnect-delay range for sessions the proxy ends
         self._close_policy = config.rebalance or RebalancePolicy()
         self._tasks: list[asyncio.Task] = []
+        #: TLS to the servers (None: plain TCP), and connects in progress (max_pending_connects)
+        self.ssl_context = upstream_ssl_context(config)
+        self.pending_connects = 0
+
+    def connects_full(self) -> bool:
+        """True when ``max_pending_connects`` connects to this upstream are in progress already."""
+        limit = self.config.max_pending_connects
+        return bool(limit) and self.pending_connects >= limit
+
+    def _tls_args(self, server: Address) -> dict:
+        if self.ssl_context is None:
+            return {}
+        return {"ssl": self.ssl_context, "server_hostname": self.config.tls_server_name or server.host}
 
     # -- choosing a server ----------------------------------------------------
 
@@ -287,7 +301,7 @@ class UpstreamGroup:
         writer = None
         try:
             async with asyncio.timeout(cfg.timeout):
-                reader, writer = await asyncio.open_connection(server.host, server.port)
+                reader, writer = await asyncio.open_connection(server.host, server.port, **self._tls_args(server))
                 if cfg.check == "tcp":
                     return True
                 client = ClientSide()
@@ -301,7 +315,7 @@ class UpstreamGroup:
                         return event.status < 400
                     if event is not http1.NEED_DATA and not isinstance(event, http1.ResponseHead):
                         return False
-        except (OSError, TimeoutError, http1.RemoteProtocolError):
+        except (OSError, TimeoutError, http1.RemoteProtocolError):  # ssl.SSLError is an OSError
             return False
         finally:
             if writer is not None:
@@ -403,7 +417,12 @@ class UpstreamGroup:
         Raises:
             OSError: refused or unreachable.
         """
-        _, conn = await loop.create_connection(
-            lambda: UpstreamConnection(self, server, self.high_water), server.host, server.port
-        )
+        self.pending_connects += 1
+        try:
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(self, server, self.high_water), server.host, server.port,
+                **self._tls_args(server),
+            )
+        finally:
+            self.pending_connects -= 1
         return conn
