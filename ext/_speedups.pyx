@@ -232,6 +232,12 @@ cdef class FrameScanner:
     cdef readonly int rules
     cdef readonly int allowed_rsv
     cdef int _frag
+    # a cheap pre-filter of the rules (see _header): any rule on, RSV bits refused (as in
+    # byte 0), the mask bit wanted (0x80, 0, or -1 = either), the fragment rule on
+    cdef bint _checks
+    cdef int _bad_rsv
+    cdef int _want_mask
+    cdef bint _frag_rule
     cdef readonly long long messages
     cdef readonly long long frames
     cdef readonly long long pongs
@@ -268,6 +274,12 @@ cdef class FrameScanner:
         self.rules = rules
         self.allowed_rsv = allowed_rsv
         self._frag = 0
+        self._checks = rules != 0 or allowed_rsv != 7
+        self._bad_rsv = ((~allowed_rsv) & 7) << 4
+        self._want_mask = 0x80 if rules & RULE_MASKED else (0 if rules & RULE_UNMASKED else -1)
+        if rules & RULE_MASKED and rules & RULE_UNMASKED:
+            self._want_mask = -2  # both: every frame fails one of them
+        self._frag_rule = (rules & RULE_FRAGMENTS) != 0
         self.messages = 0
         self.frames = 0
         self.pongs = 0
@@ -290,7 +302,7 @@ cdef class FrameScanner:
         self.error = FrameError(msg, close_code=code)
         return 0
 
-    cdef int _check_rules(self, int b0, int b1, int opcode) except -1:
+    cdef inline int _check_rules(self, int b0, int b1, int opcode) except -1:
         """1 with ``error`` set when the header's first two bytes break a rule that is on, else 0."""
         cdef int rules = self.rules
         cdef int rsv = (b0 >> 4) & 7
@@ -331,7 +343,13 @@ cdef class FrameScanner:
             return 0
         b1 = p[1]
         length = b1 & 127
-        if (self.rules or self.allowed_rsv != 7) and self._check_rules(b0, b1, opcode):
+        # Only a header the pre-filter cannot clear (a refused RSV bit, the wrong mask bit, a
+        # control or reserved opcode, a continuation out of place) goes through every rule.
+        if self._checks and (
+            (b0 & self._bad_rsv) or opcode > 2
+            or (self._want_mask != -1 and (b1 & 0x80) != self._want_mask)
+            or (self._frag_rule and (opcode == 0) != self._frag)
+        ) and self._check_rules(b0, b1, opcode):
             return -1
         if length <= 125:
             hl = 2

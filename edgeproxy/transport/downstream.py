@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from edgeproxy import logs
 from edgeproxy.core import http1
 from edgeproxy.core._accel import RelayEndpoint
+from edgeproxy.core.admission import retry_after_header
 from edgeproxy.core.http1 import Body, ConnectionClosed, EndOfMessage, RequestHead, ResponseHead
 from edgeproxy.core.websocket import (
     ABORT_CLIENT,
@@ -52,7 +53,6 @@ from edgeproxy.core.websocket import (
 )
 from edgeproxy.errors import LocalProtocolError, RemoteProtocolError
 from edgeproxy.metrics import CLIENT_TO_UPSTREAM, HTTP, UPSTREAM_TO_CLIENT, WEBSOCKET, route_label
-from edgeproxy.core.admission import retry_after_header
 from edgeproxy.transport.edge import SessionMeters
 from edgeproxy.transport.upstream import UpstreamConnection
 
@@ -163,6 +163,9 @@ class ClientConnection(asyncio.Protocol):
         self._process_client()
 
     def eof_received(self) -> bool:
+        # Over TLS there is no half-close: the transport closes whatever we return, and
+        # asyncio logs a warning for every True, so say False there.
+        half_close = self.listener is None or not self.listener.tls
         if self.relay is not None:
             self.relay.client_eof()
             self._run_relay_actions()
@@ -170,13 +173,13 @@ class ClientConnection(asyncio.Protocol):
                 # Nothing more goes to a client that has ended its side: close
                 # ours, or the connection would sit half-closed forever.
                 self._close()
-            return True
+            return half_close
         if self._lingering:
             self._close()
-            return True
+            return half_close
         self.http.receive_data(b"")
         self._process_client()
-        return True  # we close when the exchange in flight is done
+        return half_close  # we close when the exchange in flight is done
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -250,6 +253,12 @@ class ClientConnection(asyncio.Protocol):
         """The per-session message and byte rates, from the shared tick (see `SessionMeters`)."""
         relay = self.relay
         cfg = self.server.config.websocket
+        if relay.state is not RelayState.OPEN:
+            # closing: the close frames must get through, whatever the budget
+            for client in list(self._throttled):
+                del self._throttled[client]
+                self._throttle(client, False)
+            return
         for client in (True, False):
             if client:
                 over = self._meters.over(now, True, relay.messages_from_client, relay.bytes_from_client)
@@ -803,7 +812,7 @@ class ClientConnection(asyncio.Protocol):
             relay.check_timers(now)
             if relay.actions:
                 self._run_relay_actions()
-            if self._meters is not None and relay.state is RelayState.OPEN:
+            if self._meters is not None:
                 self._check_rates(now)
             return
         exchange = self.exchange

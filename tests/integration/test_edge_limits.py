@@ -178,3 +178,20 @@ async def test_byte_rate_throttle_pauses_the_sender_and_loses_nothing(ws_backend
     assert 0.7 <= took <= 3.0, took
     await ws.close()
     assert ws.close_code == 1000
+
+
+async def test_a_throttled_session_still_closes_promptly(ws_backend, proxy, ws_connect):
+    """Once the session is closing, the throttle lets go, so the close handshake is not held up by the debt."""
+    p = await proxy(ws_backend, websocket={**FAST_TICK, "byte_rate": 2000, "byte_burst": 1000, "rate_action": "throttle"})
+    ws = await ws_connect(p.ws_url("/echo"))
+    for i in range(10):
+        await ws.send(bytes([i]) * 2000)  # 20 kB: about 10 s of debt at 2 kB/s
+    await _wait(lambda: p.server.metrics.limits.get("rate_throttle", 0) >= 1)
+    started = time.monotonic()
+    conn = next(c for c in p.server.connections if c.relay is not None)
+    conn.close_websocket(1012, "restarting")
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert ws.close_code == 1012
+    assert time.monotonic() - started < 2.0
