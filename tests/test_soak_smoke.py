@@ -1,6 +1,6 @@
 """The soak harness in its short form: real processes, real faults, and the accounting must balance.
 
-``benchmarks/soak/soak.py`` with 60 TLS clients for 6 seconds: backends killed and
+``benchmarks/soak/soak.py`` with 60 TLS clients, two rounds of 4 seconds: backends killed and
 restarted, clients dropping without a close, certificate reloads (SIGHUP), hostile
 inputs.  Every message must be echoed or reported lost with a close code, none
 silently; no descriptor may leak; every hostile input must get its RFC answer.
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_soak_smoke():
     run = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "soak", "soak.py"),
-         "--clients", "60", "--duration", "6", "--interval", "0.2", "--tls"],
+         "--clients", "60", "--duration", "4", "--rounds", "2", "--interval", "0.2", "--tls"],
         capture_output=True, text=True, timeout=110, cwd=ROOT,
     )
     report = json.loads(run.stdout)

@@ -11,7 +11,8 @@
 * Relay: pure and compiled ``RelayEndpoint`` with the strict rules on random
   streams forward the same bytes and stop at the same place.
 
-Every failure hypothesis ever found here is kept in ``REGRESSIONS`` below.
+A failure hypothesis finds is pinned with ``@example`` on its test, so it is
+replayed on every run (none so far: no crash, no divergence).
 """
 
 from __future__ import annotations
@@ -86,11 +87,6 @@ def run_server_side(chunks: list[bytes], eof: bool):
         assert 400 <= exc.status_hint <= 599, exc.status_hint
         return out, exc.status_hint
     return out, None
-
-
-REGRESSIONS = [
-    # (none found by hypothesis in this suite so far; kept here when one is)
-]
 
 
 @FUZZ
