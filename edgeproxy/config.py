@@ -76,6 +76,7 @@ import json
 import math
 import os
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -84,6 +85,7 @@ from urllib.parse import urlsplit
 from edgeproxy.core.affinity import SAME_SITE
 from edgeproxy.core.balance import POLICIES, parse_hash_source
 from edgeproxy.core.health import HealthPolicy
+from edgeproxy.core.origin import parse_origin_pattern
 from edgeproxy.core.rebalance import RebalancePolicy
 from edgeproxy.errors import ConfigError
 
@@ -100,6 +102,7 @@ __all__ = [
     "ListenerConfig",
     "LoggingConfig",
     "RouteConfig",
+    "SniCertificate",
     "UpstreamConfig",
     "ShutdownConfig",
     "WebSocketConfig",
@@ -128,11 +131,34 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
+class SniCertificate:
+    """One ``tls_sni`` entry: the certificate served to clients asking for ``host`` (or ``*.domain``)."""
+
+    host: str
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
-    """One ``[[listeners]]`` table: a socket the proxy accepts clients on."""
+    """One ``[[listeners]]`` table: a socket the proxy accepts clients on.
+
+    TLS is on when ``tls_cert`` is set (``tls_key`` with it; paths resolved
+    from the config file's directory).  ``proxy_protocol_trusted`` holds
+    ``ipaddress`` networks.
+    """
 
     bind: Address
     backlog: int = 1024
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_sni: tuple[SniCertificate, ...] = ()
+    proxy_protocol: bool = False
+    proxy_protocol_trusted: tuple[Any, ...] = ()
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,6 +214,13 @@ class UpstreamConfig:
     affinity: AffinityConfig | None = None
     rebalance: RebalancePolicy | None = None
     health: HealthConfig = field(default_factory=HealthConfig)
+    #: TLS to the servers; tls_ca None = the system's CAs, tls_server_name None = the server's host
+    tls: bool = False
+    tls_verify: bool = True
+    tls_ca: str | None = None
+    tls_server_name: str | None = None
+    #: connects in progress to this upstream at most (0 = no limit); beyond it 503
+    max_pending_connects: int = 0
 
     def weight(self, server: Address) -> int:
         """The configured weight of ``server`` (1 unless set)."""
@@ -211,6 +244,8 @@ class RouteConfig:
     #: per-route overrides of ``[websocket]`` resume_window / resume_buffer_bytes
     resume_window: float | None = None
     resume_buffer_bytes: int | None = None
+    #: Origin patterns allowed to open a WebSocket here (core.origin); () = any
+    allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +277,17 @@ class WebSocketConfig:
     #: names this proxy in resume tokens; "" = drawn at random when the server starts
     instance_id: str = ""
 
+    #: largest data frame payload (0 = unlimited); close 1009
+    max_frame_size: int = 0
+    #: enforce RFC 6455 framing rules (masking, control frames, opcodes, RSV) with 1002
+    strict: bool = True
+    #: per connection and direction; 0 = unlimited; a burst of 0 = one second's worth
+    message_rate: float = 0.0
+    message_burst: int = 0
+    byte_rate: float = 0.0
+    byte_burst: int = 0
+    #: "close" (1008) or "throttle" (stop reading the sender until its budget refills)
+    rate_action: str = "close"
 
 #: close codes a server may send to say "go away, come back later"
 SHUTDOWN_CLOSE_CODES = (1001, 1012)
@@ -258,9 +304,16 @@ class ShutdownConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """The ``[limits]`` table: buffering/back-pressure thresholds (bytes)."""
+    """The ``[limits]`` table: back-pressure threshold (bytes) and admission control (0 = off)."""
 
     buffer_high_water: int = 262144
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+    connection_rate: float = 0.0
+    connection_burst: int = 0
+    ip_connection_rate: float = 0.0
+    ip_connection_burst: int = 0
+    ip_table_size: int = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,11 +585,15 @@ class _Validator:
     # -- scalars ----------------------------------------------------------- #
 
     def seconds(self, data: dict[str, Any], path: str, key: str, default: float) -> float:
+        return self.nonnegative(data, path, key, default, "a number of seconds >= 0")
+
+    def nonnegative(self, data: dict[str, Any], path: str, key: str, default: float, what: str) -> float:
+        """A finite int or float >= 0, as a float; ``what`` completes "expected ..."."""
         if key not in data:
             return default
         value = data[key]
         if not _is_number(value) or value < 0:
-            self.error(_join(path, key), f"expected a number of seconds >= 0, got {_describe(value)}")
+            self.error(_join(path, key), f"expected {what}, got {_describe(value)}")
             return default
         return float(value)
 
@@ -618,10 +675,12 @@ def _join(path: str, key: str) -> str:
 _TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging", "admin", "shutdown", "workers", "hubs", "backplane")
 #: an upper bound that catches a typo (workers = 10000), not a tuning limit
 MAX_WORKERS = 1024
-_LISTENER_KEYS = ("bind", "backlog")
+_LISTENER_KEYS = ("bind", "backlog", "tls_cert", "tls_key", "tls_sni", "proxy_protocol", "proxy_protocol_trusted")
+_SNI_KEYS = ("host", "cert", "key")
 _UPSTREAM_KEYS = (
     "name", "servers", "connect_timeout", "read_timeout", "pool_size", "pool_idle_timeout",
     "balance", "hash_key", "affinity", "rebalance", "health",
+    "tls", "tls_verify", "tls_ca", "tls_server_name", "max_pending_connects",
 )
 _SERVER_KEYS = ("address", "weight", "drain")
 _AFFINITY_KEYS = (
@@ -638,18 +697,23 @@ _HEALTH_CHECKS = ("none", "http", "tcp")
 #: RFC 6265 cookie-name: an RFC 9110 token.
 _COOKIE_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _MIN_SECRET = 16
-_ROUTE_KEYS = ("path_prefix", "host", "upstream", "resume", "resume_window", "resume_buffer_bytes")
+_ROUTE_KEYS = ("path_prefix", "host", "upstream", "resume", "resume_window", "resume_buffer_bytes", "allowed_origins")
 _HTTP_KEYS = ("header_timeout", "keepalive_timeout", "max_header_size")
 _WEBSOCKET_KEYS = (
     "max_message_size", "handshake_timeout", "idle_timeout", "close_timeout",
     "ping_interval", "pong_timeout", "ping_upstream", "max_connection_age",
     "resume_window", "resume_buffer_bytes", "resume_secret", "resume_secret_file", "instance_id",
+    "max_frame_size", "strict", "message_rate", "message_burst", "byte_rate", "byte_burst", "rate_action",
 )
+_RATE_ACTIONS = ("close", "throttle")
 #: an instance id goes into resume tokens and log lines: keep it short and plain
 _INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MIN_RESUME_BUFFER = 1024
 _SHUTDOWN_KEYS = ("drain_timeout", "readiness_grace", "close_code")
-_LIMITS_KEYS = ("buffer_high_water",)
+_LIMITS_KEYS = (
+    "buffer_high_water", "max_connections", "max_connections_per_ip", "connection_rate", "connection_burst",
+    "ip_connection_rate", "ip_connection_burst", "ip_table_size",
+)
 _LOGGING_KEYS = ("level", "format", "access_log")
 _ADMIN_KEYS = ("bind", "enabled", "api_key", "max_publish_size")
 _HUB_KEYS = (
@@ -683,8 +747,84 @@ def _listeners(v: _Validator, data: dict[str, Any]) -> tuple[ListenerConfig, ...
                 v.error(_join(path, "bind"), f"duplicate listener address {bind} (already used by {seen[bind]})")
             else:
                 seen[bind] = path
-        listeners.append(ListenerConfig(bind=bind, backlog=backlog))
+        listeners.append(ListenerConfig(bind=bind, backlog=backlog, **_listener_tls(v, item, path),
+                                        **_listener_proxy_protocol(v, item, path)))
     return tuple(listeners)
+
+
+def _file(v: _Validator, t: dict[str, Any], path: str, key: str, what: str) -> str | None:
+    """An optional file path, resolved from the config file's directory; it must be readable."""
+    name = v.string(t, path, key, None, what)
+    if name is None:
+        return None
+    if not os.path.isabs(name) and os.path.isfile(v.source):
+        name = os.path.join(os.path.dirname(v.source), name)
+    if not os.access(name, os.R_OK) or not os.path.isfile(name):
+        v.error(_join(path, key), f"cannot read the file {_quote(name)}")
+        return None
+    return name
+
+
+def _check_keypair(v: _Validator, key: str, cert: str, private: str) -> None:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, private)
+    except (ssl.SSLError, OSError) as exc:
+        v.error(key, f"cannot load the certificate {_quote(cert)} with its key {_quote(private)}: {exc}")
+
+
+def _listener_tls(v: _Validator, item: dict[str, Any], path: str) -> dict[str, Any]:
+    """``tls_cert``, ``tls_key`` and ``tls_sni`` of a listener (each certificate loaded once to check it)."""
+    cert = _file(v, item, path, "tls_cert", "a certificate file path (PEM)")
+    key = _file(v, item, path, "tls_key", "a private key file path (PEM)")
+    if ("tls_cert" in item) != ("tls_key" in item):
+        v.error(_join(path, "tls_key" if "tls_cert" in item else "tls_cert"), "tls_cert and tls_key go together")
+    elif cert and key:
+        _check_keypair(v, _join(path, "tls_cert"), cert, key)
+    sni: list[SniCertificate] = []
+    raw = item.get("tls_sni", [])
+    if "tls_sni" in item and "tls_cert" not in item:
+        v.error(_join(path, "tls_sni"), "needs tls_cert and tls_key (the certificate for clients without SNI)")
+    if not isinstance(raw, list):
+        v.error(_join(path, "tls_sni"), f'expected a list of tables like {{ host = "a.example.com", cert = "...", key = "..." }}, got {_describe(raw)}')
+        raw = []
+    for index, entry in enumerate(raw):
+        key_path = f"{_join(path, 'tls_sni')}[{index}]"
+        if not isinstance(entry, dict):
+            v.error(key_path, f"expected a table {{ host, cert, key }}, got {_describe(entry)}")
+            continue
+        v.unknown_keys(entry, key_path, _SNI_KEYS)
+        host = _route_host(v, _join(key_path, "host"), entry["host"]) if "host" in entry else None
+        if "host" not in entry:
+            v.error(_join(key_path, "host"), 'missing required key (expected a hostname like "a.example.com" or "*.example.com")')
+        entry_cert = _file(v, entry, key_path, "cert", "a certificate file path (PEM)")
+        entry_key = _file(v, entry, key_path, "key", "a private key file path (PEM)")
+        for name in ("cert", "key"):
+            if name not in entry:
+                v.error(_join(key_path, name), "missing required key (expected a file path)")
+        if host and entry_cert and entry_key:
+            _check_keypair(v, _join(key_path, "cert"), entry_cert, entry_key)
+            sni.append(SniCertificate(host, entry_cert, entry_key))
+    return {"tls_cert": cert if cert and key else None, "tls_key": key if cert and key else None, "tls_sni": tuple(sni)}
+
+
+def _listener_proxy_protocol(v: _Validator, item: dict[str, Any], path: str) -> dict[str, Any]:
+    enabled = v.boolean(item, path, "proxy_protocol", False)
+    key = _join(path, "proxy_protocol_trusted")
+    raw = item.get("proxy_protocol_trusted", [])
+    networks = []
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        v.error(key, f'expected a list of networks like ["10.0.0.0/8", "127.0.0.1"], got {_describe(raw)}')
+        raw = []
+    for index, text in enumerate(raw):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            v.error(f"{key}[{index}]", f'expected an IP network like "10.0.0.0/8" or an address, got {_describe(text)}')
+    if enabled and not raw:
+        v.error(key, "proxy_protocol = true needs the balancers' addresses here (anyone else could claim any address)")
+    if raw and "proxy_protocol" in item and not enabled:
+        v.error(key, "only used with proxy_protocol = true")
+    return {"proxy_protocol": enabled, "proxy_protocol_trusted": tuple(networks)}
 
 
 def _upstreams(v: _Validator, data: dict[str, Any]) -> tuple[UpstreamConfig, ...]:
@@ -730,9 +870,36 @@ def _upstreams(v: _Validator, data: dict[str, Any]) -> tuple[UpstreamConfig, ...
                 affinity=_affinity(v, item, path),
                 rebalance=_rebalance(v, item, path),
                 health=_health(v, item, path),
+                max_pending_connects=v.integer(item, path, "max_pending_connects", 0, 0, "a connection count, 0 = no limit"),
+                **_upstream_tls(v, item, path),
             )
         )
     return tuple(upstreams)
+
+
+def _upstream_tls(v: _Validator, item: dict[str, Any], path: str) -> dict[str, Any]:
+    tls = v.boolean(item, path, "tls", False)
+    server_name = v.string(item, path, "tls_server_name", None, 'a hostname like "api.internal"')
+    if server_name is not None:
+        server_name = _route_host(v, _join(path, "tls_server_name"), server_name)
+        if server_name and server_name.startswith("*."):
+            v.error(_join(path, "tls_server_name"), f"expected a hostname without a wildcard, got {_describe(server_name)}")
+    out = {
+        "tls": tls,
+        "tls_verify": v.boolean(item, path, "tls_verify", True),
+        "tls_ca": _file(v, item, path, "tls_ca", "a CA bundle file path (PEM)"),
+        "tls_server_name": server_name,
+    }
+    if not tls:
+        for key in ("tls_verify", "tls_ca", "tls_server_name"):
+            if key in item:
+                v.error(_join(path, key), "only used with tls = true")
+    if "tls_ca" in item and out["tls_ca"]:
+        try:
+            ssl.create_default_context(cafile=out["tls_ca"])
+        except (ssl.SSLError, OSError) as exc:
+            v.error(_join(path, "tls_ca"), f"cannot load the CA bundle {_quote(out['tls_ca'])}: {exc}")
+    return out
 
 
 def _servers(v: _Validator, item: dict[str, Any], path: str) -> tuple[tuple[Address, ...], tuple[int, ...], tuple[Address, ...]]:
@@ -981,6 +1148,7 @@ def _routes(v: _Validator, data: dict[str, Any], upstream_names: list[str] | Non
                 resume=v.boolean(item, path, "resume", True),
                 resume_window=v.number(item, path, "resume_window", None, above=0, what="seconds"),
                 resume_buffer_bytes=v.integer(item, path, "resume_buffer_bytes", None, _MIN_RESUME_BUFFER, "a size in bytes"),
+                allowed_origins=_allowed_origins(v, item, path),
             )
         )
     return tuple(routes)
@@ -995,6 +1163,25 @@ def _check_resume(v: _Validator, data: dict[str, Any], websocket: WebSocketConfi
         for key in ("resume_window", "resume_buffer_bytes"):
             if isinstance(item, dict) and key in item:
                 v.error(f"routes[{index}].{key}", "resumable sessions are off: set websocket.resume_secret or resume_secret_file")
+
+
+def _allowed_origins(v: _Validator, item: dict[str, Any], path: str) -> tuple[str, ...]:
+    key = _join(path, "allowed_origins")
+    raw = item.get("allowed_origins", [])
+    if not isinstance(raw, list):
+        v.error(key, f'expected a list like ["https://app.example.com", "https://*.example.com"], got {_describe(raw)}')
+        return ()
+    if "allowed_origins" in item and not raw:
+        v.error(key, 'an empty list would refuse every browser; omit the key to allow any origin, or use ["*"]')
+    out = []
+    for index, text in enumerate(raw):
+        try:
+            parse_origin_pattern(text if isinstance(text, str) else "")
+        except ValueError as exc:
+            v.error(f"{key}[{index}]", str(exc) if isinstance(text, str) else f"expected an origin string, got {_describe(text)}")
+            continue
+        out.append(text)
+    return tuple(out)
 
 
 def _section(
@@ -1034,7 +1221,19 @@ def _websocket(v: _Validator, data: dict[str, Any]) -> WebSocketConfig:
         resume_buffer_bytes=v.integer(t, "websocket", "resume_buffer_bytes", 1048576, _MIN_RESUME_BUFFER, "a size in bytes"),
         resume_secret=_secret(v, t, "websocket", "resume_secret", required=False),
         instance_id=instance_id(t),
+        max_frame_size=v.integer(t, "websocket", "max_frame_size", 0, 0, "a size in bytes, 0 = unlimited"),
+        strict=v.boolean(t, "websocket", "strict", True),
+        message_rate=_rate(v, t, "websocket", "message_rate", "messages per second, 0 = unlimited"),
+        message_burst=v.integer(t, "websocket", "message_burst", 0, 0, "a message count, 0 = message_rate"),
+        byte_rate=_rate(v, t, "websocket", "byte_rate", "bytes per second, 0 = unlimited"),
+        byte_burst=v.integer(t, "websocket", "byte_burst", 0, 0, "a size in bytes, 0 = byte_rate"),
+        rate_action=v.choice(t, "websocket", "rate_action", "close", _RATE_ACTIONS),
     ))
+
+
+def _rate(v: _Validator, t: dict[str, Any], path: str, key: str, what: str) -> float:
+    """A rate per second: a finite number >= 0 (0 = off)."""
+    return v.nonnegative(t, path, key, 0.0, f"{what} (a number >= 0)")
 
 
 def _shutdown(v: _Validator, data: dict[str, Any]) -> ShutdownConfig:
@@ -1055,6 +1254,13 @@ def _shutdown(v: _Validator, data: dict[str, Any]) -> ShutdownConfig:
 def _limits(v: _Validator, data: dict[str, Any]) -> LimitsConfig:
     return _section(v, data, "limits", _LIMITS_KEYS, lambda t: LimitsConfig(
         buffer_high_water=v.integer(t, "limits", "buffer_high_water", 262144, 1024, "a size in bytes"),
+        max_connections=v.integer(t, "limits", "max_connections", 0, 0, "a connection count, 0 = no limit"),
+        max_connections_per_ip=v.integer(t, "limits", "max_connections_per_ip", 0, 0, "a connection count, 0 = no limit"),
+        connection_rate=_rate(v, t, "limits", "connection_rate", "new connections per second, 0 = no limit"),
+        connection_burst=v.integer(t, "limits", "connection_burst", 0, 0, "a connection count, 0 = connection_rate"),
+        ip_connection_rate=_rate(v, t, "limits", "ip_connection_rate", "new connections per second, 0 = no limit"),
+        ip_connection_burst=v.integer(t, "limits", "ip_connection_burst", 0, 0, "a connection count, 0 = ip_connection_rate"),
+        ip_table_size=v.integer(t, "limits", "ip_table_size", 65536, 1, "a count of client addresses"),
     ))
 
 

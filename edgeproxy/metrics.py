@@ -88,7 +88,17 @@ FAILURE_REASONS = frozenset({
     "client_gone",           # the client left during the handshake
     "draining",              # the proxy is shutting down
     "overloaded",            # a connection or memory limit was hit
+    "forbidden_origin",      # the Origin is not in the route's allowed_origins (403)
     "other",
+})
+
+#: what `Metrics.limit_refused` counts: admission, PROXY protocol and per-session limits
+LIMIT_REASONS = frozenset({
+    "max_connections", "max_connections_per_ip", "rate", "ip_rate",    # admission (503)
+    "untrusted_source", "bad_proxy_header", "proxy_header_timeout",    # PROXY protocol (closed)
+    "forbidden_origin",                                                # 403
+    "max_pending_connects",                                            # 503, per upstream
+    "rate_close", "rate_throttle",                                     # WebSocket message/byte rates
 })
 
 #: 1 s .. 24 h; dense from 4 to 20 minutes, where NAT and load-balancer idle
@@ -201,6 +211,8 @@ class Metrics:
         self.backplane_sent = 0
         self.backplane_received = 0
         self.backplane_errors = 0
+        #: limit reason -> times it stopped a connection, session or read (LIMIT_REASONS)
+        self.limits: dict[str, int] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         if process:
@@ -257,6 +269,11 @@ class Metrics:
     def _not_opened(self, protocol: str, outcome: str, reason: str) -> None:
         key = (protocol, outcome, reason if reason in FAILURE_REASONS else "other")
         self.not_opened[key] = self.not_opened.get(key, 0) + 1
+
+    def limit_refused(self, reason: str) -> None:
+        """A limit of the edge hardening stopped something (see `LIMIT_REASONS`)."""
+        key = reason if reason in LIMIT_REASONS else "other"
+        self.limits[key] = self.limits.get(key, 0) + 1
 
     # -- traffic -------------------------------------------------------------
 
@@ -394,6 +411,12 @@ class _Collector:
         yield from self._http(m)
         yield from self._fanout(m)
         yield from self._upstreams(m)
+        limits = CounterMetricFamily(
+            "edgeproxy_limits", "Connections, sessions or reads stopped by a limit, by limit", labels=["limit"],
+        )
+        for reason, n in sorted(m.limits.items()):
+            limits.add_metric([reason], n)
+        yield limits
         yield GaugeMetricFamily(
             "edgeproxy_event_loop_lag_seconds",
             "Worst delay of the periodic loop callback over the last 10-20 s: time the loop was busy elsewhere",

@@ -31,6 +31,15 @@ __all__ = ["apply_mask", "parse_header", "encode_header", "FrameScanner", "write
 
 cdef unsigned long long MAX_PAYLOAD_LENGTH = 0x7FFFFFFFFFFFFFFF
 
+# FrameScanner rules: the same values as edgeproxy.core.frames.RULE_*
+cdef enum:
+    RULE_MASKED = 1
+    RULE_UNMASKED = 2
+    RULE_CONTROL = 4
+    RULE_OPCODES = 8
+    RULE_FRAGMENTS = 16
+    RESERVED_OPCODES = 0b1111100011111000
+
 
 # ---------------------------------------------------------------------------
 # masking
@@ -219,6 +228,16 @@ cdef class FrameScanner:
     """
 
     cdef readonly unsigned long long max_message_size
+    cdef readonly unsigned long long max_frame_size
+    cdef readonly int rules
+    cdef readonly int allowed_rsv
+    cdef int _frag
+    # a cheap pre-filter of the rules (see _header): any rule on, RSV bits refused (as in
+    # byte 0), the mask bit wanted (0x80, 0, or -1 = either), the fragment rule on
+    cdef bint _checks
+    cdef int _bad_rsv
+    cdef int _want_mask
+    cdef bint _frag_rule
     cdef readonly long long messages
     cdef readonly long long frames
     cdef readonly long long pongs
@@ -237,13 +256,32 @@ cdef class FrameScanner:
     cdef unsigned char _cbuf[128]
     cdef unsigned char _ckey[4]
 
-    def __init__(self, max_message_size=0):
+    def __init__(self, max_message_size=0, max_frame_size=0, rules=0, allowed_rsv=7):
         max_message_size = PyNumber_Index(max_message_size)
         if max_message_size < 0 or max_message_size > 0x7FFFFFFFFFFFFFFF:
             raise ValueError(
                 f"max_message_size must be in 0..2**63-1 (0 = unlimited), got {max_message_size}"
             )
+        max_frame_size = PyNumber_Index(max_frame_size)
+        if max_frame_size < 0 or max_frame_size > 0x7FFFFFFFFFFFFFFF:
+            raise ValueError(
+                f"max_frame_size must be in 0..2**63-1 (0 = unlimited), got {max_frame_size}"
+            )
+        rules = PyNumber_Index(rules)
+        allowed_rsv = PyNumber_Index(allowed_rsv)
+        if rules < 0 or rules > 31 or allowed_rsv < 0 or allowed_rsv > 7:
+            raise ValueError(f"rules must be in 0..31 and allowed_rsv in 0..7, got {rules} and {allowed_rsv}")
         self.max_message_size = max_message_size
+        self.max_frame_size = max_frame_size
+        self.rules = rules
+        self.allowed_rsv = allowed_rsv
+        self._frag = 0
+        self._checks = rules != 0 or allowed_rsv != 7
+        self._bad_rsv = ((~allowed_rsv) & 7) << 4
+        self._want_mask = 0x80 if rules & RULE_MASKED else (0 if rules & RULE_UNMASKED else -1)
+        if rules & RULE_MASKED and rules & RULE_UNMASKED:
+            self._want_mask = -2  # both: every frame fails one of them
+        self._frag_rule = (rules & RULE_FRAGMENTS) != 0
         self.messages = 0
         self.frames = 0
         self.pongs = 0
@@ -268,6 +306,33 @@ cdef class FrameScanner:
         self.error = FrameError(msg, close_code=code)
         return 0
 
+    cdef inline int _check_rules(self, int b0, int b1, int opcode) except -1:
+        """1 with ``error`` set when the header's first two bytes break a rule that is on, else 0."""
+        cdef int rules = self.rules
+        cdef int rsv = (b0 >> 4) & 7
+        if rsv & ~self.allowed_rsv:
+            return self._fail(f"RSV bits 0x{rsv:x} set without an extension that defines them", 1002) + 1
+        if rules & RULE_OPCODES and (RESERVED_OPCODES >> opcode) & 1:
+            return self._fail(f"reserved opcode 0x{opcode:x}", 1002) + 1
+        if rules & RULE_MASKED and not b1 & 0x80:
+            return self._fail("client frame is not masked", 1002) + 1
+        if rules & RULE_UNMASKED and b1 & 0x80:
+            return self._fail("server frame is masked", 1002) + 1
+        if opcode >= 8:
+            if rules & RULE_CONTROL:
+                if not b0 & 0x80:
+                    return self._fail(f"fragmented control frame (opcode 0x{opcode:x})", 1002) + 1
+                if b1 & 127 > 125:
+                    return self._fail(
+                        f"control frame (opcode 0x{opcode:x}) payload longer than 125 bytes", 1002) + 1
+        elif rules & RULE_FRAGMENTS:
+            if opcode == 0:
+                if not self._frag:
+                    return self._fail("continuation frame without a message in progress", 1002) + 1
+            elif self._frag:
+                return self._fail(f"data frame (opcode 0x{opcode:x}) inside a fragmented message", 1002) + 1
+        return 0
+
     cdef Py_ssize_t _header(self, const unsigned char *p, Py_ssize_t avail) except -2:
         """Check and accept the header at p[:avail] (avail >= 1).
 
@@ -282,6 +347,14 @@ cdef class FrameScanner:
             return 0
         b1 = p[1]
         length = b1 & 127
+        # Only a header the pre-filter cannot clear (a refused RSV bit, the wrong mask bit, a
+        # control or reserved opcode, a continuation out of place) goes through every rule.
+        if self._checks and (
+            (b0 & self._bad_rsv) or opcode > 2
+            or (self._want_mask != -1 and (b1 & 0x80) != self._want_mask)
+            or (self._frag_rule and (opcode == 0) != self._frag)
+        ) and self._check_rules(b0, b1, opcode):
+            return -1
         if length <= 125:
             hl = 2
         elif opcode == 8:
@@ -303,6 +376,9 @@ cdef class FrameScanner:
                 return 0
             length = _be64(p + 2)
             hl = 10
+        if self.max_frame_size and opcode < 8 and length > self.max_frame_size:
+            self._fail(f"frame too big: {length} bytes > max_frame_size {self.max_frame_size}", 1009)
+            return -1
         limit = self.max_message_size
         if limit and opcode < 8:
             # _msg_size is 0 unless a message is in progress (see the pure twin)
@@ -320,6 +396,7 @@ cdef class FrameScanner:
         self._remaining = length
         if opcode < 8:
             self._msg_size = 0 if self._fin else size
+            self._frag = 1 - self._fin
         elif opcode == 8 or (opcode == 10 and length <= 125):
             # CLOSE and PONG payloads are read: the close code, the heartbeat answer.
             self._collect = 1
@@ -588,9 +665,9 @@ cdef class RelayCore:
     cdef public long long bytes_from_client
     cdef public long long bytes_from_upstream
 
-    def __init__(self, max_message_size=0):
-        self.client_frames = FrameScanner(max_message_size)
-        self.upstream_frames = FrameScanner(max_message_size)
+    def __init__(self, max_message_size=0, max_frame_size=0, client_rules=0, upstream_rules=0, allowed_rsv=7):
+        self.client_frames = FrameScanner(max_message_size, max_frame_size, client_rules, allowed_rsv)
+        self.upstream_frames = FrameScanner(max_message_size, max_frame_size, upstream_rules, allowed_rsv)
         self.passing = True
         self.active = False
         self.bytes_from_client = 0

@@ -212,3 +212,13 @@ async def cleanup_backplane(kind: str, url: str, prefix: str) -> None:
 def services():
     """``services.require(kind) -> url`` (skip or fail), ``await services.cleanup(kind, url, prefix)``."""
     return SimpleNamespace(require=require_service, cleanup=cleanup_backplane)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """A `tests.certs.CertFactory`: a CA made for this test session, and leaves on demand."""
+    if shutil.which("openssl") is None:  # pragma: no cover - openssl is part of the base system here
+        pytest.fail("the openssl CLI is needed to make test certificates")
+    from tests.certs import CertFactory
+
+    return CertFactory(str(tmp_path_factory.mktemp("certs")))

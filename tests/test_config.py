@@ -100,11 +100,19 @@ def test_example_file_values_are_the_defaults() -> None:
 
 def test_example_file_sets_every_option() -> None:
     """The example must document (set) every key the loader knows."""
-    data = tomllib.loads(EXAMPLE.read_text("utf-8"))
+    text_all = EXAMPLE.read_text("utf-8")
+    data = tomllib.loads(text_all)
     assert set(data) == set(cfgmod._TOP_KEYS)
-    assert set(data["listeners"][0]) == set(cfgmod._LISTENER_KEYS)
-    # affinity and rebalance are opt-in and hash_key needs balance = "hash": shown commented out
-    assert set(data["upstreams"][0]) == set(cfgmod._UPSTREAM_KEYS) - {"hash_key", "affinity", "rebalance"}
+    # TLS needs certificate files and proxy_protocol_trusted needs proxy_protocol = true: shown commented out
+    listener_opt_in = {"tls_cert", "tls_key", "tls_sni", "proxy_protocol_trusted"}
+    assert set(data["listeners"][0]) == set(cfgmod._LISTENER_KEYS) - listener_opt_in
+    listener_text = text_all[: text_all.index("[[upstreams]]")]
+    for key in listener_opt_in:
+        assert re.search(rf"^# {key} = ", listener_text, re.M), key
+    # affinity and rebalance are opt-in and hash_key needs balance = "hash": shown commented out,
+    # as are the upstream TLS details that need tls = true
+    upstream_opt_in = {"hash_key", "affinity", "rebalance", "tls_verify", "tls_ca", "tls_server_name"}
+    assert set(data["upstreams"][0]) == set(cfgmod._UPSTREAM_KEYS) - upstream_opt_in
     assert set(data["upstreams"][0]["health"]) == set(cfgmod._HEALTH_KEYS)
     assert set(data["http"]) == set(cfgmod._HTTP_KEYS)
     # resume is on only with a secret, and instance_id defaults to a random one: shown commented out

@@ -80,6 +80,26 @@ sets ``error`` in three cases only:
 * with ``max_message_size`` > 0, a message whose frames' payload lengths add up to more
   than it (1009), checked at each data frame header, before its payload is relayed.
 
+Optional rules (``rules``, ``allowed_rsv``, ``max_frame_size``)
+--------------------------------------------------------------
+The relay turns these on (``[websocket] strict``, the default, and
+``max_frame_size``); a bare scanner has them off.  Each is a bit of ``rules``
+and is checked at the frame's header, before any of the frame is forwarded:
+
+* ``RULE_MASKED`` (client to server, RFC 6455 section 5.1): every frame masked, else 1002;
+* ``RULE_UNMASKED`` (server to client, section 5.1): no frame masked, else 1002;
+* ``RULE_CONTROL`` (section 5.5): control frames have FIN=1 and at most 125 bytes, else 1002;
+* ``RULE_OPCODES`` (section 5.2): no reserved opcode (3-7, 11-15), else 1002;
+* ``RULE_FRAGMENTS`` (section 5.4): a continuation frame only inside a fragmented
+  message, and no new data frame inside one, else 1002;
+* ``allowed_rsv`` (section 5.2): the RSV bits an extension negotiated (``0b100``
+  for permessage-deflate's RSV1, 7 = not checked); any other bit set is 1002;
+* ``max_frame_size`` > 0: a data frame whose payload is longer is 1009.
+
+The relay leaves ``RULE_OPCODES`` and the RSV bits to the endpoints when they
+negotiated an extension the proxy does not know, since that one may give them a
+meaning.  Errors are checked in the order of that list, the RSV bits first.
+
 Streams that break RFC 6455 in other ways are followed with these rules, so the counts
 and the size limit stay well defined:
 
@@ -138,6 +158,12 @@ __all__ = [
     "encode_close_payload",
     "parse_close_payload",
     "FrameScanner",
+    "RULE_MASKED",
+    "RULE_UNMASKED",
+    "RULE_CONTROL",
+    "RULE_OPCODES",
+    "RULE_FRAGMENTS",
+    "RULES_STRICT",
 ]
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
@@ -146,6 +172,17 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 MAX_PAYLOAD_LENGTH = 0x7FFF_FFFF_FFFF_FFFF
 #: Largest payload of a control frame (RFC 6455 section 5.5).
 MAX_CONTROL_PAYLOAD = 125
+
+#: FrameScanner rules (see "Optional rules" in the module docstring)
+RULE_MASKED = 1
+RULE_UNMASKED = 2
+RULE_CONTROL = 4
+RULE_OPCODES = 8
+RULE_FRAGMENTS = 16
+#: every rule but the masking ones, which depend on the direction
+RULES_STRICT = RULE_CONTROL | RULE_OPCODES | RULE_FRAGMENTS
+#: reserved opcodes as a bit set: 3-7 and 11-15
+_RESERVED_OPCODES = 0b1111100011111000
 
 _U16 = Struct("!H")
 _U64 = Struct("!Q")
@@ -370,16 +407,31 @@ class FrameScanner:
         "_opcode",
         "_fin",
         "_msg_size",
+        "_frag",
+        "max_frame_size",
+        "rules",
+        "allowed_rsv",
         "_hbuf",
         "_cbuf",
         "_ckey",
     )
 
-    def __init__(self, max_message_size: int = 0):
+    def __init__(self, max_message_size: int = 0, max_frame_size: int = 0, rules: int = 0, allowed_rsv: int = 7):
         max_message_size = operator.index(max_message_size)
         if max_message_size < 0 or max_message_size > MAX_PAYLOAD_LENGTH:
             raise ValueError(f"max_message_size must be in 0..2**63-1 (0 = unlimited), got {max_message_size}")
+        max_frame_size = operator.index(max_frame_size)
+        if max_frame_size < 0 or max_frame_size > MAX_PAYLOAD_LENGTH:
+            raise ValueError(f"max_frame_size must be in 0..2**63-1 (0 = unlimited), got {max_frame_size}")
+        rules = operator.index(rules)
+        allowed_rsv = operator.index(allowed_rsv)
+        if rules < 0 or rules > 31 or allowed_rsv < 0 or allowed_rsv > 7:
+            raise ValueError(f"rules must be in 0..31 and allowed_rsv in 0..7, got {rules} and {allowed_rsv}")
         self.max_message_size = max_message_size
+        self.max_frame_size = max_frame_size
+        self.rules = rules
+        self.allowed_rsv = allowed_rsv
+        self._frag = 0  # a fragmented message is in progress
         self.messages = 0
         self.frames = 0
         self.pongs = 0
@@ -411,6 +463,8 @@ class FrameScanner:
             return 0
         b1 = buf[pos + 1]
         length = b1 & 127
+        if self.rules or self.allowed_rsv != 7:
+            self._check_rules(b0, b1, opcode)
         if length <= 125:
             hl = 2
         elif opcode == 8:
@@ -431,6 +485,8 @@ class FrameScanner:
                 return 0
             length = _U64.unpack_from(buf, pos + 2)[0]
             hl = 10
+        if self.max_frame_size and opcode < 8 and length > self.max_frame_size:
+            raise FrameError(f"frame too big: {length} bytes > max_frame_size {self.max_frame_size}", close_code=1009)
         limit = self.max_message_size
         size = 0
         if limit and opcode < 8:
@@ -450,11 +506,37 @@ class FrameScanner:
         self._remaining = length
         if opcode < 8:
             self._msg_size = 0 if fin else size
+            self._frag = 1 - fin
         elif opcode == 8 or (opcode == 10 and length <= 125):
             # CLOSE and PONG payloads are read: the close code, the heartbeat answer.
             self._cbuf = bytearray()
             self._ckey = bytes(buf[pos + hl - 4 : pos + hl]) if b1 & 0x80 else None
         return hl
+
+    def _check_rules(self, b0: int, b1: int, opcode: int) -> None:
+        """Raise FrameError(1002) when the header's first two bytes break a rule that is on."""
+        rules = self.rules
+        rsv = (b0 >> 4) & 7
+        if rsv & ~self.allowed_rsv:
+            raise FrameError(f"RSV bits 0x{rsv:x} set without an extension that defines them", close_code=1002)
+        if rules & RULE_OPCODES and (_RESERVED_OPCODES >> opcode) & 1:
+            raise FrameError(f"reserved opcode 0x{opcode:x}", close_code=1002)
+        if rules & RULE_MASKED and not b1 & 0x80:
+            raise FrameError("client frame is not masked", close_code=1002)
+        if rules & RULE_UNMASKED and b1 & 0x80:
+            raise FrameError("server frame is masked", close_code=1002)
+        if opcode >= 8:
+            if rules & RULE_CONTROL:
+                if not b0 & 0x80:
+                    raise FrameError(f"fragmented control frame (opcode 0x{opcode:x})", close_code=1002)
+                if b1 & 127 > 125:
+                    raise FrameError(f"control frame (opcode 0x{opcode:x}) payload longer than 125 bytes", close_code=1002)
+        elif rules & RULE_FRAGMENTS:
+            if opcode == 0:
+                if not self._frag:
+                    raise FrameError("continuation frame without a message in progress", close_code=1002)
+            elif self._frag:
+                raise FrameError(f"data frame (opcode 0x{opcode:x}) inside a fragmented message", close_code=1002)
 
     def _finish(self) -> bool:
         """The current frame is complete; True when it was the CLOSE frame."""

@@ -133,6 +133,12 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
+def header_value(headers: Headers, name: bytes) -> bytes | None:
+    """The values of header ``name`` (lower case) joined with ", " (RFC 9110 5.3), None when absent."""
+    values = [value for key, value in headers if key.lower() == name]
+    return b", ".join(values) if values else None
+
+
 def strip_hop_by_hop(headers: Headers) -> Headers:
     """Drop RFC 9110 hop-by-hop headers and every header that `Connection` names."""
     drop = HOP_BY_HOP | _connection_tokens(headers)
@@ -293,7 +299,12 @@ def parse_plain_101(data: bytes | bytearray) -> tuple[ResponseHead, int] | None:
 
 
 def _translate(exc: h11.ProtocolError) -> RemoteProtocolError:
-    return RemoteProtocolError(str(exc) or type(exc).__name__, status_hint=exc.error_status_hint)
+    message = str(exc) or type(exc).__name__
+    if exc.error_status_hint == 501 and "Transfer-Encoding" in message:
+        # h11 says 501 (an unknown coding, RFC 9112 section 6.1, a SHOULD), but a request
+        # whose last coding is not chunked has no knowable length: 400, a MUST (section 6.3).
+        return RemoteProtocolError(f"{message}: chunked must be the final transfer coding", status_hint=400)
+    return RemoteProtocolError(message, status_hint=exc.error_status_hint)
 
 
 class ServerSide:

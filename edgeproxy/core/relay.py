@@ -33,11 +33,14 @@ class RelayCore:
     """Hot-path state of one relayed session (the compiled twin has the same fields).
 
     A subclass provides `_after_stop(scanner, data, n, client)`, the slow path.
+    The limits and rules go to the two `FrameScanner` s (``client_rules`` to the
+    client's, ``upstream_rules`` to the upstream's; see `core.frames`).
     """
 
-    def __init__(self, max_message_size: int = 0):
-        self.client_frames = FrameScanner(max_message_size)
-        self.upstream_frames = FrameScanner(max_message_size)
+    def __init__(self, max_message_size: int = 0, max_frame_size: int = 0, client_rules: int = 0,
+                 upstream_rules: int = 0, allowed_rsv: int = 7):
+        self.client_frames = FrameScanner(max_message_size, max_frame_size, client_rules, allowed_rsv)
+        self.upstream_frames = FrameScanner(max_message_size, max_frame_size, upstream_rules, allowed_rsv)
         #: False once the session is being failed or closed: data is dropped.
         self.passing = True
         #: set by every read; the shared timer tick turns it into "last active".

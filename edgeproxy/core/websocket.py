@@ -102,6 +102,28 @@ def validate_client_handshake(head: RequestHead) -> bytes:
     return key
 
 
+def frame_rules(strict: bool, extensions: bytes | None) -> tuple[int, int, int]:
+    """What the relay's scanners enforce: ``(client rules, upstream rules, allowed RSV bits)``.
+
+    ``extensions`` is the upstream 101's Sec-WebSocket-Extensions value (None when
+    absent).  permessage-deflate (RFC 7692) gives RSV1 a meaning; an extension the
+    proxy does not know may give any RSV bit or reserved opcode one, so those are
+    then left to the endpoints.  Masking, control-frame and fragmentation rules
+    hold whatever was negotiated.
+    """
+    if not strict:
+        return (0, 0, 7)
+    names = [part.split(b";", 1)[0].strip().lower() for part in (extensions or b"").split(b",")]
+    names = [name for name in names if name]
+    common = _accel.RULES_STRICT
+    if any(name != b"permessage-deflate" for name in names):
+        common &= ~_accel.RULE_OPCODES
+        allowed_rsv = 7
+    else:
+        allowed_rsv = 4 if names else 0
+    return (common | _accel.RULE_MASKED, common | _accel.RULE_UNMASKED, allowed_rsv)
+
+
 def validate_upstream_accept(key: bytes, response: ResponseHead) -> None:
     """Check the upstream's 101 answers this client's key (RFC 6455 section 4.1).
 
@@ -145,8 +167,11 @@ class WebSocketRelay(_accel.RelayCore):
         close_timeout: float = 5.0,
         mask_key_source: Callable[[], bytes],
         now: float = 0.0,
+        max_frame_size: int = 0,
+        rules: tuple[int, int, int] = (0, 0, 7),
     ):
-        super().__init__(max_message_size)
+        # rules: (client rules, upstream rules, allowed RSV bits), see `frame_rules`
+        super().__init__(max_message_size, max_frame_size, *rules)
         self.idle_timeout = idle_timeout
         self.close_timeout = close_timeout
         self._mask_key = mask_key_source
@@ -274,8 +299,15 @@ class WebSocketRelay(_accel.RelayCore):
         scanner = self.client_frames if client else self.upstream_frames
         error = scanner.error
         assert error is not None
-        code = error.close_code
-        reason = str(error)[:100]
+        self.fail_sender(client=client, code=error.close_code, reason=str(error)[:100], partial=partial)
+
+    def fail_sender(self, *, client: bool, code: int, reason: str, partial: bool = False) -> None:
+        """End the session because one side broke a rule or a policy (a rate limit: 1008).
+
+        The offender gets ``code``; the other side 1001 (the client's fault) or
+        1014 (the upstream's).  ``partial``: the offender's stream toward the
+        other side ends inside a frame, which is then aborted.
+        """
         if self.state in (RelayState.FAILING, RelayState.CLOSED):
             return
         # The offender's stream cannot be parsed past the bad frame: tell it why,

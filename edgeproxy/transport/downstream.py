@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from edgeproxy import logs
 from edgeproxy.core import http1
 from edgeproxy.core._accel import RelayEndpoint
+from edgeproxy.core.admission import retry_after_header
 from edgeproxy.core.heartbeat import AGE_EXPIRED, DEAD, PING
 from edgeproxy.core.http1 import Body, ConnectionClosed, EndOfMessage, RequestHead, ResponseHead
 from edgeproxy.core.websocket import (
@@ -49,12 +50,14 @@ from edgeproxy.core.websocket import (
     SHUTDOWN_UPSTREAM,
     RelayState,
     WebSocketRelay,
+    frame_rules,
     validate_client_handshake,
     validate_upstream_accept,
 )
 from edgeproxy.errors import LocalProtocolError, RemoteProtocolError
 from edgeproxy.metrics import CLIENT_TO_UPSTREAM, HTTP, UPSTREAM_TO_CLIENT, WEBSOCKET, route_label
 from edgeproxy.transport import resume
+from edgeproxy.transport.edge import SessionMeters
 from edgeproxy.transport.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -102,16 +105,33 @@ class _Exchange:
 
 
 class ClientConnection(asyncio.Protocol):
+    """One client connection.
+
+    Args:
+        server: the `ProxyServer`.
+        listener: the `ListenerConfig` it came in on (None: a plain listener).
+        real_peer: the client's (host, port) named by a PROXY protocol header.
+    """
+
     # Slots, not a __dict__: one of these lives as long as its connection, and
     # memory per idle WebSocket is a target (issue #3: at most 8 KiB).
     __slots__ = (
-        "server", "http", "transport", "client_ip", "closed", "exchange", "relay", "upstream",
+        "server", "listener", "http", "transport", "client_ip", "closed", "exchange", "relay", "upstream",
+        "_real_peer", "_admitted_ip", "_refused", "_meters", "_throttled",
         "_paused", "_deadline", "_deadline_kind", "_ws_started", "_ws_route", "_ws_target", "_ws_group",
         "_lingering", "_metrics_key", "_opened_at", "_client_ping", "_upstream_ping",
     )
 
-    def __init__(self, server: ProxyServer):
+    def __init__(self, server: ProxyServer, listener=None, real_peer=None):
         self.server = server
+        self.listener = listener
+        self._real_peer = real_peer
+        #: the address admission control counted this connection under (None: not counted)
+        self._admitted_ip: str | None = None
+        self._refused = False
+        self._meters: SessionMeters | None = None
+        #: side (True = client) -> loop time until which its reading is throttled
+        self._throttled: dict[bool, float] = {}
         cfg = server.config
         self.http = http1.ServerSide(max_header_size=cfg.http.max_header_size)
         self.transport: asyncio.Transport | None = None
@@ -140,9 +160,11 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         transport.set_write_buffer_limits(high=self.server.config.limits.buffer_high_water)
-        peer = transport.get_extra_info("peername")
+        peer = self._real_peer or transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0]
+        if self.server.admission is not None and not self._admit():
+            return
         self.server.connections.add(self)
         self._opened_at = now = self.server.now()
         self._metrics_key = self.server.metrics.connection_opened(HTTP, "", "", "")
@@ -159,6 +181,9 @@ class ClientConnection(asyncio.Protocol):
         self._process_client()
 
     def eof_received(self) -> bool:
+        # Over TLS there is no half-close: the transport closes whatever we return, and
+        # asyncio logs a warning for every True, so say False there.
+        half_close = self.listener is None or not self.listener.tls
         if self.relay is not None:
             self.relay.client_eof()
             self._run_relay_actions()
@@ -166,17 +191,21 @@ class ClientConnection(asyncio.Protocol):
                 # Nothing more goes to a client that has ended its side: close
                 # ours, or the connection would sit half-closed forever.
                 self._close()
-            return True
+            return half_close
         if self._lingering:
             self._close()
-            return True
+            return half_close
         self.http.receive_data(b"")
         self._process_client()
-        return True  # we close when the exchange in flight is done
+        return half_close  # we close when the exchange in flight is done
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        if self._refused:
+            return  # never counted as open
+        if self._admitted_ip is not None:
+            self.server.admission.release(self._admitted_ip)
         relay = self.relay
         if relay is not None:
             if relay.state is not RelayState.CLOSED:
@@ -206,6 +235,78 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.exchange is not None and self.exchange.upstream is not None:
             self.exchange.upstream.resume_reading()
+
+    # -- admission control and origins (issue #9) ------------------------------
+
+    def _admit(self) -> bool:
+        """Admission control at accept; False after refusing with 503 (nothing is read)."""
+        server = self.server
+        verdict = server.admission.admit(self.client_ip, server.now())
+        if verdict.admitted:
+            self._admitted_ip = self.client_ip
+            return True
+        self._refused = True
+        server.metrics.connection_refused(HTTP, "overloaded")
+        server.metrics.limit_refused(verdict.reason)
+        headers = [(b"Retry-After", retry_after_header(verdict.retry_after))]
+        self._write(http1.error_response(503, f"overloaded ({verdict.reason}), retry later", extra_headers=headers))
+        if verdict.reason == "max_connections":
+            self._close()  # at the cap: spend nothing more on it
+        else:
+            # A storm of new clients: answer, then a lingering close so the 503 is read, not reset.
+            self.server.connections.add(self)
+            self._linger_close()
+        return False
+
+    def _origin_refused(self, head: RequestHead, route: RouteConfig) -> bool:
+        """403 for a WebSocket upgrade whose Origin the route does not allow."""
+        policy = self.server.origin_policies.get(id(route)) if head.websocket else None
+        if policy is None or policy.allows(head.header(b"origin")):
+            return False
+        self.server.metrics.connection_refused(WEBSOCKET, "forbidden_origin")
+        self.server.metrics.limit_refused("forbidden_origin")
+        self._answer_locally(head, 403, "origin not allowed")
+        return True
+
+    def _check_rates(self, now: float) -> None:
+        """The per-session message and byte rates, from the shared tick (see `SessionMeters`)."""
+        relay = self.relay
+        cfg = self.server.config.websocket
+        if relay.state is not RelayState.OPEN:
+            # closing: the close frames must get through, whatever the budget
+            for client in list(self._throttled):
+                del self._throttled[client]
+                self._throttle(client, False)
+            return
+        for client in (True, False):
+            if client:
+                over = self._meters.over(now, True, relay.messages_from_client, relay.bytes_from_client)
+            else:
+                over = self._meters.over(now, False, relay.messages_from_upstream, relay.bytes_from_upstream)
+            if not over:
+                if client in self._throttled and now >= self._throttled[client]:
+                    del self._throttled[client]
+                    self._throttle(client, False)
+                continue
+            if cfg.rate_action == "close":
+                self.server.metrics.limit_refused("rate_close")
+                relay.fail_sender(client=client, code=1008, reason="message or byte rate exceeded")
+                self._run_relay_actions()
+                return
+            if client not in self._throttled:
+                self.server.metrics.limit_refused("rate_throttle")
+            self._throttled[client] = now + over
+            self._throttle(client, True)
+
+    def _throttle(self, client: bool, pause: bool) -> None:
+        """Stop (or resume) reading from one side; never resumes a side held back by backpressure."""
+        own, other = (self.transport, self.upstream.transport) if client else (self.upstream.transport, self.transport)
+        if own.is_closing():
+            return
+        if pause:
+            own.pause_reading()
+        elif other.get_write_buffer_size() <= self.server.config.limits.buffer_high_water:
+            own.resume_reading()
 
     # -- helpers -------------------------------------------------------------
 
@@ -297,6 +398,8 @@ class ClientConnection(asyncio.Protocol):
                 server.metrics.connection_refused(WEBSOCKET, "no_route")
             self._answer_locally(head, 404, f"no route for host {head.host!r} and path {head.path!r}")
             return
+        if self._origin_refused(head, route):
+            return
         exchange = _Exchange(head, route, server.groups[route.upstream], now)
         self.exchange = exchange
         if head.websocket:
@@ -379,6 +482,11 @@ class ClientConnection(asyncio.Protocol):
                 conn = group.take_idle(address, server.now())
                 if conn is not None:
                     break
+            if group.connects_full():
+                server.metrics.limit_refused("max_pending_connects")
+                self._upstream_failed(exchange, 503, f"upstream {group.config.name!r} is busy", "overloaded",
+                                      extra_headers=[(b"Retry-After", b"1")])
+                return
             connect_timeout = group.config.connect_timeout
             exchange.connect_deadline = server.now() + connect_timeout if connect_timeout else 0.0
             try:
@@ -417,7 +525,9 @@ class ClientConnection(asyncio.Protocol):
         exchange.upstream = conn
         conn.owner = self
         head = exchange.head
-        headers = http1.forwarded_request_headers(head, client_ip=self.client_ip)
+        headers = http1.forwarded_request_headers(
+            head, client_ip=self.client_ip, scheme="https" if self.listener is not None and self.listener.tls else "http"
+        )
         out = conn.http.send_request(head, headers)
         for chunk in exchange.pending:
             out += conn.http.send_data(chunk)
@@ -633,7 +743,11 @@ class ClientConnection(asyncio.Protocol):
             close_timeout=cfg.close_timeout,
             mask_key_source=_mask_key,
             now=now,
+            max_frame_size=cfg.max_frame_size,
+            rules=frame_rules(cfg.strict, http1.header_value(head.headers, b"sec-websocket-extensions")),
         )
+        if SessionMeters.wanted(cfg):
+            self._meters = SessionMeters(cfg, now)
         self._log_http(exchange.head, 101, 0, now, conn, event="ws_open")
         metrics = self.server.metrics
         metrics.connection_closed(self._metrics_key, now - self._opened_at)  # its HTTP life ends here
@@ -818,6 +932,8 @@ class ClientConnection(asyncio.Protocol):
             relay.check_timers(now)
             if relay.actions:
                 self._run_relay_actions()
+            if self._meters is not None:
+                self._check_rates(now)
             return
         exchange = self.exchange
         if exchange is not None:

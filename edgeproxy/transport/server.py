@@ -35,12 +35,15 @@ from edgeproxy.core import _accel
 from edgeproxy.core.drain import Drain
 from edgeproxy.core.heartbeat import Heartbeat
 from edgeproxy.errors import ConfigError
+from edgeproxy.core.admission import Admission, AdmissionPolicy
+from edgeproxy.core.origin import OriginPolicy
 from edgeproxy.metrics import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Metrics
 from edgeproxy.routing import Router
 from edgeproxy.transport.admin import AdminListener
 from edgeproxy.transport.backplanes import instance_id, make_backplane
 from edgeproxy.transport.downstream import ClientConnection
 from edgeproxy.transport.hub import HubService, publish_endpoint, send_endpoint
+from edgeproxy.transport.edge import ProxyProtocolListener, ServerTLS
 from edgeproxy.transport.loop import running_loop_name
 from edgeproxy.transport.resume import ResumeRegistry
 from edgeproxy.transport.presence import make_presence
@@ -144,6 +147,7 @@ class ProxyServer:
             self.admin.add_route("/admin/drain", "POST", self.drain_endpoint, max_body=4096)
         #: resumable sessions (docs/resume-protocol.md), when websocket.resume_secret is set
         self.resume: ResumeRegistry | None = ResumeRegistry(self) if config.websocket.resume_secret else None
+        self._init_edge(config)
 
     def now(self) -> float:
         return self._loop.time()
@@ -189,16 +193,6 @@ class ProxyServer:
             host, port = self.admin.address
             log.info("admin listener on http://%s:%d/ (/metrics, /healthz, /readyz, /dashboard)", host, port)
         self.ready = True
-
-    async def _open_listener(self, listener: ListenerConfig, sock: socket.socket | None) -> asyncio.AbstractServer:
-        """Accept clients on `listener`: on `sock` when given (already bound and listening), else bind it."""
-        factory = lambda: ClientConnection(self)  # noqa: E731
-        if sock is not None:
-            return await self._loop.create_server(factory, sock=sock, backlog=listener.backlog)
-        return await self._loop.create_server(
-            factory, listener.bind.host, listener.bind.port,
-            backlog=listener.backlog, reuse_address=True, reuse_port=self.reuse_port or None,
-        )
 
     def _start_heartbeats(self, now: float) -> None:
         ws = self.config.websocket
@@ -246,6 +240,8 @@ class ProxyServer:
                     except Exception:
                         log.exception("heartbeat action failed for a connection from %s", conn.client_ip)
                         conn.transport.abort()
+        if self.admission is not None:
+            self.admission.expire(now)
         self._schedule_tick()
 
     # -- graceful drain ------------------------------------------------------------
@@ -370,9 +366,13 @@ class ProxyServer:
         if config == old:
             self.config = config  # the same values, maybe from a file with other comments
             self.config_loaded_at = time.time()
-            log.info("reload: no effective change (version %s)", config.version[:12])
+            # Certificates renewed on disk are the usual reason for a SIGHUP.
+            renewed = self.reload_certificates()
+            log.info("reload: no effective change (version %s)%s", config.version[:12],
+                     f"; re-read the certificates of {renewed} TLS listener(s)" if renewed else "")
             return {"reloaded": True, "changed": [], "version": config.version}
-        changed = await self._reload_listeners(old, config, sockets or {})
+        changed = self._reload_edge(old, config)
+        changed += await self._reload_listeners(old, config, sockets or {})
         changed += self._reload_upstreams(old, config, now)
         if config.routes != old.routes:
             self.router = Router(config.routes)
@@ -465,6 +465,98 @@ class ProxyServer:
         self._retired_groups = [g for g in self._retired_groups if not g.retired]
         self.groups = groups
         return changed
+
+    # -- edge hardening: TLS, admission control, origins, PROXY protocol ---------
+
+    def _init_edge(self, config: Config) -> None:
+        self._init_admission(config)
+        #: per route (by identity): the compiled allowed_origins, for routes that have them
+        self.origin_policies = {id(r): OriginPolicy(r.allowed_origins) for r in config.routes if r.allowed_origins}
+        #: the TLS contexts of each TLS listener, in listener order
+        self.tls: list[ServerTLS] = [ServerTLS(listener) for listener in config.listeners if listener.tls]
+
+    def _init_admission(self, config: Config) -> None:
+        limits = config.limits
+        policy = AdmissionPolicy(
+            max_connections=limits.max_connections, max_connections_per_ip=limits.max_connections_per_ip,
+            rate=limits.connection_rate, burst=limits.connection_burst, ip_rate=limits.ip_connection_rate,
+            ip_burst=limits.ip_connection_burst, table_size=limits.ip_table_size,
+        )
+        #: None when no admission limit is configured (nothing is counted then)
+        self.admission: Admission | None = Admission(policy) if policy.enabled else None
+
+    def _tls_of(self, listener: ListenerConfig) -> ServerTLS | None:
+        return next((t for t in self.tls if t.listener.bind == listener.bind), None)
+
+    async def _open_listener(self, listener: ListenerConfig, sock: socket.socket | None) -> Any:
+        """Accept clients on `listener`, with TLS and the PROXY protocol when it asks for them.
+
+        On `sock` when given (already bound and listening: a worker's
+        SO_REUSEPORT socket from the supervisor), else bound here.
+        """
+        loop = self._loop
+        tls = self._tls_of(listener)
+        timeout = self.config.http.header_timeout or None
+        if listener.proxy_protocol:
+            pp = ProxyProtocolListener(
+                listener, lambda real: ClientConnection(self, listener, real),
+                tls=tls, timeout=timeout, on_refused=self.metrics.limit_refused,
+            )
+            await pp.start(loop, sock)
+            return pp
+        factory = lambda: ClientConnection(self, listener)  # noqa: E731
+        ssl_args = {"ssl": tls.context, "ssl_handshake_timeout": timeout} if tls is not None else {}
+        if sock is not None:
+            return await loop.create_server(factory, sock=sock, backlog=listener.backlog, **ssl_args)
+        return await loop.create_server(
+            factory, listener.bind.host, listener.bind.port,
+            backlog=listener.backlog, reuse_address=True, reuse_port=self.reuse_port or None, **ssl_args,
+        )
+
+    def _reload_edge(self, old: Config, new: Config) -> list[str]:
+        """Origins, admission limits and TLS for a reload; certificates are re-read from disk.
+
+        Runs before the listeners are reloaded, so a new TLS listener finds its
+        context.  A kept TLS listener keeps its context object (the loop's server
+        holds it) and only swaps the certificates behind its SNI callback.
+
+        Raises:
+            ssl.SSLError, OSError: a certificate or key cannot be read (nothing changes then
+            for that listener; the reload is refused).
+        """
+        changed = []
+        self.origin_policies = {id(r): OriginPolicy(r.allowed_origins) for r in new.routes if r.allowed_origins}
+        if new.limits != old.limits:
+            self._init_admission(new)
+        kept = []
+        for listener in new.listeners:
+            if not listener.tls:
+                continue
+            tls = self._tls_of(listener)
+            if tls is None:
+                tls = ServerTLS(listener)
+            else:
+                tls.listener = listener
+                tls.reload()
+                changed.append(f"certificates of {listener.bind}")
+            kept.append(tls)
+        self.tls = kept
+        return changed
+
+    def reload_certificates(self) -> int:
+        """Re-read every TLS listener's certificates and keys (SIGHUP); returns how many listeners.
+
+        New handshakes use the new certificates; open connections keep theirs.
+        All files are read before anything is swapped per listener.
+
+        Raises:
+            ssl.SSLError, OSError: a file is unreadable or invalid (that listener keeps its set).
+        """
+        for tls in self.tls:
+            tls.reload()
+        if self.tls:
+            log.info("reloaded the TLS certificates of %d listener(s)", len(self.tls))
+        return len(self.tls)
 
     # -- what the metrics and the admin listener read ----------------------------
 

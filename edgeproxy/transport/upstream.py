@@ -43,6 +43,7 @@ from edgeproxy.core.drain import Drain
 from edgeproxy.core.health import HealthBook, State
 from edgeproxy.core.http1 import ClientSide, RequestHead
 from edgeproxy.core.rebalance import RebalancePlanner, RebalancePolicy, close_reason
+from edgeproxy.transport.edge import upstream_ssl_context
 
 if TYPE_CHECKING:
     from edgeproxy.transport.downstream import ClientConnection
@@ -179,6 +180,10 @@ class UpstreamGroup:
         self._tasks: list[asyncio.Task] = []
         self._pacers: set[asyncio.Task] = set()
         self._started = False
+        #: seconds over which a removed server's sessions are paced out (see `_retire`)
+        self.retire_drain_timeout = RETIRE_DRAIN_TIMEOUT
+        #: connects to this upstream in progress (for max_pending_connects)
+        self.pending_connects = 0
         self._configure(config, high_water)
 
     def _configure(self, config: UpstreamConfig, high_water: int) -> None:
@@ -186,8 +191,6 @@ class UpstreamGroup:
         old = getattr(self, "config", None)
         self.config = config
         self.high_water = high_water
-        #: seconds over which a removed server's sessions are paced out (see `_retire`)
-        self.retire_drain_timeout = RETIRE_DRAIN_TIMEOUT
         self._weights = {s: config.weight(s) for s in config.servers}
         self.balancer = Balancer(config.balance, config.servers, self._weights)
         self._hash_source = parse_hash_source(config.hash_key) if config.balance == "hash" else None
@@ -198,6 +201,18 @@ class UpstreamGroup:
             self.planner = RebalancePlanner(config.rebalance) if config.rebalance is not None else None
         #: close code and reconnect-delay range for sessions the proxy ends
         self._close_policy = config.rebalance or RebalancePolicy()
+        #: TLS to the servers (None: plain TCP), and connects in progress (max_pending_connects)
+        self.ssl_context = upstream_ssl_context(config)
+
+    def connects_full(self) -> bool:
+        """True when ``max_pending_connects`` connects to this upstream are in progress already."""
+        limit = self.config.max_pending_connects
+        return bool(limit) and self.pending_connects >= limit
+
+    def _tls_args(self, server: Address) -> dict:
+        if self.ssl_context is None:
+            return {}
+        return {"ssl": self.ssl_context, "server_hostname": self.config.tls_server_name or server.host}
 
     # -- choosing a server ----------------------------------------------------
 
@@ -434,7 +449,7 @@ class UpstreamGroup:
         writer = None
         try:
             async with asyncio.timeout(cfg.timeout):
-                reader, writer = await asyncio.open_connection(server.host, server.port)
+                reader, writer = await asyncio.open_connection(server.host, server.port, **self._tls_args(server))
                 if cfg.check == "tcp":
                     return True
                 client = ClientSide()
@@ -448,7 +463,7 @@ class UpstreamGroup:
                         return event.status < 400
                     if event is not http1.NEED_DATA and not isinstance(event, http1.ResponseHead):
                         return False
-        except (OSError, TimeoutError, http1.RemoteProtocolError):
+        except (OSError, TimeoutError, http1.RemoteProtocolError):  # ssl.SSLError is an OSError
             return False
         finally:
             if writer is not None:
@@ -550,7 +565,12 @@ class UpstreamGroup:
         Raises:
             OSError: refused or unreachable.
         """
-        _, conn = await loop.create_connection(
-            lambda: UpstreamConnection(self, server, self.high_water), server.host, server.port
-        )
+        self.pending_connects += 1
+        try:
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(self, server, self.high_water), server.host, server.port,
+                **self._tls_args(server),
+            )
+        finally:
+            self.pending_connects -= 1
         return conn

@@ -189,7 +189,11 @@ def _end(proc: subprocess.Popen) -> None:
 @pytest.mark.timeout(RUN_TIMEOUT + 120)
 def test_autobahn_same_verdicts_through_proxy() -> None:
     extra = shlex.split(os.environ.get("EDGEPROXY_AUTOBAHN_ARGS", ""))
-    cmd = [sys.executable, str(SCRIPT), "--timeout", str(RUN_TIMEOUT), *extra]
+    # `[websocket] strict` (on by default) fails a client's bad frame at the proxy, at once:
+    # where Autobahn sends a good message and then a bad frame (3.4, 4.1.5, 4.2.5), the echo of
+    # the good one may lose the race with the proxy's 1002 and the verdict becomes NON-STRICT
+    # instead of OK. Both pass; a difference toward a failing verdict still fails this test.
+    cmd = [sys.executable, str(SCRIPT), "--timeout", str(RUN_TIMEOUT), "--accept-passing-differences", *extra]
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
