@@ -195,3 +195,21 @@ async def test_a_throttled_session_still_closes_promptly(ws_backend, proxy, ws_c
             await asyncio.wait_for(ws.recv(), 5)
     assert ws.close_code == 1012
     assert time.monotonic() - started < 2.0
+
+
+async def test_a_reload_that_adds_allowed_origins_enforces_them(ws_backend, proxy, ws_connect):
+    """Origin policies follow the routes of a reloaded config (they are keyed by route)."""
+    from edgeproxy.config import parse_config
+
+    p = await proxy(ws_backend)
+    ws = await ws_connect(p.ws_url("/echo"), origin="https://evil.test")  # any origin for now
+    await ws.close()
+    text = p.config_text.replace('upstream = "app"\n', 'upstream = "app"\nallowed_origins = ["https://app.example.com"]\n', 1)
+    assert text != p.config_text
+    assert "routes" in (await p.server.reload(parse_config(text)))["changed"]
+    with pytest.raises(InvalidStatus) as info:
+        await ws_connect(p.ws_url("/echo"), origin="https://evil.test")
+    assert info.value.response.status_code == 403
+    ws = await ws_connect(p.ws_url("/echo"), origin="https://app.example.com")
+    await ws.send("ok")
+    assert await ws.recv() == "ok"

@@ -194,3 +194,16 @@ async def test_upstream_tls_unknown_ca_fails(tls_backend, proxy, tmp_path):
         async with session.get(p.url("/hello")) as resp:
             assert resp.status == 502
     assert os.path.exists(other.ca_cert)
+
+
+async def test_a_config_reload_rereads_certificates_even_when_nothing_else_changed(ws_backend, proxy, tls_files, certs):
+    """SIGHUP's path (`ProxyServer.reload`): renewed certificates on disk are picked up."""
+    from edgeproxy.config import parse_config
+
+    p = await tls_proxy(proxy, ws_backend, tls_files)
+    fresh = certs.leaf("a.test renewed", ["DNS:a.test"], tag="-renewed2")
+    shutil.copy(fresh.cert, tls_files["a.test"][0])
+    shutil.copy(fresh.key, tls_files["a.test"][1])
+    result = await p.server.reload(parse_config(p.config_text))
+    assert result["changed"] == []  # the same settings: a no-op but for the certificates
+    assert (await peer_cert_cn(p.port, certs.ca_cert, "a.test"))[0] == "a.test renewed"
