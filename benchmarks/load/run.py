@@ -437,6 +437,12 @@ class EdgeProxyBase(EdgeProxy):
 
     def command(self, port: int) -> tuple[list[str], dict[str, str] | None]:
         cmd, _ = super().command(port)
+        cfg = Path(cmd[-1])
+        text = cfg.read_text()
+        if not (BASE_TREE / "edgeproxy" / "metrics.py").exists():
+            # a version from before the admin listener rejects the [admin] table
+            text = text[: text.index("[admin]")]
+        cfg.write_text(text)
         return cmd, edgeproxy_env(False, BASE_TREE)
 
 
@@ -1039,6 +1045,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--base-tree {args.base_tree}: no edgeproxy package there")
         global BASE_TREE
         BASE_TREE = args.base_tree.resolve()
+        args.base_tree = str(BASE_TREE)  # (the JSON report holds the options)
     if args.duration is None:
         args.duration = 0.6 if args.quick else 10.0
     if args.warmup is None:

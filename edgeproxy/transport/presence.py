@@ -11,8 +11,8 @@ only.  `RedisPresence` (``kind = "redis"``) keeps the registry on the first shar
 (``P`` = prefix):
 
 ==========================  ============================================================
-``P:inst:I``                the liveness key of instance ``I``: set with a TTL of 1.5
-                            heartbeat intervals at every heartbeat, deleted at shutdown
+``P:inst:I``                the liveness key of instance ``I``: set with a TTL of one
+                            heartbeat interval twice per interval, deleted at shutdown
 ``P:user:U``                hash connection id -> instance, for user ``U``
 ``P:conn:C``                the instance of connection ``C``
 pub/sub ``P:to:I``          the instance's inbox: targeted messages for its connections
@@ -22,7 +22,8 @@ Entries are written when a connection opens (and deleted when it closes) and the
 TTL (3 intervals) is refreshed by each heartbeat, in one pipeline.  **Fencing:** a
 reader keeps only entries whose instance's liveness key exists, so when an instance
 dies its entries vanish from every answer as soon as its liveness key expires -
-1.5 intervals after its last heartbeat - instead of lingering for their own TTL.
+within one interval of its death - instead of lingering for their own TTL.  (The key
+is refreshed every half interval, so a live instance survives one late refresh.)
 
 ``POST /v1/send`` looks the target up, then PUBLISHes the message once to each
 owning instance's inbox; that instance writes it to its local connections as
@@ -122,7 +123,7 @@ class RedisPresence(LocalPresence):
         self.client = redis_client(url, config.timeout)
         self.prefix = config.prefix
         self.inbox = f"{self.prefix}:to:{self.instance}"
-        self.live_ms = int(config.heartbeat_interval * 1500)
+        self.live_ms = int(config.heartbeat_interval * 1000)
         self.entry_ms = int(config.heartbeat_interval * 3000)
         self._beat: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
@@ -153,9 +154,13 @@ class RedisPresence(LocalPresence):
             log.warning("presence: could not delete the liveness key at shutdown: %s", exc)
         await self.client.aclose()
 
-    async def _heartbeat_once(self) -> None:
+    async def _heartbeat_once(self, entries: bool = True) -> None:
+        """Refresh the liveness key, and with `entries` the TTLs of this instance's entries."""
         pipe = self.client.pipeline(transaction=False)
         pipe.set(self._live_key(self.instance), b"1", px=self.live_ms)
+        if not entries:
+            await asyncio.wait_for(pipe.execute(), self.config.timeout)
+            return
         for cid, conn in self.by_id.items():
             pipe.pexpire(f"{self.prefix}:conn:{cid}", self.entry_ms)
         for user in self.by_user:
@@ -163,10 +168,12 @@ class RedisPresence(LocalPresence):
         await asyncio.wait_for(pipe.execute(), self.config.timeout)
 
     async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
+        # The liveness key every half interval (its TTL is one interval: a dead
+        # instance is gone within one); the entries' TTLs every interval.
+        for beat in itertools.count(1):
+            await asyncio.sleep(self.config.heartbeat_interval / 2)
             try:
-                await self._heartbeat_once()
+                await self._heartbeat_once(entries=beat % 2 == 0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
