@@ -31,6 +31,7 @@ Adapters implement ``_connect``, ``_feed_subscribe``, ``_feed_unsubscribe``,
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 import asyncio
 import logging
 import os
@@ -98,7 +99,7 @@ def make_backplane(config: BackplaneConfig, hub: HubConfig, metrics: Metrics, in
     return MemoryBackplane(hub.history_size, hub.history_ttl, clock=time.monotonic)
 
 
-class NetworkBackplane:
+class NetworkBackplane(ABC):
     """The shared half of the Redis and NATS adapters (see the module doc)."""
 
     kind = "network"
@@ -122,23 +123,29 @@ class NetworkBackplane:
 
     # -- what adapters implement -----------------------------------------------------
 
+    @abstractmethod
     async def _connect(self) -> None:
-        raise NotImplementedError
+        """Implemented by each adapter (Redis, NATS)."""
 
+    @abstractmethod
     async def _disconnect(self) -> None:
-        raise NotImplementedError
+        """Implemented by each adapter (Redis, NATS)."""
 
+    @abstractmethod
     async def _feed_subscribe(self, channel: str) -> None:
-        raise NotImplementedError
+        """Implemented by each adapter (Redis, NATS)."""
 
+    @abstractmethod
     async def _feed_unsubscribe(self, channel: str) -> None:
-        raise NotImplementedError
+        """Implemented by each adapter (Redis, NATS)."""
 
+    @abstractmethod
     async def _position(self, channel: str) -> Position | None:
-        raise NotImplementedError
+        """Implemented by each adapter (Redis, NATS)."""
 
+    @abstractmethod
     async def history(self, channel: str, since: Position | None) -> HistoryResult:
-        raise NotImplementedError
+        """Implemented by each adapter (Redis, NATS)."""
 
     # -- the Backplane interface -----------------------------------------------------
 
