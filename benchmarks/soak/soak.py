@@ -272,7 +272,21 @@ UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: soak\r\nUpgrade: websocket\r\nConnection:
 
 
 async def bad_input(kind: str, port: int, ssl_context, header_timeout: float) -> str:
-    """Send one hostile input; "" when the proxy gave the RFC's answer, else what it gave instead."""
+    """Send one hostile input; "" when the proxy gave the RFC's answer, else what it gave instead.
+
+    The frame probes need a WebSocket first; when the soak has just killed the
+    backends, the upgrade is answered 502/503 (the right answer for a dead
+    upstream), and the probe tries again, a bounded number of times.
+    """
+    for _attempt in range(10):
+        verdict = await _bad_input_once(kind, port, ssl_context, header_timeout)
+        if not verdict.startswith("no 101: b'HTTP/1.1 50"):
+            return verdict
+        await asyncio.sleep(0.3)
+    return verdict
+
+
+async def _bad_input_once(kind: str, port: int, ssl_context, header_timeout: float) -> str:
     kwargs = {"ssl": ssl_context, "server_hostname": "localhost"} if ssl_context else {}
     reader, writer = await asyncio.open_connection("127.0.0.1", port, **kwargs)
     try:
