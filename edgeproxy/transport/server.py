@@ -131,7 +131,6 @@ class ProxyServer:
         self.upstream_beats: Heartbeat | None = None
         #: set when a graceful drain has begun: no keep-alive, no new sessions
         self.draining = False
-        self._drain_task: asyncio.Task | None = None
         #: the ``[[hubs]]`` by path: upgrades to these paths are served by the proxy itself
         #: this process in the backplane (presence, instance-addressed messages)
         self.instance = instance_id(config.backplane)

@@ -8,6 +8,8 @@ error type/message/code, mid_frame) at every step.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -110,7 +112,9 @@ def test_constructor_checks(impl):
 
 try:
     from edgeproxy import _speedups as compiled
-except ImportError:  # the unit cases above still run on the pure twin
+except ImportError as exc:  # the unit cases above still run on the pure twin
+    if os.environ.get("EDGEPROXY_REQUIRE_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ImportError(f"EDGEPROXY_REQUIRE_EXT=1 but edgeproxy._speedups does not import: {exc}") from exc
     compiled = None
 
 needs_compiled = pytest.mark.skipif(compiled is None, reason="edgeproxy._speedups is not built")
