@@ -1,12 +1,14 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False, auto_pickle=False, embedsignature=True
-"""Compiled twins of the hot paths in :mod:`edgeproxy.core.frames` and :mod:`edgeproxy.core.fanout`.
+"""Compiled twins of the hot paths in :mod:`edgeproxy.core.frames`, :mod:`edgeproxy.core.fanout`,
+:mod:`edgeproxy.core.relay` and :mod:`edgeproxy.core.envelope`.
 
-``apply_mask``, ``parse_header``, ``encode_header``, ``FrameScanner`` and ``write_many``
-have the same signatures, results, exceptions and error messages as the pure-Python
-references in ``edgeproxy/core/frames.py`` and ``edgeproxy/core/fanout.py`` (read their
-module docstrings for the theory of operation); ``tests/core/test_equivalence.py``
-checks that.  Do not import this module directly:
+``apply_mask``, ``parse_header``, ``encode_header``, ``FrameScanner``, ``write_many``,
+``RelayCore``/``RelayEndpoint`` and ``number_frames``/``unwrap_frames`` have the same
+signatures, results, exceptions and error messages as the pure-Python references
+(read their module docstrings for the theory of operation);
+``tests/core/test_equivalence.py``, ``test_relay_twins.py`` and ``test_envelope.py``
+check that.  Do not import this module directly:
 use :mod:`edgeproxy.core._accel`, which picks this or the pure implementation.
 
 Buffers are read through the buffer protocol (``PyBUF_SIMPLE``: any C-contiguous
@@ -21,13 +23,15 @@ from cpython.object cimport Py_GT, PyObject_RichCompareBool, PyTypeObject
 from cpython.ref cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint64_t
+from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 
 cimport cython
 
 from edgeproxy.errors import FrameError
 
-__all__ = ["apply_mask", "parse_header", "encode_header", "FrameScanner", "write_many"]
+__all__ = ["apply_mask", "parse_header", "encode_header", "FrameScanner", "write_many", "RelayCore", "RelayEndpoint",
+           "number_frames", "unwrap_frames"]
 
 cdef unsigned long long MAX_PAYLOAD_LENGTH = 0x7FFFFFFFFFFFFFFF
 
@@ -168,6 +172,36 @@ def parse_header(buf, Py_ssize_t pos=0):
         PyBuffer_Release(&b)
 
 
+cdef inline Py_ssize_t _header_size(unsigned long long n, bint masked) noexcept nogil:
+    return (2 if n <= 125 else 4 if n <= 0xFFFF else 10) + (4 if masked else 0)
+
+
+cdef inline Py_ssize_t _put_header(unsigned char *out, int first_byte, unsigned long long n,
+                                   const unsigned char *key) noexcept nogil:
+    """Write a frame header (FIN/RSV/opcode byte given; masked when key is not NULL); return its length."""
+    cdef Py_ssize_t hl
+    cdef int i
+    cdef unsigned char mbit = 0x80 if key != NULL else 0
+    out[0] = first_byte
+    if n <= 125:
+        out[1] = mbit | <unsigned char>n
+        hl = 2
+    elif n <= 0xFFFF:
+        out[1] = mbit | 126
+        out[2] = (n >> 8) & 0xFF
+        out[3] = n & 0xFF
+        hl = 4
+    else:
+        out[1] = mbit | 127
+        for i in range(8):
+            out[2 + i] = (n >> (56 - 8 * i)) & 0xFF
+        hl = 10
+    if key != NULL:
+        memcpy(out + hl, key, 4)
+        hl += 4
+    return hl
+
+
 def encode_header(opcode, length, fin=True, rsv=0, mask_key=None):
     """Encode a frame header, using the shortest length form.
 
@@ -198,23 +232,10 @@ def encode_header(opcode, length, fin=True, rsv=0, mask_key=None):
             mbit = 0x80
         finally:
             PyBuffer_Release(&kb)
-    out[0] = (0x80 if fin else 0) | ((<int>rsv) << 4) | <int>opcode
-    if n <= 125:
-        out[1] = mbit | <int>n
-        hl = 2
-    elif n <= 0xFFFF:
-        out[1] = mbit | 126
-        out[2] = (n >> 8) & 0xFF
-        out[3] = n & 0xFF
-        hl = 4
-    else:
-        out[1] = mbit | 127
-        for i in range(8):
-            out[2 + i] = (n >> (56 - 8 * i)) & 0xFF
-        hl = 10
+    cdef const unsigned char *kp = NULL
     if mbit:
-        memcpy(out + hl, k, 4)
-        hl += 4
+        kp = k
+    hl = _put_header(out, (0x80 if fin else 0) | ((<int>rsv) << 4) | <int>opcode, n, kp)
     return PyBytes_FromStringAndSize(<const char *>out, hl)
 
 
@@ -746,3 +767,168 @@ cdef class RelayEndpoint:
     def resume_writing(self):
         if not self.peer.is_closing():
             self.peer.resume_reading()
+
+
+# ---------------------------------------------------------------------------
+# the resume envelope (twins of edgeproxy.core.envelope)
+
+cdef enum:
+    MAX_SEQ_DIGITS = 18
+
+
+cdef struct _Frame:
+    int fin_data      # 1 for a final, unfragmented, rsv-0 text or binary frame
+    int opcode
+    int masked
+    unsigned char key[4]
+    unsigned long long length
+    Py_ssize_t hl
+
+
+cdef int _plain_data_frame(const unsigned char *p, Py_ssize_t avail, int masked, unsigned long long cmax,
+                           _Frame *f) except -1:
+    """1 when the frame at p is one the fast path takes (see envelope._plain_data_frame), else 0.
+
+    A 64-bit length with its top bit set raises FrameError, as parse_header does.
+    """
+    cdef unsigned char b0, b1
+    cdef unsigned long long length
+    cdef Py_ssize_t hl = 2
+    if avail < 2:
+        return 0
+    b0 = p[0]
+    b1 = p[1]
+    length = b1 & 127
+    if length == 126:
+        if avail < 4:
+            return 0
+        length = (<unsigned long long>p[2] << 8) | p[3]
+        hl = 4
+    elif length == 127:
+        if avail < 3:
+            return 0
+        if p[2] & 0x80:
+            raise _top_bit_error()
+        if avail < 10:
+            return 0
+        length = _be64(p + 2)
+        hl = 10
+    f.masked = (b1 & 0x80) != 0
+    if f.masked:
+        if avail < hl + 4:
+            return 0
+        memcpy(f.key, p + hl, 4)
+        hl += 4
+    f.opcode = b0 & 15
+    f.fin_data = (b0 & 0xF0) == 0x80 and (f.opcode == 1 or f.opcode == 2)
+    f.length = length
+    f.hl = hl
+    if not f.fin_data or f.masked != masked:
+        return 0
+    if (cmax and length > cmax) or <unsigned long long>(avail - hl) < length:
+        return 0
+    return 1
+
+
+def number_frames(buf, Py_ssize_t pos, seq, max_size):
+    """Re-frame complete unmasked data frames as ``D<seq>:`` messages; see :func:`edgeproxy.core.envelope.number_frames`."""
+    cdef unsigned long long cseq = seq
+    cdef unsigned long long cmax = max_size
+    cdef Py_buffer b
+    cdef const unsigned char *p
+    cdef _Frame f
+    cdef char prefix[24]
+    cdef int plen
+    cdef Py_ssize_t hl
+    cdef unsigned char *o
+    cdef list frames = []
+    PyObject_GetBuffer(buf, &b, PyBUF_SIMPLE)
+    try:
+        p = <const unsigned char *>b.buf
+        while True:
+            if not _plain_data_frame(p + pos, b.len - pos, 0, cmax, &f):
+                break
+            cseq += 1
+            plen = snprintf(prefix, sizeof(prefix), "D%llu:", cseq)
+            out = PyBytes_FromStringAndSize(NULL, _header_size(plen + f.length, False) + plen + <Py_ssize_t>f.length)
+            o = <unsigned char *>PyBytes_AS_STRING(out)
+            hl = _put_header(o, 0x80 | f.opcode, plen + f.length, NULL)
+            memcpy(o + hl, prefix, plen)
+            memcpy(o + hl + plen, p + pos + f.hl, f.length)
+            frames.append(out)
+            pos += f.hl + <Py_ssize_t>f.length
+    finally:
+        PyBuffer_Release(&b)
+    return pos, cseq, frames
+
+
+def unwrap_frames(buf, Py_ssize_t pos, in_seq, max_size, mask_key_source):
+    """Strip the ``D<seq>:`` envelope from complete client data frames; see :func:`edgeproxy.core.envelope.unwrap_frames`."""
+    cdef unsigned long long cin = in_seq
+    cdef unsigned long long cmax = max_size
+    cdef unsigned long long dseq
+    cdef Py_buffer b
+    cdef Py_buffer kb
+    cdef const unsigned char *p
+    cdef const unsigned char *payload
+    cdef _Frame f
+    cdef Py_ssize_t i, n, skip, body, hl
+    cdef int digits
+    cdef unsigned char c
+    cdef unsigned char k8[8]
+    cdef unsigned char *o
+    cdef list frames = []
+    cdef Py_ssize_t duplicates = 0
+    PyObject_GetBuffer(buf, &b, PyBUF_SIMPLE)
+    try:
+        p = <const unsigned char *>b.buf
+        while True:
+            if not _plain_data_frame(p + pos, b.len - pos, 1, cmax, &f):
+                break
+            payload = p + pos + f.hl
+            n = <Py_ssize_t>f.length
+            # "D<digits>:" with at most MAX_SEQ_DIGITS digits, read through the mask
+            if n < 3 or (payload[0] ^ f.key[0]) != 68:  # 'D'
+                break
+            dseq = 0
+            digits = 0
+            i = 1
+            while i < n and i <= MAX_SEQ_DIGITS + 1:
+                c = payload[i] ^ f.key[i & 3]
+                if c == 58:  # ':'
+                    break
+                if c < 48 or c > 57:
+                    digits = -1
+                    break
+                dseq = dseq * 10 + (c - 48)
+                digits += 1
+                i += 1
+            if digits <= 0 or i >= n or i > MAX_SEQ_DIGITS + 1 or (payload[i] ^ f.key[i & 3]) != 58:
+                break
+            if dseq > cin + 1:
+                break
+            pos += f.hl + n
+            if dseq <= cin:
+                duplicates += 1
+                continue
+            cin = dseq
+            skip = i + 1
+            body = n - skip
+            key = mask_key_source()
+            PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE)
+            try:
+                if kb.len != 4:
+                    raise ValueError("mask key must be exactly 4 bytes")
+                # unmask with the client's key (from offset skip) and mask with the new one, in one pass
+                for i in range(8):
+                    k8[i] = f.key[(i + skip) & 3] ^ (<const unsigned char *>kb.buf)[i & 3]
+                out = PyBytes_FromStringAndSize(NULL, _header_size(body, True) + body)
+                o = <unsigned char *>PyBytes_AS_STRING(out)
+                hl = _put_header(o, 0x80 | f.opcode, body, <const unsigned char *>kb.buf)
+            finally:
+                PyBuffer_Release(&kb)
+            _xor(payload + skip, o + hl, body, k8)
+            frames.append(out)
+    finally:
+        PyBuffer_Release(&b)
+    return pos, cin, frames, duplicates

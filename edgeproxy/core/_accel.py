@@ -1,9 +1,11 @@
 """The ONLY place that picks the frame-handling implementation: compiled or pure Python.
 
 Everything else imports ``apply_mask``, ``parse_header``, ``encode_header``,
-``FrameScanner`` and ``write_many`` from here.  The compiled twins live in
+``FrameScanner``, ``write_many``, the relay cores and the resume envelope's
+``number_frames``/``unwrap_frames`` from here.  The compiled twins live in
 ``edgeproxy._speedups`` (built from ``ext/_speedups.pyx``); the pure-Python references
-are :mod:`edgeproxy.core.frames` and :mod:`edgeproxy.core.fanout` (``write_many``).
+are :mod:`edgeproxy.core.frames`, :mod:`edgeproxy.core.fanout` (``write_many``),
+:mod:`edgeproxy.core.relay` and :mod:`edgeproxy.core.envelope`.
 Both behave identically (``tests/core/test_equivalence.py``).
 
 Selection, at import time:
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import os
 
+from edgeproxy.core import envelope as _pure_envelope
 from edgeproxy.core import fanout as _pure_fanout
 from edgeproxy.core import frames as _pure
 from edgeproxy.core import relay as _pure_relay
@@ -75,6 +78,8 @@ __all__ = [
     "write_many",
     "RelayCore",
     "RelayEndpoint",
+    "number_frames",
+    "unwrap_frames",
 ]
 
 
@@ -104,6 +109,8 @@ FrameScanner = _impl.FrameScanner
 write_many = _impl.write_many if SPEEDUPS else _pure_fanout.write_many
 RelayCore = _impl.RelayCore if SPEEDUPS else _pure_relay.RelayCore
 RelayEndpoint = _impl.RelayEndpoint if SPEEDUPS else _pure_relay.RelayEndpoint
+number_frames = _impl.number_frames if SPEEDUPS else _pure_envelope.number_frames
+unwrap_frames = _impl.unwrap_frames if SPEEDUPS else _pure_envelope.unwrap_frames
 encode_frame = _pure.make_encode_frame(encode_header, apply_mask)
 
 del _impl

@@ -1,0 +1,121 @@
+"""The resume envelope's hot path, pure-Python reference: number upstream frames, unwrap client frames.
+
+Theory of operation
+-------------------
+A resumable session (`core.resume`) works on messages, not bytes: every
+upstream message goes to the client as ``D<seq>:`` + payload, every client
+message arrives as ``D<seq>:`` + payload and goes upstream without the prefix,
+masked with a fresh key.  Done one message at a time in Python, that costs
+several microseconds per message; most messages, though, are a single complete
+frame of the plainest kind.  The two functions here handle runs of exactly
+those frames and *stop* in front of the first frame that is anything else
+(incomplete, fragmented, a control frame, a ``C`` control message, masked the
+wrong way, over the size limit, a gap in the client's numbers), leaving it to
+`core.resume.MessageReader` and the session's slow path, which know every rule.
+Stopping early never changes the outcome, only who computes it.
+
+Both functions are pure: bytes in, ``(position, seq, frames)`` out; the mask
+keys for upstream frames come from the caller's `mask_key_source`, called once
+per forwarded frame, in order.  ``edgeproxy._speedups`` has compiled twins with
+the same results and the same calls to `mask_key_source`
+(``tests/core/test_envelope.py`` proves it); use them through `core._accel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from edgeproxy.core.frames import apply_mask, encode_header, parse_header
+
+__all__ = ["number_frames", "unwrap_frames", "MAX_SEQ_DIGITS"]
+
+#: longer sequence numbers are left to the slow path (they cannot be consecutive anyway)
+MAX_SEQ_DIGITS = 18
+
+
+def _plain_data_frame(buf, pos: int, masked: bool, max_size: int) -> tuple[bytes | None, int, int] | None:
+    """``(mask key, payload length, header length)`` of the frame at `pos` if the fast path takes it, else None.
+
+    It takes a complete, final, text or binary frame without RSV bits, masked as
+    `masked` says and no larger than `max_size` (0: any size).
+    """
+    header = parse_header(buf, pos)
+    if header is None:
+        return None
+    fin, rsv, opcode, key, length, hl = header
+    if not fin or rsv or (key is not None) != masked or (opcode != 1 and opcode != 2):
+        return None
+    if (max_size and length > max_size) or len(buf) - pos < hl + length:
+        return None
+    return key, length, hl
+
+
+def number_frames(buf, pos: int, seq: int, max_size: int) -> tuple[int, int, list[bytes]]:
+    """Re-frame the complete, unmasked, unfragmented data frames at ``buf[pos:]`` as ``D<seq>:`` messages.
+
+    Returns ``(pos, seq, frames)``: where it stopped, the last number given, and
+    one encoded (unmasked) frame per message, numbered from ``seq + 1``.
+    `max_size` (0: none) stops in front of a frame whose payload is larger.
+
+    Raises:
+        FrameError: a 64-bit length with its top bit set (as `parse_header`).
+    """
+    frames: list[bytes] = []
+    while True:
+        header = _plain_data_frame(buf, pos, False, max_size)
+        if header is None:
+            break
+        key, length, hl = header
+        opcode = buf[pos] & 15
+        seq += 1
+        prefix = b"D%d:" % seq
+        start = pos + hl
+        frames.append(encode_header(opcode, len(prefix) + length) + prefix + bytes(buf[start:start + length]))
+        pos = start + length
+    return pos, seq, frames
+
+
+def _data_seq(head: bytes) -> tuple[int, int]:
+    """``(seq, prefix length)`` of an unmasked payload start ``D<digits>:``; ``(-1, 0)`` if it is not one."""
+    if head[:1] != b"D":
+        return -1, 0
+    colon = head.find(b":", 1, MAX_SEQ_DIGITS + 2)
+    digits = head[1:colon]
+    if colon < 0 or not digits.isdigit():
+        return -1, 0
+    return int(digits), colon + 1
+
+
+def unwrap_frames(buf, pos: int, in_seq: int, max_size: int,
+                  mask_key_source: Callable[[], bytes]) -> tuple[int, int, list[bytes], int]:
+    """Strip the ``D<seq>:`` envelope from the complete client data frames at ``buf[pos:]``.
+
+    A frame is taken when it is masked, final, data (text or binary), within
+    `max_size`, and carries the next number (``in_seq + 1``: forwarded, masked
+    with a fresh key) or an old one (``<= in_seq``: a resent duplicate, dropped).
+    Returns ``(pos, in_seq, frames, duplicates)``.
+
+    Raises:
+        FrameError: a 64-bit length with its top bit set (as `parse_header`).
+    """
+    frames: list[bytes] = []
+    duplicates = 0
+    while True:
+        header = _plain_data_frame(buf, pos, True, max_size)
+        if header is None:
+            break
+        key, length, hl = header
+        opcode = buf[pos] & 15
+        start = pos + hl
+        seq, skip = _data_seq(apply_mask(bytes(buf[start:start + min(length, MAX_SEQ_DIGITS + 2)]), key))
+        if seq < 0 or seq > in_seq + 1:
+            break
+        pos = start + length
+        if seq <= in_seq:
+            duplicates += 1
+            continue
+        in_seq = seq
+        body = apply_mask(bytes(buf[start + skip:pos]), key, skip)
+        new_key = mask_key_source()
+        frames.append(encode_header(opcode, len(body), mask_key=new_key) + apply_mask(body, new_key))
+    return pos, in_seq, frames, duplicates
