@@ -25,6 +25,17 @@ replays exactly the buffered messages after ``last seq seen``, in order, then
 goes live.  Window or buffer exceeded: the upstream gets close 1001 and the
 session is forgotten; a later resume attempt gets close `CLOSE_NOT_RESUMABLE`.
 
+The buffer bound is also the flow-control window while a client is attached:
+a client behind on its acknowledgements fills it, and then the proxy stops
+reading the upstream (``PAUSE_UPSTREAM``) until acks free half of it, so a slow
+reader slows the backend down instead of losing the messages a resume would
+need.  A session parked with a full buffer keeps its upstream paused.
+
+Most frames take a fast path (`core.envelope`, compiled in ``_speedups``):
+whole runs of plain data frames are numbered or unwrapped in one call, and the
+frames to the client are kept exactly as sent, so a replay is a join.  Every
+other frame goes through `MessageReader` and the rules here, one at a time.
+
 States (all transitions are in `ResumeSession`)::
 
     ATTACHED  Call: from_client, from_upstream, client_gone, close_both.
@@ -47,6 +58,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import itertools
 import json
 import struct
 from collections import deque
@@ -99,6 +111,10 @@ ACK_EVERY = 16
 PARKED = "parked"
 #: the session is over: forget it (data: None)
 ENDED = "ended"
+#: the client is behind on acknowledgements and the replay buffer is full: stop reading the upstream
+PAUSE_UPSTREAM = "pause_upstream"
+#: acknowledgements made room again: read the upstream
+RESUME_UPSTREAM = "resume_upstream"
 
 
 class NotResumable(EdgeProxyError):
@@ -289,6 +305,20 @@ class MessageReader:
         """Bytes held: an incomplete frame plus the fragments of an unfinished message."""
         return len(self._buf) + self._size
 
+    @property
+    def between_messages(self) -> bool:
+        """No fragmented message is in progress: the fast path may take the next frames."""
+        return not self._opcode
+
+    def take(self, data: bytes) -> bytes | bytearray:
+        """`data` behind the incomplete frame held, which the reader then forgets (the caller feeds back the rest)."""
+        buf = self._buf
+        if not buf:
+            return data
+        self._buf = bytearray()
+        buf += data
+        return buf
+
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         buf = self._buf
         if buf:
@@ -361,54 +391,50 @@ class MessageReader:
 
 
 class ReplayBuffer:
-    """Upstream messages not yet acknowledged by the client, oldest first, with a byte bound.
+    """The encoded ``D<seq>:`` frames sent to the client and not yet acknowledged, oldest first.
 
-    ``append`` returns False when the bound is passed (the caller decides: trim
-    while a client is attached, give up while parked).  ``first_missing`` is the
-    oldest sequence number a replay can still start after.
+    The frames are kept exactly as they were sent, so a replay is a join.  They
+    are numbered implicitly: the buffer holds ``acked + 1`` .. ``acked + len``.
+    ``size`` counts their bytes against ``limit``; `extend` returns False once the
+    bound is passed (the session then pauses the upstream while a client is
+    attached, or gives up while parked).
     """
 
-    __slots__ = ("limit", "size", "_items", "acked")
+    __slots__ = ("limit", "size", "_frames", "acked")
 
     def __init__(self, limit: int):
         self.limit = limit
         self.size = 0
-        self._items: deque[tuple[int, int, bytes]] = deque()
-        #: every message up to this seq is acknowledged or dropped
+        self._frames: deque[bytes] = deque()
+        #: every message up to this seq is acknowledged (and freed)
         self.acked = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._frames)
 
-    def append(self, seq: int, opcode: int, payload: bytes) -> bool:
-        self._items.append((seq, opcode, payload))
-        self.size += len(payload)
+    def extend(self, frames: list[bytes]) -> bool:
+        """Keep the frames of the next messages, in order; False when the bound is passed."""
+        self._frames.extend(frames)
+        for frame in frames:
+            self.size += len(frame)
         return self.size <= self.limit
 
     def ack(self, seq: int) -> None:
         """The client has every message up to `seq`: free them."""
-        items = self._items
-        while items and items[0][0] <= seq:
-            self.size -= len(items.popleft()[2])
+        frames = self._frames
+        for _ in range(min(seq - self.acked, len(frames))):
+            self.size -= len(frames.popleft())
         if seq > self.acked:
             self.acked = seq
 
-    def trim(self) -> None:
-        """Drop the oldest messages until the bound holds (a resume from before them becomes impossible)."""
-        items = self._items
-        while self.size > self.limit and items:
-            seq, _, payload = items.popleft()
-            self.size -= len(payload)
-            self.acked = seq
-
-    def replay_from(self, last_seen: int) -> list[tuple[int, int, bytes]] | None:
-        """The messages after `last_seen`, in order; None when some of them are gone."""
+    def replay_from(self, last_seen: int) -> list[bytes] | None:
+        """The frames of the messages after `last_seen`, in order; None when some of them are gone."""
         if last_seen < self.acked:
             return None
-        return [item for item in self._items if item[0] > last_seen]
+        return list(itertools.islice(self._frames, last_seen - self.acked, None))
 
     def clear(self) -> None:
-        self._items.clear()
+        self._frames.clear()
         self.size = 0
 
 
@@ -441,9 +467,24 @@ class ResumeSession:
         route_key: what the token is bound to (`route_key`).
         codec: signs the tokens.
         window: seconds a parked session waits for its client.
-        buffer_limit: bytes of unacknowledged upstream messages kept.
+        buffer_limit: bytes of unacknowledged upstream messages kept.  While a
+            client is attached, reading the upstream pauses at the limit until
+            acknowledgements make room (nothing is dropped); while parked, passing
+            it ends the session.
+        idle_timeout: an attached session with no traffic either way for this
+            long is closed 1001 on both sides, as a plain WebSocket is (0: never).
         mask_key_source: 4 random bytes per frame sent upstream.
     """
+
+    # Slots: tens of thousands of sessions may be parked at once, and an instance
+    # dict this wide would cost more than the session's own state.
+    __slots__ = (
+        "session_id", "route_key", "codec", "window", "close_timeout", "idle_timeout", "active", "_last_active",
+        "upstream_paused", "_mask_key", "max_message_size", "state", "actions", "buffer", "generation", "out_seq",
+        "in_seq", "_in_acked", "client_reader", "upstream_reader", "parked_until", "_close_deadline", "end_reason",
+        "messages_from_client", "messages_from_upstream", "bytes_from_client", "bytes_from_upstream", "resumes",
+        "_client_open", "_upstream_open",
+    )
 
     def __init__(
         self,
@@ -455,6 +496,7 @@ class ResumeSession:
         buffer_limit: int,
         max_message_size: int = 0,
         close_timeout: float = 5.0,
+        idle_timeout: float = 0.0,
         mask_key_source: Callable[[], bytes],
         now: float,
     ):
@@ -463,6 +505,12 @@ class ResumeSession:
         self.codec = codec
         self.window = window
         self.close_timeout = close_timeout
+        self.idle_timeout = idle_timeout
+        #: set by every read; the tick turns it into `_last_active`
+        self.active = False
+        self._last_active = now
+        #: reading the upstream is paused because the client is behind on acks
+        self.upstream_paused = False
         self._mask_key = mask_key_source
         self.max_message_size = max_message_size
         self.state = SessionState.ATTACHED
@@ -505,11 +553,62 @@ class ResumeSession:
         if self.state is not SessionState.ATTACHED and self.state is not SessionState.CLOSING:
             return
         self.bytes_from_client += len(data)
+        self.active = True
         try:
-            messages = self.client_reader.feed(data)
+            if self.state is SessionState.CLOSING:
+                self._client_messages(self.client_reader.feed(data), now)
+            else:
+                self._read(self.client_reader, data, self._unwrap_run, self._client_messages, now)
         except RemoteProtocolError as exc:
             self._fail(exc.close_code, str(exc), client=True)
             return
+        if self.state is SessionState.ATTACHED and self.in_seq - self._in_acked >= ACK_EVERY:
+            self._send_ack()
+
+    def _read(self, reader: MessageReader, data: bytes, fast: Callable, slow: Callable, now: float) -> None:
+        """Feed one read to a direction: runs of plain frames by `fast`, every other frame by `reader` and `slow`.
+
+        `fast(view, pos)` takes what it can and returns where it stopped (the
+        end of `view` once the session has ended); the frame there goes through
+        the reader alone (so every rule applies), then the fast path goes on.
+        `slow(messages, now)` returns False when the session stopped reading
+        this direction (a close, a park, an end).
+        """
+        if not reader.between_messages:
+            slow(reader.feed(data), now)
+            return
+        view = reader.take(data)
+        pos = 0
+        end = len(view)
+        while True:
+            pos = fast(view, pos)
+            if pos == end:
+                return
+            header = _accel.parse_header(view, pos)
+            if header is None or end - pos < header[5] + header[4]:
+                slow(reader.feed(view[pos:]), now)  # an incomplete frame: kept (or refused) by the reader
+                return
+            nxt = pos + header[5] + header[4]
+            if not slow(reader.feed(view[pos:nxt]), now):
+                return
+            pos = nxt
+            if not reader.between_messages:  # a fragmented message began: the reader takes the rest
+                slow(reader.feed(view[pos:]), now)
+                return
+            if pos == end:
+                return
+
+    def _unwrap_run(self, view, pos: int) -> int:
+        pos, in_seq, frames, _ = _accel.unwrap_frames(view, pos, self.in_seq, self.max_message_size, self._mask_key)
+        if frames:
+            self.in_seq = in_seq
+            self.messages_from_client += len(frames)
+            self.actions.append((SEND_UPSTREAM, frames[0] if len(frames) == 1 else b"".join(frames)))
+        elif in_seq != self.in_seq:
+            self.in_seq = in_seq
+        return pos
+
+    def _client_messages(self, messages: list[tuple[int, bytes]], now: float) -> bool:
         for opcode, payload in messages:
             if opcode == _accel.OP_PING:
                 self.actions.append((SEND_CLIENT, _accel.encode_frame(_accel.OP_PONG, payload)))
@@ -517,15 +616,10 @@ class ResumeSession:
                 self.actions.append((PONG_FROM_CLIENT, payload))
             elif opcode == _accel.OP_CLOSE:
                 self._client_close(payload, now)
-                return
+                return False
             elif self.state is SessionState.ATTACHED:
-                try:
-                    self._client_message(opcode, payload)
-                except RemoteProtocolError as exc:
-                    self._fail(exc.close_code, str(exc), client=True)
-                    return
-        if self.in_seq - self._in_acked >= ACK_EVERY:
-            self._send_ack()
+                self._client_message(opcode, payload)
+        return True
 
     def _client_message(self, opcode: int, payload: bytes) -> None:
         kind = payload[:1]
@@ -551,6 +645,9 @@ class ResumeSession:
                 if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 or seq > self.out_seq:
                     raise RemoteProtocolError("ack of a message never sent", close_code=CLOSE_PROTOCOL_ERROR)
                 self.buffer.ack(seq)
+                if self.upstream_paused and self.buffer.size <= self.buffer.limit // 2:
+                    self.upstream_paused = False
+                    self.actions.append((RESUME_UPSTREAM, None))
             elif kind == "ping":
                 self.actions.append((SEND_CLIENT, encode_control({"t": "pong", "id": fields.get("id")})))
             # other types are ignored: room for later versions
@@ -595,8 +692,8 @@ class ResumeSession:
         self.parked_until = now + self.window
         self.client_reader = MessageReader(masked=True, max_message_size=self.max_message_size)
         self.actions.append((PARKED, None))
-        if self.buffer.size > self.buffer.limit:
-            self._give_up("buffer overflow")
+        # A full buffer (the upstream paused while the client was behind) stays as it is: the
+        # upstream stays paused, and the client can still resume with all of it.
 
     def attach(self, last_seen: int, now: float) -> None:
         """A client resumes after `last_seen`: replay what it missed, then go live.
@@ -621,10 +718,10 @@ class ResumeSession:
         self.parked_until = 0.0
         self.resumes += 1
         self._in_acked = self.in_seq
-        out = [encode_control({"t": "session", "token": self._next_token(), "resumed": True, "ack": self.in_seq,
-                               "replayed": len(missed)})]
-        out += [encode_data(opcode, seq, payload) for seq, opcode, payload in missed]
-        self.actions.append((SEND_CLIENT, b"".join(out)))
+        self._last_active = now
+        hello = encode_control({"t": "session", "token": self._next_token(), "resumed": True, "ack": self.in_seq,
+                                "replayed": len(missed)})
+        self.actions.append((SEND_CLIENT, b"".join([hello, *missed])))
 
     # -- upstream side ---------------------------------------------------------------
 
@@ -632,11 +729,24 @@ class ResumeSession:
         if self.state is SessionState.CLOSED:
             return
         self.bytes_from_upstream += len(data)
+        self.active = True
         try:
-            messages = self.upstream_reader.feed(data)
+            if self.state is SessionState.CLOSING:
+                self._upstream_messages(self.upstream_reader.feed(data), 0.0)
+            else:
+                self._read(self.upstream_reader, data, self._number_run, self._upstream_messages, 0.0)
         except RemoteProtocolError as exc:
             self._fail(exc.close_code, str(exc), client=False)
-            return
+
+    def _number_run(self, view, pos: int) -> int:
+        pos, seq, frames = _accel.number_frames(view, pos, self.out_seq, self.max_message_size)
+        if frames:
+            self._numbered(seq, frames)
+            if self.state is SessionState.CLOSED:
+                return len(view)
+        return pos
+
+    def _upstream_messages(self, messages: list[tuple[int, bytes]], now: float) -> bool:
         for opcode, payload in messages:
             if opcode == _accel.OP_PING:
                 self.actions.append((SEND_UPSTREAM, _accel.encode_frame(_accel.OP_PONG, payload, mask_key=self._mask_key())))
@@ -644,20 +754,23 @@ class ResumeSession:
                 self.actions.append((PONG_FROM_UPSTREAM, payload))
             elif opcode == _accel.OP_CLOSE:
                 self._upstream_close_received(payload)
-                return
+                return False
             elif self.state is not SessionState.CLOSING:
-                self._upstream_message(opcode, payload)
+                self._numbered(self.out_seq + 1, [encode_data(opcode, self.out_seq + 1, payload)])
                 if self.state is SessionState.CLOSED:
-                    return
+                    return False
+        return True
 
-    def _upstream_message(self, opcode: int, payload: bytes) -> None:
-        self.out_seq = seq = self.out_seq + 1
-        self.messages_from_upstream += 1
-        within = self.buffer.append(seq, opcode, payload)
+    def _numbered(self, seq: int, frames: list[bytes]) -> None:
+        """Upstream messages up to `seq`, framed for the client: send them (attached) and keep them for a replay."""
+        self.out_seq = seq
+        self.messages_from_upstream += len(frames)
+        within = self.buffer.extend(frames)
         if self.state is SessionState.ATTACHED:
-            self.actions.append((SEND_CLIENT, encode_data(opcode, seq, payload)))
-            if not within:
-                self.buffer.trim()
+            self.actions.append((SEND_CLIENT, frames[0] if len(frames) == 1 else b"".join(frames)))
+            if not within and not self.upstream_paused:
+                self.upstream_paused = True
+                self.actions.append((PAUSE_UPSTREAM, None))
         elif not within:
             self._give_up("buffer overflow")
 
@@ -759,7 +872,7 @@ class ResumeSession:
         self._end(reason)
 
     def check_timers(self, now: float) -> None:
-        """Once per tick: the parked window, the close timeout, and a pending ack."""
+        """Once per tick: the parked window, the idle timeout, the close timeout, and a pending ack."""
         state = self.state
         if state is SessionState.PARKED:
             if now >= self.parked_until:
@@ -767,6 +880,11 @@ class ResumeSession:
         elif state is SessionState.ATTACHED:
             if self.in_seq != self._in_acked:
                 self._send_ack()
+            if self.active:
+                self.active = False
+                self._last_active = now
+            elif self.idle_timeout and now - self._last_active >= self.idle_timeout:
+                self.close_both(CLOSE_GOING_AWAY, "idle timeout")
         elif state is SessionState.CLOSING:
             if self._close_deadline < 0:
                 self._close_deadline = now + self.close_timeout

@@ -42,6 +42,8 @@ from edgeproxy.core.resume import (
     CLOSE_NOT_RESUMABLE,
     ENDED,
     PARKED,
+    PAUSE_UPSTREAM,
+    RESUME_UPSTREAM,
     MessageReader,
     NotResumable,
     Offer,
@@ -189,11 +191,13 @@ class ClientEnd:
 
     def pause_writing(self) -> None:
         if self.session is not None:
-            self.session.upstream.pause_reading()
+            self.session.client_write_paused = True
+            self.session.update_upstream_reading()
 
     def resume_writing(self) -> None:
         if self.session is not None:
-            self.session.upstream.resume_reading()
+            self.session.client_write_paused = False
+            self.session.update_upstream_reading()
 
     def heartbeat(self, action: str, client: bool, payload: bytes | None) -> None:
         if self.session is not None:
@@ -284,6 +288,8 @@ class Session:
         self.client: ClientEnd | None = None
         self.started = now
         self.metrics_key = None
+        #: the client's socket buffer is full (one of two reasons to stop reading the upstream)
+        self.client_write_paused = False
 
     @property
     def transport(self):
@@ -310,7 +316,15 @@ class Session:
         beats = self.server.client_beats
         if beats is not None:
             beats.unregister(end)
-        self.upstream.resume_reading()  # a paused upstream must fill the buffer now
+        self.client_write_paused = False
+        self.update_upstream_reading()  # unless the buffer is full, a parked upstream fills it now
+
+    def update_upstream_reading(self) -> None:
+        """Read the upstream unless the client's socket or the replay buffer is full."""
+        if self.client_write_paused or self.core.upstream_paused:
+            self.upstream.pause_reading()
+        else:
+            self.upstream.resume_reading()
 
     def client_data(self, end: ClientEnd, data: bytes) -> None:
         if end is self.client:
@@ -372,18 +386,26 @@ class Session:
                 self.server.metrics.ping_rtt(rtt)
 
     def run_actions(self) -> None:
+        """Carry out the core's actions in order; consecutive sends to one side become one write."""
         core = self.core
         actions = core.actions[:]
         core.actions.clear()
         up = self.upstream
+        pending: list[bytes] = []
+        pending_kind = None
         for kind, data in actions:
+            if kind == SEND_CLIENT or kind == SEND_UPSTREAM:
+                if kind != pending_kind and pending:
+                    self._write(pending_kind, pending)
+                    pending = []
+                pending_kind = kind
+                pending.append(data)
+                continue
+            if pending:
+                self._write(pending_kind, pending)
+                pending = []
             client = self.client
-            if kind == SEND_CLIENT:
-                if client is not None:
-                    client.transport.write(data)
-            elif kind == SEND_UPSTREAM:
-                up.write(data)
-            elif kind == CLOSE_CLIENT:
+            if kind == CLOSE_CLIENT:
                 if client is not None:
                     client.transport.close()
             elif kind == ABORT_CLIENT:
@@ -393,6 +415,8 @@ class Session:
                 up.close()
             elif kind == ABORT_UPSTREAM:
                 up.abort()
+            elif kind == PAUSE_UPSTREAM or kind == RESUME_UPSTREAM:
+                self.update_upstream_reading()
             elif kind == PONG_FROM_CLIENT:
                 self._pong(self.server.client_beats, client, data)
             elif kind == PONG_FROM_UPSTREAM:
@@ -404,6 +428,15 @@ class Session:
                          self.client_ip, core.window, len(core.buffer))
             elif kind == ENDED:
                 self._ended()
+        if pending:
+            self._write(pending_kind, pending)
+
+    def _write(self, kind: str, frames: list[bytes]) -> None:
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if kind == SEND_UPSTREAM:
+            self.upstream.write(data)
+        elif self.client is not None:
+            self.client.transport.write(data)
 
     def _ended(self) -> None:
         core = self.core
@@ -483,6 +516,8 @@ class ResumeRegistry:
             session_id=os.urandom(16), route_key=route_key(route.host, route.path_prefix, route.upstream),
             codec=self.codec, window=window, buffer_limit=limit, max_message_size=cfg.max_message_size,
             close_timeout=cfg.close_timeout, mask_key_source=_mask_key, now=now,
+            # jittered as a plain WebSocket's, so sessions opened together do not all end together
+            idle_timeout=cfg.idle_timeout * (1.0 - 0.1 * server.rng.random()),
         )
         session = Session(self, core, upstream, exchange, wrapper, conn.client_ip, now)
         self.sessions[core.session_id] = session

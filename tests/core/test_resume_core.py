@@ -16,6 +16,8 @@ from edgeproxy.core.resume import (
     CLOSE_NOT_RESUMABLE,
     ENDED,
     PARKED,
+    PAUSE_UPSTREAM,
+    RESUME_UPSTREAM,
     MessageReader,
     NotResumable,
     ReplayBuffer,
@@ -163,17 +165,20 @@ def test_reader_refuses_what_it_cannot_reframe(data: bytes, code: int) -> None:
 # -- the buffer --------------------------------------------------------------------
 
 
-def test_buffer_acks_trims_and_replays() -> None:
+def test_buffer_acks_and_replays_the_frames_as_sent() -> None:
     buf = ReplayBuffer(10)
-    for seq in range(1, 6):
-        assert buf.append(seq, 1, b"ab")
-    assert not buf.append(6, 1, b"ab")  # 12 bytes > 10
-    buf.trim()
-    assert buf.size == 10 and buf.acked == 1
-    assert buf.replay_from(0) is None  # message 1 is gone
-    assert [s for s, _, _ in buf.replay_from(3)] == [4, 5, 6]
-    buf.ack(4)
-    assert buf.size == 4 and [s for s, _, _ in buf.replay_from(4)] == [5, 6]
+    assert buf.extend([b"f1", b"f2", b"f3"]) and buf.extend([b"f4", b"f5"])
+    assert not buf.extend([b"f6"])  # 12 bytes > 10: the caller decides
+    assert buf.size == 12 and len(buf) == 6
+    assert buf.replay_from(3) == [b"f4", b"f5", b"f6"]
+    buf.ack(2)
+    assert buf.size == 8 and buf.acked == 2
+    assert buf.replay_from(1) is None  # message 2 is freed
+    assert buf.replay_from(2) == [b"f3", b"f4", b"f5", b"f6"] and buf.replay_from(6) == []
+    buf.ack(1)  # an old ack changes nothing
+    assert buf.acked == 2 and len(buf) == 4
+    buf.ack(6)
+    assert buf.size == 0 and len(buf) == 0 and buf.acked == 6
 
 
 # -- the session -------------------------------------------------------------------
@@ -280,24 +285,62 @@ def test_buffer_overflow_while_parked_ends_the_session_and_frees_the_buffer() ->
     s.client_gone(0.0)
     take(s)
     s.from_upstream(upstream_text("x" * 1000))
-    assert take(s) == [] and s.held_bytes == 1000
+    assert take(s) == [] and s.held_bytes == len(encode_data(1, 1, b"x" * 1000))
     s.from_upstream(upstream_text("y" * 100))
     actions = take(s)
     assert (ENDED, None) in actions and s.end_reason == "buffer overflow"
     assert s.held_bytes == 0 and s.state is SessionState.CLOSED
 
 
-def test_overflow_while_attached_drops_the_oldest_so_an_old_resume_fails() -> None:
+def test_a_full_buffer_while_attached_pauses_the_upstream_until_acks_free_half() -> None:
     s = new_session(limit=1024)
     take(s)
-    for i in range(1, 4):
-        s.from_upstream(upstream_text(str(i) * 500))
-    assert s.buffer.size <= 1024 and s.buffer.acked == 1
-    s.client_gone(0.0)
+    s.from_upstream(upstream_text("1" * 500))
+    assert PAUSE_UPSTREAM not in [k for k, _ in take(s)]
+    s.from_upstream(upstream_text("2" * 500) + upstream_text("3" * 500))  # one read past the bound
+    actions = take(s)
+    assert (PAUSE_UPSTREAM, None) in actions and s.upstream_paused
+    assert [p[:3] for _, p in decoded(actions)] == [b"D2:", b"D3:"]  # nothing dropped
+    assert s.buffer.acked == 0 and len(s.buffer) == 3
+    s.from_client(client_control({"t": "ack", "seq": 1}), 0.0)
+    assert RESUME_UPSTREAM not in [k for k, _ in take(s)]  # 2 of 3 still held: more than half
+    s.from_client(client_control({"t": "ack", "seq": 2}), 0.0)
+    assert (RESUME_UPSTREAM, None) in take(s) and not s.upstream_paused
+
+
+def test_a_session_parked_with_a_full_buffer_stays_resumable_with_its_upstream_paused() -> None:
+    s = new_session(limit=1024)
     take(s)
-    with pytest.raises(NotResumable, match="no longer buffered"):
-        s.attach(0, 1.0)
-    assert s.state is SessionState.CLOSED
+    s.from_upstream(upstream_text("1" * 600) + upstream_text("2" * 600))
+    assert (PAUSE_UPSTREAM, None) in take(s)
+    s.client_gone(1.0)
+    assert (ENDED, None) not in take(s) and s.state is SessionState.PARKED and s.upstream_paused
+    s.attach(0, 2.0)
+    messages = decoded(take(s))
+    assert [p[:3] for _, p in messages[1:]] == [b"D1:", b"D2:"]
+
+
+def test_idle_timeout_closes_an_attached_session_on_both_sides() -> None:
+    keys = (i.to_bytes(4, "big") for i in itertools.count(1))
+    s = ResumeSession(session_id=b"\x05" * 16, route_key=ROUTE, codec=TokenCodec(b"k" * 16, "me"), window=10,
+                      buffer_limit=1 << 20, idle_timeout=60, mask_key_source=lambda: next(keys), now=0.0)
+    s.open()
+    take(s)
+    s.check_timers(30.0)
+    s.from_upstream(upstream_text("tick"))
+    s.check_timers(59.0)  # traffic at 30-59 s: active
+    s.check_timers(100.0)
+    assert not [op for op, _ in decoded(take(s)) if op == 8] and s.state is SessionState.ATTACHED  # 41 s idle so far
+    s.check_timers(119.5)
+    actions = take(s)
+    assert s.state is SessionState.CLOSING
+    assert [_accel.parse_close_payload(p)[0] for op, p in decoded(actions) if op == 8] == [1001]
+    assert [_accel.parse_close_payload(p) for op, p in decoded(actions, SEND_UPSTREAM) if op == 8] == [(1001, "idle timeout")]
+    # parked sessions are not idle-timed: their window rules
+    s2 = new_session()
+    s2.client_gone(0.0)
+    s2.check_timers(9.0)
+    assert s2.state is SessionState.PARKED
 
 
 def test_close_1000_from_the_client_ends_the_session_at_the_upstream() -> None:
@@ -335,3 +378,58 @@ def test_close_code_is_documented_value() -> None:
     assert CLOSE_NOT_RESUMABLE == 4409
     assert encode_data(1, 7, b"x") == _accel.encode_frame(1, b"D7:x")
     assert encode_control({"t": "ack", "seq": 1}) == _accel.encode_frame(1, b'C{"t":"ack","seq":1}')
+
+
+# -- the fast path and the slow path give the same session, however the bytes arrive --------
+
+
+def mixed_client_stream() -> bytes:
+    parts = [client_data(1, "a"), client_data(2, "b" * 200), client_control({"t": "ack", "seq": 1}),
+             client_data(2, "b" * 200), masked(_accel.OP_PING, b"hb"), client_data(3, "c"),
+             masked(_accel.OP_TEXT, b"D4:fr", fin=False), masked(_accel.OP_CONT, b"ag"),
+             client_data(5, "e" * 130), client_control({"t": "ping", "id": 3}), client_data(6, "f")]
+    return b"".join(parts)
+
+
+def mixed_upstream_stream() -> bytes:
+    return b"".join([upstream_text("1"), upstream_text("2" * 300), _accel.encode_frame(_accel.OP_PING, b"up"),
+                     upstream_text("3"), _accel.encode_frame(_accel.OP_TEXT, b"fr", fin=False),
+                     _accel.encode_frame(_accel.OP_CONT, b"ag"), upstream_text("5" * 70000), upstream_text("6")])
+
+
+def run_split(pieces_client, pieces_upstream):
+    s = new_session()
+    s.from_upstream(upstream_text("0"))  # so that the client's ack of 1 is valid
+    take(s)
+    for piece in pieces_upstream:
+        s.from_upstream(piece)
+    for piece in pieces_client:
+        s.from_client(piece, 0.0)
+    actions = take(s)
+    up = b"".join(d for k, d in actions if k == SEND_UPSTREAM)
+    to_client = [m for m in decoded(actions) if not m[1].startswith(b'C{"t":"ack"')]
+    return up, to_client, s.in_seq, s.out_seq, s.buffer.replay_from(0)
+
+
+def test_every_split_of_the_client_stream_gives_the_same_bytes_upstream() -> None:
+    stream = mixed_client_stream()
+    whole = run_split([stream], [])
+    assert whole[2] == 6 and MessageReader(masked=True).feed(whole[0]) == [
+        (1, b"a"), (1, b"b" * 200), (1, b"c"), (1, b"frag"), (1, b"e" * 130), (1, b"f")]
+    assert [p for _, p in whole[1]] == [b"hb", b'C{"t":"pong","id":3}']
+    for cut in range(1, len(stream)):
+        assert run_split([stream[:cut], stream[cut:]], []) == whole, cut
+    assert run_split([stream[i:i + 1] for i in range(len(stream))], []) == whole
+
+
+def test_every_split_of_the_upstream_stream_gives_the_same_numbered_frames() -> None:
+    stream = mixed_upstream_stream()
+    whole = run_split([], [stream])
+    # message 1 ("0") went out before; the six of the stream are 2..7, the pong to its ping aside
+    assert whole[3] == 7 and [p[:3] for _, p in whole[1]] == [b"D2:", b"D3:", b"D4:", b"D5:", b"D6:", b"D7:"]
+    assert whole[4][1:] == [_accel.encode_frame(op, p) for op, p in whole[1]]  # the replay is what was sent
+    assert b"up" in whole[0]  # the upstream's ping got its pong
+    for cut in range(1, len(stream), 97):
+        assert run_split([], [stream[:cut], stream[cut:]]) == whole, cut
+    for cut in range(len(stream) - 300, len(stream)):
+        assert run_split([], [stream[:cut], stream[cut:]]) == whole, cut

@@ -341,6 +341,70 @@ async def test_buffer_overflow_while_parked_closes_the_backend(proxy, backend) -
     assert (code, reason) == (CLOSE_NOT_RESUMABLE, "not resumable: unknown or expired session")
 
 
+async def test_a_client_behind_on_acks_pauses_the_backend_and_loses_nothing(proxy) -> None:
+    """The replay buffer is the flow-control window: a reader that does not ack holds the backend back."""
+    count, size, limit = 4000, 4096, 64 * 1024
+    sent = []
+
+    async def bulk(ws) -> None:
+        for i in range(1, count + 1):
+            await ws.send(f"{i:08d}".ljust(size, "x"))
+            sent.append(i)
+        await ws.wait_closed()
+
+    server = await serve(bulk, HOST, 0, subprotocols=["chat"], compression=None, max_size=None)
+    try:
+        bport = server.sockets[0].getsockname()[1]
+        p = await proxy(bport, websocket={"resume_secret": SECRET, "resume_buffer_bytes": limit})
+        async with ws_client(p.ws_url("/ws"), subprotocols=[f"{SUBPROTOCOL}+chat"], compression=None,
+                             max_size=None, max_queue=None) as ws:
+            assert (await ws.recv()).startswith('C{"t":"session"')
+            [session] = p.server.resume.sessions.values()
+            got: list[int] = []
+
+            async def read_for(seconds: float) -> None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(seconds):
+                        while True:
+                            message = await ws.recv()
+                            head, _, body = message.partition(":")
+                            got.append(int(body[:8]))
+                            assert int(head[1:]) == len(got)  # numbered 1, 2, 3... by the proxy
+
+            await read_for(1.0)  # read all that comes, ack nothing
+            assert session.core.upstream_paused and session.upstream._reading_paused
+            assert session.core.buffer.size <= limit + 256 * 1024  # the bound, plus at most one read
+            stalled = len(got)
+            assert stalled < count and len(sent) < count  # the backend is held back, not buffered without end
+            await ws.send('C{"t":"ack","seq":%d}' % len(got))
+            async with asyncio.timeout(30):
+                while len(got) < count:  # now ack as a client should: everything flows
+                    message = await ws.recv()
+                    got.append(int(message.partition(":")[2][:8]))
+                    if len(got) % 8 == 0:
+                        await ws.send('C{"t":"ack","seq":%d}' % len(got))
+            assert got == list(range(1, count + 1))  # every message once, in order
+            assert session.core.buffer.size <= limit + 256 * 1024
+    finally:
+        server.close()
+
+
+async def test_idle_timeout_ends_a_quiet_resumable_session_like_a_plain_one(proxy, backend) -> None:
+    b = await backend(interval=0)
+    p = await resume_proxy(proxy, b, idle_timeout=0.6)
+    async with ws_client(p.ws_url("/ws"), subprotocols=[f"{SUBPROTOCOL}+chat"], compression=None) as ws:
+        assert (await ws.recv()).startswith('C{"t":"session"')
+        started = asyncio.get_running_loop().time()
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async with asyncio.timeout(5):
+                while True:
+                    await ws.recv()
+        assert (ws.close_code, ws.close_reason) == (1001, "idle timeout")
+        assert 0.5 < asyncio.get_running_loop().time() - started < 3.0
+    assert await wait_until(lambda: b.connections[0]["close"] == 1001)
+    assert await wait_until(lambda: not p.server.resume.sessions)
+
+
 async def test_python_client_resets_when_the_session_is_gone(proxy, backend) -> None:
     b = await backend(interval=0.02)
     p = await resume_proxy(proxy, b, window=0.3)
