@@ -18,6 +18,10 @@ what was missed and says which client messages it already forwarded; the client
 resends the rest.  Close 4409 means the session is gone: the client starts a new
 one and reports ``reset`` (the application should reload its state).
 
+Messages sent wait in a resend buffer until the proxy acknowledges them;
+``max_unacked_bytes`` bounds it, and `send` waits for room (as a socket's
+drain does) rather than letting a client cut off for long grow without end.
+
 Events (`events`, an asyncio.Queue of ``(name, detail)``): ``("open", None)``,
 ``("reconnecting", attempt)``, ``("resumed", replayed_count)``,
 ``("reset", reason)``, ``("closed", (code, reason))``.
@@ -88,11 +92,13 @@ class ResumableWebSocket:
         connect_timeout: per connection attempt (TCP plus handshake).
         backoff: reconnection waits; default `Backoff(0.2, 10.0)`.
         max_attempts: give up (``closed`` event) after this many failed attempts in a row.
+        max_unacked_bytes: bytes of sent messages kept for a resend until acknowledged;
+            `send` waits while a message would go past it (one message alone always fits).
     """
 
     def __init__(self, url: str, *, subprotocol: str | None = None, ping_interval: float = 5.0,
                  ping_timeout: float = 10.0, connect_timeout: float = 5.0, backoff: Backoff | None = None,
-                 max_attempts: int | None = None, ack_every: int = 16):
+                 max_attempts: int | None = None, ack_every: int = 16, max_unacked_bytes: int = 1 << 20):
         parts = urlsplit(url)
         if parts.scheme != "ws":
             raise ValueError("only ws:// URLs are supported")
@@ -116,7 +122,11 @@ class ResumableWebSocket:
         self._dedupe = SeqDedupe()
         self._acked_in = 0
         self._out_seq = 0
-        self._unacked: deque[tuple[int, str | bytes]] = deque()
+        self.max_unacked_bytes = max_unacked_bytes
+        self._unacked: deque[tuple[int, str | bytes, int]] = deque()
+        self._unacked_bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
         self._closing = False
         self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -125,6 +135,11 @@ class ResumableWebSocket:
         #: counts, for tests and logs
         self.resumes = 0
         self.resets = 0
+
+    @property
+    def buffered_amount(self) -> int:
+        """Bytes of sent messages not yet acknowledged by the proxy."""
+        return self._unacked_bytes
 
     @property
     def last_seq(self) -> int:
@@ -142,15 +157,25 @@ class ResumableWebSocket:
         return self
 
     async def send(self, data: str | bytes) -> None:
-        """Queue a message; it reaches the backend exactly once, across resumes."""
+        """Queue a message; it reaches the backend exactly once, across resumes.
+
+        Waits while the resend buffer has no room for it (``max_unacked_bytes``).
+        """
         if self._closing:
             raise RuntimeError("the WebSocket is closed")
         if not self.resumable:
             await self._ready.wait()
             self._write(data if isinstance(data, str) else bytes(data))
             return
+        size = len(data.encode("utf-8")) if isinstance(data, str) else len(data)
+        while self._unacked and self._unacked_bytes + size > self.max_unacked_bytes:
+            self._room.clear()
+            await self._room.wait()
+            if self._closing:
+                raise ConnectionError(f"closed {self.close_code} while waiting for room to send")
         self._out_seq += 1
-        self._unacked.append((self._out_seq, data))
+        self._unacked.append((self._out_seq, data, size))
+        self._unacked_bytes += size
         if self._ready.is_set():
             self._write_data(self._out_seq, data)
 
@@ -264,7 +289,7 @@ class ResumableWebSocket:
                 if fields.get("resumed"):
                     self.resumes += 1
                     self.events.put_nowait(("resumed", fields.get("replayed", 0)))
-                for seq, payload in list(self._unacked):
+                for seq, payload, _ in list(self._unacked):
                     self._write_data(seq, payload)
                 self.backoff.reset()
                 self._ready.set()
@@ -285,8 +310,10 @@ class ResumableWebSocket:
                 self._send_ack()
 
     def _on_acked(self, seq: int) -> None:
-        while self._unacked and self._unacked[0][0] <= seq:
-            self._unacked.popleft()
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= seq:
+            self._unacked_bytes -= unacked.popleft()[2]
+        self._room.set()
 
     def _send_ack(self) -> None:
         self._acked_in = self._dedupe.last
@@ -390,6 +417,8 @@ class ResumableWebSocket:
         self._acked_in = 0
         self._out_seq = 0
         self._unacked.clear()
+        self._unacked_bytes = 0
+        self._room.set()
         self.backoff.reset()
         self.events.put_nowait(("reset", reason))
 
@@ -397,6 +426,7 @@ class ResumableWebSocket:
         if self.close_code is None:
             self.close_code = code
             self._closing = True
+            self._room.set()  # a send waiting for room learns that the WebSocket is closed
             self._messages.put_nowait(ConnectionError(f"closed {code} {reason}".strip()))
             self.events.put_nowait(("closed", (code, reason)))
 

@@ -11,14 +11,37 @@
 //   ws.send("hello");                                 // reaches the backend exactly once
 //
 // Events: open, message, close, error (as WebSocket), plus reconnecting
-// (detail.attempt, detail.delay), resumed (detail.replayed) and reset
-// (detail.reason). Dead connections are found with application-level pings
+// (detail.attempt, detail.delay), resumed (detail.replayed), reset
+// (detail.reason) and acked (detail.bufferedAmount). Dead connections are found with application-level pings
 // inside the envelope (browsers cannot see protocol pings): nothing heard for
 // pingTimeout after a ping closes the socket and reconnects with backoff
 // (exponential, full jitter) and the resume token.
+//
+// Messages sent are kept until the proxy acknowledges them (to resend after a
+// resume); bufferedAmount is their size in bytes. send() throws a RangeError
+// when a message would take it past maxBufferedBytes (default 1 MiB), so a
+// client cut off for long cannot grow without bound: wait for bufferedAmount
+// to fall (the "acked" event says when) and send again.
 
 export const SUBPROTOCOL = "edgeproxy.resume.v1";
 export const CLOSE_NOT_RESUMABLE = 4409;
+
+/** Bytes of `data` on the wire: UTF-8 length of a string, byte length of a buffer or view. */
+export function byteLength(data) {
+  if (typeof data === "string") {
+    let n = 0;
+    for (let i = 0; i < data.length; i++) {
+      const c = data.charCodeAt(i);
+      if (c < 0x80) n += 1;
+      else if (c < 0x800) n += 2;
+      else if (c >= 0xd800 && c < 0xdc00 && i + 1 < data.length) { n += 4; i += 1; }
+      else n += 3;
+    }
+    return n;
+  }
+  if (data instanceof ArrayBuffer || ArrayBuffer.isView(data)) return data.byteLength;
+  throw new TypeError("send() takes a string, an ArrayBuffer or a typed array / DataView");
+}
 
 export class Backoff {
   constructor(base = 500, cap = 30000, random = Math.random) {
@@ -44,18 +67,20 @@ export class ResumableWebSocket extends EventTarget {
     this.pingTimeout = options.pingTimeout ?? 10000;
     this.ackEvery = options.ackEvery ?? 16;
     this.connectTimeout = options.connectTimeout ?? 10000;
+    this.maxBufferedBytes = options.maxBufferedBytes ?? 1048576;
     this.backoff = options.backoff ?? new Backoff(options.backoffBase ?? 500, options.backoffCap ?? 30000);
     this.binaryType = "blob";
     this.readyState = ResumableWebSocket.CONNECTING;
     this.protocol = "";
     this.resumable = false;
     this.onopen = this.onmessage = this.onclose = this.onerror = null;
-    this.onreconnecting = this.onresumed = this.onreset = null;
+    this.onreconnecting = this.onresumed = this.onreset = this.onacked = null;
     this._token = null;
     this._lastSeq = 0;      // last upstream message delivered
     this._ackedIn = 0;      // last one acknowledged to the proxy
     this._outSeq = 0;       // last client message numbered
-    this._unacked = [];     // [seq, data] not yet acknowledged by the proxy
+    this._unacked = [];     // [seq, data, bytes] not yet acknowledged by the proxy
+    this._unackedBytes = 0;
     this._ready = false;
     this._closing = false;
     this._pingId = 0;
@@ -68,11 +93,20 @@ export class ResumableWebSocket extends EventTarget {
 
   get lastSeq() { return this._lastSeq; }
 
+  /** Bytes sent (or queued) and not yet acknowledged by the proxy. */
+  get bufferedAmount() { return this._unackedBytes; }
+
   send(data) {
     if (this._closing) throw new Error("WebSocket is closed");
     if (!this.resumable && this._ready) { this._ws.send(data); return; }
+    const size = byteLength(data);
+    if (this._unacked.length && this._unackedBytes + size > this.maxBufferedBytes) {
+      throw new RangeError(`resend buffer full: ${this._unackedBytes} bytes await the proxy's acknowledgement ` +
+                           `(maxBufferedBytes ${this.maxBufferedBytes})`);
+    }
     this._outSeq += 1;
-    this._unacked.push([this._outSeq, data]);
+    this._unacked.push([this._outSeq, data, size]);
+    this._unackedBytes += size;
     if (this._ready) this._sendData(this._outSeq, data);
   }
 
@@ -186,13 +220,15 @@ export class ResumableWebSocket extends EventTarget {
     for (const [seq, data] of this._unacked) {
       if (this.resumable) this._sendData(seq, data); else this._ws.send(data);
     }
-    if (!this.resumable) this._unacked = [];
+    if (!this.resumable) { this._unacked = []; this._unackedBytes = 0; }
     if (first) this._emit("open", null, new Event("open"));
     if (resumed) { this.resumes += 1; this._emit("resumed", { replayed }); }
   }
 
   _onAcked(seq) {
-    while (this._unacked.length && this._unacked[0][0] <= seq) this._unacked.shift();
+    let n = 0;
+    while (n < this._unacked.length && this._unacked[n][0] <= seq) this._unackedBytes -= this._unacked[n++][2];
+    if (n) { this._unacked.splice(0, n); this._emit("acked", { bufferedAmount: this._unackedBytes }); }
   }
 
   _sendAck() {
@@ -203,7 +239,8 @@ export class ResumableWebSocket extends EventTarget {
   _sendData(seq, data) {
     if (typeof data === "string") { this._ws.send(`D${seq}:${data}`); return; }
     const head = new TextEncoder().encode(`D${seq}:`);
-    const body = new Uint8Array(data instanceof ArrayBuffer ? data : data.buffer);
+    const body = data instanceof ArrayBuffer ? new Uint8Array(data)
+      : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
     const out = new Uint8Array(head.length + body.length);
     out.set(head); out.set(body, head.length);
     this._ws.send(out);
@@ -221,7 +258,8 @@ export class ResumableWebSocket extends EventTarget {
     if (code === CLOSE_NOT_RESUMABLE) {
       // The session is gone: start a new one; the application reloads its state.
       this.resets += 1;
-      this._token = null; this._lastSeq = 0; this._ackedIn = 0; this._outSeq = 0; this._unacked = [];
+      this._token = null; this._lastSeq = 0; this._ackedIn = 0; this._outSeq = 0;
+      this._unacked = []; this._unackedBytes = 0;
       this.backoff.reset();
       this._emit("reset", { reason });
     }

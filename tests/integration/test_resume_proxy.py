@@ -428,6 +428,31 @@ async def test_python_client_resets_when_the_session_is_gone(proxy, backend) -> 
     await c.close()
 
 
+async def test_python_client_send_waits_for_room_while_cut_off_and_loses_nothing(proxy, backend, relay) -> None:
+    b = await backend(interval=0)
+    p = await resume_proxy(proxy, b, ping_interval=0.5, pong_timeout=0.5)
+    r = await relay(p.port)
+    c = await client(r.url(), ping_interval=0.3, ping_timeout=0.6, connect_timeout=1.0, max_unacked_bytes=1000)
+    await c.send("c0")
+    got: list = []
+    await recv_until(c, lambda g: "echo:c0" in g, got)
+    await asyncio.sleep(0.3)  # the proxy's ack of c0 arrives with its tick
+    r.blackhole = True
+    for i in range(1, 10):  # 9 x 100 bytes fit in 1000
+        await asyncio.wait_for(c.send(f"c{i}".ljust(100, ".")), 1)
+    assert 900 <= c.buffered_amount <= 1000
+    blocked = asyncio.create_task(c.send("c10".ljust(200, ".")))
+    await asyncio.sleep(1.5)  # cut off: no ack can come, the send waits
+    assert not blocked.done() and c.buffered_amount <= 1000
+    r.blackhole = False
+    await asyncio.wait_for(blocked, 15)  # resumed, resent, acknowledged: room again
+    await recv_until(c, lambda g: any(m.startswith("echo:c10") for m in g), got, timeout=15)
+    await c.close()
+    expected = ["c0"] + [f"c{i}".ljust(100, ".") for i in range(1, 10)] + ["c10".ljust(200, ".")]
+    assert b.connections[0]["got"] == expected and len(b.connections) == 1  # once each, in order
+    assert c.resumes >= 1
+
+
 async def test_parked_memory_is_bounded_and_freed(proxy, backend) -> None:
     limit, n = 8192, 40
     b = await backend(interval=0.005, size=200)
@@ -510,6 +535,30 @@ async ([url]) => {
 """
 
 
+BOUNDED_SCRIPT = """
+async ([url]) => {
+  const { ResumableWebSocket } = await import('/.edgeproxy/resume-client.js');
+  const ws = new ResumableWebSocket(url, 'chat', {maxBufferedBytes: 12});
+  ws.send('0123456789');  // queued while connecting: 10 bytes held
+  let error = null;
+  try { ws.send('abc'); } catch (e) { error = e.name; }
+  const held = ws.bufferedAmount;
+  const echoOf = () => new Promise((resolve) => {
+    ws.onmessage = (e) => { if (e.data.startsWith('echo:')) resolve(e.data); };
+  });
+  const echoed = echoOf();
+  await echoed;  // echo:0123456789
+  await new Promise((resolve) => ws.addEventListener('acked', resolve, {once: true}));
+  const afterAck = ws.bufferedAmount;
+  const later = echoOf();
+  ws.send('later');
+  const echo = await later;
+  ws.close();
+  return {error, held, afterAck, echo};
+}
+"""
+
+
 async def test_browser_client_survives_a_paused_relay(proxy, backend, relay, external_tool) -> None:
     from playwright.async_api import async_playwright
 
@@ -538,6 +587,7 @@ async def test_browser_client_survives_a_paused_relay(proxy, backend, relay, ext
             got = await page.evaluate("window.got")
             events = await page.evaluate("window.events")
             await page.evaluate("window.ws.close()")
+            bounded = await page.evaluate(BOUNDED_SCRIPT, [r.url()])
         finally:
             await browser.close()
     assert errors == []
@@ -545,6 +595,9 @@ async def test_browser_client_survives_a_paused_relay(proxy, backend, relay, ext
     streamed = numbered(got, "s")
     assert streamed == list(range(1, len(streamed) + 1))
     assert numbered(got, "echo:c") == list(range(1, final + 1))
-    assert len(b.connections) == 1
+    assert len(b.connections) == 2  # the session, and the second page client's below
     assert b.connections[0]["got"] == [f"c{i}" for i in range(1, final + 1)]
     assert p.server.resume.parked_count >= 1
+    # the resend buffer is bounded: an overflowing send throws, acks make room
+    assert bounded == {"error": "RangeError", "held": 10, "afterAck": 0, "echo": "echo:later"}
+    assert b.connections[1]["got"] == ["0123456789", "later"]
