@@ -310,14 +310,24 @@ class MessageReader:
         """No fragmented message is in progress: the fast path may take the next frames."""
         return not self._opcode
 
-    def take(self, data: bytes) -> bytes | bytearray:
-        """`data` behind the incomplete frame held, which the reader then forgets (the caller feeds back the rest)."""
+    def complete(self, data: bytes) -> tuple[bytes | None, int]:
+        """The incomplete frame held, completed from the start of `data`: ``(frame, bytes of data used)``.
+
+        ``(None, 0)`` when `data` does not complete it (then `feed` it as usual,
+        which also applies the size limits).  Only the frame is copied, not all
+        of `data`.
+        """
         buf = self._buf
-        if not buf:
-            return data
-        self._buf = bytearray()
-        buf += data
-        return buf
+        probe = bytes(buf[:14]) if len(buf) >= 14 else bytes(buf) + bytes(data[:14 - len(buf)])
+        header = _accel.parse_header(probe)
+        if header is None:
+            return None, 0
+        need = header[5] + header[4] - len(buf)
+        if need > len(data):
+            return None, 0
+        frame = bytes(buf) + bytes(data[:need])
+        buf.clear()
+        return frame, need
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         buf = self._buf
@@ -415,15 +425,14 @@ class ReplayBuffer:
     def extend(self, frames: list[bytes]) -> bool:
         """Keep the frames of the next messages, in order; False when the bound is passed."""
         self._frames.extend(frames)
-        for frame in frames:
-            self.size += len(frame)
+        self.size += sum(map(len, frames))
         return self.size <= self.limit
 
     def ack(self, seq: int) -> None:
         """The client has every message up to `seq`: free them."""
         frames = self._frames
-        for _ in range(min(seq - self.acked, len(frames))):
-            self.size -= len(frames.popleft())
+        pop = frames.popleft
+        self.size -= sum(len(pop()) for _ in range(min(seq - self.acked, len(frames))))
         if seq > self.acked:
             self.acked = seq
 
@@ -460,7 +469,9 @@ class ResumeSession:
     Call `from_client(data)` / `from_upstream(data)` with what each side sent,
     `client_gone(now)` when the client's connection ends without a close 1000,
     `attach(last_seen, now)` for a resuming client, and `check_timers(now)` on
-    every tick; then carry out `actions` in order and clear it.
+    every tick; then carry out `actions` in order and clear it.  The data of a
+    ``SEND_CLIENT`` or ``SEND_UPSTREAM`` action is bytes or, for a run of
+    frames, a list of them (to write without joining them first).
 
     Args:
         session_id: 16 random bytes (the transport draws them).
@@ -577,33 +588,39 @@ class ResumeSession:
         if not reader.between_messages:
             slow(reader.feed(data), now)
             return
-        view = reader.take(data)
         pos = 0
+        if reader.buffered:  # finish the frame a previous read began, without copying this whole read
+            frame, pos = reader.complete(data)
+            if frame is None:
+                slow(reader.feed(data), now)
+                return
+            if not self._run(reader, frame, 0, fast, slow, now) or pos == len(data):
+                return
+        self._run(reader, data, pos, fast, slow, now)
+
+    def _run(self, reader: MessageReader, view, pos: int, fast: Callable, slow: Callable, now: float) -> bool:
+        """`_read` from `pos` of a view that starts on a frame boundary; False when reading stopped."""
         end = len(view)
         while True:
             pos = fast(view, pos)
             if pos == end:
-                return
+                return True
             header = _accel.parse_header(view, pos)
             if header is None or end - pos < header[5] + header[4]:
-                slow(reader.feed(view[pos:]), now)  # an incomplete frame: kept (or refused) by the reader
-                return
+                return slow(reader.feed(view[pos:]), now)  # an incomplete frame: kept (or refused) by the reader
             nxt = pos + header[5] + header[4]
             if not slow(reader.feed(view[pos:nxt]), now):
-                return
+                return False
             pos = nxt
             if not reader.between_messages:  # a fragmented message began: the reader takes the rest
-                slow(reader.feed(view[pos:]), now)
-                return
-            if pos == end:
-                return
+                return slow(reader.feed(view[pos:]), now)
 
     def _unwrap_run(self, view, pos: int) -> int:
         pos, in_seq, frames, _ = _accel.unwrap_frames(view, pos, self.in_seq, self.max_message_size, self._mask_key)
         if frames:
             self.in_seq = in_seq
             self.messages_from_client += len(frames)
-            self.actions.append((SEND_UPSTREAM, frames[0] if len(frames) == 1 else b"".join(frames)))
+            self.actions.append((SEND_UPSTREAM, frames[0] if len(frames) == 1 else frames))
         elif in_seq != self.in_seq:
             self.in_seq = in_seq
         return pos
@@ -767,7 +784,7 @@ class ResumeSession:
         self.messages_from_upstream += len(frames)
         within = self.buffer.extend(frames)
         if self.state is SessionState.ATTACHED:
-            self.actions.append((SEND_CLIENT, frames[0] if len(frames) == 1 else b"".join(frames)))
+            self.actions.append((SEND_CLIENT, frames[0] if len(frames) == 1 else frames))
             if not within and not self.upstream_paused:
                 self.upstream_paused = True
                 self.actions.append((PAUSE_UPSTREAM, None))

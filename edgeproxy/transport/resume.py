@@ -399,7 +399,10 @@ class Session:
                     self._write(pending_kind, pending)
                     pending = []
                 pending_kind = kind
-                pending.append(data)
+                if type(data) is list:
+                    pending += data
+                else:
+                    pending.append(data)
                 continue
             if pending:
                 self._write(pending_kind, pending)
@@ -432,11 +435,17 @@ class Session:
             self._write(pending_kind, pending)
 
     def _write(self, kind: str, frames: list[bytes]) -> None:
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        """One write of the frames (a writev on plain sockets: no join, no copy)."""
         if kind == SEND_UPSTREAM:
-            self.upstream.write(data)
+            if len(frames) == 1:
+                self.upstream.write(frames[0])
+            else:
+                self.upstream.writelines(frames)
         elif self.client is not None:
-            self.client.transport.write(data)
+            if len(frames) == 1:
+                self.client.transport.write(frames[0])
+            else:
+                self.client.transport.writelines(frames)
 
     def _ended(self) -> None:
         core = self.core

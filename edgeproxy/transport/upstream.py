@@ -130,6 +130,10 @@ class UpstreamConnection(asyncio.Protocol):
         if data and not self.closed:
             self.transport.write(data)
 
+    def writelines(self, frames: list[bytes]) -> None:
+        if not self.closed:
+            self.transport.writelines(frames)
+
     def pause_reading(self) -> None:
         if not self._reading_paused and not self.closed:
             self._reading_paused = True

@@ -200,7 +200,7 @@ def take(s: ResumeSession) -> list[tuple[str, bytes | None]]:
 
 def decoded(actions, kind=SEND_CLIENT) -> list[tuple[int, bytes]]:
     """Messages inside the frames of `kind` actions (upstream frames are masked)."""
-    data = b"".join(d for k, d in actions if k == kind)
+    data = b"".join(b"".join(d) if isinstance(d, list) else d for k, d in actions if k == kind)
     return MessageReader(masked=kind == SEND_UPSTREAM).feed(data)
 
 
@@ -406,7 +406,7 @@ def run_split(pieces_client, pieces_upstream):
     for piece in pieces_client:
         s.from_client(piece, 0.0)
     actions = take(s)
-    up = b"".join(d for k, d in actions if k == SEND_UPSTREAM)
+    up = b"".join(b"".join(d) if isinstance(d, list) else d for k, d in actions if k == SEND_UPSTREAM)
     to_client = [m for m in decoded(actions) if not m[1].startswith(b'C{"t":"ack"')]
     return up, to_client, s.in_seq, s.out_seq, s.buffer.replay_from(0)
 
