@@ -830,42 +830,97 @@ cdef int _plain_data_frame(const unsigned char *p, Py_ssize_t avail, int masked,
     return 1
 
 
+cdef inline int _decimal_digits(unsigned long long n) noexcept nogil:
+    cdef int d = 1
+    while n >= 10:
+        n //= 10
+        d += 1
+    return d
+
+
 def number_frames(buf, Py_ssize_t pos, seq, max_size):
-    """Re-frame complete unmasked data frames as ``D<seq>:`` messages; see :func:`edgeproxy.core.envelope.number_frames`."""
+    """Re-frame complete unmasked data frames as ``D<seq>:`` messages; see :func:`edgeproxy.core.envelope.number_frames`.
+
+    Two passes over the headers: the first finds the run and its encoded size,
+    the second writes every frame into one bytes object.
+    """
     cdef unsigned long long cseq = seq
     cdef unsigned long long cmax = max_size
+    cdef unsigned long long s
     cdef Py_buffer b
     cdef const unsigned char *p
     cdef _Frame f
     cdef char prefix[24]
-    cdef int plen
-    cdef Py_ssize_t hl
+    cdef int plen, i
+    cdef Py_ssize_t start = pos, total = 0, count = 0, k, hl, at
+    cdef unsigned long long end_at
     cdef unsigned char *o
-    cdef list frames = []
+    cdef unsigned char *e
     PyObject_GetBuffer(buf, &b, PyBUF_SIMPLE)
     try:
         p = <const unsigned char *>b.buf
-        while True:
-            if not _plain_data_frame(p + pos, b.len - pos, 0, cmax, &f):
-                break
+        s = cseq
+        while _plain_data_frame(p + pos, b.len - pos, 0, cmax, &f):
+            s += 1
+            plen = _decimal_digits(s) + 2
+            total += _header_size(plen + f.length, False) + plen + <Py_ssize_t>f.length
+            count += 1
+            pos += f.hl + <Py_ssize_t>f.length
+        run = PyBytes_FromStringAndSize(NULL, total)
+        ends = PyBytes_FromStringAndSize(NULL, 8 * count)
+        o = <unsigned char *>PyBytes_AS_STRING(run)
+        e = <unsigned char *>PyBytes_AS_STRING(ends)
+        pos = start
+        at = 0
+        for k in range(count):
+            _plain_data_frame(p + pos, b.len - pos, 0, cmax, &f)
             cseq += 1
             plen = snprintf(prefix, sizeof(prefix), "D%llu:", cseq)
-            out = PyBytes_FromStringAndSize(NULL, _header_size(plen + f.length, False) + plen + <Py_ssize_t>f.length)
-            o = <unsigned char *>PyBytes_AS_STRING(out)
-            hl = _put_header(o, 0x80 | f.opcode, plen + f.length, NULL)
-            memcpy(o + hl, prefix, plen)
-            memcpy(o + hl + plen, p + pos + f.hl, f.length)
-            frames.append(out)
+            hl = _put_header(o + at, 0x80 | f.opcode, plen + f.length, NULL)
+            memcpy(o + at + hl, prefix, plen)
+            memcpy(o + at + hl + plen, p + pos + f.hl, f.length)
+            at += hl + plen + <Py_ssize_t>f.length
+            end_at = at
+            for i in range(8):  # little-endian, whatever the machine
+                e[8 * k + i] = (end_at >> (8 * i)) & 0xFF
             pos += f.hl + <Py_ssize_t>f.length
     finally:
         PyBuffer_Release(&b)
-    return pos, cseq, frames
+    return pos, cseq, run, ends
 
 
-def unwrap_frames(buf, Py_ssize_t pos, in_seq, max_size, mask_key_source):
+cdef const char *ACK_PREFIX = b'C{"t":"ack","seq":'
+cdef enum:
+    ACK_PREFIX_LEN = 18
+
+
+cdef long long _ack_seq(const unsigned char *payload, Py_ssize_t n, const unsigned char *key) noexcept:
+    """N of a masked payload that is exactly ``C{"t":"ack","seq":N}`` (1-18 digits); else -1."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    cdef long long seq = 0
+    if n < ACK_PREFIX_LEN + 2 or n > ACK_PREFIX_LEN + MAX_SEQ_DIGITS + 1:
+        return -1
+    for i in range(ACK_PREFIX_LEN):
+        if (payload[i] ^ key[i & 3]) != <unsigned char>ACK_PREFIX[i]:
+            return -1
+    if (payload[n - 1] ^ key[(n - 1) & 3]) != 125:  # '}'
+        return -1
+    for i in range(ACK_PREFIX_LEN, n - 1):
+        c = payload[i] ^ key[i & 3]
+        if c < 48 or c > 57:
+            return -1
+        seq = seq * 10 + (c - 48)
+    return seq
+
+
+def unwrap_frames(buf, Py_ssize_t pos, in_seq, max_size, mask_key_source, out_seq):
     """Strip the ``D<seq>:`` envelope from complete client data frames; see :func:`edgeproxy.core.envelope.unwrap_frames`."""
     cdef unsigned long long cin = in_seq
     cdef unsigned long long cmax = max_size
+    cdef long long cout = out_seq
+    cdef long long ack = -1
+    cdef long long acked
     cdef unsigned long long dseq
     cdef Py_buffer b
     cdef Py_buffer kb
@@ -887,6 +942,14 @@ def unwrap_frames(buf, Py_ssize_t pos, in_seq, max_size, mask_key_source):
                 break
             payload = p + pos + f.hl
             n = <Py_ssize_t>f.length
+            if n and f.opcode == 1 and (payload[0] ^ f.key[0]) == 67:  # 'C': only a plain ack is taken
+                acked = _ack_seq(payload, n, f.key)
+                if acked < 0 or acked > cout:
+                    break
+                if acked > ack:
+                    ack = acked
+                pos += f.hl + n
+                continue
             # "D<digits>:" with at most MAX_SEQ_DIGITS digits, read through the mask
             if n < 3 or (payload[0] ^ f.key[0]) != 68:  # 'D'
                 break
@@ -931,4 +994,4 @@ def unwrap_frames(buf, Py_ssize_t pos, in_seq, max_size, mask_key_source):
             frames.append(out)
     finally:
         PyBuffer_Release(&b)
-    return pos, cin, frames, duplicates
+    return pos, cin, frames, duplicates, ack

@@ -23,14 +23,18 @@ the same results and the same calls to `mask_key_source`
 
 from __future__ import annotations
 
+import itertools
+import struct
 from collections.abc import Callable
 
 from edgeproxy.core.frames import apply_mask, encode_header, parse_header
 
-__all__ = ["number_frames", "unwrap_frames", "MAX_SEQ_DIGITS"]
+__all__ = ["number_frames", "unwrap_frames", "MAX_SEQ_DIGITS", "ACK_PREFIX"]
 
 #: longer sequence numbers are left to the slow path (they cannot be consecutive anyway)
 MAX_SEQ_DIGITS = 18
+#: the one spelling of an acknowledgement the fast path reads (what the shipped clients send)
+ACK_PREFIX = b'C{"t":"ack","seq":'
 
 
 def _plain_data_frame(buf, pos: int, masked: bool, max_size: int) -> tuple[bytes | None, int, int] | None:
@@ -50,12 +54,15 @@ def _plain_data_frame(buf, pos: int, masked: bool, max_size: int) -> tuple[bytes
     return key, length, hl
 
 
-def number_frames(buf, pos: int, seq: int, max_size: int) -> tuple[int, int, list[bytes]]:
+def number_frames(buf, pos: int, seq: int, max_size: int) -> tuple[int, int, bytes, bytes]:
     """Re-frame the complete, unmasked, unfragmented data frames at ``buf[pos:]`` as ``D<seq>:`` messages.
 
-    Returns ``(pos, seq, frames)``: where it stopped, the last number given, and
-    one encoded (unmasked) frame per message, numbered from ``seq + 1``.
-    `max_size` (0: none) stops in front of a frame whose payload is larger.
+    Returns ``(pos, seq, run, ends)``: where it stopped, the last number given,
+    the encoded (unmasked) frames of the messages numbered from ``seq + 1``,
+    back to back in one bytes object (one allocation and one write for a whole
+    run, however many messages), and where each frame ends in `run`, as
+    little-endian unsigned 64-bit integers.  `max_size` (0: none) stops in front
+    of a frame whose payload is larger.
 
     Raises:
         FrameError: a 64-bit length with its top bit set (as `parse_header`).
@@ -72,7 +79,8 @@ def number_frames(buf, pos: int, seq: int, max_size: int) -> tuple[int, int, lis
         start = pos + hl
         frames.append(encode_header(opcode, len(prefix) + length) + prefix + bytes(buf[start:start + length]))
         pos = start + length
-    return pos, seq, frames
+    ends = struct.pack(f"<{len(frames)}Q", *itertools.accumulate(map(len, frames)))
+    return pos, seq, b"".join(frames), ends
 
 
 def _data_seq(head: bytes) -> tuple[int, int]:
@@ -86,20 +94,34 @@ def _data_seq(head: bytes) -> tuple[int, int]:
     return int(digits), colon + 1
 
 
-def unwrap_frames(buf, pos: int, in_seq: int, max_size: int,
-                  mask_key_source: Callable[[], bytes]) -> tuple[int, int, list[bytes], int]:
+def _ack_seq(payload: bytes) -> int:
+    """N of a text payload that is exactly ``C{"t":"ack","seq":N}`` (at most 18 digits); else -1."""
+    n = len(ACK_PREFIX)
+    digits = payload[n:-1]
+    if not payload.startswith(ACK_PREFIX) or payload[-1:] != b"}" or not digits.isdigit() or len(digits) > MAX_SEQ_DIGITS:
+        return -1
+    return int(digits)
+
+
+def unwrap_frames(buf, pos: int, in_seq: int, max_size: int, mask_key_source: Callable[[], bytes],
+                  out_seq: int) -> tuple[int, int, list[bytes], int, int]:
     """Strip the ``D<seq>:`` envelope from the complete client data frames at ``buf[pos:]``.
 
     A frame is taken when it is masked, final, data (text or binary), within
     `max_size`, and carries the next number (``in_seq + 1``: forwarded, masked
     with a fresh key) or an old one (``<= in_seq``: a resent duplicate, dropped).
-    Returns ``(pos, in_seq, frames, duplicates)``.
+    An acknowledgement spelled exactly ``C{"t":"ack","seq":N}`` in a text
+    frame, with ``N <= out_seq``, is taken too (acks only free the replay
+    buffer, so reading them out of turn with the data changes nothing).
+    Returns ``(pos, in_seq, frames, duplicates, ack)``, ``ack`` the highest
+    acknowledged number read, or -1.
 
     Raises:
         FrameError: a 64-bit length with its top bit set (as `parse_header`).
     """
     frames: list[bytes] = []
     duplicates = 0
+    ack = -1
     while True:
         header = _plain_data_frame(buf, pos, True, max_size)
         if header is None:
@@ -107,7 +129,15 @@ def unwrap_frames(buf, pos: int, in_seq: int, max_size: int,
         key, length, hl = header
         opcode = buf[pos] & 15
         start = pos + hl
-        seq, skip = _data_seq(apply_mask(bytes(buf[start:start + min(length, MAX_SEQ_DIGITS + 2)]), key))
+        head = apply_mask(bytes(buf[start:start + min(length, len(ACK_PREFIX) + MAX_SEQ_DIGITS + 1)]), key)
+        if head[:1] == b"C" and opcode == 1:
+            acked = _ack_seq(head) if length <= len(head) else -1
+            if acked < 0 or acked > out_seq:
+                break
+            ack = max(ack, acked)
+            pos = start + length
+            continue
+        seq, skip = _data_seq(head[:MAX_SEQ_DIGITS + 2])
         if seq < 0 or seq > in_seq + 1:
             break
         pos = start + length
@@ -118,4 +148,4 @@ def unwrap_frames(buf, pos: int, in_seq: int, max_size: int,
         body = apply_mask(bytes(buf[start + skip:pos]), key, skip)
         new_key = mask_key_source()
         frames.append(encode_header(opcode, len(body), mask_key=new_key) + apply_mask(body, new_key))
-    return pos, in_seq, frames, duplicates
+    return pos, in_seq, frames, duplicates, ack

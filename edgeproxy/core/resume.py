@@ -32,8 +32,9 @@ reader slows the backend down instead of losing the messages a resume would
 need.  A session parked with a full buffer keeps its upstream paused.
 
 Most frames take a fast path (`core.envelope`, compiled in ``_speedups``):
-whole runs of plain data frames are numbered or unwrapped in one call, and the
-frames to the client are kept exactly as sent, so a replay is a join.  Every
+whole runs of plain data frames are numbered (into one bytes object per run)
+or unwrapped in one call, and the frames to the client are kept exactly as
+sent, run by run, so a replay is a join.  Every
 other frame goes through `MessageReader` and the rules here, one at a time.
 
 States (all transitions are in `ResumeSession`)::
@@ -310,7 +311,7 @@ class MessageReader:
         """No fragmented message is in progress: the fast path may take the next frames."""
         return not self._opcode
 
-    def complete(self, data: bytes) -> tuple[bytes | None, int]:
+    def complete(self, data: bytes) -> tuple[bytearray | None, int]:
         """The incomplete frame held, completed from the start of `data`: ``(frame, bytes of data used)``.
 
         ``(None, 0)`` when `data` does not complete it (then `feed` it as usual,
@@ -325,9 +326,9 @@ class MessageReader:
         need = header[5] + header[4] - len(buf)
         if need > len(data):
             return None, 0
-        frame = bytes(buf) + bytes(data[:need])
-        buf.clear()
-        return frame, need
+        buf += memoryview(data)[:need]
+        self._buf = bytearray()  # the caller gets this one
+        return buf, need
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         buf = self._buf
@@ -401,50 +402,88 @@ class MessageReader:
 
 
 class ReplayBuffer:
-    """The encoded ``D<seq>:`` frames sent to the client and not yet acknowledged, oldest first.
+    """The ``D<seq>:`` frames sent to the client and not yet acknowledged, oldest first.
 
-    The frames are kept exactly as they were sent, so a replay is a join.  They
-    are numbered implicitly: the buffer holds ``acked + 1`` .. ``acked + len``.
-    ``size`` counts their bytes against ``limit``; `extend` returns False once the
-    bound is passed (the session then pauses the upstream while a client is
-    attached, or gives up while parked).
+    Frames are kept exactly as they were sent, in the runs they were sent in
+    (`core.envelope.number_frames` encodes a whole read's messages into one
+    bytes object), so a replay is a join and keeping a message costs no object
+    of its own.  ``size`` counts the bytes of the frames not acknowledged
+    (against ``limit``); a run's memory is freed when its last message is
+    acknowledged, so ``held`` (the memory) can pass ``size`` by at most the
+    acknowledged part of one run.  `extend` returns False once the bound is
+    passed (the session then pauses the upstream while a client is attached,
+    or gives up while parked).
     """
 
-    __slots__ = ("limit", "size", "_frames", "acked")
+    __slots__ = ("limit", "size", "_runs", "acked", "last", "_head_acked")
 
     def __init__(self, limit: int):
         self.limit = limit
         self.size = 0
-        self._frames: deque[bytes] = deque()
-        #: every message up to this seq is acknowledged (and freed)
+        #: (first seq, frames back to back, little-endian u64 end offsets)
+        self._runs: deque[tuple[int, bytes, bytes]] = deque()
+        #: every message up to this seq is acknowledged
         self.acked = 0
+        #: the seq of the last message kept
+        self.last = 0
+        #: bytes at the start of the oldest run that are acknowledged (no longer in `size`)
+        self._head_acked = 0
 
     def __len__(self) -> int:
-        return len(self._frames)
+        """Messages sent and not acknowledged."""
+        return self.last - self.acked if self._runs else 0
 
-    def extend(self, frames: list[bytes]) -> bool:
-        """Keep the frames of the next messages, in order; False when the bound is passed."""
-        self._frames.extend(frames)
-        self.size += sum(map(len, frames))
+    def extend(self, run: bytes, ends: bytes) -> bool:
+        """Keep the frames of the next ``len(ends) // 8`` messages; False when the bound is passed."""
+        self._runs.append((self.last + 1, run, ends))
+        self.last += len(ends) >> 3
+        self.size += len(run)
         return self.size <= self.limit
 
+    @property
+    def held(self) -> int:
+        """Bytes of memory the runs take."""
+        return self.size + self._head_acked
+
     def ack(self, seq: int) -> None:
-        """The client has every message up to `seq`: free them."""
-        frames = self._frames
-        pop = frames.popleft
-        self.size -= sum(len(pop()) for _ in range(min(seq - self.acked, len(frames))))
-        if seq > self.acked:
-            self.acked = seq
+        """The client has every message up to `seq`: free the runs it completes, and count the rest out of `size`."""
+        if seq <= self.acked:
+            return
+        self.acked = seq
+        runs = self._runs
+        while runs:
+            first, run, ends = runs[0]
+            if first + (len(ends) >> 3) - 1 <= seq:
+                runs.popleft()
+                self.size -= len(run) - self._head_acked
+                self._head_acked = 0
+                continue
+            if seq >= first:
+                (end,) = _END.unpack_from(ends, 8 * (seq - first))
+                self.size -= end - self._head_acked
+                self._head_acked = end
+            return
 
     def replay_from(self, last_seen: int) -> list[bytes] | None:
         """The frames of the messages after `last_seen`, in order; None when some of them are gone."""
         if last_seen < self.acked:
             return None
-        return list(itertools.islice(self._frames, last_seen - self.acked, None))
+        out = []
+        for first, run, ends in self._runs:
+            if first > last_seen:
+                out.append(run)
+            elif first + (len(ends) >> 3) - 1 > last_seen:
+                (offset,) = _END.unpack_from(ends, 8 * (last_seen - first))
+                out.append(run[offset:])
+        return out
 
     def clear(self) -> None:
-        self._frames.clear()
+        self._runs.clear()
         self.size = 0
+        self._head_acked = 0
+
+
+_END = struct.Struct("<Q")
 
 
 # --------------------------------------------------------------------------- #
@@ -607,23 +646,32 @@ class ResumeSession:
                 return True
             header = _accel.parse_header(view, pos)
             if header is None or end - pos < header[5] + header[4]:
-                return slow(reader.feed(view[pos:]), now)  # an incomplete frame: kept (or refused) by the reader
+                # an incomplete frame: kept (or refused) by the reader
+                return slow(reader.feed(memoryview(view)[pos:]), now)
             nxt = pos + header[5] + header[4]
             if not slow(reader.feed(view[pos:nxt]), now):
                 return False
             pos = nxt
             if not reader.between_messages:  # a fragmented message began: the reader takes the rest
-                return slow(reader.feed(view[pos:]), now)
+                return slow(reader.feed(memoryview(view)[pos:]), now)
 
     def _unwrap_run(self, view, pos: int) -> int:
-        pos, in_seq, frames, _ = _accel.unwrap_frames(view, pos, self.in_seq, self.max_message_size, self._mask_key)
+        pos, in_seq, frames, _, ack = _accel.unwrap_frames(view, pos, self.in_seq, self.max_message_size,
+                                                           self._mask_key, self.out_seq)
         if frames:
             self.in_seq = in_seq
             self.messages_from_client += len(frames)
             self.actions.append((SEND_UPSTREAM, frames[0] if len(frames) == 1 else frames))
-        elif in_seq != self.in_seq:
-            self.in_seq = in_seq
+        if ack >= 0:
+            self._acked(ack)
         return pos
+
+    def _acked(self, seq: int) -> None:
+        """The client has every message up to `seq`: free them, and read the upstream again if that made room."""
+        self.buffer.ack(seq)
+        if self.upstream_paused and self.buffer.size <= self.buffer.limit // 2:
+            self.upstream_paused = False
+            self.actions.append((RESUME_UPSTREAM, None))
 
     def _client_messages(self, messages: list[tuple[int, bytes]], now: float) -> bool:
         for opcode, payload in messages:
@@ -661,10 +709,7 @@ class ResumeSession:
                 seq = fields.get("seq")
                 if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 or seq > self.out_seq:
                     raise RemoteProtocolError("ack of a message never sent", close_code=CLOSE_PROTOCOL_ERROR)
-                self.buffer.ack(seq)
-                if self.upstream_paused and self.buffer.size <= self.buffer.limit // 2:
-                    self.upstream_paused = False
-                    self.actions.append((RESUME_UPSTREAM, None))
+                self._acked(seq)
             elif kind == "ping":
                 self.actions.append((SEND_CLIENT, encode_control({"t": "pong", "id": fields.get("id")})))
             # other types are ignored: room for later versions
@@ -737,7 +782,7 @@ class ResumeSession:
         self._in_acked = self.in_seq
         self._last_active = now
         hello = encode_control({"t": "session", "token": self._next_token(), "resumed": True, "ack": self.in_seq,
-                                "replayed": len(missed)})
+                                "replayed": self.out_seq - last_seen})
         self.actions.append((SEND_CLIENT, b"".join([hello, *missed])))
 
     # -- upstream side ---------------------------------------------------------------
@@ -756,9 +801,9 @@ class ResumeSession:
             self._fail(exc.close_code, str(exc), client=False)
 
     def _number_run(self, view, pos: int) -> int:
-        pos, seq, frames = _accel.number_frames(view, pos, self.out_seq, self.max_message_size)
-        if frames:
-            self._numbered(seq, frames)
+        pos, seq, run, ends = _accel.number_frames(view, pos, self.out_seq, self.max_message_size)
+        if run:
+            self._numbered(seq, run, ends)
             if self.state is SessionState.CLOSED:
                 return len(view)
         return pos
@@ -773,18 +818,19 @@ class ResumeSession:
                 self._upstream_close_received(payload)
                 return False
             elif self.state is not SessionState.CLOSING:
-                self._numbered(self.out_seq + 1, [encode_data(opcode, self.out_seq + 1, payload)])
+                frame = encode_data(opcode, self.out_seq + 1, payload)
+                self._numbered(self.out_seq + 1, frame, _END.pack(len(frame)))
                 if self.state is SessionState.CLOSED:
                     return False
         return True
 
-    def _numbered(self, seq: int, frames: list[bytes]) -> None:
+    def _numbered(self, seq: int, run: bytes, ends: bytes) -> None:
         """Upstream messages up to `seq`, framed for the client: send them (attached) and keep them for a replay."""
+        self.messages_from_upstream += seq - self.out_seq
         self.out_seq = seq
-        self.messages_from_upstream += len(frames)
-        within = self.buffer.extend(frames)
+        within = self.buffer.extend(run, ends)
         if self.state is SessionState.ATTACHED:
-            self.actions.append((SEND_CLIENT, frames[0] if len(frames) == 1 else frames))
+            self.actions.append((SEND_CLIENT, run))
             if not within and not self.upstream_paused:
                 self.upstream_paused = True
                 self.actions.append((PAUSE_UPSTREAM, None))
@@ -914,7 +960,7 @@ class ResumeSession:
     @property
     def held_bytes(self) -> int:
         """Memory this session holds for messages: replay buffer plus partial frames."""
-        return self.buffer.size + self.client_reader.buffered + self.upstream_reader.buffered
+        return self.buffer.held + self.client_reader.buffered + self.upstream_reader.buffered
 
 
 def route_key(host: str | None, path_prefix: str, upstream: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import struct
 
 import pytest
 
@@ -165,18 +166,26 @@ def test_reader_refuses_what_it_cannot_reframe(data: bytes, code: int) -> None:
 # -- the buffer --------------------------------------------------------------------
 
 
+def run_of(*frames: bytes) -> tuple[bytes, bytes]:
+    """A run as number_frames gives it: the frames back to back, and where each ends."""
+    return b"".join(frames), struct.pack(f"<{len(frames)}Q", *itertools.accumulate(map(len, frames)))
+
+
 def test_buffer_acks_and_replays_the_frames_as_sent() -> None:
     buf = ReplayBuffer(10)
-    assert buf.extend([b"f1", b"f2", b"f3"]) and buf.extend([b"f4", b"f5"])
-    assert not buf.extend([b"f6"])  # 12 bytes > 10: the caller decides
-    assert buf.size == 12 and len(buf) == 6
-    assert buf.replay_from(3) == [b"f4", b"f5", b"f6"]
-    buf.ack(2)
-    assert buf.size == 8 and buf.acked == 2
-    assert buf.replay_from(1) is None  # message 2 is freed
-    assert buf.replay_from(2) == [b"f3", b"f4", b"f5", b"f6"] and buf.replay_from(6) == []
+    assert buf.extend(*run_of(b"f1", b"f2", b"f3")) and buf.extend(*run_of(b"f4", b"f5"))
+    assert not buf.extend(*run_of(b"f6"))  # 12 bytes > 10: the caller decides
+    assert buf.size == 12 and len(buf) == 6 and buf.last == 6
+    assert buf.replay_from(3) == [b"f4f5", b"f6"]
+    assert buf.replay_from(1) == [b"f2f3", b"f4f5", b"f6"]  # from inside a run
+    buf.ack(2)  # inside the first run: counted out of size, its memory kept until its last message is acked
+    assert buf.size == 8 and buf.held == 12 and buf.acked == 2 and len(buf) == 4
+    assert buf.replay_from(1) is None  # message 2 is acknowledged: a resume from before it is refused
+    assert buf.replay_from(2) == [b"f3", b"f4f5", b"f6"] and buf.replay_from(6) == []
+    buf.ack(3)
+    assert buf.size == 6 and buf.held == 6 and len(buf) == 3
     buf.ack(1)  # an old ack changes nothing
-    assert buf.acked == 2 and len(buf) == 4
+    assert buf.acked == 3 and buf.size == 6
     buf.ack(6)
     assert buf.size == 0 and len(buf) == 0 and buf.acked == 6
 
@@ -305,7 +314,10 @@ def test_a_full_buffer_while_attached_pauses_the_upstream_until_acks_free_half()
     s.from_client(client_control({"t": "ack", "seq": 1}), 0.0)
     assert RESUME_UPSTREAM not in [k for k, _ in take(s)]  # 2 of 3 still held: more than half
     s.from_client(client_control({"t": "ack", "seq": 2}), 0.0)
-    assert (RESUME_UPSTREAM, None) in take(s) and not s.upstream_paused
+    assert (RESUME_UPSTREAM, None) in take(s) and not s.upstream_paused  # 3 alone is under half the bound
+    assert s.buffer.held > s.buffer.size  # 2 and 3 came in one read: its memory goes when 3 is acked
+    s.from_client(client_control({"t": "ack", "seq": 3}), 0.0)
+    assert s.buffer.size == s.buffer.held == 0
 
 
 def test_a_session_parked_with_a_full_buffer_stays_resumable_with_its_upstream_paused() -> None:
@@ -408,7 +420,7 @@ def run_split(pieces_client, pieces_upstream):
     actions = take(s)
     up = b"".join(b"".join(d) if isinstance(d, list) else d for k, d in actions if k == SEND_UPSTREAM)
     to_client = [m for m in decoded(actions) if not m[1].startswith(b'C{"t":"ack"')]
-    return up, to_client, s.in_seq, s.out_seq, s.buffer.replay_from(0)
+    return up, to_client, s.in_seq, s.out_seq, b"".join(s.buffer.replay_from(s.buffer.acked))
 
 
 def test_every_split_of_the_client_stream_gives_the_same_bytes_upstream() -> None:
@@ -427,7 +439,8 @@ def test_every_split_of_the_upstream_stream_gives_the_same_numbered_frames() -> 
     whole = run_split([], [stream])
     # message 1 ("0") went out before; the six of the stream are 2..7, the pong to its ping aside
     assert whole[3] == 7 and [p[:3] for _, p in whole[1]] == [b"D2:", b"D3:", b"D4:", b"D5:", b"D6:", b"D7:"]
-    assert whole[4][1:] == [_accel.encode_frame(op, p) for op, p in whole[1]]  # the replay is what was sent
+    first = _accel.encode_frame(_accel.OP_TEXT, b"D1:0")
+    assert whole[4] == first + b"".join(_accel.encode_frame(op, p) for op, p in whole[1])  # the replay is what was sent
     assert b"up" in whole[0]  # the upstream's ping got its pong
     for cut in range(1, len(stream), 97):
         assert run_split([], [stream[:cut], stream[cut:]]) == whole, cut
