@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -123,6 +124,11 @@ class _BulkSender(WSListener):
         self.paused = False
         self._pump()
 
+    def on_ws_frame(self, transport, frame) -> None:
+        if frame.msg_type is WSMsgType.CLOSE:  # answer the close (the session ends; nothing stays parked)
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
 
 class _Counter(WSListener):
     """Client side of the proxy-bound run: counts data messages; on a resumable session, acks every 64."""
@@ -158,6 +164,9 @@ async def _picows_once(port: int, pid: int, count: int, size: int, resumable: bo
     try:
         elapsed = await asyncio.wait_for(done, 120)
     finally:
+        transport.send_close(1000)  # a resumable session ends at the backend too, instead of parking
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(transport.wait_disconnected(), 5)
         transport.disconnect()
     cpu = _cpu_seconds(pid) - cpu0
     return count / elapsed, cpu / count * 1e6
@@ -236,7 +245,11 @@ enabled = false
             return results
         finally:
             proc.terminate()
-            proc.wait(10)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
             backend.close()
             bulk.close()
 
