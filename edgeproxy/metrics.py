@@ -201,6 +201,8 @@ class Metrics:
         self.messages: dict[str, int] = dict.fromkeys(DIRECTIONS, 0)
         self.message_bytes: dict[str, int] = dict.fromkeys(DIRECTIONS, 0)
         self.heartbeat_failures = 0
+        #: resume attempts handed to the sibling worker that parks their session
+        self.resume_handoffs = 0
         self.ping_rtt_seconds = Histogram(PING_RTT_BUCKETS)
         # protocol -> close-code class -> histogram
         self.durations: dict[str, dict[str, Histogram]] = {p: {} for p in PROTOCOLS}
@@ -464,6 +466,10 @@ class _Collector:
             yield family
         yield CounterMetricFamily(
             "edgeproxy_heartbeat_failures", "Pings a peer did not answer in time", value=m.heartbeat_failures
+        )
+        yield CounterMetricFamily(
+            "edgeproxy_resume_handoffs", "Resume attempts passed to the worker that parks their session",
+            value=m.resume_handoffs,
         )
         rtt = HistogramMetricFamily("edgeproxy_ping_rtt_seconds", "Ping to pong round-trip time")
         rtt.add_metric([], m.ping_rtt_seconds.cumulative(), m.ping_rtt_seconds.total)

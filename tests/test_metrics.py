@@ -38,6 +38,7 @@ ALWAYS = {
     "edgeproxy_messages": "counter",
     "edgeproxy_message_bytes": "counter",
     "edgeproxy_heartbeat_failures": "counter",
+    "edgeproxy_resume_handoffs": "counter",
     "edgeproxy_ping_rtt_seconds": "histogram",
     "edgeproxy_http_requests": "counter",
     "edgeproxy_http_request_duration_seconds": "histogram",

@@ -217,3 +217,65 @@ async def test_binary_upgrade_refuses_no_connection_and_old_ones_work_until_drai
     finally:
         stop.set()
         await close_all(old)
+
+
+@pytest.mark.timeout(90)
+async def test_a_resume_that_lands_on_another_worker_reaches_its_session(supervised, backend):
+    """The kernel spreads reconnects over the workers; a session parked in one must be resumable from any."""
+    import subprocess
+
+    from edgeproxy.core.resume import TokenCodec
+    from edgeproxy.reconnect import Backoff
+    from edgeproxy.resume_client import ResumableWebSocket
+
+    start, _ = supervised
+    admin = free_port_range(2)
+    port = free_port()
+    while port in range(admin, admin + 2):
+        port = free_port()
+    extra = '[websocket]\nresume_secret = "workers-resume-secret-0123456789"\n'
+    proxy = start(config_text({"app": [backend]}, {"/": "app"}, port=port, admin_port=admin, workers=2, extra=extra))
+    await proxy.wait_log("ready; admin on", count=2, timeout=20)
+    clients = [await ResumableWebSocket(f"ws://127.0.0.1:{port}/", backoff=Backoff(0.05, 0.3)).connect()
+               for _ in range(8)]
+    try:
+        for round_ in range(4):
+            for i, c in enumerate(clients):
+                await c.send(f"m{i}.{round_}")
+                assert await asyncio.wait_for(c.recv(), 10) == f"m{i}.{round_}"
+                await asyncio.sleep(0.05)  # let the proxy's ack of it arrive
+                c._link.abort()  # a blip: the client reconnects, to whichever worker the kernel picks
+        for i, c in enumerate(clients):
+            await c.send(f"last{i}")
+            assert await asyncio.wait_for(c.recv(), 10) == f"last{i}"
+            assert (c.resumes, c.resets) == (4, 0), (i, c.resumes, c.resets)
+        handed = sum(metric_value(admin + i, "edgeproxy_resume_handoffs_total") for i in range(2))
+        assert handed >= 1  # 32 reconnects over 2 workers: some crossed (all on one side: p = 2**-31)
+        # The hand-off socket takes only siblings: another process (here: another user) gets nothing.
+        owner = TokenCodec.instance_of(clients[0]._token)
+        # (the system's python3: the test's own may live where that user cannot read)
+        forged = subprocess.run(["/usr/bin/python3", "-c", FORGED_HANDOFF, owner], capture_output=True, text=True,
+                                timeout=20, cwd="/", preexec_fn=lambda: os.setuid(65534))
+        assert forged.stdout.strip() == "closed", forged.stdout + forged.stderr
+    finally:
+        for c in clients:
+            await c.close()
+
+
+FORGED_HANDOFF = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(5)
+s.connect("\0edgeproxy.resume." + sys.argv[1])
+try:
+    s.sendall(b'{"peer": ["10.9.9.9", 0], "listener": 0}\nGET / HTTP/1.1\r\nHost: x\r\n\r\n')
+    print("answered" if s.recv(100) else "closed")
+except OSError:
+    print("closed")
+"""
+
+
+def metric_value(admin_port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))

@@ -226,6 +226,23 @@ class TokenCodec:
         body = _TOKEN_HEAD.pack(_TOKEN_VERSION, generation, session_id, len(self._instance)) + self._instance
         return base64.urlsafe_b64encode(body + self._mac(route_key, body)).rstrip(b"=").decode("ascii")
 
+    @staticmethod
+    def instance_of(token: str) -> str | None:
+        """The instance a token names, read without checking its signature (None: malformed).
+
+        Only for routing the attempt to that instance; `verify` there decides.
+        """
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) < _TOKEN_HEAD.size + _MAC_BYTES:
+            return None
+        n = raw[_TOKEN_HEAD.size - 1]
+        if len(raw) != _TOKEN_HEAD.size + n + _MAC_BYTES:
+            return None
+        return raw[_TOKEN_HEAD.size:_TOKEN_HEAD.size + n].decode("utf-8", "replace")
+
     def verify(self, token: str, route_key: str) -> tuple[bytes, int]:
         """Return ``(session id, generation)`` of a token this instance issued for this route.
 

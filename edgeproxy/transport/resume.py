@@ -18,7 +18,16 @@ Theory of operation
 
 A `Session` outlives its client connections: each client connection gets its own
 `ClientEnd` protocol, and when it goes the session is parked in the server's
-`ResumeRegistry` with the upstream still open.  The registry is advanced by the
+`ResumeRegistry` with the upstream still open.
+
+With ``workers = N`` the kernel hands a reconnect to any worker, but a session
+is parked in one.  Each worker then names itself in its tokens (its own
+instance id) and listens on an abstract Unix socket named after it; a worker
+that gets a resume attempt for a sibling's token connects there, sends one
+JSON line (the client's address, the listener) and the request, and from then
+on pipes bytes both ways (`_Pipe`), so the sibling serves the attempt as if
+the client had come to it, TLS or not.  A sibling that is gone refuses the
+connection at once, and the attempt gets close 4409 here.  The registry is advanced by the
 server's shared tick (window expiry, close timeouts, pending acks); heartbeats
 come from the server's timer wheels like every WebSocket's: a `ClientEnd` is the
 client's heartbeat key, the `Session` the upstream's.
@@ -26,9 +35,13 @@ client's heartbeat key, the `Session` the upstream's.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
+import json
 import logging
 import os
+import socket
+import struct
 from typing import TYPE_CHECKING
 
 from wsproto.utilities import generate_accept_token
@@ -170,15 +183,23 @@ def start_session(conn: ClientConnection, exchange: _Exchange, upstream: Upstrea
 # --------------------------------------------------------------------------- #
 
 
+def _release_admission(server: ProxyServer, ip: str | None) -> None:
+    """Give back the admission slot a taken-over client connection held (it counts until its socket closes)."""
+    if ip is not None and server.admission is not None:
+        server.admission.release(ip)
+
+
 class ClientEnd:
     """The protocol of one client connection of a session (and its heartbeat key)."""
 
-    __slots__ = ("session", "transport", "client_ip", "__weakref__")
+    __slots__ = ("session", "transport", "client_ip", "admitted", "__weakref__")
 
-    def __init__(self, session: Session | None, transport, client_ip: str):
+    def __init__(self, session: Session | None, transport, client_ip: str, admitted: tuple | None = None):
         self.session = session
         self.transport = transport
         self.client_ip = client_ip
+        #: (server, ip) of the admission slot this connection holds, released when it closes
+        self.admitted = admitted
 
     def data_received(self, data: bytes) -> None:
         if self.session is not None:
@@ -190,6 +211,9 @@ class ClientEnd:
         return False
 
     def connection_lost(self, exc) -> None:
+        if self.admitted is not None:
+            _release_admission(*self.admitted)
+            self.admitted = None
         if self.session is not None:
             self.session.client_lost(self)
 
@@ -241,12 +265,13 @@ class UpstreamEnd:
 class Refusal:
     """A resume attempt answered with close 4409: waits for the client's close, then closes."""
 
-    __slots__ = ("transport", "reader", "deadline")
+    __slots__ = ("transport", "reader", "deadline", "admitted")
 
-    def __init__(self, transport, deadline: float):
+    def __init__(self, transport, deadline: float, admitted: tuple | None = None):
         self.transport = transport
         self.reader = MessageReader(masked=True)
         self.deadline = deadline
+        self.admitted = admitted
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -256,6 +281,139 @@ class Refusal:
             return
         if any(opcode == _accel.OP_CLOSE for opcode, _ in messages):
             self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.transport = None
+        if self.admitted is not None:
+            _release_admission(*self.admitted)
+            self.admitted = None
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- #
+# Hand-off between workers
+# --------------------------------------------------------------------------- #
+
+#: the abstract Unix socket of a worker's hand-off ingress, by instance id
+_HANDOFF_ADDRESS = "\0edgeproxy.resume.{}"
+#: the longest first line of a hand-off (the client's address and the listener, as JSON)
+_HANDOFF_LINE_MAX = 1024
+
+
+class _Pipe:
+    """One end of a client connection piped to a sibling worker: what it reads goes to the other end."""
+
+    __slots__ = ("transport", "other", "registry", "pending", "admitted")
+
+    def __init__(self, registry: ResumeRegistry, admitted: tuple | None = None):
+        self.transport = None
+        self.other: _Pipe | None = None
+        self.registry = registry
+        #: bytes read before the other end was connected
+        self.pending: list[bytes] = []
+        self.admitted = admitted
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        other = self.other
+        if other is None or other.transport is None:
+            self.pending.append(data)
+        else:
+            other.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.close_both()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        if self.admitted is not None:
+            _release_admission(*self.admitted)
+            self.admitted = None
+        self.close_both()
+
+    def pause_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+    def close_both(self) -> None:
+        for end in (self, self.other):
+            if end is not None and end.transport is not None and not end.transport.is_closing():
+                end.transport.close()
+        self.registry.pipes.discard(self)
+        if self.other is not None:
+            self.registry.pipes.discard(self.other)
+
+
+def _is_sibling(sock: socket.socket) -> bool:
+    """Whether the peer of a Unix socket is a worker of our own supervisor (same user, same parent).
+
+    An abstract socket can be reached by any process on the host, and the
+    first line names the client's address, so only a sibling may speak it.
+    """
+    try:
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        with open(f"/proc/{pid}/status") as status:
+            ppid = next(int(line.split()[1]) for line in status if line.startswith("PPid:"))
+    except (OSError, StopIteration, ValueError, struct.error):
+        return False
+    return uid == os.getuid() and ppid == os.getppid() and pid != os.getpid()
+
+
+class _HandoffIngress:
+    """A sibling worker's connection carrying a resume attempt: one JSON line, then the client's bytes."""
+
+    __slots__ = ("server", "transport", "buf")
+
+    def __init__(self, server: ProxyServer):
+        self.server = server
+        self.transport = None
+        self.buf = bytearray()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if not _is_sibling(transport.get_extra_info("socket")):
+            log.warning("resume hand-off socket: a connection from a process that is not a sibling worker, closed")
+            transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        from edgeproxy.transport.downstream import ClientConnection
+
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.buf += data
+        end = self.buf.find(b"\n")
+        if end < 0:
+            if len(self.buf) > _HANDOFF_LINE_MAX:
+                self.transport.abort()
+            return
+        try:
+            meta = json.loads(self.buf[:end])
+            listener = self.server.config.listeners[int(meta["listener"])]
+            peer = (str(meta["peer"][0]), int(meta["peer"][1]))
+        except (ValueError, KeyError, IndexError, TypeError):
+            log.warning("resume hand-off from a sibling worker with a bad first line: %r", bytes(self.buf[:80]))
+            self.transport.abort()
+            return
+        rest = bytes(self.buf[end + 1:])
+        conn = ClientConnection(self.server, listener, peer)
+        self.transport.set_protocol(conn)
+        conn.connection_made(self.transport)
+        if rest and not conn.closed:
+            conn.data_received(rest)
 
     def eof_received(self) -> bool:
         return False
@@ -302,8 +460,8 @@ class Session:
 
     # -- clients come and go ------------------------------------------------------
 
-    def attach_client(self, conn: ClientConnection, now: float) -> ClientEnd:
-        end = ClientEnd(self, conn.transport, conn.client_ip)
+    def attach_client(self, conn: ClientConnection, now: float, admitted: tuple | None) -> ClientEnd:
+        end = ClientEnd(self, conn.transport, conn.client_ip, admitted)
         self.client = end
         self.client_ip = conn.client_ip
         beats = self.server.client_beats
@@ -505,10 +663,76 @@ class ResumeRegistry:
         self._refusals: list[Refusal] = []
         #: sessions parked since start (a counter for tests and logs)
         self.parked_count = 0
+        #: the hand-off ingress (one worker among several) and the attempts piped to siblings
+        self._ingress_server = None
+        self.pipes: set[_Pipe] = set()
 
     @property
     def instance_id(self) -> str:
         return self.codec.instance_id
+
+    async def start_handoff(self, worker_index: int) -> None:
+        """Be one worker among several: a name of our own in tokens, and an ingress for siblings' hand-offs.
+
+        A configured ``instance_id`` becomes ``<instance_id>.w<index>``; a drawn
+        one is unique already.
+        """
+        cfg = self.server.config.websocket
+        if cfg.instance_id and self.codec.instance_id == cfg.instance_id:
+            self.codec = TokenCodec(cfg.resume_secret, f"{cfg.instance_id}.w{worker_index}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(_HANDOFF_ADDRESS.format(self.instance_id))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._ingress_server = await asyncio.get_running_loop().create_unix_server(
+            lambda: _HandoffIngress(self.server), sock=sock)
+
+    def _hand_off(self, conn: ClientConnection, exchange: _Exchange, owner: str) -> bool:
+        """Pipe a resume attempt to the sibling worker `owner`; False when there is none to take it."""
+        if self._ingress_server is None or owner == self.instance_id:
+            return False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(_HANDOFF_ADDRESS.format(owner))  # a Unix socket connects at once, or not at all
+        except OSError:
+            sock.close()
+            return False
+        server = self.server
+        head = exchange.head
+        listener = conn.listener
+        index = next((i for i, item in enumerate(server.config.listeners) if item is listener), 0)
+        first = json.dumps({"peer": [conn.client_ip, 0], "listener": index}).encode() + b"\n"
+        first += http1.serialize_head(b"%s %s HTTP/1.1" % (head.method, head.target), head.headers)
+        server.metrics.connection_closed(conn._metrics_key, server.now() - conn._opened_at)
+        server.metrics.resume_handoffs += 1
+        early, admitted = self._take_over(conn)
+        client = _Pipe(self, admitted)
+        sibling = _Pipe(self)
+        client.other, sibling.other = sibling, client
+        client.transport = conn.transport
+        conn.transport.set_protocol(client)
+        self.pipes.update((client, sibling))
+        log.info("resume attempt from %s handed to worker %s", conn.client_ip, owner)
+        asyncio.get_running_loop().create_task(self._connect_pipe(client, sibling, sock, first + early))
+        return True
+
+    async def _connect_pipe(self, client: _Pipe, sibling: _Pipe, sock: socket.socket, first: bytes) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: sibling, sock)
+        except OSError as exc:
+            log.warning("resume hand-off to a sibling worker failed: %s", exc)
+            sock.close()
+            client.close_both()
+            return
+        sibling.transport.write(first + b"".join(client.pending))
+        client.pending.clear()
+        if client.transport is not None and not client.transport.is_closing():
+            client.transport.resume_reading()
 
     def parked(self) -> list[Session]:
         return [s for s in self.sessions.values() if s.core.state is SessionState.PARKED]
@@ -549,8 +773,8 @@ class ResumeRegistry:
         upstream.transport.set_protocol(UpstreamEnd(session))
         if server.upstream_beats is not None:
             server.upstream_beats.register(session, now)
-        client_early = self._take_over(conn)
-        end = session.attach_client(conn, now)
+        client_early, admitted = self._take_over(conn)
+        end = session.attach_client(conn, now, admitted)
         conn.transport.set_protocol(end)
         conn.transport.resume_reading()
         core.open()
@@ -562,12 +786,19 @@ class ResumeRegistry:
         if server.draining:
             session.close_websocket(server.config.shutdown.close_code, "server shutting down")
 
-    def _take_over(self, conn: ClientConnection) -> bytes:
-        """Retire the HTTP connection object whose socket a session now owns; return early frames."""
+    def _take_over(self, conn: ClientConnection) -> tuple[bytes, tuple | None]:
+        """Retire the HTTP connection object whose socket a session now owns.
+
+        Returns the bytes that came after the request head, and the admission
+        slot the connection holds (``(server, ip)`` or None), which the new
+        protocol must give back when the socket closes.
+        """
         conn.exchange = None
         conn.closed = True  # this object no longer writes or closes the socket
         self.server.connections.discard(conn)
-        return conn.http.switched_trailing_data()
+        admitted = (self.server, conn._admitted_ip) if conn._admitted_ip is not None else None
+        conn._admitted_ip = None
+        return conn.http.switched_trailing_data(), admitted
 
     def resume(self, conn: ClientConnection, exchange: _Exchange, offer: Offer) -> None:
         """A resume attempt: reattach and replay, or answer close 4409 with the reason."""
@@ -575,6 +806,9 @@ class ResumeRegistry:
         now = server.now()
         route = exchange.route
         session = None
+        owner = TokenCodec.instance_of(offer.token)
+        if owner is not None and self._hand_off(conn, exchange, owner):
+            return
         try:
             session_id, generation = self.codec.verify(offer.token, route_key(route.host, route.path_prefix, route.upstream))
             session = self.sessions.get(session_id)
@@ -598,8 +832,8 @@ class ResumeRegistry:
         server.metrics.connection_closed(conn._metrics_key, now - conn._opened_at)
         conn._write(http1.serialize_head(b"HTTP/1.1 101 Switching Protocols", headers))
         conn._log_http(exchange.head, 101, 0, now, session.upstream, event="ws_resume")
-        client_early = self._take_over(conn)
-        end = session.attach_client(conn, now)
+        client_early, admitted = self._take_over(conn)
+        end = session.attach_client(conn, now, admitted)
         conn.transport.set_protocol(end)
         conn.transport.resume_reading()
         log.info("resumable session from %s resumed after %d message(s) seen", conn.client_ip, offer.last_seq)
@@ -625,8 +859,8 @@ class ResumeRegistry:
         frame = _accel.encode_frame(_accel.OP_CLOSE, _accel.encode_close_payload(CLOSE_NOT_RESUMABLE, f"not resumable: {reason}"))
         conn._write(http1.serialize_head(b"HTTP/1.1 101 Switching Protocols", headers) + frame)
         conn._log_http(exchange.head, 101, 0, now, event="ws_not_resumable")
-        self._take_over(conn)
-        refusal = Refusal(conn.transport, now + server.config.websocket.close_timeout)
+        _, admitted = self._take_over(conn)
+        refusal = Refusal(conn.transport, now + server.config.websocket.close_timeout, admitted)
         conn.transport.set_protocol(refusal)
         conn.transport.resume_reading()
         self._refusals.append(refusal)
@@ -662,3 +896,8 @@ class ResumeRegistry:
             if refusal.transport is not None:
                 refusal.transport.close()
         self._refusals.clear()
+        if self._ingress_server is not None:
+            self._ingress_server.close()
+            self._ingress_server = None
+        for pipe in list(self.pipes):
+            pipe.close_both()

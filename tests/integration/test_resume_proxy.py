@@ -405,6 +405,25 @@ async def test_idle_timeout_ends_a_quiet_resumable_session_like_a_plain_one(prox
     assert await wait_until(lambda: not p.server.resume.sessions)
 
 
+async def test_resumable_connections_give_their_admission_slot_back_when_they_close(proxy, backend) -> None:
+    """A session's client connection counts against max_connections_per_ip until its socket closes, not forever."""
+    b = await backend(interval=0)
+    p = await proxy(b.port, websocket={"resume_secret": SECRET}, limits={"max_connections_per_ip": 2})
+    wrapper = f"{SUBPROTOCOL}+chat"
+    for i in range(5):  # sessions, one after another
+        c = await client(p.ws_url("/ws"))
+        await c.send(f"x{i}")
+        assert await asyncio.wait_for(c.recv(), 5) == f"echo:x{i}"
+        await c.close()
+        assert await wait_until(lambda: not p.server.resume.sessions)
+    for _ in range(4):  # refused resume attempts, one after another
+        _, code, _ = await raw_attempt(p.ws_url("/ws"), [wrapper, f"{SUBPROTOCOL}.r.AAAA.0"])
+        assert code == CLOSE_NOT_RESUMABLE
+    assert await wait_until(lambda: p.server.admission.open == 0)
+    c = await client(p.ws_url("/ws"))  # still admitted
+    await c.close()
+
+
 async def test_python_client_resets_when_the_session_is_gone(proxy, backend) -> None:
     b = await backend(interval=0.02)
     p = await resume_proxy(proxy, b, window=0.3)
