@@ -18,9 +18,9 @@ the RSS 85, 93, 104, 113, 123, 129 MB (README, "Soak test with faults").
 free (``mallinfo2``) and, above `MIN_FREE`, calls ``malloc_trim(0)``, which
 also releases the free pages inside the heap (``MADV_DONTNEED``; the address
 space stays mapped, so nothing moves).  A trim costs a system call per large
-free chunk, about a millisecond on the soak's heap.  Without these functions
-(musl, macOS) the trimmer does nothing; under jemalloc or another preloaded
-allocator glibc's heap stays empty and it does nothing either.
+free chunk: 0.3 to 6 ms on the soak's heap, on the event loop.  Without these
+functions (musl, macOS) the trimmer does nothing; under jemalloc or another
+preloaded allocator glibc's heap stays empty and it does nothing either.
 """
 
 from __future__ import annotations
