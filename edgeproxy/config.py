@@ -27,7 +27,8 @@ Value rules (see ``config.example.toml`` for every option with its default):
 
 * durations (every ``*_timeout``, ``*_interval``, ``*_age``, ``*_grace``) are
   seconds, int or float, finite, ``>= 0``; ``websocket.idle_timeout = 0``,
-  ``ping_interval = 0`` and ``max_connection_age = 0`` disable what they name;
+  ``ping_interval = 0``, ``max_connection_age = 0`` and
+  ``limits.heap_trim_interval = 0`` disable what they name;
   ``websocket.pong_timeout`` must be ``> 0``;
 * ``shutdown.close_code`` is 1001 (going away) or 1012 (service restart);
 * sizes and counts are integers (booleans are never numbers):
@@ -314,6 +315,8 @@ class LimitsConfig:
     ip_connection_rate: float = 0.0
     ip_connection_burst: int = 0
     ip_table_size: int = 65536
+    #: seconds between two checks of glibc's heap for freed memory to give back (0 = never)
+    heap_trim_interval: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -712,7 +715,7 @@ _MIN_RESUME_BUFFER = 1024
 _SHUTDOWN_KEYS = ("drain_timeout", "readiness_grace", "close_code")
 _LIMITS_KEYS = (
     "buffer_high_water", "max_connections", "max_connections_per_ip", "connection_rate", "connection_burst",
-    "ip_connection_rate", "ip_connection_burst", "ip_table_size",
+    "ip_connection_rate", "ip_connection_burst", "ip_table_size", "heap_trim_interval",
 )
 _LOGGING_KEYS = ("level", "format", "access_log")
 _ADMIN_KEYS = ("bind", "enabled", "api_key", "max_publish_size")
@@ -1261,6 +1264,7 @@ def _limits(v: _Validator, data: dict[str, Any]) -> LimitsConfig:
         ip_connection_rate=_rate(v, t, "limits", "ip_connection_rate", "new connections per second, 0 = no limit"),
         ip_connection_burst=v.integer(t, "limits", "ip_connection_burst", 0, 0, "a connection count, 0 = ip_connection_rate"),
         ip_table_size=v.integer(t, "limits", "ip_table_size", 65536, 1, "a count of client addresses"),
+        heap_trim_interval=v.seconds(t, "limits", "heap_trim_interval", 10.0),
     ))
 
 

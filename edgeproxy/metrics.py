@@ -213,6 +213,9 @@ class Metrics:
         self.backplane_sent = 0
         self.backplane_received = 0
         self.backplane_errors = 0
+        #: glibc heap trims (`transport.heap`) and the seconds they took
+        self.heap_trims = 0
+        self.heap_trim_seconds = 0.0
         #: limit reason -> times it stopped a connection, session or read (LIMIT_REASONS)
         self.limits: dict[str, int] = {}
         self.registry = CollectorRegistry(auto_describe=False)
@@ -344,6 +347,11 @@ class Metrics:
         """A backplane operation failed (lost connection, publish error)."""
         self.backplane_errors += 1
 
+    def heap_trimmed(self, seconds: float) -> None:
+        """Freed C-heap memory was given back to the kernel (malloc_trim), in ``seconds``."""
+        self.heap_trims += 1
+        self.heap_trim_seconds += seconds
+
     # -- reading -------------------------------------------------------------
 
     def message_totals(self) -> tuple[dict[str, int], dict[str, int]]:
@@ -424,6 +432,10 @@ class _Collector:
             "Worst delay of the periodic loop callback over the last 10-20 s: time the loop was busy elsewhere",
             value=m.event_loop_lag,
         )
+        yield CounterMetricFamily("edgeproxy_heap_trims", "Times freed C-heap memory was given back to the kernel (malloc_trim)",
+                                  value=m.heap_trims)
+        yield CounterMetricFamily("edgeproxy_heap_trim_seconds", "Time spent in those heap trims, on the event loop",
+                                  value=m.heap_trim_seconds)
 
     @staticmethod
     def _connections(m: Metrics) -> Iterator[Any]:

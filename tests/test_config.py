@@ -177,6 +177,7 @@ def test_minimal_config_defaults() -> None:
         max_message_size=67108864, handshake_timeout=10.0, idle_timeout=3600.0, close_timeout=5.0
     )
     assert config.limits.buffer_high_water == 262144
+    assert config.limits.heap_trim_interval == 10.0
     assert config.logging == LoggingConfig(level="info", format="text", access_log=True)
     assert config.admin == AdminConfig(bind=Address("127.0.0.1", 9901), enabled=True)
 
@@ -449,6 +450,9 @@ RULES = [
     ("close_timeout date", MINIMAL + "[websocket]\nclose_timeout = 2024-01-01\n", "websocket.close_timeout", "got a date/time"),
     # limits
     ("buffer_high_water too small", MINIMAL + "[limits]\nbuffer_high_water = 100\n", "limits.buffer_high_water", "integer >= 1024), got 100"),
+    ("heap_trim_interval negative", MINIMAL + "[limits]\nheap_trim_interval = -1\n", "limits.heap_trim_interval", "expected a number of seconds >= 0, got -1"),
+    ("heap_trim_interval string", MINIMAL + '[limits]\nheap_trim_interval = "10s"\n', "limits.heap_trim_interval", 'got "10s"'),
+    ("heap_trim_interval bool", MINIMAL + "[limits]\nheap_trim_interval = true\n", "limits.heap_trim_interval", "got true"),
     # logging
     ("logging level", MINIMAL + '[logging]\nlevel = "trace"\n', "logging.level", 'expected one of debug, info, warning, error, got "trace"'),
     ("logging format", MINIMAL + '[logging]\nformat = "xml"\n', "logging.format", 'expected one of text, json, got "xml"'),

@@ -48,6 +48,8 @@ ALWAYS = {
     "edgeproxy_backplane_messages": "counter",
     "edgeproxy_backplane_errors": "counter",
     "edgeproxy_event_loop_lag_seconds": "gauge",
+    "edgeproxy_heap_trims": "counter",
+    "edgeproxy_heap_trim_seconds": "counter",
 }
 
 

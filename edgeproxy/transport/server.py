@@ -44,6 +44,7 @@ from edgeproxy.transport.backplanes import instance_id, make_backplane
 from edgeproxy.transport.downstream import ClientConnection
 from edgeproxy.transport.hub import HubService, publish_endpoint, send_endpoint
 from edgeproxy.transport.edge import ProxyProtocolListener, ServerTLS
+from edgeproxy.transport.heap import HeapTrimmer
 from edgeproxy.transport.loop import running_loop_name
 from edgeproxy.transport.resume import ResumeRegistry
 from edgeproxy.transport.presence import make_presence
@@ -148,6 +149,8 @@ class ProxyServer:
             self.admin.add_route("/admin/drain", "POST", self.drain_endpoint, max_body=4096)
         #: resumable sessions (docs/resume-protocol.md), when websocket.resume_secret is set
         self.resume: ResumeRegistry | None = ResumeRegistry(self) if config.websocket.resume_secret else None
+        #: gives freed C-heap memory (TLS buffers) back to the kernel, from the tick; started by `start`
+        self.heap = HeapTrimmer(0.0, 0.0)
         self._init_edge(config)
 
     def now(self) -> float:
@@ -186,6 +189,7 @@ class ProxyServer:
             raise
         self.metrics.event_loop = running_loop_name(self._loop)
         self._start_heartbeats(self._loop.time())
+        self.heap = HeapTrimmer(self.config.limits.heap_trim_interval, self._loop.time(), on_trim=self.metrics.heap_trimmed)
         self._schedule_tick()
         for group in self.groups.values():
             group.start()
@@ -245,6 +249,7 @@ class ProxyServer:
                         conn.transport.abort()
         if self.admission is not None:
             self.admission.expire(now)
+        self.heap.tick(now)
         self._schedule_tick()
 
     # -- graceful drain ------------------------------------------------------------
@@ -394,6 +399,7 @@ class ProxyServer:
         self.config = config
         self.config_loaded_at = time.time()
         self._tick = _tick_interval(config)
+        self.heap.configure(config.limits.heap_trim_interval, now)
         if _heartbeat_settings(config) != _heartbeat_settings(old):
             self._restart_heartbeats(now)
         log.info("reload: applied version %s (changed: %s)", config.version[:12], ", ".join(changed) or "nothing in effect")
