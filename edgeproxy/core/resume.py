@@ -792,8 +792,8 @@ class ResumeSession:
         if missed is None:
             self._give_up("missed messages are no longer buffered")
             raise NotResumable("missed messages are no longer buffered")
-        self.buffer.ack(last_seen)
         self.state = SessionState.ATTACHED
+        self._acked(last_seen)  # may read the upstream again: a full buffer the client had seen is room now
         self.parked_until = 0.0
         self.resumes += 1
         self._in_acked = self.in_seq

@@ -332,6 +332,20 @@ def test_a_session_parked_with_a_full_buffer_stays_resumable_with_its_upstream_p
     assert [p[:3] for _, p in messages[1:]] == [b"D1:", b"D2:"]
 
 
+def test_a_resume_that_saw_everything_reads_a_paused_upstream_again() -> None:
+    """The client had every message of a full buffer when it dropped: no later ack would come to un-pause."""
+    s = new_session(limit=1024)
+    take(s)
+    s.from_upstream(upstream_text("1" * 600) + upstream_text("2" * 600))
+    assert (PAUSE_UPSTREAM, None) in take(s)
+    s.client_gone(1.0)
+    take(s)
+    s.attach(2, 2.0)  # it saw both
+    actions = take(s)
+    assert (RESUME_UPSTREAM, None) in actions and not s.upstream_paused and s.buffer.size == 0
+    assert [json.loads(p[1:])["replayed"] for _, p in decoded(actions)] == [0]
+
+
 def test_idle_timeout_closes_an_attached_session_on_both_sides() -> None:
     keys = (i.to_bytes(4, "big") for i in itertools.count(1))
     s = ResumeSession(session_id=b"\x05" * 16, route_key=ROUTE, codec=TokenCodec(b"k" * 16, "me"), window=10,
