@@ -729,10 +729,12 @@ class ResumeRegistry:
             sock.close()
             client.close_both()
             return
+        if client.transport is None or client.transport.is_closing():  # the client left while we connected
+            sibling.transport.close()
+            return
         sibling.transport.write(first + b"".join(client.pending))
         client.pending.clear()
-        if client.transport is not None and not client.transport.is_closing():
-            client.transport.resume_reading()
+        client.transport.resume_reading()
 
     def parked(self) -> list[Session]:
         return [s for s in self.sessions.values() if s.core.state is SessionState.PARKED]
