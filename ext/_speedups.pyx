@@ -838,12 +838,21 @@ cdef inline int _decimal_digits(unsigned long long n) noexcept nogil:
     return d
 
 
+cdef int _check_start(Py_ssize_t pos, seq) except -1:
+    if pos < 0:
+        raise ValueError("pos must be >= 0")
+    if not 0 <= seq < 2**63:
+        raise ValueError("seq must be in 0..2**63-1")
+    return 0
+
+
 def number_frames(buf, Py_ssize_t pos, seq, max_size):
     """Re-frame complete unmasked data frames as ``D<seq>:`` messages; see :func:`edgeproxy.core.envelope.number_frames`.
 
     Two passes over the headers: the first finds the run and its encoded size,
     the second writes every frame into one bytes object.
     """
+    _check_start(pos, seq)
     cdef unsigned long long cseq = seq
     cdef unsigned long long cmax = max_size
     cdef unsigned long long s
@@ -906,6 +915,8 @@ cdef long long _ack_seq(const unsigned char *payload, Py_ssize_t n, const unsign
             return -1
     if (payload[n - 1] ^ key[(n - 1) & 3]) != 125:  # '}'
         return -1
+    if n > ACK_PREFIX_LEN + 2 and (payload[ACK_PREFIX_LEN] ^ key[ACK_PREFIX_LEN & 3]) == 48:
+        return -1  # a leading zero: not a JSON number, the slow path refuses it
     for i in range(ACK_PREFIX_LEN, n - 1):
         c = payload[i] ^ key[i & 3]
         if c < 48 or c > 57:
@@ -916,6 +927,7 @@ cdef long long _ack_seq(const unsigned char *payload, Py_ssize_t n, const unsign
 
 def unwrap_frames(buf, Py_ssize_t pos, in_seq, max_size, mask_key_source, out_seq):
     """Strip the ``D<seq>:`` envelope from complete client data frames; see :func:`edgeproxy.core.envelope.unwrap_frames`."""
+    _check_start(pos, in_seq)
     cdef unsigned long long cin = in_seq
     cdef unsigned long long cmax = max_size
     cdef long long cout = out_seq

@@ -67,6 +67,7 @@ def number_frames(buf, pos: int, seq: int, max_size: int) -> tuple[int, int, byt
     Raises:
         FrameError: a 64-bit length with its top bit set (as `parse_header`).
     """
+    _check_start(pos, seq)
     frames: list[bytes] = []
     while True:
         header = _plain_data_frame(buf, pos, False, max_size)
@@ -95,12 +96,21 @@ def _data_seq(head: bytes) -> tuple[int, int]:
 
 
 def _ack_seq(payload: bytes) -> int:
-    """N of a text payload that is exactly ``C{"t":"ack","seq":N}`` (at most 18 digits); else -1."""
+    """N of a text payload that is exactly ``C{"t":"ack","seq":N}`` (JSON digits: no leading zero; at most 18); else -1."""
     n = len(ACK_PREFIX)
     digits = payload[n:-1]
     if not payload.startswith(ACK_PREFIX) or payload[-1:] != b"}" or not digits.isdigit() or len(digits) > MAX_SEQ_DIGITS:
         return -1
+    if digits[:1] == b"0" and len(digits) > 1:
+        return -1  # not a JSON number: the slow path refuses it
     return int(digits)
+
+
+def _check_start(pos: int, seq: int) -> None:
+    if pos < 0:
+        raise ValueError("pos must be >= 0")
+    if not 0 <= seq < 2**63:
+        raise ValueError("seq must be in 0..2**63-1")
 
 
 def unwrap_frames(buf, pos: int, in_seq: int, max_size: int, mask_key_source: Callable[[], bytes],
@@ -119,6 +129,7 @@ def unwrap_frames(buf, pos: int, in_seq: int, max_size: int, mask_key_source: Ca
     Raises:
         FrameError: a 64-bit length with its top bit set (as `parse_header`).
     """
+    _check_start(pos, in_seq)
     frames: list[bytes] = []
     duplicates = 0
     ack = -1

@@ -652,6 +652,9 @@ class ResumeSession:
                 return
             if not self._run(reader, frame, 0, fast, slow, now) or pos == len(data):
                 return
+            if not reader.between_messages:  # that frame began a fragmented message: the reader takes the rest
+                slow(reader.feed(memoryview(data)[pos:]), now)
+                return
         self._run(reader, data, pos, fast, slow, now)
 
     def _run(self, reader: MessageReader, view, pos: int, fast: Callable, slow: Callable, now: float) -> bool:

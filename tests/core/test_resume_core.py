@@ -460,3 +460,26 @@ def test_every_split_of_the_upstream_stream_gives_the_same_numbered_frames() -> 
         assert run_split([], [stream[:cut], stream[cut:]]) == whole, cut
     for cut in range(len(stream) - 300, len(stream)):
         assert run_split([], [stream[:cut], stream[cut:]]) == whole, cut
+
+
+def test_every_split_of_a_stream_that_breaks_the_rules_gives_the_same_end() -> None:
+    """A message inside a fragmented one is refused (1002) however the bytes arrive, and nothing of it leaks."""
+    upstream = (upstream_text("ok") + _accel.encode_frame(_accel.OP_TEXT, b"part1", fin=False)
+                + upstream_text("intruder") + _accel.encode_frame(_accel.OP_CONT, b"part2"))
+    client = (client_data(1, "ok") + masked(_accel.OP_TEXT, b"D2:part1", fin=False)
+              + client_control({"t": "ack", "seq": 0}) + masked(_accel.OP_CONT, b"part2"))
+
+    def outcome(pieces, side):
+        s = new_session()
+        take(s)
+        for piece in pieces:
+            (s.from_upstream(piece) if side == "upstream" else s.from_client(piece, 0.0))
+        actions = take(s)
+        sent = [p for _, p in decoded(actions)] + [p for _, p in decoded(actions, SEND_UPSTREAM)]
+        return s.state, s.out_seq, s.in_seq, [p for p in sent if b"intruder" in p or b"part" in p]
+
+    for stream, side in ((upstream, "upstream"), (client, "client")):
+        whole = outcome([stream], side)
+        assert whole[0] is SessionState.CLOSED and whole[3] == []
+        for cut in range(1, len(stream)):
+            assert outcome([stream[:cut], stream[cut:]], side) == whole, (side, cut)
