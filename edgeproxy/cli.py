@@ -77,7 +77,7 @@ async def _serve(config: Config, *, demo: bool = False, link=None) -> bool:
         for sig in (signal.SIGHUP, signal.SIGUSR2):
             loop.add_signal_handler(sig, log.warning, "worker %d: signals go to the supervisor (pid %d)", link.index, link.supervisor)
         server.reuse_port = True
-        server.worker_index = link.index
+        server.worker = (link.supervisor, link.index)
         if server.admin is not None:
             server.admin.reuse_port = True
         await server.start(link.sockets(config))

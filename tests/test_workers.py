@@ -60,13 +60,13 @@ def admin_total(port: int) -> int:
         return json.loads(response.read())["by_protocol"].get("websocket", 0)
 
 
-async def start_workers(supervised, backend, n: int):
+async def start_workers(supervised, backend, n: int, extra: str = ""):
     start, pid_file = supervised
     admin = free_port_range(n)
     port = free_port()
     while port in range(admin, admin + n):
         port = free_port()
-    proxy = start(config_text({"app": [backend]}, {"/": "app"}, port=port, admin_port=admin, workers=n))
+    proxy = start(config_text({"app": [backend]}, {"/": "app"}, port=port, admin_port=admin, workers=n, extra=extra))
     await proxy.wait_log("ready; admin on", count=n, timeout=20)
     return proxy, port, admin, pid_file
 
@@ -153,7 +153,9 @@ async def test_sighup_to_the_supervisor_reloads_every_worker(supervised, backend
 
 @pytest.mark.timeout(90)
 async def test_binary_upgrade_refuses_no_connection_and_old_ones_work_until_drained(supervised, backend):
-    proxy, port, admin, pid_file = await start_workers(supervised, backend, 2)
+    # With resume on and a fixed instance_id: both generations' workers hand resumes off while they overlap.
+    resume = '[websocket]\nresume_secret = "upgrade-resume-secret-0123456789"\ninstance_id = "edge1"\n'
+    proxy, port, admin, pid_file = await start_workers(supervised, backend, 2, extra=resume)
     old_workers = list(worker_pids(proxy.log()).values())
     old = await open_many(port, 50)
     stop = asyncio.Event()
@@ -223,19 +225,14 @@ async def test_binary_upgrade_refuses_no_connection_and_old_ones_work_until_drai
 async def test_a_resume_that_lands_on_another_worker_reaches_its_session(supervised, backend):
     """The kernel spreads reconnects over the workers; a session parked in one must be resumable from any."""
     import subprocess
+    import sys
 
     from edgeproxy.core.resume import TokenCodec
     from edgeproxy.reconnect import Backoff
     from edgeproxy.resume_client import ResumableWebSocket
 
-    start, _ = supervised
-    admin = free_port_range(2)
-    port = free_port()
-    while port in range(admin, admin + 2):
-        port = free_port()
     extra = '[websocket]\nresume_secret = "workers-resume-secret-0123456789"\n'
-    proxy = start(config_text({"app": [backend]}, {"/": "app"}, port=port, admin_port=admin, workers=2, extra=extra))
-    await proxy.wait_log("ready; admin on", count=2, timeout=20)
+    proxy, port, admin, _ = await start_workers(supervised, backend, 2, extra=extra)
     clients = [await ResumableWebSocket(f"ws://127.0.0.1:{port}/", backoff=Backoff(0.05, 0.3)).connect()
                for _ in range(8)]
     try:
@@ -251,12 +248,16 @@ async def test_a_resume_that_lands_on_another_worker_reaches_its_session(supervi
             assert (c.resumes, c.resets) == (4, 0), (i, c.resumes, c.resets)
         handed = sum(metric_value(admin + i, "edgeproxy_resume_handoffs_total") for i in range(2))
         assert handed >= 1  # 32 reconnects over 2 workers: some crossed (all on one side: p = 2**-31)
-        # The hand-off socket takes only siblings: another process (here: another user) gets nothing.
-        owner = TokenCodec.instance_of(clients[0]._token)
-        # (the system's python3: the test's own may live where that user cannot read)
-        forged = subprocess.run(["/usr/bin/python3", "-c", FORGED_HANDOFF, owner], capture_output=True, text=True,
-                                timeout=20, cwd="/", preexec_fn=lambda: os.setuid(65534))
-        assert forged.stdout.strip() == "closed", forged.stdout + forged.stderr
+        # The hand-off socket takes only siblings: this test's process (same user, another parent) and a
+        # process of another user get nothing.
+        address = [str(proxy.pid), TokenCodec.instance_of(clients[0]._token)]
+        same_user = subprocess.run([sys.executable, "-c", FORGED_HANDOFF, *address], capture_output=True, text=True,
+                                   timeout=20)
+        assert same_user.stdout.strip() == "closed", same_user.stdout + same_user.stderr
+        if os.getuid() == 0:  # the system's python3: the test's own may live where that user cannot read
+            other_user = subprocess.run(["/usr/bin/python3", "-c", FORGED_HANDOFF, *address], capture_output=True,
+                                        text=True, timeout=20, cwd="/", preexec_fn=lambda: os.setuid(65534))
+            assert other_user.stdout.strip() == "closed", other_user.stdout + other_user.stderr
     finally:
         for c in clients:
             await c.close()
@@ -266,7 +267,7 @@ FORGED_HANDOFF = r"""
 import socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.settimeout(5)
-s.connect("\0edgeproxy.resume." + sys.argv[1])
+s.connect("\0edgeproxy.resume." + sys.argv[1] + "." + sys.argv[2])
 try:
     s.sendall(b'{"peer": ["10.9.9.9", 0], "listener": 0}\nGET / HTTP/1.1\r\nHost: x\r\n\r\n')
     print("answered" if s.recv(100) else "closed")

@@ -110,7 +110,9 @@ class ClientConnection(asyncio.Protocol):
     Args:
         server: the `ProxyServer`.
         listener: the `ListenerConfig` it came in on (None: a plain listener).
-        real_peer: the client's (host, port) named by a PROXY protocol header.
+        real_peer: the client's (host, port) named by a PROXY protocol header
+            (or by the worker that handed a resume attempt over).
+        admitted_elsewhere: skip admission control (that worker counted it).
     """
 
     # Slots, not a __dict__: one of these lives as long as its connection, and
@@ -119,13 +121,15 @@ class ClientConnection(asyncio.Protocol):
         "server", "listener", "http", "transport", "client_ip", "closed", "exchange", "relay", "upstream",
         "_real_peer", "_admitted_ip", "_refused", "_meters", "_throttled",
         "_paused", "_deadline", "_deadline_kind", "_ws_started", "_ws_route", "_ws_target", "_ws_group",
-        "_lingering", "_metrics_key", "_opened_at", "_client_ping", "_upstream_ping",
+        "_lingering", "_metrics_key", "_opened_at", "_client_ping", "_upstream_ping", "_admitted_elsewhere",
     )
 
-    def __init__(self, server: ProxyServer, listener=None, real_peer=None):
+    def __init__(self, server: ProxyServer, listener=None, real_peer=None, admitted_elsewhere: bool = False):
         self.server = server
         self.listener = listener
         self._real_peer = real_peer
+        #: a resume attempt another worker accepted and piped here: admission was its job
+        self._admitted_elsewhere = admitted_elsewhere
         #: the address admission control counted this connection under (None: not counted)
         self._admitted_ip: str | None = None
         self._refused = False
@@ -163,7 +167,7 @@ class ClientConnection(asyncio.Protocol):
         peer = self._real_peer or transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0]
-        if self.server.admission is not None and not self._admit():
+        if self.server.admission is not None and not self._admitted_elsewhere and not self._admit():
             return
         self.server.connections.add(self)
         self._opened_at = now = self.server.now()

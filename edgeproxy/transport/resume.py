@@ -302,8 +302,9 @@ class Refusal:
 # Hand-off between workers
 # --------------------------------------------------------------------------- #
 
-#: the abstract Unix socket of a worker's hand-off ingress, by instance id
-_HANDOFF_ADDRESS = "\0edgeproxy.resume.{}"
+#: the abstract Unix socket of a worker's hand-off ingress, by supervisor pid and instance id (the pid
+#: keeps the two generations of workers apart during a binary upgrade, when both run)
+_HANDOFF_ADDRESS = "\0edgeproxy.resume.{}.{}"
 #: the longest first line of a hand-off (the client's address and the listener, as JSON)
 _HANDOFF_LINE_MAX = 1024
 
@@ -311,7 +312,7 @@ _HANDOFF_LINE_MAX = 1024
 class _Pipe:
     """One end of a client connection piped to a sibling worker: what it reads goes to the other end."""
 
-    __slots__ = ("transport", "other", "registry", "pending", "admitted")
+    __slots__ = ("transport", "other", "registry", "pending", "admitted", "writing_paused")
 
     def __init__(self, registry: ResumeRegistry, admitted: tuple | None = None):
         self.transport = None
@@ -320,6 +321,8 @@ class _Pipe:
         #: bytes read before the other end was connected
         self.pending: list[bytes] = []
         self.admitted = admitted
+        #: this end's transport has more to write than its high-water mark
+        self.writing_paused = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -342,10 +345,12 @@ class _Pipe:
         self.close_both()
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         if self.other is not None and self.other.transport is not None:
             self.other.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         if self.other is not None and self.other.transport is not None:
             self.other.transport.resume_reading()
 
@@ -409,7 +414,8 @@ class _HandoffIngress:
             self.transport.abort()
             return
         rest = bytes(self.buf[end + 1:])
-        conn = ClientConnection(self.server, listener, peer)
+        # admitted already, by the worker the client is connected to
+        conn = ClientConnection(self.server, listener, peer, admitted_elsewhere=True)
         self.transport.set_protocol(conn)
         conn.connection_made(self.transport)
         if rest and not conn.closed:
@@ -665,31 +671,36 @@ class ResumeRegistry:
         self.parked_count = 0
         #: the hand-off ingress (one worker among several) and the attempts piped to siblings
         self._ingress_server = None
+        self._supervisor = 0
         self.pipes: set[_Pipe] = set()
+        self._connecting: set[asyncio.Task] = set()
 
     @property
     def instance_id(self) -> str:
         return self.codec.instance_id
 
-    async def start_handoff(self, worker_index: int) -> None:
+    async def start_handoff(self, supervisor: int, worker_index: int) -> None:
         """Be one worker among several: a name of our own in tokens, and an ingress for siblings' hand-offs.
 
         A configured ``instance_id`` becomes ``<instance_id>.w<index>``; a drawn
-        one is unique already.
+        one is unique already.  Without the ingress (its socket cannot be made)
+        the worker still runs: resumes that land elsewhere then get 4409.
         """
         cfg = self.server.config.websocket
         if cfg.instance_id and self.codec.instance_id == cfg.instance_id:
             self.codec = TokenCodec(cfg.resume_secret, f"{cfg.instance_id}.w{worker_index}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(_HANDOFF_ADDRESS.format(self.instance_id))
+            sock.bind(_HANDOFF_ADDRESS.format(supervisor, self.instance_id))
             sock.listen(1024)
             sock.setblocking(False)
-        except OSError:
+            self._ingress_server = await asyncio.get_running_loop().create_unix_server(
+                lambda: _HandoffIngress(self.server), sock=sock)
+        except OSError as exc:
             sock.close()
-            raise
-        self._ingress_server = await asyncio.get_running_loop().create_unix_server(
-            lambda: _HandoffIngress(self.server), sock=sock)
+            log.warning("resume hand-off between workers is off in this worker: %s", exc)
+            return
+        self._supervisor = supervisor
 
     def _hand_off(self, conn: ClientConnection, exchange: _Exchange, owner: str) -> bool:
         """Pipe a resume attempt to the sibling worker `owner`; False when there is none to take it."""
@@ -698,14 +709,14 @@ class ResumeRegistry:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            sock.connect(_HANDOFF_ADDRESS.format(owner))  # a Unix socket connects at once, or not at all
+            sock.connect(_HANDOFF_ADDRESS.format(self._supervisor, owner))  # at once, or not at all
         except OSError:
             sock.close()
             return False
         server = self.server
         head = exchange.head
-        listener = conn.listener
-        index = next((i for i, item in enumerate(server.config.listeners) if item is listener), 0)
+        bind = conn.listener.bind if conn.listener is not None else None  # kept listeners keep old objects
+        index = next((i for i, item in enumerate(server.config.listeners) if item.bind == bind), 0)
         first = json.dumps({"peer": [conn.client_ip, 0], "listener": index}).encode() + b"\n"
         first += http1.serialize_head(b"%s %s HTTP/1.1" % (head.method, head.target), head.headers)
         server.metrics.connection_closed(conn._metrics_key, server.now() - conn._opened_at)
@@ -715,10 +726,13 @@ class ResumeRegistry:
         sibling = _Pipe(self)
         client.other, sibling.other = sibling, client
         client.transport = conn.transport
+        conn.transport.pause_reading()  # nothing from the client may pass the request head
         conn.transport.set_protocol(client)
         self.pipes.update((client, sibling))
         log.info("resume attempt from %s handed to worker %s", conn.client_ip, owner)
-        asyncio.get_running_loop().create_task(self._connect_pipe(client, sibling, sock, first + early))
+        task = asyncio.get_running_loop().create_task(self._connect_pipe(client, sibling, sock, first + early))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
         return True
 
     async def _connect_pipe(self, client: _Pipe, sibling: _Pipe, sock: socket.socket, first: bytes) -> None:
@@ -734,7 +748,8 @@ class ResumeRegistry:
             return
         sibling.transport.write(first + b"".join(client.pending))
         client.pending.clear()
-        client.transport.resume_reading()
+        if not sibling.writing_paused:  # that write may have filled the sibling's buffer
+            client.transport.resume_reading()
 
     def parked(self) -> list[Session]:
         return [s for s in self.sessions.values() if s.core.state is SessionState.PARKED]

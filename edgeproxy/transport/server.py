@@ -110,8 +110,8 @@ class ProxyServer:
         self._server_keys: list[ListenerKey] = []
         #: bind listeners with SO_REUSEPORT (set for supervised workers)
         self.reuse_port = False
-        #: this process's slot when it is one worker among several (``workers = N``), else None
-        self.worker_index: int | None = None
+        #: (supervisor pid, slot) when this process is one worker among several (``workers = N``), else None
+        self.worker: tuple[int, int] | None = None
         #: groups of upstreams a reload removed, while their sessions are paced out
         self._retired_groups: list[UpstreamGroup] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -182,8 +182,8 @@ class ProxyServer:
             for hub in self.hubs.values():
                 await hub.start()
             await self.presence.start()
-            if self.resume is not None and self.worker_index is not None and self.config.workers > 1:
-                await self.resume.start_handoff(self.worker_index)
+            if self.resume is not None and self.worker is not None and self.config.workers > 1:
+                await self.resume.start_handoff(*self.worker)
         except OSError:
             await self.stop()
             raise
