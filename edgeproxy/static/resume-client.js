@@ -66,6 +66,7 @@ export class ResumableWebSocket extends EventTarget {
     this.pingInterval = options.pingInterval ?? 5000;
     this.pingTimeout = options.pingTimeout ?? 10000;
     this.ackEvery = options.ackEvery ?? 16;
+    this.ackBytes = options.ackBytes ?? 65536;
     this.connectTimeout = options.connectTimeout ?? 10000;
     this.maxBufferedBytes = options.maxBufferedBytes ?? 1048576;
     this.backoff = options.backoff ?? new Backoff(options.backoffBase ?? 500, options.backoffCap ?? 30000);
@@ -78,6 +79,7 @@ export class ResumableWebSocket extends EventTarget {
     this._token = null;
     this._lastSeq = 0;      // last upstream message delivered
     this._ackedIn = 0;      // last one acknowledged to the proxy
+    this._unackedInBytes = 0;  // received since that ack
     this._outSeq = 0;       // last client message numbered
     this._unacked = [];     // [seq, data, bytes] not yet acknowledged by the proxy
     this._unackedBytes = 0;
@@ -203,8 +205,10 @@ export class ResumableWebSocket extends EventTarget {
     if (seq <= this._lastSeq) return;                 // a duplicate
     if (seq !== this._lastSeq + 1) { this._ws.close(4000, "gap"); return; }
     this._lastSeq = seq;
+    this._unackedInBytes += text ? data.length : bytes.length;
     this._deliver(body);
-    if (this._lastSeq - this._ackedIn >= this.ackEvery) this._sendAck();
+    // by count, and by bytes: the proxy stops sending once its buffer (1 MiB by default) waits for acks
+    if (this._lastSeq - this._ackedIn >= this.ackEvery || this._unackedInBytes >= this.ackBytes) this._sendAck();
   }
 
   _deliver(data) {
@@ -233,6 +237,7 @@ export class ResumableWebSocket extends EventTarget {
 
   _sendAck() {
     this._ackedIn = this._lastSeq;
+    this._unackedInBytes = 0;
     this._ws.send("C" + JSON.stringify({ t: "ack", seq: this._lastSeq }));
   }
 

@@ -400,7 +400,7 @@ async def test_idle_timeout_ends_a_quiet_resumable_session_like_a_plain_one(prox
                 while True:
                     await ws.recv()
         assert (ws.close_code, ws.close_reason) == (1001, "idle timeout")
-        assert 0.5 < asyncio.get_running_loop().time() - started < 3.0
+        assert 0.3 < asyncio.get_running_loop().time() - started < 3.0  # 0.54-0.6 s from the session's start
     assert await wait_until(lambda: b.connections[0]["close"] == 1001)
     assert await wait_until(lambda: not p.server.resume.sessions)
 
