@@ -821,6 +821,8 @@ class ResumeSession:
             self._fail(exc.close_code, str(exc), client=False)
 
     def _number_run(self, view, pos: int) -> int:
+        if self.state is SessionState.CLOSED:  # ended by an earlier frame of this read (a parked overflow)
+            return len(view)
         pos, seq, run, ends = _accel.number_frames(view, pos, self.out_seq, self.max_message_size)
         if run:
             self._numbered(seq, run, ends)

@@ -301,6 +301,18 @@ def test_buffer_overflow_while_parked_ends_the_session_and_frees_the_buffer() ->
     assert s.held_bytes == 0 and s.state is SessionState.CLOSED
 
 
+def test_a_parked_overflow_in_a_split_frame_ends_the_session_and_keeps_nothing_after() -> None:
+    s = new_session(limit=1024)
+    take(s)
+    s.client_gone(0.0)
+    take(s)
+    frames = upstream_text("x" * 1100) + upstream_text("after") + upstream_text("more")
+    s.from_upstream(frames[:10])  # the first frame split across two reads
+    s.from_upstream(frames[10:])
+    assert s.state is SessionState.CLOSED and s.end_reason == "buffer overflow"
+    assert s.held_bytes == 0 and s.out_seq == 1 and s.messages_from_upstream == 1
+
+
 def test_a_full_buffer_while_attached_pauses_the_upstream_until_acks_free_half() -> None:
     s = new_session(limit=1024)
     take(s)
