@@ -37,8 +37,8 @@ MAX_SEQ_DIGITS = 18
 ACK_PREFIX = b'C{"t":"ack","seq":'
 
 
-def _plain_data_frame(buf, pos: int, masked: bool, max_size: int) -> tuple[bytes | None, int, int] | None:
-    """``(mask key, payload length, header length)`` of the frame at `pos` if the fast path takes it, else None.
+def _plain_data_frame(buf, pos: int, masked: bool, max_size: int) -> tuple[int, bytes | None, int, int] | None:
+    """``(opcode, mask key, payload length, header length)`` of the frame at `pos` if the fast path takes it, else None.
 
     It takes a complete, final, text or binary frame without RSV bits, masked as
     `masked` says and no larger than `max_size` (0: any size).
@@ -51,7 +51,7 @@ def _plain_data_frame(buf, pos: int, masked: bool, max_size: int) -> tuple[bytes
         return None
     if (max_size and length > max_size) or len(buf) - pos < hl + length:
         return None
-    return key, length, hl
+    return opcode, key, length, hl
 
 
 def number_frames(buf, pos: int, seq: int, max_size: int) -> tuple[int, int, bytes, bytes]:
@@ -73,8 +73,7 @@ def number_frames(buf, pos: int, seq: int, max_size: int) -> tuple[int, int, byt
         header = _plain_data_frame(buf, pos, False, max_size)
         if header is None:
             break
-        key, length, hl = header
-        opcode = buf[pos] & 15
+        opcode, key, length, hl = header
         seq += 1
         prefix = b"D%d:" % seq
         start = pos + hl
@@ -137,8 +136,7 @@ def unwrap_frames(buf, pos: int, in_seq: int, max_size: int, mask_key_source: Ca
         header = _plain_data_frame(buf, pos, True, max_size)
         if header is None:
             break
-        key, length, hl = header
-        opcode = buf[pos] & 15
+        opcode, key, length, hl = header
         start = pos + hl
         head = apply_mask(bytes(buf[start:start + min(length, len(ACK_PREFIX) + MAX_SEQ_DIGITS + 1)]), key)
         if head[:1] == b"C" and opcode == 1:

@@ -65,10 +65,10 @@ class LocalPresence:
         return f"{self.instance}.{next(self._ids)}"
 
     async def start(self) -> None:
-        pass
+        """Nothing to start: this registry lives in the process (the Redis one overrides this)."""
 
     async def stop(self) -> None:
-        pass
+        """Nothing to stop (see `start`)."""
 
     def add(self, conn: HubConnection) -> None:
         self.by_id[conn.client_id] = conn

@@ -183,10 +183,15 @@ def start_session(conn: ClientConnection, exchange: _Exchange, upstream: Upstrea
 # --------------------------------------------------------------------------- #
 
 
-def _release_admission(server: ProxyServer, ip: str | None) -> None:
-    """Give back the admission slot a taken-over client connection held (it counts until its socket closes)."""
-    if ip is not None and server.admission is not None:
-        server.admission.release(ip)
+def _release_admission(admitted: tuple | None) -> None:
+    """Give back the admission slot ``(server, ip)`` a taken-over client connection held (None: none).
+
+    It counts until the connection's socket closes; returns None for the holder to keep.
+    """
+    if admitted is not None:
+        server, ip = admitted
+        if server.admission is not None:
+            server.admission.release(ip)
 
 
 class ClientEnd:
@@ -211,9 +216,7 @@ class ClientEnd:
         return False
 
     def connection_lost(self, exc) -> None:
-        if self.admitted is not None:
-            _release_admission(*self.admitted)
-            self.admitted = None
+        self.admitted = _release_admission(self.admitted)
         if self.session is not None:
             self.session.client_lost(self)
 
@@ -287,9 +290,7 @@ class Refusal:
 
     def connection_lost(self, exc) -> None:
         self.transport = None
-        if self.admitted is not None:
-            _release_admission(*self.admitted)
-            self.admitted = None
+        self.admitted = _release_admission(self.admitted)
 
     def pause_writing(self) -> None:
         pass
@@ -339,9 +340,7 @@ class _Pipe:
         return False
 
     def connection_lost(self, exc) -> None:
-        if self.admitted is not None:
-            _release_admission(*self.admitted)
-            self.admitted = None
+        self.admitted = _release_admission(self.admitted)
         self.close_both()
 
     def pause_writing(self) -> None:
