@@ -181,6 +181,7 @@ class Metrics:
       open connections have relayed and not yet folded in with `add_messages`.
     * ``upstream_servers() -> iterable of dicts`` with at least ``upstream``,
       ``server`` and ``up`` (True, False, or None when nothing checks health).
+    * ``relay_engine() -> dict``: the relay engine's counters (``RelayEngine.stats``).
 
     ``event_loop`` names the loop for ``edgeproxy_build_info``.
     """
@@ -189,6 +190,7 @@ class Metrics:
         self.event_loop = event_loop
         self.live_messages: Callable[[], Iterable[tuple[str, int, int]]] | None = None
         self.upstream_servers: Callable[[], Iterable[dict[str, Any]]] | None = None
+        self.relay_engine: Callable[[], dict[str, int]] | None = None
         # worst loop lag of the current and the previous window (see loop_lag)
         self._lag_current = 0.0
         self._lag_previous = 0.0
@@ -432,10 +434,32 @@ class _Collector:
             "Worst delay of the periodic loop callback over the last 10-20 s: time the loop was busy elsewhere",
             value=m.event_loop_lag,
         )
+        yield from self._relay_engine(m)
         yield CounterMetricFamily("edgeproxy_heap_trims", "Times freed C-heap memory was given back to the kernel (malloc_trim)",
                                   value=m.heap_trims)
         yield CounterMetricFamily("edgeproxy_heap_trim_seconds", "Time spent in those heap trims, on the event loop",
                                   value=m.heap_trim_seconds)
+
+    #: RelayEngine.stats() key -> (metric, help); a key the engine in use lacks is not exported
+    _ENGINE_COUNTERS = {
+        "pairs": ("edgeproxy_relay_engine_sessions", "Relayed WebSocket sessions handed to the relay engine after the 101"),
+        "fallbacks": ("edgeproxy_relay_engine_fallbacks",
+                      "Of those, sessions the compiled engine left on the event loop (TLS, or bytes still queued)"),
+        "turns": ("edgeproxy_relay_engine_turns", "Times the event loop ran the relay engine"),
+        "reads": ("edgeproxy_relay_engine_reads", "Reads the relay engine made below the event loop"),
+        "writes": ("edgeproxy_relay_engine_writes", "Writes the relay engine made below the event loop"),
+    }
+
+    def _relay_engine(self, m: Metrics) -> Iterator[Any]:
+        stats = m.relay_engine() if m.relay_engine is not None else None
+        if not stats:
+            return
+        yield GaugeMetricFamily("edgeproxy_relay_engine_sockets",
+                                "Sockets the compiled relay engine holds below the event loop (two per session)",
+                                value=stats["sockets"])
+        for key, (name, text) in self._ENGINE_COUNTERS.items():
+            if key in stats:
+                yield CounterMetricFamily(name, text, value=stats[key])
 
     @staticmethod
     def _connections(m: Metrics) -> Iterator[Any]:

@@ -31,7 +31,7 @@ cimport cython
 from edgeproxy.errors import FrameError
 
 __all__ = ["apply_mask", "parse_header", "encode_header", "FrameScanner", "write_many", "RelayCore", "RelayEndpoint",
-           "number_frames", "unwrap_frames"]
+           "RelayEngine", "EngineSide", "number_frames", "unwrap_frames"]
 
 cdef unsigned long long MAX_PAYLOAD_LENGTH = 0x7FFFFFFFFFFFFFFF
 
@@ -673,6 +673,11 @@ def write_many(transports, data, limit=0):
 # ---------------------------------------------------------------------------
 # the relay hot path (twins of edgeproxy.core.relay)
 
+cdef enum:
+    SCAN_DROP = 0
+    SCAN_FORWARD = 1
+    SCAN_SLOW = 2
+
 cdef class RelayCore:
     """Hot-path state of one relayed session; see :class:`edgeproxy.core.relay.RelayCore`.
 
@@ -694,25 +699,42 @@ cdef class RelayCore:
         self.bytes_from_client = 0
         self.bytes_from_upstream = 0
 
-    cdef object _relay(self, FrameScanner scanner, object data, bint client):
-        cdef Py_buffer b
-        cdef Py_ssize_t n, length
+    cdef int _scan_read(self, bint client, const unsigned char *p, Py_ssize_t length,
+                        Py_ssize_t *scanned) except -1:
+        """Scan one read; SCAN_FORWARD: pass all of it on unchanged, SCAN_DROP: nothing, SCAN_SLOW: `_after_stop`.
+
+        Shared by ``_relay`` (a read the loop handed over as bytes) and `RelayEngine`
+        (a read in the engine's own buffer, which becomes bytes only on the slow path).
+        """
+        cdef FrameScanner scanner = self.client_frames if client else self.upstream_frames
         cdef long long pongs = scanner.pongs
+        cdef Py_ssize_t n
         self.active = True
         if scanner.close is not None or scanner.error is not None:
-            return None
-        PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
-        try:
-            length = b.len
-            n = scanner._scan(<const unsigned char *>b.buf, length)
-        finally:
-            PyBuffer_Release(&b)
+            return SCAN_DROP  # nothing may follow a close frame or a broken frame
+        n = scanner._scan(p, length)
+        scanned[0] = n
         if client:
             self.bytes_from_client += n
         else:
             self.bytes_from_upstream += n
         if n == length and scanner.close is None and scanner.error is None and self.passing and scanner.pongs == pongs:
+            return SCAN_FORWARD
+        return SCAN_SLOW
+
+    cdef object _relay(self, FrameScanner scanner, object data, bint client):
+        cdef Py_buffer b
+        cdef Py_ssize_t n = 0
+        cdef int verdict
+        PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
+        try:
+            verdict = self._scan_read(client, <const unsigned char *>b.buf, b.len, &n)
+        finally:
+            PyBuffer_Release(&b)
+        if verdict == SCAN_FORWARD:
             return data
+        if verdict == SCAN_DROP:
+            return None
         return (<object>self)._after_stop(scanner, data, n, client)
 
     def from_client(self, data):
@@ -767,6 +789,606 @@ cdef class RelayEndpoint:
     def resume_writing(self):
         if not self.peer.is_closing():
             self.peer.resume_reading()
+
+
+# ---------------------------------------------------------------------------
+# the relay engine (twin of edgeproxy.core.relay.RelayEngine)
+#
+# Theory of operation
+# -------------------
+# After the 101 a relayed WebSocket needs nothing from Python for its ordinary
+# traffic: read, scan the frame headers, write the same bytes to the other socket.
+# On the loop's transports each read still costs a Python callback and a bytes
+# object.  The engine takes both sockets off the loop (a dup of each descriptor; the
+# loop's transport is then aborted, which only drops the loop's own descriptor) and
+# waits on them in an epoll set of its own, whose descriptor is the one thing the
+# loop watches: `run` is called when any relayed socket is ready.
+#
+# Per ready socket, in C: one read into the engine's buffer, `RelayCore._scan_read`
+# on it, and on the fast path one send of those bytes to the peer (or an append to
+# the peer's pending output when the kernel would not take them all; EPOLLOUT then
+# finishes it).  So each socket gets at most one send per turn from the relay, and
+# no Python object exists for the read.  Only the slow path (a close frame, a broken
+# frame or a limit, a pong, a session the proxy is ending) makes a bytes object and
+# calls the relay's Python policy, `_after_stop`, then `run_actions`, exactly as
+# `RelayEndpoint.data_received` does.
+#
+# Each socket is wrapped in an `EngineSide`, which the connection objects use as
+# their transport: write, close, abort, write_eof, pause_reading and the rest keep
+# the asyncio semantics (close flushes first; connection_lost is called later, from
+# the loop; pause_writing past the high-water mark pauses the peer's reading, as
+# `RelayEndpoint.pause_writing` does).  A pair the engine cannot take (TLS, whose
+# bytes only the loop's SSL layer can read, or a transport with bytes still in its
+# write buffer) stays on the loop with `RelayEndpoint` protocols: the twin's path.
+
+cdef extern from "<sys/epoll.h>" nogil:
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+    struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int sockfd, const void *buf, size_t n, int flags)
+    int shutdown(int sockfd, int how)
+    int getsockopt(int sockfd, int level, int optname, void *optval, unsigned int *optlen)
+    enum:
+        MSG_NOSIGNAL
+        SHUT_WR
+        SOL_SOCKET
+        SO_ERROR
+
+cdef extern from "<fcntl.h>" nogil:
+    int fcntl(int fd, int cmd, int arg)
+    enum:
+        F_DUPFD_CLOEXEC
+
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdlib cimport free, malloc, realloc
+from posix.unistd cimport close as c_close
+from posix.unistd cimport read as c_read
+
+import logging as _logging
+import os as _os
+
+_engine_log = _logging.getLogger("edgeproxy")
+
+cdef enum:
+    ENGINE_READ_SIZE = 262144   # one read; what the loop's transports read at most, too
+    ENGINE_MAX_EVENTS = 512     # ready sockets handled per `run`; the rest wait for the next turn
+
+
+cdef inline object _os_error(int err):
+    # OSError(errno, text) gives the errno's subclass (ConnectionResetError, BrokenPipeError...)
+    return OSError(err, _os.strerror(err))
+
+
+cdef inline bint _would_block(int err) noexcept nogil:
+    return err == EAGAIN or err == EINTR  # EWOULDBLOCK == EAGAIN on Linux
+
+
+@cython.final
+cdef class _Detached:
+    """The protocol a loop transport gets once the engine holds a dup of its socket: it hears nothing."""
+
+    def data_received(self, data):
+        pass  # the loop stopped reading this socket when it was aborted
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        pass  # the socket lives on in the engine; its owner hears of the end from there
+
+    def pause_writing(self):
+        pass  # nothing is written through the aborted transport
+
+    def resume_writing(self):
+        pass
+
+
+cdef _Detached _DETACHED = _Detached()
+
+
+@cython.final
+cdef class EngineSide:
+    """One socket of a relayed pair, read and written by a `RelayEngine`; an asyncio transport by duck typing.
+
+    Made by `RelayEngine.relay_pair`, never directly.
+    """
+
+    cdef RelayEngine engine
+    cdef readonly int fd
+    cdef readonly bint from_client
+    cdef EngineSide peer
+    cdef RelayCore relay
+    cdef object owner
+    cdef object run_actions
+    cdef dict extra
+    cdef bint reading        # not paused by pause_reading()
+    cdef bint eof            # the peer ended its side: nothing more to read
+    cdef bint closing        # close() or abort() called
+    cdef readonly bint closed  # the descriptor is closed
+    cdef bint eof_wanted     # write_eof() called: shut down writing once the output is sent
+    cdef bint write_shut
+    cdef bint writing_paused  # past high water: the peer's reading was paused
+    cdef bint registered
+    cdef bint parked         # hung up while not read: out of the epoll set until resume_reading
+    cdef unsigned int mask
+    cdef char *out
+    cdef Py_ssize_t out_start, out_end, out_cap
+    cdef Py_ssize_t high_water, low_water
+
+    def __cinit__(self):
+        self.fd = -1
+
+    def __dealloc__(self):
+        if self.out != NULL:
+            free(self.out)
+        if not self.closed and self.fd >= 0:
+            c_close(self.fd)
+
+    # -- the engine's side of it ------------------------------------------------
+
+    cdef int _update(self) except -1:
+        """Tell epoll what this socket waits for now: reading unless paused or ended, writing while output waits."""
+        cdef epoll_event ev
+        cdef unsigned int want = 0
+        cdef int op
+        if self.closed or self.parked:
+            return 0
+        if self.reading and not self.eof and not self.closing:
+            want |= EPOLLIN
+        if self.out_end > self.out_start:
+            want |= EPOLLOUT
+        if self.registered and want == self.mask:
+            return 0
+        ev.events = want
+        ev.data.ptr = <void *>self
+        op = EPOLL_CTL_MOD if self.registered else EPOLL_CTL_ADD
+        if epoll_ctl(self.engine.epfd, op, self.fd, &ev) < 0:
+            raise _os_error(errno)
+        self.registered = True
+        self.mask = want
+        return 0
+
+    cdef int _park(self) except -1:
+        """Hung up while nobody reads it: leave the epoll set (it would report HUP on every turn)."""
+        cdef epoll_event ev
+        if self.registered:
+            epoll_ctl(self.engine.epfd, EPOLL_CTL_DEL, self.fd, &ev)
+            self.registered = False
+        self.parked = True
+        return 0
+
+    cdef int _read(self) except -1:
+        cdef RelayEngine engine = self.engine
+        cdef ssize_t n = c_read(self.fd, engine.buf, ENGINE_READ_SIZE)
+        if n > 0:
+            engine.reads += 1
+            engine.bytes_read += n
+            self._relay(engine.buf, n)
+        elif n == 0:
+            self._eof_received()
+        elif not _would_block(errno):
+            self._finish(_os_error(errno))
+        return 0
+
+    cdef int _relay(self, const unsigned char *p, Py_ssize_t n) except -1:
+        """`RelayEndpoint.data_received` for bytes in a C buffer."""
+        cdef RelayCore relay = self.relay
+        cdef Py_ssize_t scanned = 0
+        cdef int verdict = relay._scan_read(self.from_client, p, n, &scanned)
+        if verdict == SCAN_FORWARD:
+            # The fast path runs no Python, so it cannot have added relay actions:
+            # every Python caller of the relay runs them at once.
+            self.peer._send(<const char *>p, n)
+            return 0
+        if verdict == SCAN_SLOW:
+            scanner = relay.client_frames if self.from_client else relay.upstream_frames
+            out = (<object>relay)._after_stop(scanner, PyBytes_FromStringAndSize(<const char *>p, n),
+                                              scanned, self.from_client)
+            if out:
+                self.peer.write(out)
+        if (<object>relay).actions:
+            self.run_actions()
+        return 0
+
+    cdef int _send(self, const char *p, Py_ssize_t n) except -1:
+        """Write n bytes: straight to the kernel when nothing waits, else after what waits."""
+        cdef ssize_t k = 0
+        cdef Py_ssize_t size, need, cap
+        cdef char *grown
+        if n <= 0 or self.closed or self.eof_wanted:
+            return 0
+        if self.out_end == self.out_start:
+            k = send(self.fd, p, n, MSG_NOSIGNAL)
+            self.engine.writes += 1
+            if k == n:
+                self.engine.bytes_written += n
+                return 0
+            if k < 0:
+                if not _would_block(errno):
+                    self._finish(_os_error(errno))
+                    return 0
+                k = 0
+            self.engine.bytes_written += k
+        # keep the rest: compact, grow, append
+        size = self.out_end - self.out_start
+        need = size + n - k
+        if self.out_start and self.out_end + n - k > self.out_cap:
+            memcpy(self.out, self.out + self.out_start, size)
+            self.out_start = 0
+            self.out_end = size
+        if need > self.out_cap:
+            cap = self.out_cap * 2 if self.out_cap else 4096
+            while cap < need:
+                cap *= 2
+            grown = <char *>realloc(self.out, cap)
+            if grown == NULL:
+                raise MemoryError()
+            self.out = grown
+            self.out_cap = cap
+        memcpy(self.out + self.out_end, p + k, n - k)
+        self.out_end += n - k
+        self._update()
+        if not self.writing_paused and self.out_end - self.out_start > self.high_water:
+            self.writing_paused = True
+            # RelayEndpoint.pause_writing: this side cannot take more, stop reading its feeder
+            if not self.peer.closing:
+                self.peer.pause_reading()
+        return 0
+
+    cdef int _flush(self) except -1:
+        """EPOLLOUT: send what waits; then finish a close or a write_eof that waited for it."""
+        cdef ssize_t k
+        if self.out_end == self.out_start:
+            return 0
+        k = send(self.fd, self.out + self.out_start, self.out_end - self.out_start, MSG_NOSIGNAL)
+        self.engine.writes += 1
+        if k < 0:
+            if not _would_block(errno):
+                self._finish(_os_error(errno))
+            return 0
+        self.engine.bytes_written += k
+        self.out_start += k
+        if self.out_start == self.out_end:
+            # Nothing waits: give the memory back (an idle session should cost as little as it can).
+            free(self.out)
+            self.out = NULL
+            self.out_start = self.out_end = self.out_cap = 0
+        if self.writing_paused and self.out_end - self.out_start <= self.low_water:
+            self.writing_paused = False
+            if not self.peer.closing:
+                self.peer.resume_reading()
+        if self.out_end == self.out_start:
+            if self.closing:
+                self._finish(None)
+                return 0
+            if self.eof_wanted and not self.write_shut:
+                self.write_shut = True
+                shutdown(self.fd, SHUT_WR)
+        self._update()
+        return 0
+
+    cdef int _eof_received(self) except -1:
+        self.eof = True
+        self._update()
+        if not self.owner.eof_received():
+            self.close()
+        return 0
+
+    cdef int _finish(self, exc) except -1:
+        """Close the descriptor now (pending output is dropped) and tell the owner from the loop."""
+        cdef epoll_event ev
+        if self.closed:
+            return 0
+        self.closed = self.closing = True
+        if self.registered:
+            epoll_ctl(self.engine.epfd, EPOLL_CTL_DEL, self.fd, &ev)
+            self.registered = False
+        c_close(self.fd)
+        if self.out != NULL:
+            free(self.out)
+            self.out = NULL
+        self.out_start = self.out_end = self.out_cap = 0
+        self.engine._lost(self, exc)
+        return 0
+
+    # -- the asyncio transport interface the connection objects use ------------------
+
+    def write(self, data):
+        cdef Py_buffer b
+        PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
+        try:
+            self._send(<const char *>b.buf, b.len)
+        finally:
+            PyBuffer_Release(&b)
+
+    def writelines(self, list_of_data):
+        # one send for all of them
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self):
+        if self.closing or self.eof_wanted:
+            return
+        self.eof_wanted = True
+        if self.out_end == self.out_start:
+            self.write_shut = True
+            shutdown(self.fd, SHUT_WR)
+
+    def can_write_eof(self):
+        return True
+
+    def close(self):
+        if self.closing:
+            return
+        self.closing = True
+        if self.out_end == self.out_start:
+            self._finish(None)
+        else:
+            self._update()  # stop reading; EPOLLOUT sends the rest, then closes
+
+    def abort(self):
+        self._finish(None)
+
+    def is_closing(self):
+        return self.closing
+
+    def pause_reading(self):
+        if self.closing or not self.reading:
+            return
+        self.reading = False
+        self._update()
+
+    def resume_reading(self):
+        if self.closing or self.reading:
+            return
+        self.reading = True
+        self.parked = False
+        self._update()
+
+    def is_reading(self):
+        return self.reading and not self.closing
+
+    def get_write_buffer_size(self):
+        return self.out_end - self.out_start
+
+    def get_write_buffer_limits(self):
+        return (self.low_water, self.high_water)
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        # asyncio's rule: low defaults to high // 4, high to 4 * low or 64 KiB
+        if high is None:
+            high = 65536 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self.high_water = high
+        self.low_water = low
+
+    def get_extra_info(self, name, default=None):
+        return self.extra.get(name, default)
+
+
+@cython.final
+cdef class RelayEngine:
+    """Relays WebSocket pairs below the event loop; see the theory of operation above.
+
+    Args:
+        call_soon: ``loop.call_soon``; the owners' ``connection_lost`` runs through it,
+            never inside the call that closed the socket (as with asyncio's transports).
+
+    The loop watches `fileno` and calls `run` when it is readable.
+    """
+
+    cdef readonly int epfd
+    cdef object call_soon
+    cdef unsigned char *buf
+    cdef set sides       # every open side: the epoll set points at them
+    cdef list dead       # closed during this turn: kept alive until the turn ends
+    cdef list lost       # (side, exc) whose owner has not been told yet
+    cdef bint lost_scheduled
+    cdef readonly long long turns, reads, writes, bytes_read, bytes_written, pairs, fallbacks
+
+    def __cinit__(self):
+        self.epfd = -1
+
+    def __init__(self, call_soon):
+        self.call_soon = call_soon
+        self.sides = set()
+        self.dead = []
+        self.lost = []
+        self.buf = <unsigned char *>malloc(ENGINE_READ_SIZE)
+        if self.buf == NULL:
+            raise MemoryError()
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise _os_error(errno)
+
+    def __dealloc__(self):
+        if self.epfd >= 0:
+            c_close(self.epfd)
+        if self.buf != NULL:
+            free(self.buf)
+
+    def fileno(self):
+        """The descriptor the loop watches (readable when a relayed socket is ready)."""
+        return self.epfd
+
+    def relay_pair(self, relay, client_transport, upstream_transport, client_owner, upstream_owner, run_actions):
+        """Relay `relay`'s session from now on; returns the (client, upstream) transports to use.
+
+        Each owner hears ``eof_received`` and ``connection_lost`` of its socket.  Bytes
+        already read past the handshake go in with `feed`, once the owners use the
+        returned transports.  A pair the engine cannot take stays on the loop (see
+        the theory of operation), as does a relay not built on the compiled `RelayCore`.
+        """
+        self.pairs += 1
+        if (self.epfd < 0 or not isinstance(relay, RelayCore)
+                or not (_adoptable(client_transport) and _adoptable(upstream_transport))):
+            self.fallbacks += 1
+            return _relay_on_loop(relay, client_transport, upstream_transport, client_owner, upstream_owner,
+                                  run_actions)
+        cdef EngineSide client = self._adopt(client_transport, True, relay, client_owner, run_actions)
+        cdef EngineSide upstream = self._adopt(upstream_transport, False, relay, upstream_owner, run_actions)
+        client.peer = upstream
+        upstream.peer = client
+        client._update()
+        upstream._update()
+        return client, upstream
+
+    def feed(self, side, data):
+        """Relay `data` as if `side` (a transport `relay_pair` returned) had just read it."""
+        cdef Py_buffer b
+        if not data or side.is_closing():
+            return
+        if type(side) is not EngineSide:
+            side.get_protocol().data_received(data)
+            return
+        PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
+        try:
+            (<EngineSide>side)._relay(<const unsigned char *>b.buf, b.len)
+        finally:
+            PyBuffer_Release(&b)
+
+    cdef EngineSide _adopt(self, transport, bint from_client, RelayCore relay, owner, run_actions):
+        cdef EngineSide side = EngineSide.__new__(EngineSide)
+        fd = fcntl(transport.get_extra_info("socket").fileno(), F_DUPFD_CLOEXEC, 0)
+        if fd < 0:
+            raise _os_error(errno)
+        side.engine = self
+        side.fd = fd
+        side.from_client = from_client
+        side.relay = relay
+        side.owner = owner
+        side.run_actions = run_actions
+        side.extra = {"peername": transport.get_extra_info("peername"),
+                      "sockname": transport.get_extra_info("sockname")}
+        side.reading = transport.is_reading()
+        low, high = transport.get_write_buffer_limits()
+        side.low_water = low
+        side.high_water = high
+        # The loop lets go of its descriptor; the socket lives on in the dup.
+        transport.set_protocol(_DETACHED)
+        transport.abort()
+        self.sides.add(side)
+        return side
+
+    cdef int _lost(self, EngineSide side, exc) except -1:
+        self.sides.discard(side)
+        self.dead.append(side)
+        self.lost.append((side, exc))
+        if not self.lost_scheduled:
+            self.lost_scheduled = True
+            self.call_soon(self._tell_owners)
+        return 0
+
+    def _tell_owners(self):
+        """Each closed socket's owner hears connection_lost, from the loop (asyncio's order)."""
+        cdef EngineSide side
+        self.lost_scheduled = False
+        batch = self.lost
+        self.lost = []
+        for item in batch:
+            side = <EngineSide>item[0]
+            owner = side.owner
+            # The session is over for this side: let go of what it pointed at.
+            side.owner = side.run_actions = side.relay = side.peer = None
+            try:
+                owner.connection_lost(item[1])
+            except Exception:
+                _engine_log.exception("relay engine: connection_lost failed")
+
+    def run(self):
+        """One turn: handle every relayed socket that is ready now (the loop calls this)."""
+        cdef epoll_event events[ENGINE_MAX_EVENTS]
+        cdef int n, i
+        cdef unsigned int ev
+        cdef EngineSide side
+        n = epoll_wait(self.epfd, events, ENGINE_MAX_EVENTS, 0)
+        if n < 0:
+            if errno == EINTR:
+                return
+            raise _os_error(errno)
+        self.turns += 1
+        try:
+            for i in range(n):
+                side = <EngineSide>events[i].data.ptr
+                if side.closed:
+                    continue  # closed earlier in this turn
+                ev = events[i].events
+                try:
+                    if ev & (EPOLLOUT | EPOLLERR):
+                        side._flush()
+                        if side.closed:
+                            continue
+                    if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
+                        if side.mask & EPOLLIN:
+                            side._read()  # data, EOF or the error
+                        elif ev & EPOLLERR:
+                            side._finish(_socket_error(side.fd))
+                        elif not side.mask & EPOLLOUT:
+                            side._park()
+                except Exception as exc:
+                    # as asyncio does when a protocol callback fails: log it, close that socket
+                    _engine_log.exception("relay engine: a relayed socket's callback failed; closing it")
+                    side._finish(exc)
+        finally:
+            self.dead.clear()
+
+    def close(self):
+        """Abort every socket still relayed and release the epoll set (the server is stopping)."""
+        cdef EngineSide side
+        for side in list(self.sides):
+            side._finish(None)
+        if self.epfd >= 0:
+            c_close(self.epfd)
+            self.epfd = -1
+
+    def stats(self):
+        """Counters since the engine started (for the metrics and the benchmarks)."""
+        return {"sockets": len(self.sides), "pairs": self.pairs, "fallbacks": self.fallbacks,
+                "turns": self.turns, "reads": self.reads, "writes": self.writes,
+                "bytes_read": self.bytes_read, "bytes_written": self.bytes_written}
+
+
+cdef object _socket_error(int fd):
+    cdef int err = 0
+    cdef unsigned int size = sizeof(err)
+    if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &size) < 0 or err == 0:
+        err = errno if errno else 104  # ECONNRESET: the error epoll reported is gone
+    return _os_error(err)
+
+
+cdef bint _adoptable(transport) except -1:
+    """A plain socket whose transport has nothing left to write (its bytes would be lost)."""
+    if transport.get_extra_info("sslcontext") is not None or transport.is_closing():
+        return False
+    if transport.get_extra_info("socket") is None:
+        return False
+    return transport.get_write_buffer_size() == 0
+
+
+cdef object _relay_on_loop(relay, client_transport, upstream_transport, client_owner, upstream_owner, run_actions):
+    """The twin's path: both sockets stay on their loop transports, with `RelayEndpoint` protocols."""
+    client_transport.set_protocol(RelayEndpoint(relay, True, upstream_transport, client_owner, run_actions))
+    upstream_transport.set_protocol(RelayEndpoint(relay, False, client_transport, upstream_owner, run_actions))
+    return client_transport, upstream_transport
 
 
 # ---------------------------------------------------------------------------

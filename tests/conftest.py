@@ -17,7 +17,7 @@ import pytest
 
 FRAME_API = ("apply_mask", "parse_header", "encode_header", "FrameScanner")
 FANOUT_API = ("write_many",)
-RELAY_API = ("RelayCore", "RelayEndpoint")
+RELAY_API = ("RelayCore", "RelayEndpoint", "RelayEngine")
 
 
 def env_flag(name: str) -> bool:

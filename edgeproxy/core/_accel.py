@@ -1,7 +1,7 @@
 """The ONLY place that picks the frame-handling implementation: compiled or pure Python.
 
 Everything else imports ``apply_mask``, ``parse_header``, ``encode_header``,
-``FrameScanner``, ``write_many``, the relay cores and the resume envelope's
+``FrameScanner``, ``write_many``, the relay cores, the relay engine and the resume envelope's
 ``number_frames``/``unwrap_frames`` from here.  The compiled twins live in
 ``edgeproxy._speedups`` (built from ``ext/_speedups.pyx``); the pure-Python references
 are :mod:`edgeproxy.core.frames`, :mod:`edgeproxy.core.fanout` (``write_many``),
@@ -78,6 +78,7 @@ __all__ = [
     "write_many",
     "RelayCore",
     "RelayEndpoint",
+    "RelayEngine",
     "number_frames",
     "unwrap_frames",
 ]
@@ -109,6 +110,7 @@ FrameScanner = _impl.FrameScanner
 write_many = _impl.write_many if SPEEDUPS else _pure_fanout.write_many
 RelayCore = _impl.RelayCore if SPEEDUPS else _pure_relay.RelayCore
 RelayEndpoint = _impl.RelayEndpoint if SPEEDUPS else _pure_relay.RelayEndpoint
+RelayEngine = _impl.RelayEngine if SPEEDUPS else _pure_relay.RelayEngine
 number_frames = _impl.number_frames if SPEEDUPS else _pure_envelope.number_frames
 unwrap_frames = _impl.unwrap_frames if SPEEDUPS else _pure_envelope.unwrap_frames
 encode_frame = _pure.make_encode_frame(encode_header, apply_mask)

@@ -118,3 +118,55 @@ class RelayEndpoint:
     def resume_writing(self) -> None:
         if not self.peer.is_closing():
             self.peer.resume_reading()
+
+
+class RelayEngine:
+    """The relay engine's pure-Python twin: both sockets stay on their event-loop transports.
+
+    The compiled engine (`edgeproxy._speedups.RelayEngine`) takes a relayed pair's
+    sockets off the loop and relays them in C, below the loop; see its theory of
+    operation.  This twin gives each transport a `RelayEndpoint` protocol instead, so
+    the loop reads and Python relays: the same bytes out and the same calls to the
+    relay and the owners, which is what the compiled engine does for a pair it cannot
+    take (TLS).  ``tests/core/test_engine_twins.py`` checks the two against each other.
+
+    Args:
+        call_soon: ``loop.call_soon`` (unused here: the loop's transports call
+            ``connection_lost`` themselves; taken so both twins are built alike).
+    """
+
+    def __init__(self, call_soon: Callable[..., object]):
+        self.call_soon = call_soon
+        self.pairs = 0
+
+    def fileno(self) -> None:
+        """None: nothing for the loop to watch, the transports are the loop's own."""
+        return None
+
+    def relay_pair(self, relay, client_transport, upstream_transport, client_owner, upstream_owner,
+                   run_actions: Callable[[], None]):
+        """Relay `relay`'s session from now on; returns the (client, upstream) transports to use.
+
+        Each owner hears ``eof_received`` and ``connection_lost`` of its socket.  Bytes
+        already read past the handshake go in with `feed`, once the owners use the
+        returned transports.
+        """
+        self.pairs += 1
+        client_transport.set_protocol(RelayEndpoint(relay, True, upstream_transport, client_owner, run_actions))
+        upstream_transport.set_protocol(RelayEndpoint(relay, False, client_transport, upstream_owner, run_actions))
+        return client_transport, upstream_transport
+
+    def feed(self, side, data: bytes) -> None:
+        """Relay `data` as if `side` (a transport `relay_pair` returned) had just read it."""
+        if data and not side.is_closing():
+            side.get_protocol().data_received(data)
+
+    def run(self) -> None:
+        """Never called: `fileno` gives the loop nothing to watch."""
+
+    def close(self) -> None:
+        """Nothing to release: the loop owns the transports and the server closes them."""
+
+    def stats(self) -> dict:
+        """Pairs handed over so far; ``sockets`` is 0, since the loop's transports hold them all."""
+        return {"sockets": 0, "pairs": self.pairs}

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 
 from edgeproxy import logs
 from edgeproxy.core import http1
-from edgeproxy.core._accel import RelayEndpoint
 from edgeproxy.core.admission import retry_after_header
 from edgeproxy.core.heartbeat import AGE_EXPIRED, DEAD, PING
 from edgeproxy.core.http1 import Body, ConnectionClosed, EndOfMessage, RequestHead, ResponseHead
@@ -175,7 +174,7 @@ class ClientConnection(asyncio.Protocol):
         self._deadline = now + self.server.config.http.header_timeout
 
     def data_received(self, data: bytes) -> None:
-        # HTTP mode only: after the 101 a RelayEndpoint is the transport's protocol.
+        # HTTP mode only: after the 101 the relay engine hands the bytes to the relay.
         if self._lingering:
             return  # discarded: the connection is being closed after an error
         if self.exchange is None and self._deadline_kind == "keepalive":
@@ -772,21 +771,19 @@ class ClientConnection(asyncio.Protocol):
         # WebSocket should cost as little memory as it can).
         self.http = conn.http = None
         # From here on each socket's bytes go straight to the relay and out to the
-        # other socket: no HTTP-mode checks, and no Python at all when compiled.
-        client_end = RelayEndpoint(relay, True, conn.transport, self, self._run_relay_actions)
-        upstream_end = RelayEndpoint(relay, False, self.transport, conn, self._run_relay_actions)
-        self.transport.set_protocol(client_end)
-        conn.transport.set_protocol(upstream_end)
+        # other socket: no HTTP-mode checks, and no Python at all when compiled (the
+        # relay engine reads and writes both sockets below the loop).
         self._paused.discard("in-flight")
         self._paused.discard("connecting")
+        server = self.server
+        engine = server.relay_engine
+        self.transport, conn.transport = engine.relay_pair(
+            relay, self.transport, conn.transport, self, conn, self._run_relay_actions)
         if not self._paused:
             self.transport.resume_reading()
-        server = self.server
         self.register_heartbeats(now)
-        if upstream_early:
-            upstream_end.data_received(upstream_early)
-        if client_early and not self.closed:
-            client_end.data_received(client_early)
+        engine.feed(conn.transport, upstream_early)
+        engine.feed(self.transport, client_early)
         if server.draining:
             # Opened while the proxy drains (its upgrade was in flight): send it away at once.
             self.close_websocket(server.config.shutdown.close_code, "server shutting down")

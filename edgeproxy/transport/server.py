@@ -151,6 +151,8 @@ class ProxyServer:
         self.resume: ResumeRegistry | None = ResumeRegistry(self) if config.websocket.resume_secret else None
         #: gives freed C-heap memory (TLS buffers) back to the kernel, from the tick; started by `start`
         self.heap = HeapTrimmer(0.0, 0.0)
+        #: relays WebSocket pairs after the 101 (`core._accel.RelayEngine`); made by `start`
+        self.relay_engine = None
         self._init_edge(config)
 
     def now(self) -> float:
@@ -173,6 +175,7 @@ class ProxyServer:
     async def start(self, sockets: Mapping[ListenerKey, socket.socket] | None = None) -> None:
         """Bind every listener (or take its socket from `sockets`) and the admin listener."""
         self._loop = asyncio.get_running_loop()
+        self._start_relay_engine()
         try:
             for key, listener in zip(listener_keys(self.config.listeners), self.config.listeners):
                 self._servers.append(await self._open_listener(listener, (sockets or {}).get(key)))
@@ -325,6 +328,29 @@ class ProxyServer:
             await self.admin.stop()
         # Let the transports' close callbacks run.
         await asyncio.sleep(0)
+        self._stop_relay_engine()
+        await asyncio.sleep(0)
+
+    # -- the relay engine --------------------------------------------------------
+
+    def _start_relay_engine(self) -> None:
+        """Relayed WebSockets run below the loop (`core._accel.RelayEngine`); the loop watches one descriptor."""
+        self.relay_engine = engine = _accel.RelayEngine(self._loop.call_soon)
+        self.metrics.relay_engine = engine.stats
+        fd = engine.fileno()
+        if fd is not None:
+            self._loop.add_reader(fd, engine.run)
+
+    def _stop_relay_engine(self) -> None:
+        engine = self.relay_engine
+        if engine is None:
+            return
+        self.relay_engine = None
+        self.metrics.relay_engine = None
+        fd = engine.fileno()
+        if fd is not None:
+            self._loop.remove_reader(fd)
+        engine.close()
 
     # -- reload: apply a new config in place ---------------------------------------
 

@@ -12,6 +12,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from edgeproxy.core._accel import SPEEDUPS
+
 HOST = "127.0.0.1"
 
 
@@ -68,6 +70,10 @@ async def test_wss_through_the_proxy_and_sni_picks_the_certificate(ws_backend, p
     assert await asyncio.wait_for(ws.recv(), 5) == "over tls"
     rec = (await ws_backend.wait_records(1))[0]
     assert rec.header("X-Forwarded-Proto") == "https"
+    # Only the loop's SSL layer can decrypt it: the relay engine leaves the pair there.
+    assert p.server.relay_engine.stats()["sockets"] == 0
+    if SPEEDUPS:
+        assert p.server.relay_engine.stats()["fallbacks"] == 1
     await ws.close()
     assert await peer_cert_cn(p.port, certs.ca_cert, "a.test") == ("a.test", "http/1.1", "TLSv1.3")
     assert (await peer_cert_cn(p.port, certs.ca_cert, "x.b.test"))[0] == "*.b.test"
@@ -171,6 +177,7 @@ async def test_upstream_tls_verified(tls_backend, proxy, certs, ws_connect):
     ws = await ws_connect(p.ws_url("/ws"))
     await ws.send("to a tls upstream")
     assert await asyncio.wait_for(ws.recv(), 5) == "to a tls upstream"
+    assert p.server.relay_engine.stats()["sockets"] == 0  # a TLS upstream keeps the pair on the loop
 
 
 async def test_upstream_tls_verification_fails_on_the_wrong_name(tls_backend, proxy, certs):
