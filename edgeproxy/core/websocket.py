@@ -70,6 +70,8 @@ SHUTDOWN_UPSTREAM = "shutdown_upstream"
 #: read): the transport hands it to the heartbeat.  A pong that answers the
 #: proxy's own ping and arrived alone in its read is not relayed; any other is
 #: relayed on like any frame (an unsolicited pong is allowed, RFC 6455 5.5.3).
+#: a deadline begins (a close frame passed one way): call ``check_timers`` at the next tick
+WAKE_TIMERS = "wake_timers"
 PONG_FROM_CLIENT = "pong_from_client"
 PONG_FROM_UPSTREAM = "pong_from_upstream"
 
@@ -136,6 +138,10 @@ def validate_upstream_accept(key: bytes, response: ResponseHead) -> None:
             accept = value.strip()
     if accept is None or accept != generate_accept_token(key):
         raise RemoteProtocolError("upstream's Sec-WebSocket-Accept does not match the key", status_hint=502)
+
+
+#: the longest an open session with an idle timeout goes unchecked (see `WebSocketRelay.next_check`)
+IDLE_CHECK_SECONDS = 10.0
 
 
 class RelayState(Enum):
@@ -256,6 +262,7 @@ class WebSocketRelay(_accel.RelayCore):
         elif self.state is RelayState.OPEN:
             self.state = RelayState.CLOSING
             self._deadline = -1.0  # armed by the next check_timers()
+            self.actions.append((WAKE_TIMERS, None))
 
     def _finish(self) -> None:
         self.state = RelayState.CLOSED
@@ -430,6 +437,23 @@ class WebSocketRelay(_accel.RelayCore):
                 self.state = RelayState.CLOSED
                 self.actions.append((ABORT_CLIENT, None))
                 self.actions.append((ABORT_UPSTREAM, None))
+
+    def next_check(self, now: float) -> float:
+        """When `check_timers` must run next; 0.0 when no deadline is pending.
+
+        An open session with an idle timeout is looked at every quarter of it (at most
+        `IDLE_CHECK_SECONDS`): the hot path only sets `active`, so an idle close comes
+        that much late at most, as with a tick of that length.  A close in progress
+        is looked at by its deadline (or at once, to arm it).
+        """
+        state = self._state
+        if state is RelayState.OPEN:
+            if not self.idle_timeout:
+                return 0.0
+            return now + min(self.idle_timeout / 4, IDLE_CHECK_SECONDS)
+        if state is RelayState.CLOSING or state is RelayState.FAILING:
+            return now if self._deadline < 0 else self._deadline
+        return 0.0
 
     @property
     def messages_from_client(self) -> int:

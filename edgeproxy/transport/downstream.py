@@ -47,6 +47,7 @@ from edgeproxy.core.websocket import (
     SEND_UPSTREAM,
     SHUTDOWN_CLIENT,
     SHUTDOWN_UPSTREAM,
+    WAKE_TIMERS,
     RelayState,
     WebSocketRelay,
     frame_rules,
@@ -121,6 +122,7 @@ class ClientConnection(asyncio.Protocol):
         "_real_peer", "_admitted_ip", "_refused", "_meters", "_throttled",
         "_paused", "_deadline", "_deadline_kind", "_ws_started", "_ws_route", "_ws_target", "_ws_group",
         "_lingering", "_metrics_key", "_opened_at", "_client_ping", "_upstream_ping", "_admitted_elsewhere",
+        "_timer",
     )
 
     def __init__(self, server: ProxyServer, listener=None, real_peer=None, admitted_elsewhere: bool = False):
@@ -157,6 +159,8 @@ class ClientConnection(asyncio.Protocol):
         #: heartbeat pings that waited for a frame boundary (payload or None)
         self._client_ping: bytes | None = None
         self._upstream_ping: bytes | None = None
+        #: this connection's entry on the server's timer wheel (None: never scheduled)
+        self._timer = None
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -172,6 +176,7 @@ class ClientConnection(asyncio.Protocol):
         self._opened_at = now = self.server.now()
         self._metrics_key = self.server.metrics.connection_opened(HTTP, "", "", "")
         self._deadline = now + self.server.config.http.header_timeout
+        self._rearm(now)
 
     def data_received(self, data: bytes) -> None:
         # HTTP mode only: after the 101 the relay engine hands the bytes to the relay.
@@ -179,7 +184,9 @@ class ClientConnection(asyncio.Protocol):
             return  # discarded: the connection is being closed after an error
         if self.exchange is None and self._deadline_kind == "keepalive":
             self._deadline_kind = "header"
-            self._deadline = self.server.now() + self.server.config.http.header_timeout
+            now = self.server.now()
+            self._deadline = now + self.server.config.http.header_timeout
+            self._rearm(now)
         self.http.receive_data(data)
         self._process_client()
 
@@ -205,6 +212,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        self.server.timers_cancel(self)
         if self._refused:
             return  # never counted as open
         if self._admitted_ip is not None:
@@ -357,7 +365,9 @@ class ClientConnection(asyncio.Protocol):
         self._paused.clear()
         self.transport.resume_reading()
         self._deadline_kind = "linger"
-        self._deadline = self.server.now() + min(LINGER_SECONDS, self.server.config.http.header_timeout or LINGER_SECONDS)
+        now = self.server.now()
+        self._deadline = now + min(LINGER_SECONDS, self.server.config.http.header_timeout or LINGER_SECONDS)
+        self._rearm(now)
 
     # -- HTTP mode: the client side -------------------------------------------
 
@@ -421,6 +431,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         self._deadline = 0.0
         exchange.task = server.loop.create_task(self._connect(exchange))
+        self._rearm(exchange.started)
 
     def _answer_locally(self, head: RequestHead, status: int, message: str) -> None:
         """An error answered by the proxy itself; keeps the connection if it can."""
@@ -693,7 +704,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self.http.start_next_cycle()
         self._deadline_kind = "keepalive"
-        self._deadline = self.server.now() + self.server.config.http.keepalive_timeout
+        now = self.server.now()
+        self._deadline = now + self.server.config.http.keepalive_timeout
+        self._rearm(now)
         self.resume_client_reading("in-flight")
         self.resume_client_reading("connecting")
         self._process_client()
@@ -782,6 +795,7 @@ class ClientConnection(asyncio.Protocol):
         if not self._paused:
             self.transport.resume_reading()
         self.register_heartbeats(now)
+        self._rearm(now)
         engine.feed(conn.transport, upstream_early)
         engine.feed(self.transport, client_early)
         if server.draining:
@@ -816,6 +830,7 @@ class ClientConnection(asyncio.Protocol):
                     self._client_ping = payload
                 else:
                     self._upstream_ping = payload
+                self._rearm(self.server.now())
         elif action == DEAD:
             self.server.metrics.heartbeat_failed()
             side = "client" if client else "upstream"
@@ -890,6 +905,10 @@ class ClientConnection(asyncio.Protocol):
                 self._pong(self.server.client_beats, data)
             elif kind == PONG_FROM_UPSTREAM:
                 self._pong(self.server.upstream_beats, data)
+            elif kind == WAKE_TIMERS:
+                pass  # the _rearm below does it
+        # The actions may have begun a close (a deadline) or ended the session.
+        self._rearm(self.server.now())
 
     def _count_ws_close(self) -> None:
         """Fold the session's totals into the metrics (see `Metrics`: live to folded at once)."""
@@ -923,7 +942,29 @@ class ClientConnection(asyncio.Protocol):
             "msgs_out": relay.messages_from_upstream,
         })
 
-    # -- timers (one shared tick drives every connection) ----------------------
+    # -- timers (the server's timer wheel calls check_timers when one is due) ----
+
+    def _next_check(self, now: float) -> float:
+        """When `check_timers` must run next: 0.0 when nothing can expire before something changes.
+
+        A request in flight (its connect and read deadlines follow the upstream's
+        activity) and a session with a ping to retry or rate limits to meter are
+        looked at every tick; an idle connection only by its deadline.
+        """
+        if self.closed:
+            return 0.0
+        relay = self.relay
+        if relay is not None:
+            if self._client_ping is not None or self._upstream_ping is not None or self._meters is not None:
+                return now
+            return relay.next_check(now)
+        if self.exchange is not None:
+            return now
+        return self._deadline
+
+    def _rearm(self, now: float) -> None:
+        """Put this connection on the timer wheel for its next check (or take it off)."""
+        self.server.timers_arm(self, self._next_check(now))
 
     def check_timers(self, now: float) -> None:
         relay = self.relay

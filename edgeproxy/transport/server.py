@@ -34,6 +34,7 @@ from edgeproxy.config import Address, Config, ListenerConfig, load_config
 from edgeproxy.core import _accel
 from edgeproxy.core.drain import Drain
 from edgeproxy.core.heartbeat import Heartbeat
+from edgeproxy.core.timerwheel import TimerWheel
 from edgeproxy.errors import ConfigError
 from edgeproxy.core.admission import Admission, AdmissionPolicy
 from edgeproxy.core.origin import OriginPolicy
@@ -151,6 +152,8 @@ class ProxyServer:
         self.resume: ResumeRegistry | None = ResumeRegistry(self) if config.websocket.resume_secret else None
         #: gives freed C-heap memory (TLS buffers) back to the kernel, from the tick; started by `start`
         self.heap = HeapTrimmer(0.0, 0.0)
+        #: each client connection's next timeout check (see `timers_arm`); made by `start`
+        self.timers: TimerWheel | None = None
         #: relays WebSocket pairs after the 101 (`core._accel.RelayEngine`); made by `start`
         self.relay_engine = None
         self._init_edge(config)
@@ -175,6 +178,7 @@ class ProxyServer:
     async def start(self, sockets: Mapping[ListenerKey, socket.socket] | None = None) -> None:
         """Bind every listener (or take its socket from `sockets`) and the admin listener."""
         self._loop = asyncio.get_running_loop()
+        self.timers = TimerWheel(self._loop.time(), tick=self._tick)
         self._start_relay_engine()
         try:
             for key, listener in zip(listener_keys(self.config.listeners), self.config.listeners):
@@ -229,12 +233,32 @@ class ProxyServer:
         self._tick_due = self._loop.time() + self._tick
         self._tick_handle = self._loop.call_at(self._tick_due, self._on_tick)
 
+    # -- connection timers: a wheel, so idle connections cost no work per tick ------
+
+    def timers_arm(self, conn: ClientConnection, at: float) -> None:
+        """Have the tick call ``conn.check_timers`` once `at` has passed (0.0: not at all)."""
+        handle = conn._timer
+        if not at:
+            if handle is not None:
+                self.timers.cancel(handle)
+        elif handle is None:
+            conn._timer = self.timers.schedule(conn, at)
+        else:
+            self.timers.reschedule(handle, at)
+
+    def timers_cancel(self, conn: ClientConnection) -> None:
+        if conn._timer is not None:
+            self.timers.cancel(conn._timer)
+
     def _on_tick(self) -> None:
         now = self._loop.time()
         self.metrics.loop_lag(max(0.0, now - self._tick_due), now)
-        for conn in list(self.connections):
+        for conn in self.timers.advance(now):
+            if conn not in self.connections:
+                continue  # handed over (hub, resumable session) or closed since it was armed
             try:
                 conn.check_timers(now)
+                conn._rearm(now)
             except Exception:  # one connection's bug must not stop everyone's timers
                 log.exception("timer check failed for a connection from %s", conn.client_ip)
                 conn.transport.abort()

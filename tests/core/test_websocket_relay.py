@@ -32,6 +32,7 @@ from edgeproxy.core.websocket import (
     SEND_UPSTREAM,
     SHUTDOWN_CLIENT,
     SHUTDOWN_UPSTREAM,
+    WAKE_TIMERS,
     RelayState,
     WebSocketRelay,
     validate_client_handshake,
@@ -146,7 +147,9 @@ def test_client_initiated_close_handshake_at_every_split():
         assert forwarded == stream
         assert relay.state is RelayState.CLOSING
         assert relay.client_close == (4001, "bye")
-        assert relay.actions == []
+        # the close deadline begins: the transport is asked to check the timers
+        assert relay.actions == [(WAKE_TIMERS, None)]
+        relay.actions.clear()
         assert relay.from_upstream(reply) == reply
         assert relay.state is RelayState.CLOSED
         assert relay.actions == [(CLOSE_CLIENT, None), (CLOSE_UPSTREAM, None)]
@@ -158,6 +161,8 @@ def test_upstream_initiated_close_and_data_after_close_is_dropped():
     close = server_frame(OP_CLOSE, encode_close_payload(4002, "server bye"))
     assert relay.from_upstream(close + server_frame(OP_TEXT, b"late")) == close
     assert relay.upstream_close == (4002, "server bye")
+    assert relay.actions == [(WAKE_TIMERS, None)]
+    relay.actions.clear()
     assert relay.from_upstream(server_frame(OP_TEXT, b"later")) is None
     # The client may still send data before it answers the close.
     data = client_frame(OP_TEXT, b"in flight")
@@ -255,7 +260,7 @@ def test_reserved_opcode_from_client_is_forwarded_and_the_echo_still_arrives():
     close = server_frame(OP_CLOSE, encode_close_payload(1002, "reserved opcode"))
     assert relay.from_upstream(echo + close) == echo + close
     assert relay.upstream_close == (1002, "reserved opcode")
-    assert relay.state is RelayState.CLOSING and relay.actions == []
+    assert relay.state is RelayState.CLOSING and relay.actions == [(WAKE_TIMERS, None)]
     assert relay.messages_from_upstream == 1
 
 
@@ -314,7 +319,10 @@ def test_idle_timeout_closes_both_with_1001_and_close_timeout_aborts():
 def test_close_handshake_that_never_completes_is_aborted():
     relay = new_relay(close_timeout=1, now=0.0)
     relay.from_client(client_frame(OP_CLOSE, encode_close_payload(1000)))
+    assert relay.actions == [(WAKE_TIMERS, None)] and relay.next_check(0.2) == 0.2  # at the next tick
+    relay.actions.clear()
     relay.check_timers(0.5)  # arms the deadline
+    assert relay.next_check(0.5) == 1.5
     relay.check_timers(1.0)
     assert relay.actions == []
     relay.check_timers(1.6)
@@ -399,3 +407,13 @@ def test_a_pong_answering_the_proxys_own_ping_is_not_relayed_when_alone():
     relay.actions.clear()
     foreign = server_frame(0xA, b"yyyyyyyy")
     assert relay.from_upstream(foreign) is foreign
+
+
+def test_next_check_asks_for_no_work_while_nothing_can_expire():
+    """The timer wheel calls check_timers only when a deadline may have come (issue #15 item 5)."""
+    assert new_relay(idle_timeout=0).next_check(5.0) == 0.0  # open, no idle timeout: never
+    relay = new_relay(idle_timeout=3600, now=0.0)
+    assert relay.next_check(0.0) == 10.0  # open with an idle timeout: every IDLE_CHECK_SECONDS at most
+    assert new_relay(idle_timeout=8, now=0.0).next_check(1.0) == 3.0  # or a quarter of the timeout
+    relay.state = RelayState.CLOSED
+    assert relay.next_check(1.0) == 0.0
