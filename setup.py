@@ -19,7 +19,14 @@ if mode != "no":
     else:
         ext_modules = cythonize(
             [Extension("edgeproxy._speedups", ["ext/_speedups.pyx"], optional=mode != "yes")],
-            compiler_directives={"language_level": 3, "boundscheck": False, "wraparound": False},
+            # embedsignature: a cdef class's __init__ shows its signature only in the class
+            # docstring, which tests/test_speedups_stub.py compares with the .pyi stub
+            compiler_directives={
+                "language_level": 3,
+                "boundscheck": False,
+                "wraparound": False,
+                "embedsignature": True,
+            },
         )
 
 setup(ext_modules=ext_modules)

@@ -1,7 +1,9 @@
 """Typed contract of the compiled twins in edgeproxy._speedups (built from ext/_speedups.pyx).
 
-Same signatures and behaviour as edgeproxy.core.frames and edgeproxy.core.fanout; import
-them via edgeproxy.core._accel.
+Same signatures and behaviour as edgeproxy.core.frames, edgeproxy.core.fanout,
+edgeproxy.core.relay and edgeproxy.core.envelope; import them via edgeproxy.core._accel.
+tests/test_speedups_stub.py checks that every name, parameter and default here matches
+the built module.
 """
 
 from collections.abc import Callable, Iterable
@@ -11,7 +13,19 @@ from typing_extensions import Buffer
 from edgeproxy.core.fanout import FanoutTransport
 from edgeproxy.errors import FrameError
 
-__all__ = ["apply_mask", "parse_header", "encode_header", "FrameScanner", "write_many", "RelayCore", "RelayEndpoint", "RelayEngine", "EngineSide"]
+__all__ = [
+    "apply_mask",
+    "parse_header",
+    "encode_header",
+    "FrameScanner",
+    "write_many",
+    "RelayCore",
+    "RelayEndpoint",
+    "RelayEngine",
+    "EngineSide",
+    "number_frames",
+    "unwrap_frames",
+]
 
 def apply_mask(data: Buffer, key: Buffer, offset: int = 0) -> bytes: ...
 def parse_header(buf: Buffer, pos: int = 0) -> tuple[int, int, int, bytes | None, int, int] | None: ...
@@ -22,9 +36,17 @@ def encode_header(
 class FrameScanner:
     """Follows frame boundaries in ONE direction of a relayed stream without copying payloads."""
 
-    def __init__(self, max_message_size: int = 0) -> None: ...
+    def __init__(
+        self, max_message_size: int = 0, max_frame_size: int = 0, rules: int = 0, allowed_rsv: int = 7
+    ) -> None: ...
     @property
     def max_message_size(self) -> int: ...
+    @property
+    def max_frame_size(self) -> int: ...
+    @property
+    def rules(self) -> int: ...
+    @property
+    def allowed_rsv(self) -> int: ...
     @property
     def messages(self) -> int: ...
     @property
@@ -55,7 +77,14 @@ class RelayCore:
     active: bool
     bytes_from_client: int
     bytes_from_upstream: int
-    def __init__(self, max_message_size: int = 0) -> None: ...
+    def __init__(
+        self,
+        max_message_size: int = 0,
+        max_frame_size: int = 0,
+        client_rules: int = 0,
+        upstream_rules: int = 0,
+        allowed_rsv: int = 7,
+    ) -> None: ...
     def from_client(self, data: bytes) -> bytes | None: ...
     def from_upstream(self, data: bytes) -> bytes | None: ...
 
@@ -134,3 +163,8 @@ class RelayEngine:
     def run(self) -> None: ...
     def close(self) -> None: ...
     def stats(self) -> dict[str, int]: ...
+
+def number_frames(buf: Buffer, pos: int, seq: int, max_size: int) -> tuple[int, int, bytes, bytes]: ...
+def unwrap_frames(
+    buf: Buffer, pos: int, in_seq: int, max_size: int, mask_key_source: Callable[[], Buffer], out_seq: int
+) -> tuple[int, int, list[bytes], int, int]: ...

@@ -25,6 +25,21 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def import_compiled(*, module_level: bool = False):
+    """edgeproxy._speedups; skips when it is not built, fails instead under EDGEPROXY_REQUIRE_EXT=1.
+
+    Args:
+        module_level: called at a test module's top level (skips the whole module).
+    """
+    try:
+        return importlib.import_module("edgeproxy._speedups")
+    except ImportError as exc:
+        msg = f"compiled edgeproxy._speedups not importable ({exc}); build it with `python3 setup.py build_ext --inplace`"
+        if env_flag("EDGEPROXY_REQUIRE_EXT"):
+            pytest.fail(f"EDGEPROXY_REQUIRE_EXT=1: {msg}", pytrace=False)
+        pytest.skip(msg, allow_module_level=module_level)
+
+
 def load_frame_impl(name: str) -> SimpleNamespace:
     """The frame primitives and write_many of one implementation; skip/fail if compiled is missing."""
     if name == "pure":
@@ -32,17 +47,7 @@ def load_frame_impl(name: str) -> SimpleNamespace:
         fanout = importlib.import_module("edgeproxy.core.fanout")
         relay = importlib.import_module("edgeproxy.core.relay")
     else:
-        try:
-            module = importlib.import_module("edgeproxy._speedups")
-        except ImportError as exc:
-            msg = (
-                f"compiled edgeproxy._speedups not importable ({exc}); "
-                "build it with `python3 setup.py build_ext --inplace`"
-            )
-            if env_flag("EDGEPROXY_REQUIRE_EXT"):
-                pytest.fail(f"EDGEPROXY_REQUIRE_EXT=1: {msg}", pytrace=False)
-            pytest.skip(msg)
-        fanout = relay = module
+        module = fanout = relay = import_compiled()
     return SimpleNamespace(
         name=name,
         module=module,

@@ -16,7 +16,9 @@ echo       N connections, closed loop: each sends one binary message, waits for 
 pipelined  N connections with K messages in flight each: every echo received is
            checked (payload and order) and answered by one new message.
 upgrades   C workers, each in a loop: TCP connect, WebSocket handshake, CLOSE,
-           wait for the server's CLOSE and TCP close. Reports completed upgrades/s.
+           wait for the server's CLOSE and TCP close. Reports completed upgrades/s,
+           the latency of whole cycles and of the handshakes alone (connect until
+           the 101 is read).
 idle       Opens N connections over the given source addresses (127.0.0.x, so no
            single address runs short of ports), prints {"event": "ready"} when all are
            up, holds them until a line arrives on stdin (or stdin closes, or --hold
@@ -350,7 +352,8 @@ async def run_upgrades(args: argparse.Namespace) -> dict[str, Any]:
     stats = Stats()
     srcs = parse_src_addrs(args.src_addrs)
     errors: list[str] = []
-    lat = array("q")
+    lat = array("q")  # whole cycles: connect, handshake, close
+    handshake_lat = array("q")  # connect + handshake: until the 101 is read
     counters = {"done": 0, "window": 0, "no_close_reply": 0, "close_timeouts": 0}
     hard_deadline = time.monotonic() + args.warmup + args.duration + 10
 
@@ -372,6 +375,7 @@ async def run_upgrades(args: argparse.Namespace) -> dict[str, Any]:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.01)
                 continue
+            handshake_ns = time.perf_counter_ns() - start
             stats.closing = True  # a disconnect after our CLOSE is expected here
             transport.send_close(WSCloseCode.OK)
             try:
@@ -387,6 +391,7 @@ async def run_upgrades(args: argparse.Namespace) -> dict[str, Any]:
             if stats.phase == MEASURE:
                 counters["window"] += 1
                 lat.append(time.perf_counter_ns() - start)
+                handshake_lat.append(handshake_ns)
 
     tasks = [asyncio.ensure_future(worker(w)) for w in range(args.concurrency)]
     await asyncio.sleep(args.warmup)
@@ -418,6 +423,7 @@ async def run_upgrades(args: argparse.Namespace) -> dict[str, Any]:
         "close_timeouts": counters["close_timeouts"],
         "unexpected_frames": stats.unexpected_frames,
         "latency": percentiles_ms(lat),
+        "handshake_latency": percentiles_ms(handshake_lat),
     }
 
 

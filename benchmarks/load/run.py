@@ -1,18 +1,23 @@
 """WebSocket load benchmark: edgeproxy against direct, nginx and HAProxy, on loopback.
 
-    python benchmarks/load/run.py [--targets direct,edgeproxy,edgeproxy-pure,nginx,haproxy]
+    python benchmarks/load/run.py [--targets direct,edgeproxy,edgeproxy-w2,nginx-w1,nginx-auto,haproxy-t1,haproxy-default]
                                   [--duration S] [--rounds N] [--idle-conns 9000] [--quick]
-                                  [--out benchmarks/load/results.json]
+                                  [--out benchmarks/load/results.json] [--markdown FILE]
 
 Starts the picows echo backend (echo_backend.py) and every proxy in front of it
-(direct = no proxy). Per target it measures idle-connection memory on the fresh
-proxy, then runs each traffic measurement in interleaved rounds (one window per
-target per round; figures are medians over the rounds), each window being one run
-of the load generator (loadgen.py, a separate process) with the proxy's CPU time
-sampled from /proc at the window's edges. Finally it prints a table (with ratios
-to direct, nginx and HAProxy) and writes JSON. See README.md beside this
-file for what every figure means. Everything listens on and connects to
-127.0.0.0/8 only; every step is bounded in time.
+(direct = no proxy): edgeproxy with ``workers = 1`` and ``2``, nginx with one worker
+and ``worker_processes auto``, HAProxy with ``nbthread 1`` and its default threads.
+Per target it measures idle-connection memory and CPU on the fresh proxy, then runs
+each traffic measurement in interleaved rounds (one window per target per round;
+figures are medians over the rounds), each window being one run of the load
+generator (loadgen.py, a separate process) with the CPU time of the proxy's whole
+process tree sampled from /proc at the window's edges. Finally it prints the command,
+a table, edgeproxy's ratios to the better of nginx-w1 and HAProxy-t1 (the
+multi-process targets: of nginx-auto and haproxy-default), how each proxy scales
+with more processes, and ratios to direct, nginx-w1 and HAProxy-t1; it writes JSON
+(and Markdown with --markdown). See README.md beside this file for what every
+figure means. Everything listens on and connects to 127.0.0.0/8 only; every step
+is bounded in time.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import os
 import platform
 import queue
+import shlex
 import shutil
 import signal
 import socket
@@ -42,8 +48,16 @@ sys.path.insert(0, str(HERE))
 
 from _common import child_setup, raise_nofile_limit  # noqa: E402
 
-ALL_TARGETS = ["direct", "edgeproxy", "edgeproxy-pure", "nginx", "haproxy"]
-REFERENCES = ["direct", "nginx", "haproxy"]
+#: the default run: edgeproxy, nginx and HAProxy each with one process (thread) and with
+#: several, side by side (edgeproxy-pure and edgeproxy-base are there on request)
+ALL_TARGETS = ["direct", "edgeproxy", "edgeproxy-w2", "nginx-w1", "nginx-auto", "haproxy-t1", "haproxy-default"]
+#: older names, still accepted
+ALIASES = {"nginx": "nginx-w1", "haproxy": "haproxy-t1", "edgeproxy-w1": "edgeproxy"}
+REFERENCES = ["direct", "nginx-w1", "haproxy-t1"]
+#: edgeproxy is compared with the better of these, per figure: one process (thread) each,
+#: and the multi-process (multi-thread) ones for the edgeproxy targets with several workers
+BEST_SINGLE = ("nginx-w1", "haproxy-t1")
+BEST_MULTI = ("nginx-auto", "haproxy-default")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LONG_TIMEOUT_S = 3600  # proxies' read/tunnel timeouts: never the thing that ends a run
 
@@ -116,6 +130,18 @@ def memory_kib(pids: list[int]) -> dict[str, int]:
         except OSError:
             pass
     return {"rss_kib": rss, "pss_kib": pss}
+
+
+def thread_count(pids: list[int]) -> int:
+    """Threads of the given processes together (/proc/PID/status Threads)."""
+    n = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                n += next((int(line.split()[1]) for line in f if line.startswith("Threads:")), 0)
+        except OSError:
+            pass
+    return n
 
 
 def fd_count(pids: list[int]) -> int:
@@ -304,6 +330,8 @@ class Target:
     """One proxy (or none, for direct) in front of the echo backend."""
 
     name = ""
+    #: more than one worker process or thread: compared with BEST_MULTI, not BEST_SINGLE
+    multi = False
 
     def __init__(self, workdir: Path, backend_port: int):
         self.workdir = workdir
@@ -373,6 +401,7 @@ class Direct(Target):
 class EdgeProxy(Target):
     name = "edgeproxy"
     pure = False
+    workers = 1
     _version: str | None = None
 
     def available(self) -> str | None:
@@ -389,7 +418,9 @@ class EdgeProxy(Target):
     def command(self, port: int) -> tuple[list[str], dict[str, str] | None]:
         cfg = self.workdir / f"{self.name}.toml"
         cfg.write_text(
-            "[[listeners]]\n"
+            # (only when not 1: a --base-tree from before the supervisor rejects the key)
+            (f"workers = {self.workers}\n\n" if self.workers != 1 else "")
+            + "[[listeners]]\n"
             f'bind = "127.0.0.1:{port}"\n'
             "backlog = 4096\n\n"
             "[[upstreams]]\n"
@@ -406,6 +437,26 @@ class EdgeProxy(Target):
             'bind = "127.0.0.1:0"\n'
         )
         return [sys.executable, "-m", "edgeproxy", "run", "--config", str(cfg)], edgeproxy_env(self.pure)
+
+    def wait_children(self) -> None:
+        """With workers, the supervisor listens before its workers accept: wait until each says ready."""
+        if self.workers == 1:
+            return
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            ready = self.logpath.read_text(errors="replace").count(" ready; admin on ")
+            if ready >= self.workers and len(self.pids()) >= 1 + self.workers:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name}: {self.workers} workers not ready within 20 s: {tail(self.logpath)}")
+
+
+class EdgeProxyW2(EdgeProxy):
+    """``workers = 2``: a supervisor and two worker processes on SO_REUSEPORT sockets."""
+
+    name = "edgeproxy-w2"
+    workers = 2
+    multi = True
 
 
 class EdgeProxyPure(EdgeProxy):
@@ -447,7 +498,8 @@ class EdgeProxyBase(EdgeProxy):
 
 
 class Nginx(Target):
-    name = "nginx"
+    name = "nginx-w1"
+    worker_processes = "1"
 
     def available(self) -> str | None:
         return None if binary("nginx") else "nginx not installed (apt-get install -y nginx)"
@@ -456,12 +508,12 @@ class Nginx(Target):
         return command_output([binary("nginx"), "-v"])
 
     def command(self, port: int) -> tuple[list[str], dict[str, str] | None]:
-        prefix = self.workdir / "nginx"
+        prefix = self.workdir / self.name  # one prefix (pid file, logs, temp) per nginx target
         for sub in ("logs", "tmp"):
             (prefix / sub).mkdir(parents=True, exist_ok=True)
         user = "user root;\n" if os.geteuid() == 0 else ""
         conf = prefix / "nginx.conf"
-        conf.write_text(f"""{user}worker_processes 1;
+        conf.write_text(f"""{user}worker_processes {self.worker_processes};
 worker_rlimit_nofile 20000;
 daemon off;
 master_process on;
@@ -506,23 +558,37 @@ http {{
 """)
         return [binary("nginx"), "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "logs" / "error.log")], None
 
+    def expected_workers(self) -> int:
+        # "auto": one per CPU nginx may run on (its own count, from the affinity mask)
+        return len(os.sched_getaffinity(0)) if self.worker_processes == "auto" else int(self.worker_processes)
+
     def wait_children(self) -> None:
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and len(self.pids()) < 2:
+        while time.monotonic() < deadline and len(self.pids()) < 1 + self.expected_workers():
             time.sleep(0.05)
 
     def stop(self) -> None:
         stop_process(self.proc, signal.SIGQUIT)
 
     def log_problems(self) -> list[str]:
-        self.logpath = self.workdir / "nginx" / "logs" / "error.log"
+        self.logpath = self.workdir / self.name / "logs" / "error.log"
         problems = super().log_problems()
         # Graceful-shutdown chatter is not a problem.
         return [p for p in problems if "[notice]" not in p]
 
 
+class NginxAuto(Nginx):
+    """``worker_processes auto``: one worker per CPU."""
+
+    name = "nginx-auto"
+    worker_processes = "auto"
+    multi = True
+
+
 class HAProxy(Target):
-    name = "haproxy"
+    name = "haproxy-t1"
+    #: the global nbthread line; None leaves HAProxy's default (one thread per CPU it may run on)
+    nbthread: int | None = 1
 
     def available(self) -> str | None:
         return None if binary("haproxy") else "haproxy not installed (apt-get install -y haproxy)"
@@ -531,11 +597,11 @@ class HAProxy(Target):
         return command_output([binary("haproxy"), "-v"]).splitlines()[0]
 
     def command(self, port: int) -> tuple[list[str], dict[str, str] | None]:
-        cfg = self.workdir / "haproxy.cfg"
+        cfg = self.workdir / f"{self.name}.cfg"
         # Two sockets per proxied connection: 9,800 x 2 plus listeners stays under 20,000 fds.
+        threads = f"    nbthread {self.nbthread}\n" if self.nbthread is not None else ""
         cfg.write_text(f"""global
-    nbthread 1
-    maxconn 9800
+{threads}    maxconn 9800
 
 defaults
     mode http
@@ -557,7 +623,16 @@ backend echo
         return [binary("haproxy"), "-db", "-f", str(cfg)], None
 
 
-TARGET_CLASSES = {cls.name: cls for cls in (Direct, EdgeProxy, EdgeProxyPure, EdgeProxyBase, Nginx, HAProxy)}
+class HAProxyDefault(HAProxy):
+    """No nbthread: HAProxy's default number of threads."""
+
+    name = "haproxy-default"
+    nbthread = None
+    multi = True
+
+
+TARGET_CLASSES = {cls.name: cls for cls in (Direct, EdgeProxy, EdgeProxyW2, EdgeProxyPure, EdgeProxyBase, Nginx,
+                                            NginxAuto, HAProxy, HAProxyDefault)}
 
 
 # --------------------------------------------------------------------------
@@ -701,12 +776,13 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                     merged[msg] = merged.get(msg, 0) + cnt
             if any(k in r for r in ok):
                 out[k] = merged
-        lats = [r["latency"] for r in ok if r.get("latency")]
-        if lats:
-            out["latency"] = {
-                k: (sum(x[k] for x in lats) if k == "samples" else round(statistics.median(x[k] for x in lats), 4))
-                for k in lats[0]
-            }
+        for name in ("latency", "handshake_latency"):
+            lats = [r[name] for r in ok if r.get(name)]
+            if lats:
+                out[name] = {
+                    k: (sum(x[k] for x in lats) if k == "samples" else round(statistics.median(x[k] for x in lats), 4))
+                    for k in lats[0]
+                }
     bad = [f"round {i + 1}: {r['error']}" for i, r in enumerate(rounds) if "error" in r]
     if bad:
         out["error"] = "; ".join(bad)
@@ -733,6 +809,11 @@ def idle(target: Target, backend_pid: int, opts: argparse.Namespace, workdir: Pa
         at["proxy"] = memory_kib(proxy_pids)
         at["backend"] = memory_kib([backend_pid])
         at["proxy_fds"] = fd_count(proxy_pids)
+        # CPU of the proxy (all its processes) while it only holds the idle connections:
+        # heartbeats, timers, any per-tick sweep
+        t0, cpu0 = time.monotonic(), cpu_seconds(proxy_pids)
+        time.sleep(opts.idle_cpu_window)
+        at["idle_cpu_s"], at["idle_cpu_window_s"] = cpu_seconds(proxy_pids) - cpu0, time.monotonic() - t0
         at["alive"] = target.alive()
         try:
             proc.stdin.write("release\n")
@@ -741,8 +822,9 @@ def idle(target: Target, backend_pid: int, opts: argparse.Namespace, workdir: Pa
             pass
 
     result = run_loadgen(["idle", "--url", url, "--conns", str(opts.idle_conns), "--src-addrs", src,
-                          "--hold", str(60 + opts.settle), "--open-timeout", "150"],
-                         timeout=300, on_event=on_event, logdir=workdir, name=f"{target.name}-idle")
+                          "--hold", str(60 + opts.settle + opts.idle_cpu_window), "--open-timeout", "150"],
+                         timeout=300 + opts.idle_cpu_window, on_event=on_event, logdir=workdir,
+                         name=f"{target.name}-idle")
     if "error" in result or "proxy" not in at:
         return result
     opened = result.get("conns", 0)
@@ -759,6 +841,9 @@ def idle(target: Target, backend_pid: int, opts: argparse.Namespace, workdir: Pa
         result["proxy_fds_before"] = before["proxy_fds"]
         result["proxy_fds_at_peak"] = at["proxy_fds"]
         result["proxy_alive_at_peak"] = at["alive"]
+        result["proxy_idle_cpu_s"] = round(at["idle_cpu_s"], 3)
+        result["idle_cpu_window_s"] = round(at["idle_cpu_window_s"], 3)
+        result["proxy_idle_cpu_pct"] = round(100 * at["idle_cpu_s"] / at["idle_cpu_window_s"], 3)
         if opened:
             result["proxy_rss_kib_per_conn"] = round((at["proxy"]["rss_kib"] - before["proxy"]["rss_kib"]) / opened, 3)
             result["proxy_pss_kib_per_conn"] = round((at["proxy"]["pss_kib"] - before["proxy"]["pss_kib"]) / opened, 3)
@@ -792,6 +877,8 @@ def start_targets(targets: list[Target], results: dict[str, Any]) -> list[Target
             continue
         out["port"] = target.port
         out["pids"] = target.pids()
+        out["processes"] = len(out["pids"])
+        out["threads"] = thread_count(out["pids"])
         running.append(target)
     return running
 
@@ -855,7 +942,8 @@ def brief(label: str, r: dict[str, Any]) -> str:
         return "ERROR " + r["error"]
     if key == "idle":
         return (f"{r.get('conns')} conns up in {r.get('open_s')}s, "
-                f"proxy {r.get('proxy_rss_kib_per_conn', '-')} KiB/conn, backend {r.get('backend_rss_kib_per_conn')} KiB/conn")
+                f"proxy {r.get('proxy_rss_kib_per_conn', '-')} KiB/conn and {r.get('proxy_idle_cpu_pct', '-')}% CPU, "
+                f"backend {r.get('backend_rss_kib_per_conn')} KiB/conn")
     if key == "upgrades":
         return f"{r.get('upgrades_per_s')} upgrades/s, errors {r.get('errors')}"
     lat = r.get("latency", {})
@@ -867,23 +955,30 @@ def brief(label: str, r: dict[str, Any]) -> str:
 # report
 # --------------------------------------------------------------------------
 
-# (key, header, path into measurements, format)
+# (key, header, path into a target's results, format, better: "high", "low" or None = not a figure to rank)
 COLUMNS = [
-    ("echo32_mps", "echo 32B msgs/s", ("echo_32", "msgs_per_s"), "{:,.0f}"),
-    ("echo32_p50", "echo 32B p50 ms", ("echo_32", "latency", "p50_ms"), "{:.2f}"),
-    ("echo32_p99", "echo 32B p99 ms", ("echo_32", "latency", "p99_ms"), "{:.2f}"),
-    ("echo1k_mps", "echo 1KiB msgs/s", ("echo_1k", "msgs_per_s"), "{:,.0f}"),
-    ("echo1k_p50", "echo 1KiB p50 ms", ("echo_1k", "latency", "p50_ms"), "{:.2f}"),
-    ("echo1k_p99", "echo 1KiB p99 ms", ("echo_1k", "latency", "p99_ms"), "{:.2f}"),
-    ("pipe_mps", "pipelined msgs/s", ("pipelined", "msgs_per_s"), "{:,.0f}"),
-    ("upgrades", "upgrades/s", ("upgrades", "upgrades_per_s"), "{:,.0f}"),
-    ("cpu32", "proxy CPU us/echo 32B", ("echo_32", "proxy_cpu_us_per_echo"), "{:.1f}"),
-    ("cpu1k", "proxy CPU us/echo 1KiB", ("echo_1k", "proxy_cpu_us_per_echo"), "{:.1f}"),
-    ("cpupipe", "proxy CPU us/echo pipelined", ("pipelined", "proxy_cpu_us_per_echo"), "{:.1f}"),
-    ("cpuupg", "proxy CPU us/upgrade", ("upgrades", "proxy_cpu_us_per_upgrade"), "{:.0f}"),
-    ("rss", "proxy RSS KiB/idle conn", ("idle", "proxy_rss_kib_per_conn"), "{:.2f}"),
-    ("idle_conns", "idle conns held", ("idle", "conns"), "{:,.0f}"),
+    ("echo32_mps", "echo 32B msgs/s", ("measurements", "echo_32", "msgs_per_s"), "{:,.0f}", "high"),
+    ("echo32_p50", "echo 32B p50 ms", ("measurements", "echo_32", "latency", "p50_ms"), "{:.2f}", "low"),
+    ("echo32_p99", "echo 32B p99 ms", ("measurements", "echo_32", "latency", "p99_ms"), "{:.2f}", "low"),
+    ("echo1k_mps", "echo 1KiB msgs/s", ("measurements", "echo_1k", "msgs_per_s"), "{:,.0f}", "high"),
+    ("echo1k_p50", "echo 1KiB p50 ms", ("measurements", "echo_1k", "latency", "p50_ms"), "{:.2f}", "low"),
+    ("echo1k_p99", "echo 1KiB p99 ms", ("measurements", "echo_1k", "latency", "p99_ms"), "{:.2f}", "low"),
+    ("pipe_mps", "pipelined msgs/s", ("measurements", "pipelined", "msgs_per_s"), "{:,.0f}", "high"),
+    ("upgrades", "upgrades/s", ("measurements", "upgrades", "upgrades_per_s"), "{:,.0f}", "high"),
+    ("hs_p50", "handshake p50 ms", ("measurements", "upgrades", "handshake_latency", "p50_ms"), "{:.2f}", "low"),
+    ("hs_p99", "handshake p99 ms", ("measurements", "upgrades", "handshake_latency", "p99_ms"), "{:.2f}", "low"),
+    ("cpu32", "proxy CPU us/echo 32B", ("measurements", "echo_32", "proxy_cpu_us_per_echo"), "{:.1f}", "low"),
+    ("cpu1k", "proxy CPU us/echo 1KiB", ("measurements", "echo_1k", "proxy_cpu_us_per_echo"), "{:.1f}", "low"),
+    ("cpupipe", "proxy CPU us/echo pipelined", ("measurements", "pipelined", "proxy_cpu_us_per_echo"), "{:.1f}",
+     "low"),
+    ("cpuupg", "proxy CPU us/upgrade", ("measurements", "upgrades", "proxy_cpu_us_per_upgrade"), "{:.0f}", "low"),
+    ("idle_cpu", "proxy CPU % idle conns", ("measurements", "idle", "proxy_idle_cpu_pct"), "{:.2f}", "low"),
+    ("rss", "proxy RSS KiB/idle conn", ("measurements", "idle", "proxy_rss_kib_per_conn"), "{:.2f}", "low"),
+    ("idle_conns", "idle conns held", ("measurements", "idle", "conns"), "{:,.0f}", None),
+    ("processes", "proxy processes", ("processes",), "{:d}", None),
+    ("threads", "proxy threads", ("threads",), "{:d}", None),
 ]
+RANKED = {key: better for key, _h, _p, _f, better in COLUMNS if better}
 
 
 def dig(d: Any, path: tuple[str, ...]) -> Any:
@@ -899,24 +994,52 @@ def summary(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, r in results.items():
         if r.get("status") == "skipped":
             continue
-        out[name] = {key: dig(r.get("measurements", {}), path) for key, _h, path, _f in COLUMNS}
+        out[name] = {key: dig(r, path) for key, _h, path, _f, _b in COLUMNS}
     return out
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
+    return round(a / b, 3) if ok else None
 
 
 def ratios(summ: dict[str, dict[str, Any]], ref: str) -> dict[str, dict[str, float | None]]:
-    out: dict[str, dict[str, float | None]] = {}
+    """``target / ref`` per figure, for every target but `ref`."""
     if ref not in summ:
-        return out
-    for name, row in summ.items():
-        if name == ref:
-            continue
-        out[name] = {}
-        for key, *_ in COLUMNS:
-            if key == "idle_conns":
-                continue
-            a, b = row.get(key), summ[ref].get(key)
-            out[name][key] = round(a / b, 3) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+        return {}
+    return {name: {key: _ratio(row.get(key), summ[ref].get(key)) for key in RANKED}
+            for name, row in summ.items() if name != ref}
+
+
+def best_of(summ: dict[str, dict[str, Any]], names: tuple[str, ...]) -> dict[str, Any]:
+    """Per figure, the better value among `names` (the higher rate, the lower latency, CPU or memory)."""
+    out: dict[str, Any] = {}
+    for key, better in RANKED.items():
+        vals = [summ[n][key] for n in names if n in summ and isinstance(summ[n].get(key), (int, float))]
+        out[key] = (max(vals) if better == "high" else min(vals)) if vals else None
     return out
+
+
+def edgeproxy_vs_best(summ: dict[str, dict[str, Any]], multi: set[str]) -> dict[str, dict[str, Any]]:
+    """Every edgeproxy target divided by the best of BEST_SINGLE (BEST_MULTI for targets in `multi`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for refs in (BEST_SINGLE, BEST_MULTI):
+        present = [n for n in refs if n in summ]
+        names = [n for n in summ if n.startswith("edgeproxy") and (n in multi) == (refs is BEST_MULTI)]
+        if not present or not names:
+            continue
+        best = best_of(summ, tuple(present))
+        out[" / ".join(present)] = {n: {key: _ratio(summ[n].get(key), best[key]) for key in RANKED} for n in names}
+    return out
+
+
+#: (multi, single) pairs whose ratio shows how each proxy scales with a second core
+SCALING = [("edgeproxy-w2", "edgeproxy"), ("nginx-auto", "nginx-w1"), ("haproxy-default", "haproxy-t1")]
+
+
+def scaling(summ: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    return {f"{m} / {s}": {key: _ratio(summ[m].get(key), summ[s].get(key)) for key in RANKED}
+            for m, s in SCALING if m in summ and s in summ}
 
 
 def render_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -927,28 +1050,41 @@ def render_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def report(summ: dict[str, dict[str, Any]], all_ratios: dict[str, Any], results: dict[str, Any]) -> str:
+def render_markdown(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def tables(summ: dict[str, dict[str, Any]], comparisons: dict[str, dict[str, dict[str, Any]]]
+           ) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, headers, rows): the figures, then one table of ratios per comparison."""
+    out = []
     names = list(summ)
-    parts = []
     if names:
-        rows = []
-        for key, header, _path, fmt in COLUMNS:
-            rows.append([header] + [fmt.format(summ[n][key]) if summ[n][key] is not None else "-" for n in names])
-        parts.append(render_table(["metric"] + names, rows))
-    for ref, table in all_ratios.items():
-        if not table:
-            continue
+        rows = [[header] + [fmt.format(summ[n][key]) if summ[n][key] is not None else "-" for n in names]
+                for key, header, _path, fmt, _b in COLUMNS]
+        out.append(("", ["metric"] + names, rows))
+    for title, table in comparisons.items():
         cols = list(table)
         rows = []
-        for key, header, _path, _fmt in COLUMNS:
-            if key == "idle_conns":
-                continue
-            vals = [table[c].get(key) for c in cols]
-            if all(v is None for v in vals):
-                continue
-            rows.append([header] + [f"{v:.2f}x" if v is not None else "-" for v in vals])
+        for key, header, _path, _fmt, better in COLUMNS:
+            vals = [table[c].get(key) for c in cols] if better else [None]
+            if any(v is not None for v in vals):
+                rows.append([header] + [f"{v:.2f}x" if v is not None else "-" for v in vals])
         if rows:
-            parts.append(f"ratio to {ref} (target / {ref}):\n" + render_table(["metric"] + cols, rows))
+            out.append((title, ["metric"] + cols, rows))
+    return out
+
+
+def comparisons_of(summ: dict[str, dict[str, Any]], all_ratios: dict[str, Any], multi: set[str]
+                   ) -> dict[str, dict[str, dict[str, Any]]]:
+    out = {f"edgeproxy / best of {refs}": table for refs, table in edgeproxy_vs_best(summ, multi).items()}
+    out.update({"scaling with more processes or threads (multi / single)": scaling(summ)} if scaling(summ) else {})
+    out.update({f"ratio to {ref} (target / {ref})": table for ref, table in all_ratios.items() if table})
+    return out
+
+
+def notes_of(results: dict[str, Any]) -> list[str]:
     notes = []
     for name, r in results.items():
         if r.get("status") == "skipped":
@@ -973,8 +1109,21 @@ def report(summ: dict[str, dict[str, Any]], all_ratios: dict[str, Any], results:
         if r.get("log_problems"):
             notes.append(f"{name}: {r['log_problems']['count']} problem line(s) in its log, e.g. "
                          f"{r['log_problems']['samples'][0][:200]}")
+    return notes
+
+
+def report(command: str, summ: dict[str, dict[str, Any]], comparisons: dict[str, Any], results: dict[str, Any],
+           markdown: bool = False) -> str:
+    """The figures and ratio tables as text (or Markdown), headed by the command that made them."""
+    parts = [f"`{command}`" if markdown else f"command: {command}"]
+    for title, headers, rows in tables(summ, comparisons):
+        if markdown and title.startswith("ratio to "):
+            continue  # for RESULTS.md the figures, edgeproxy against the best and the scaling are enough
+        body = render_markdown(headers, rows) if markdown else render_table(headers, rows)
+        parts.append(f"{title}:{chr(10) * (2 if markdown else 1)}{body}" if title else body)
+    notes = notes_of(results)
     if notes:
-        parts.append("notes:\n" + "\n".join(f"  - {n}" for n in notes))
+        parts.append("notes:\n" + ("\n" if markdown else "") + "\n".join(f"  - {n}" for n in notes))
     return "\n\n".join(parts)
 
 
@@ -1018,7 +1167,9 @@ def machine_info(targets: list[Target]) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="WebSocket reverse-proxy load benchmark (loopback only).")
-    p.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"comma-separated, from {','.join(ALL_TARGETS)}")
+    p.add_argument("--targets", default=",".join(ALL_TARGETS),
+                   help=f"comma-separated, from {','.join(TARGET_CLASSES)} (default {','.join(ALL_TARGETS)}; "
+                        f"also accepted: {', '.join(f'{a} = {n}' for a, n in ALIASES.items())})")
     p.add_argument("--duration", type=float, default=None,
                    help="measured seconds per target and measurement, split over --rounds windows (default 10; --quick 0.6)")
     p.add_argument("--rounds", type=int, default=None,
@@ -1026,17 +1177,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=None,
                    help="seconds of traffic before each window (default 1; --quick 0.2)")
     p.add_argument("--idle-conns", type=int, default=None, help="idle connections for the memory figure (default 9000; --quick 300)")
+    p.add_argument("--idle-cpu-window", type=float, default=None,
+                   help="seconds the proxy's CPU is measured while it holds the idle connections (default 30, "
+                        "one default heartbeat interval; --quick 0.5)")
     p.add_argument("--echo-conns", type=int, default=100)
     p.add_argument("--pipelined-conns", type=int, default=10)
     p.add_argument("--inflight", type=int, default=64)
     p.add_argument("--upgrade-concurrency", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="a few-second version (for the smoke test)")
     p.add_argument("--out", default=str(HERE / "results.json"), help="JSON output path ('-' = none)")
+    p.add_argument("--markdown", default=None, help="also write the tables as Markdown to this file (for RESULTS.md)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir with configs and logs")
     p.add_argument("--base-tree", type=Path, default=None,
                    help="another edgeproxy checkout for the edgeproxy-base target (an A/B of two versions)")
     args = p.parse_args(argv)
-    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    args.targets = list(dict.fromkeys(ALIASES.get(t.strip(), t.strip()) for t in args.targets.split(",") if t.strip()))
     unknown = [t for t in args.targets if t not in TARGET_CLASSES]
     if unknown:
         p.error(f"unknown target(s) {unknown}; choose from {', '.join(TARGET_CLASSES)}")
@@ -1056,6 +1211,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--rounds must be 1..10")
     if args.idle_conns is None:
         args.idle_conns = 300 if args.quick else 9000
+    if args.idle_cpu_window is None:
+        args.idle_cpu_window = 0.5 if args.quick else 30.0
+    if not 0 < args.idle_cpu_window <= 120:
+        p.error("--idle-cpu-window must be in (0, 120]")
     if not 1 <= args.idle_conns <= 9500:
         p.error("--idle-conns must be 1..9500 (open files are capped at 20,000 per process)")
     if args.duration <= 0 or args.duration > 120 or args.warmup < 0 or args.warmup > 60:
@@ -1108,14 +1267,23 @@ def main(argv: list[str] | None = None) -> int:
     exit_code = 1 if fatal or any(r.get("status") not in ("ok", "skipped") for r in results.values()) else 0
     summ = summary(results)
     all_ratios = {ref: ratios(summ, ref) for ref in REFERENCES}
-    text = report(summ, all_ratios, results)
+    multi = {name for name in opts.targets if TARGET_CLASSES[name].multi}
+    comparisons = comparisons_of(summ, all_ratios, multi)
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    text = report(command, summ, comparisons, results)
     if fatal:
         text += f"\n\nrun failed: {fatal}"
     print(text)
+    if opts.markdown:
+        Path(opts.markdown).write_text(
+            f"Run of {started.isoformat(timespec='seconds')} on {machine.get('nproc')} CPUs "
+            f"({machine.get('cpu_model', '')}), load average {machine.get('loadavg_at_start')} at the start; "
+            f"medians of {opts.rounds} interleaved rounds.\n\n" + report(command, summ, comparisons, results, True) + "\n")
+        log(f"wrote {opts.markdown}")
     doc = {
         "date": started.isoformat(timespec="seconds"),
         "elapsed_s": round(time.monotonic() - t_start, 1),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command,
         "machine": machine,
         "fatal_error": fatal,
         "settings": {k: v for k, v in vars(opts).items() if k not in ("out", "keep_tmp")},
@@ -1128,6 +1296,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "summary": summ,
         "ratios": all_ratios,
+        "comparisons": comparisons,
         "targets": results,
     }
     if opts.out != "-":

@@ -6,25 +6,15 @@ when edgeproxy._speedups is not built; a failure instead under EDGEPROXY_REQUIRE
 
 from __future__ import annotations
 
-import os
-
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgeproxy.core import fanout as pure_fanout
 from edgeproxy.core import frames as pure
 from edgeproxy.core.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close_payload
+from tests.conftest import import_compiled
 
-try:
-    from edgeproxy import _speedups as compiled
-except ImportError as exc:  # pragma: no cover - depends on the build
-    if os.environ.get("EDGEPROXY_REQUIRE_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise ImportError(f"EDGEPROXY_REQUIRE_EXT=1 but edgeproxy._speedups does not import: {exc}") from exc
-    pytest.skip(
-        f"compiled edgeproxy._speedups not importable ({exc}); build it with `python3 setup.py build_ext --inplace`",
-        allow_module_level=True,
-    )
+compiled = import_compiled(module_level=True)
 
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BUFFER_KINDS = st.sampled_from(["bytes", "bytearray", "memoryview", "slice", "words"])
