@@ -64,7 +64,9 @@ Value rules (see ``config.example.toml`` for every option with its default):
   several Redis URLs are shards), ``redis://``/``rediss://`` or
   ``nats://``/``tls://`` with a host and port.  ``prefix`` names every key,
   channel, subject and stream (``A-Z a-z 0-9 _ -``), so several deployments
-  share one server.
+  share one server.  ``[[hubs]]`` with ``workers`` above 1 (or ``"auto"``)
+  need ``redis`` or ``nats``: on ``memory`` every worker would have a hub of
+  its own.
 """
 
 from __future__ import annotations
@@ -1486,9 +1488,27 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         source=source,
         version=hashlib.sha256(text.encode("utf-8")).hexdigest(),
     )
+    _check_hubs_reach_every_worker(v, data, config)
     if v.problems:
         raise ConfigError(v.problems)
     return config
+
+
+def _check_hubs_reach_every_worker(v: _Validator, data: dict[str, Any], config: Config) -> None:
+    """Hubs on the in-process backplane with several workers: refused, never a silent split.
+
+    Every worker runs its own hub, so a publication would reach only the
+    subscribers of the worker that received it, and still answer 200.  "auto"
+    is refused too: it means one worker on this machine and many on the next.
+    """
+    if not config.hubs or config.backplane.kind != "memory":
+        return
+    value = data.get("workers", 1)
+    if config.workers > 1 or value == "auto":
+        v.error("workers", f"workers = {_describe(value)} with [[hubs]] on the in-process \"memory\" backplane: "
+                "each worker would run its own hub and a publication would reach only the subscribers of the "
+                "worker that received it; set [backplane] kind = \"redis\" or \"nats\" (with url) so the "
+                "workers share channels, or workers = 1")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -916,6 +916,26 @@ def test_backplane_redis_shards_and_nats() -> None:
     assert nats_config.backplane.kind == "nats" and nats_config.backplane.urls == ("nats://127.0.0.1:4222",)
 
 
+@pytest.mark.parametrize("workers", ["2", "16", '"auto"'])
+def test_hubs_with_workers_on_the_memory_backplane_are_refused(workers: str) -> None:
+    """Each worker would have its own hub: a publish would reach some subscribers and still say 200."""
+    text = f"workers = {workers}\n" + MINIMAL + '[[hubs]]\npath = "/hub"\n'
+    for backplane in ("", '[backplane]\nkind = "memory"\n'):
+        key, message = only_problem(text + backplane)
+        assert key == "workers"
+        assert f"workers = {workers} with [[hubs]]" in message
+        assert 'set [backplane] kind = "redis" or "nats"' in message
+
+
+def test_hubs_with_workers_on_a_shared_backplane_and_workers_without_hubs_are_fine() -> None:
+    hubs = '[[hubs]]\npath = "/hub"\n'
+    for kind, url in (("redis", "redis://127.0.0.1:6379/0"), ("nats", "nats://127.0.0.1:4222")):
+        shared = f'[backplane]\nkind = "{kind}"\nurl = "{url}"\n'
+        assert parse_config("workers = 4\n" + MINIMAL + hubs + shared).workers == 4
+    assert parse_config("workers = 4\n" + MINIMAL).workers == 4
+    assert parse_config("workers = 1\n" + MINIMAL + hubs).hubs[0].path == "/hub"
+
+
 @pytest.mark.parametrize("table, key, needle", [
     ('kind = "kafka"', "backplane.kind", "memory, redis, nats"),
     ('kind = "redis"', "backplane.url", "needs url"),
