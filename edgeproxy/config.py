@@ -57,7 +57,8 @@ Value rules (see ``config.example.toml`` for every option with its default):
   and is unique; ``token_secret`` (or ``token_secret_file``) is the JWT HS256
   key, at least 32 bytes (RFC 7518 section 3.2); ``auth_hook`` is an
   ``http://host:port/path`` URL;
-* ``admin.api_key`` (at least 16 characters) turns on the publish API.
+* ``admin.api_key`` (at least 16 characters) turns on the publish API;
+  ``admin.control_key`` (as long, and not the same) guards ``/admin/*``.
 * ``[backplane]`` (optional) picks where hub publications are ordered, stored and
   spread: ``kind`` is ``memory`` (the default: one process, no service),
   ``redis`` or ``nats``; the others need ``url`` or ``urls`` (exactly one;
@@ -374,6 +375,8 @@ class AdminConfig:
     api_key: str | None = field(default=None, repr=False)
     #: largest request body POST /v1/publish accepts (413 above)
     max_publish_size: int = 1048576
+    #: bearer key every /admin/* endpoint but /admin/stream needs; None = they are open
+    control_key: str | None = field(default=None, repr=False)
 
 
 BACKPLANE_KINDS = ("memory", "redis", "nats")
@@ -720,7 +723,7 @@ _LIMITS_KEYS = (
     "ip_connection_rate", "ip_connection_burst", "ip_table_size", "heap_trim_interval",
 )
 _LOGGING_KEYS = ("level", "format", "access_log")
-_ADMIN_KEYS = ("bind", "enabled", "api_key", "max_publish_size")
+_ADMIN_KEYS = ("bind", "enabled", "api_key", "max_publish_size", "control_key")
 _HUB_KEYS = (
     "path", "history_size", "history_ttl", "token_secret", "token_secret_file", "auth_hook", "auth_hook_timeout",
     "subscriber_buffer_limit", "max_message_size", "max_subscriptions", "ping_interval", "fanout_batch",
@@ -1308,11 +1311,18 @@ def _admin(v: _Validator, data: dict[str, Any], listeners: tuple[ListenerConfig,
     api_key = v.string(table, "admin", "api_key", None, "a key string")
     if api_key is not None and len(api_key) < _MIN_API_KEY:
         v.error("admin.api_key", f"the key must be at least {_MIN_API_KEY} characters, got {len(api_key)}")
+    control_key = v.string(table, "admin", "control_key", None, "a key string")
+    if control_key is not None and len(control_key) < _MIN_API_KEY:
+        v.error("admin.control_key", f"the key must be at least {_MIN_API_KEY} characters, got {len(control_key)}")
+    elif control_key is not None and control_key == api_key:
+        # Backends hold the publish key; they must not be able to reload or drain the proxy.
+        v.error("admin.control_key", "must differ from api_key: whoever may publish must not control the proxy")
     return AdminConfig(
         bind=bind,
         enabled=enabled,
         api_key=api_key,
         max_publish_size=v.integer(table, "admin", "max_publish_size", 1048576, 1024, "a size in bytes"),
+        control_key=control_key,
     )
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -529,8 +528,7 @@ def _check_api_key(server: ProxyServer, request: AdminRequest) -> None:
     key = server.config.admin.api_key
     if key is None:
         raise _ApiError(403, "the publish API is off: set [admin] api_key to turn it on")
-    auth = request.header(b"authorization") or b""
-    if auth[:7].lower() != b"bearer " or not hmac.compare_digest(auth[7:].strip(), key.encode()):
+    if not request.bears(key):
         raise _ApiError(401, "missing or wrong API key (send Authorization: Bearer <[admin] api_key>)")
 
 
