@@ -57,14 +57,17 @@ Value rules (see ``config.example.toml`` for every option with its default):
   and is unique; ``token_secret`` (or ``token_secret_file``) is the JWT HS256
   key, at least 32 bytes (RFC 7518 section 3.2); ``auth_hook`` is an
   ``http://host:port/path`` URL;
-* ``admin.api_key`` (at least 16 characters) turns on the publish API.
+* ``admin.api_key`` (at least 16 characters) turns on the publish API;
+  ``admin.control_key`` (as long, and not the same) guards ``/admin/*``.
 * ``[backplane]`` (optional) picks where hub publications are ordered, stored and
   spread: ``kind`` is ``memory`` (the default: one process, no service),
   ``redis`` or ``nats``; the others need ``url`` or ``urls`` (exactly one;
   several Redis URLs are shards), ``redis://``/``rediss://`` or
   ``nats://``/``tls://`` with a host and port.  ``prefix`` names every key,
   channel, subject and stream (``A-Z a-z 0-9 _ -``), so several deployments
-  share one server.
+  share one server.  ``[[hubs]]`` with ``workers`` above 1 (or ``"auto"``)
+  need ``redis`` or ``nats``: on ``memory`` every worker would have a hub of
+  its own.
 """
 
 from __future__ import annotations
@@ -372,6 +375,8 @@ class AdminConfig:
     api_key: str | None = field(default=None, repr=False)
     #: largest request body POST /v1/publish accepts (413 above)
     max_publish_size: int = 1048576
+    #: bearer key every /admin/* endpoint but /admin/stream needs; None = they are open
+    control_key: str | None = field(default=None, repr=False)
 
 
 BACKPLANE_KINDS = ("memory", "redis", "nats")
@@ -718,7 +723,7 @@ _LIMITS_KEYS = (
     "ip_connection_rate", "ip_connection_burst", "ip_table_size", "heap_trim_interval",
 )
 _LOGGING_KEYS = ("level", "format", "access_log")
-_ADMIN_KEYS = ("bind", "enabled", "api_key", "max_publish_size")
+_ADMIN_KEYS = ("bind", "enabled", "api_key", "max_publish_size", "control_key")
 _HUB_KEYS = (
     "path", "history_size", "history_ttl", "token_secret", "token_secret_file", "auth_hook", "auth_hook_timeout",
     "subscriber_buffer_limit", "max_message_size", "max_subscriptions", "ping_interval", "fanout_batch",
@@ -1306,11 +1311,18 @@ def _admin(v: _Validator, data: dict[str, Any], listeners: tuple[ListenerConfig,
     api_key = v.string(table, "admin", "api_key", None, "a key string")
     if api_key is not None and len(api_key) < _MIN_API_KEY:
         v.error("admin.api_key", f"the key must be at least {_MIN_API_KEY} characters, got {len(api_key)}")
+    control_key = v.string(table, "admin", "control_key", None, "a key string")
+    if control_key is not None and len(control_key) < _MIN_API_KEY:
+        v.error("admin.control_key", f"the key must be at least {_MIN_API_KEY} characters, got {len(control_key)}")
+    elif control_key is not None and control_key == api_key:
+        # Backends hold the publish key; they must not be able to reload or drain the proxy.
+        v.error("admin.control_key", "must differ from api_key: whoever may publish must not control the proxy")
     return AdminConfig(
         bind=bind,
         enabled=enabled,
         api_key=api_key,
         max_publish_size=v.integer(table, "admin", "max_publish_size", 1048576, 1024, "a size in bytes"),
+        control_key=control_key,
     )
 
 
@@ -1486,9 +1498,27 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         source=source,
         version=hashlib.sha256(text.encode("utf-8")).hexdigest(),
     )
+    _check_hubs_reach_every_worker(v, data, config)
     if v.problems:
         raise ConfigError(v.problems)
     return config
+
+
+def _check_hubs_reach_every_worker(v: _Validator, data: dict[str, Any], config: Config) -> None:
+    """Hubs on the in-process backplane with several workers: refused, never a silent split.
+
+    Every worker runs its own hub, so a publication would reach only the
+    subscribers of the worker that received it, and still answer 200.  "auto"
+    is refused too: it means one worker on this machine and many on the next.
+    """
+    if not config.hubs or config.backplane.kind != "memory":
+        return
+    value = data.get("workers", 1)
+    if config.workers > 1 or value == "auto":
+        v.error("workers", f"workers = {_describe(value)} with [[hubs]] on the in-process \"memory\" backplane: "
+                "each worker would run its own hub and a publication would reach only the subscribers of the "
+                "worker that received it; set [backplane] kind = \"redis\" or \"nats\" (with url) so the "
+                "workers share channels, or workers = 1")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

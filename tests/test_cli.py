@@ -73,6 +73,19 @@ def test_validate_lists_every_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_validate_refuses_hubs_split_over_workers(tmp_path):
+    config = tmp_path / "hubs.toml"
+    config.write_text(
+        'workers = 3\n[[listeners]]\nbind = "127.0.0.1:8080"\n[[upstreams]]\nname = "app"\n'
+        'servers = ["127.0.0.1:9001"]\n[[routes]]\nupstream = "app"\n[[hubs]]\npath = "/hub"\n'
+    )
+    result = edgeproxy("validate", "--config", str(config))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {config}: workers: workers = 3 with [[hubs]]"), line
+    assert '[backplane] kind = "redis" or "nats"' in line
+
+
 def test_validate_reports_broken_toml_with_its_line(tmp_path):
     bad = tmp_path / "broken.toml"
     bad.write_text('[[listeners]]\nbind = "127.0.0.1:8080\n')

@@ -123,8 +123,8 @@ def test_example_file_sets_every_option() -> None:
         assert re.search(rf"^# {key} = ", websocket_text, re.M), key
     assert set(data["limits"]) == set(cfgmod._LIMITS_KEYS)
     assert set(data["logging"]) == set(cfgmod._LOGGING_KEYS)
-    # api_key has no default (it turns the publish API on): shown commented out
-    assert set(data["admin"]) == set(cfgmod._ADMIN_KEYS) - {"api_key"}
+    # api_key and control_key have no default (they turn features on): shown commented out
+    assert set(data["admin"]) == set(cfgmod._ADMIN_KEYS) - {"api_key", "control_key"}
     # token secrets and the auth hook are opt-in: shown commented out
     assert set(data["hubs"][0]) == set(cfgmod._HUB_KEYS) - {"token_secret", "token_secret_file", "auth_hook"}
     # the servers and the instance name have no default: shown commented out
@@ -141,7 +141,7 @@ def test_example_file_sets_every_option() -> None:
         assert re.search(rf"^# servers = \[.*\b{key} = ", upstream_text, re.M), key
     for table in ("affinity", "rebalance"):
         assert f"\n# [upstreams.{table}]\n" in upstream_text
-    for key in ("api_key", "token_secret", "token_secret_file", "auth_hook", "url", "urls", "instance_id"):
+    for key in ("api_key", "control_key", "token_secret", "token_secret_file", "auth_hook", "url", "urls", "instance_id"):
         assert re.search(rf"^# {key} = ", text, re.M), key
 
 
@@ -892,6 +892,10 @@ def test_no_hubs_by_default() -> None:
         ('[[hubs]]\npath = "/h"\nauth_hook_timeout = 0\n', "hubs[0].auth_hook_timeout", "a number > 0"),
         ('hubs = "/h"\n', "hubs", "expected an array of tables"),
         ('[admin]\napi_key = "short"\n', "admin.api_key", "at least 16 characters, got 5"),
+        ('[admin]\ncontrol_key = "short"\n', "admin.control_key", "at least 16 characters, got 5"),
+        ('[admin]\ncontrol_key = 5\n', "admin.control_key", "expected a key string"),
+        ('[admin]\napi_key = "0123456789abcdef"\ncontrol_key = "0123456789abcdef"\n', "admin.control_key",
+         "must differ from api_key"),
         ("[admin]\napi_key = 5\n", "admin.api_key", "expected a key string"),
         ("[admin]\nmax_publish_size = 10\n", "admin.max_publish_size", ">= 1024"),
     ],
@@ -914,6 +918,26 @@ def test_backplane_redis_shards_and_nats() -> None:
                                                prefix="prod-eu", instance_id="edge-1")
     nats_config = parse_config(MINIMAL + '[backplane]\nkind = "NATS"\nurl = "nats://127.0.0.1:4222"\n')
     assert nats_config.backplane.kind == "nats" and nats_config.backplane.urls == ("nats://127.0.0.1:4222",)
+
+
+@pytest.mark.parametrize("workers", ["2", "16", '"auto"'])
+def test_hubs_with_workers_on_the_memory_backplane_are_refused(workers: str) -> None:
+    """Each worker would have its own hub: a publish would reach some subscribers and still say 200."""
+    text = f"workers = {workers}\n" + MINIMAL + '[[hubs]]\npath = "/hub"\n'
+    for backplane in ("", '[backplane]\nkind = "memory"\n'):
+        key, message = only_problem(text + backplane)
+        assert key == "workers"
+        assert f"workers = {workers} with [[hubs]]" in message
+        assert 'set [backplane] kind = "redis" or "nats"' in message
+
+
+def test_hubs_with_workers_on_a_shared_backplane_and_workers_without_hubs_are_fine() -> None:
+    hubs = '[[hubs]]\npath = "/hub"\n'
+    for kind, url in (("redis", "redis://127.0.0.1:6379/0"), ("nats", "nats://127.0.0.1:4222")):
+        shared = f'[backplane]\nkind = "{kind}"\nurl = "{url}"\n'
+        assert parse_config("workers = 4\n" + MINIMAL + hubs + shared).workers == 4
+    assert parse_config("workers = 4\n" + MINIMAL).workers == 4
+    assert parse_config("workers = 1\n" + MINIMAL + hubs).hubs[0].path == "/hub"
 
 
 @pytest.mark.parametrize("table, key, needle", [

@@ -17,6 +17,18 @@ add what h11 leaves to the application:
 * **Hop-by-hop headers are dropped both ways** (RFC 9110 section 7.6.1), including
   every header the `Connection` header names; body framing is re-done by h11 on
   the other side, so a chunked upload can leave as chunked or with a length.
+* **The request line and the authority are held to their grammar.**  h11 takes
+  any `HTTP/d.d` and any visible bytes in `Host`; a proxy that forwards
+  `HTTP/0.9` as 1.1, or a `Host` with a BEL or a space in it, lets the upstream
+  read a different request than the one routed.  Only 1.0 and 1.1 pass (else
+  505), and `Host` and the authority of an absolute-form target must match RFC
+  3986's host grammar with an optional port (else 400), whatever the target's
+  form.  With an absolute-form target, the authority is what is routed and what
+  the upstream gets as `Host` (RFC 9112 section 3.2.2).
+* **Chunk sizes may have any number of leading zeros** (RFC 9112 section 7.1:
+  `1*HEXDIG`), which h11 caps at 20 digits.  `ChunkSizeLines` strips them from
+  each size line before h11 reads it, and refuses sizes that do not fit in 63
+  bits.
 * **Errors carry their remedy**: every refusal is a `RemoteProtocolError` with the
   HTTP status to answer.
 * **The WebSocket handshake skips h11's event machinery.**  Building and
@@ -33,6 +45,7 @@ Nothing here touches a socket or a clock: bytes go in, events and bytes come out
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -63,7 +76,11 @@ REASONS = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
+
+#: the only versions the proxy speaks; h11 would take any `HTTP/<digit>.<digit>`
+SUPPORTED_VERSIONS = frozenset({b"1.0", b"1.1"})
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -82,6 +99,8 @@ class RequestHead:
     websocket: bool = False
     #: True when a body follows (Content-Length > 0 or chunked).
     has_body: bool = False
+    #: The authority of an absolute-form target (RFC 9112 section 3.2.2), else None.
+    authority: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (name in lower case), or None."""
@@ -122,6 +141,77 @@ def _check_raw_head(head: bytes) -> None:
             raise RemoteProtocolError("obsolete line folding in header block", status_hint=400)
 
 
+# RFC 3986 section 3.2.2: reg-name (which also spells every IPv4address),
+# IP-literal (IPv6address or IPvFuture in brackets); section 3.2.3: port.
+_REG_NAME = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*")
+_IPV_FUTURE = re.compile(rb"[vV][0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+")
+_IPV6_CHARS = re.compile(rb"[0-9A-Fa-f:.]+")
+_PORT = re.compile(rb"[0-9]*")
+
+
+def valid_host(value: bytes) -> bool:
+    """Whether ``value`` is `uri-host [ ":" port ]` (RFC 9110 section 7.2, RFC 3986 section 3.2.2).
+
+    Anything else (control characters, HTAB, SP, userinfo, a second colon
+    outside brackets) is not a host a proxy may route on or pass on.
+    """
+    if value[:1] == b"[":
+        end = value.find(b"]")
+        if end < 0 or not _valid_ip_literal(value[1:end]):
+            return False
+        rest = value[end + 1:]
+    else:
+        colon = value.find(b":")
+        host, rest = (value, b"") if colon < 0 else (value[:colon], value[colon:])
+        if _REG_NAME.fullmatch(host) is None:
+            return False
+    return rest == b"" or (rest[:1] == b":" and _PORT.fullmatch(rest, 1) is not None)
+
+
+def _valid_ip_literal(literal: bytes) -> bool:
+    if _IPV_FUTURE.fullmatch(literal) is not None:
+        return True
+    if _IPV6_CHARS.fullmatch(literal) is None:
+        return False
+    try:
+        ipaddress.IPv6Address(literal.decode("ascii"))
+    except ValueError:
+        return False
+    return True
+
+
+def split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
+    """(authority, path) of an http or https absolute-form target, None for other forms.
+
+    The authority ends at the first "/", "?" or "#" (RFC 3986 section 3.2); an
+    empty path is "/".
+
+    Raises:
+        RemoteProtocolError: an empty host or userinfo (RFC 9110 sections 4.2.1
+            and 4.2.4), or an authority that is not a host and optional port.
+    """
+    lowered = target[:8].lower()
+    if lowered.startswith(b"http://"):
+        rest = target[7:]
+    elif lowered == b"https://":
+        rest = target[8:]
+    else:
+        return None
+    end = len(rest)
+    for delimiter in b"/?#":
+        found = rest.find(bytes([delimiter]))
+        if 0 <= found < end:
+            end = found
+    authority, path = rest[:end], rest[end:]
+    if b"@" in authority:
+        raise RemoteProtocolError("userinfo in the request target's authority", status_hint=400)
+    if not valid_host(authority) or authority[:1] in (b"", b":"):
+        raise RemoteProtocolError(f"invalid authority in the request target: {authority!r}", status_hint=400)
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return authority, path
+
+
 def _connection_tokens(headers: Headers) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
@@ -160,13 +250,20 @@ def forwarded_request_headers(
 
     For a WebSocket upgrade the `Connection: Upgrade` and `Upgrade: websocket`
     pair is put back, since those are hop-by-hop but must reach the upstream.
+    With an absolute-form target the upstream gets the target's authority as
+    Host, the host the request was routed on (RFC 9112 section 3.2.2).
     """
     headers = strip_hop_by_hop(head.headers)
     out: Headers = []
     xff = None
     original_host = head.header(b"host")
+    if head.authority is not None:
+        original_host = head.authority
+        out.append((b"Host", head.authority))
     for name, value in headers:
         lname = name.lower()
+        if lname == b"host" and head.authority is not None:
+            continue
         if lname == b"x-forwarded-for":
             xff = value if xff is None else xff + b", " + value
             continue
@@ -298,6 +395,98 @@ def parse_plain_101(data: bytes | bytearray) -> tuple[ResponseHead, int] | None:
     return ResponseHead(101, status.group(1) or b"", b"1.1", headers), end + 4
 
 
+_HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]+")
+#: the largest chunk size taken (as nginx: what fits in a signed 64-bit offset)
+MAX_CHUNK_SIZE = 2**63 - 1
+
+
+class ChunkSizeLines:
+    """Strips the leading zeros of every chunk size in a chunked body, for h11.
+
+    RFC 9112 section 7.1 writes chunk-size as `1*HEXDIG`, so
+    `000000000000000000000000000000000e3` is 227 bytes; h11 reads at most 20
+    digits and would refuse it.  This follows the framing exactly as h11 does
+    (a size line ends at the first CRLF, a chunk is its size in bytes plus
+    CRLF) and changes nothing but the zeros, so h11 still judges every line.
+    After the last chunk's size line it passes bytes through untouched: the
+    trailers and any pipelined request are h11's and the next cycle's.
+
+    Call: `feed(data) -> bytes` for h11; after an `error`, nothing more comes
+    out, and the caller raises it once h11 has used up what it got.
+    """
+
+    def __init__(self, *, max_line: int):
+        self.max_line = max_line
+        self._line = bytearray()
+        #: bytes of the current chunk (its data and CRLF) still to pass
+        self._chunk_left = 0
+        self.done = False
+        self.error: RemoteProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._line)
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return data
+        if self.error is not None:
+            return b""
+        out = bytearray()
+        pos, end = 0, len(data)
+        while pos < end and not self.done:
+            if self._chunk_left:
+                take = min(self._chunk_left, end - pos)
+                out += data[pos:pos + take]
+                pos += take
+                self._chunk_left -= take
+                continue
+            if self._line[-1:] == b"\r" and data[pos:pos + 1] == b"\n":
+                line = bytes(self._line[:-1])  # the CRLF came split over two reads
+                pos += 1
+            else:
+                crlf = data.find(b"\r\n", pos)
+                if crlf < 0:
+                    self._line += data[pos:]
+                    pos = end
+                    if len(self._line) > self.max_line + 1:  # + a CR whose LF is still to come
+                        self._fail("chunk size line too long")
+                    break
+                line = bytes(self._line) + data[pos:crlf]
+                pos = crlf + 2
+            self._line.clear()
+            if len(line) > self.max_line:
+                self._fail("chunk size line too long")
+                break
+            rewritten = self._without_leading_zeros(line)
+            if self.error is not None:
+                break
+            out += rewritten + b"\r\n"
+        if self.error is not None:
+            return bytes(out)
+        out += data[pos:]  # after the last size line: not ours to change
+        return bytes(out)
+
+    def _fail(self, message: str) -> None:
+        self.error = RemoteProtocolError(message, status_hint=400)
+        self._line.clear()
+
+    def _without_leading_zeros(self, line: bytes) -> bytes:
+        digits = _HEX_DIGITS.match(line)
+        if digits is None:
+            self.done = True  # not a size line: h11 refuses it, nothing left to follow
+            return line
+        significant = digits.group().lstrip(b"0") or b"0"
+        size = int(significant, 16)
+        if size > MAX_CHUNK_SIZE:
+            self._fail(f"chunk size {digits.group()[:40].decode()} too large")
+        elif size == 0:
+            self.done = True
+        else:
+            self._chunk_left = size + 2
+        return significant + line[digits.end():]
+
+
 def _translate(exc: h11.ProtocolError) -> RemoteProtocolError:
     message = str(exc) or type(exc).__name__
     if exc.error_status_hint == 501 and "Transfer-Encoding" in message:
@@ -324,6 +513,8 @@ class ServerSide:
         #: a WebSocket upgrade parsed without h11: (raw head, bytes after it)
         self._fast: tuple[bytes, bytearray] | None = None
         self._fast_ended = False
+        #: the chunk-size rewriter of the current request's chunked body
+        self._chunks: ChunkSizeLines | None = None
 
     def _hand_over_to_h11(self) -> None:
         """Give a fast-parsed upgrade to h11 after all (it was refused, or failed).
@@ -365,7 +556,8 @@ class ServerSide:
             return len(self._fast[1])
         if self._conn is None:
             return len(self._pending)
-        return len(self._conn.trailing_data[0])
+        held = self._chunks.buffered if self._chunks is not None else 0
+        return len(self._conn.trailing_data[0]) + held
 
     def receive_data(self, data: bytes) -> None:
         if self._fast is not None:
@@ -379,6 +571,10 @@ class ServerSide:
             else:
                 self._eof = True
         else:
+            if data and self._chunks is not None:
+                data = self._chunks.feed(data)
+                if not data:
+                    return  # all held back (a partial size line, or after an error)
             self._conn.receive_data(data)
             if not data:
                 self._eof = True
@@ -407,6 +603,8 @@ class ServerSide:
             return EndOfMessage()
         if isinstance(event, h11.ConnectionClosed):
             return ConnectionClosed()
+        if event is h11.NEED_DATA and self._chunks is not None and self._chunks.error is not None:
+            raise self._chunks.error
         if event is h11.NEED_DATA and self._eof and self._conn.their_state is h11.SEND_BODY:
             raise RemoteProtocolError("client closed the connection in the middle of the request body")
         return event
@@ -438,10 +636,10 @@ class ServerSide:
             self._request = head = self._make_head(b"GET", target, b"1.1", headers)
             return head
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_size)
-        conn.receive_data(bytes(pending))
+        # The head alone first: whether the body is chunked decides how the rest goes in.
+        conn.receive_data(raw)
+        rest = bytes(pending[match.end():])
         pending.clear()
-        if self._eof:
-            conn.receive_data(b"")
         self._conn = conn
         try:
             event = conn.next_event()
@@ -453,6 +651,13 @@ class ServerSide:
         self._request = head = self._make_head(
             bytes(event.method), bytes(event.target), bytes(event.http_version), headers
         )
+        if head.header(b"transfer-encoding") is not None:  # h11 let only chunked through
+            self._chunks = ChunkSizeLines(max_line=self.max_header_size)
+            rest = self._chunks.feed(rest)
+        if rest:
+            conn.receive_data(rest)  # (b"" would mean EOF to h11)
+        if self._eof:
+            conn.receive_data(b"")
         return head
 
     def _make_head(self, method: bytes, target: bytes, http_version: bytes, headers: Headers) -> RequestHead:
@@ -477,16 +682,22 @@ class ServerSide:
                 connection_upgrade = connection_upgrade or any(
                     t.strip().lower() == b"upgrade" for t in value.split(b",")
                 )
+        if http_version not in SUPPORTED_VERSIONS:
+            raise RemoteProtocolError(f"HTTP/{http_version.decode()} is not supported (only 1.0 and 1.1)", status_hint=505)
         if seen_cl and seen_te:
             raise RemoteProtocolError("Content-Length together with Transfer-Encoding")
         if hosts > 1:
             raise RemoteProtocolError("more than one Host header")
+        if host is not None and not valid_host(host):
+            # RFC 9112 section 3.2: a Host with an invalid value is a 400, whatever the target.
+            raise RemoteProtocolError(f"invalid Host header: {host!r}")
         path = target
-        if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+        absolute = split_absolute_form(target)
+        authority = None
+        if absolute is not None:
             # absolute-form (RFC 9112 section 3.2.2): its authority wins over Host.
-            rest = target.split(b"://", 1)[1]
-            slash = rest.find(b"/")
-            host, path = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+            authority, path = absolute
+            host = authority
         websocket = upgrade is not None and connection_upgrade and any(
             t.strip().lower() == b"websocket" for t in upgrade.split(b",")
         )
@@ -499,6 +710,7 @@ class ServerSide:
             path=path.split(b"?", 1)[0].decode("latin-1"),
             websocket=websocket,
             has_body=has_body,
+            authority=authority,
         )
 
     # -- sending -------------------------------------------------------------
@@ -563,6 +775,7 @@ class ServerSide:
         self._eof = self._eof or closed
         self._conn = None
         self._request = None
+        self._chunks = None
 
 
 class ClientSide:
@@ -614,7 +827,11 @@ class ClientSide:
             # proxy's own, so they are valid; h11 would write the same bytes.
             self._upgrade = (head.target, headers)
             return serialize_head(b"GET " + head.target + b" HTTP/1.1", headers)
-        return self._send(h11.Request(method=head.method, target=head.target, headers=headers))
+        try:
+            request = h11.Request(method=head.method, target=head.target, headers=headers)
+        except h11.LocalProtocolError as exc:  # e.g. HTTP/1.0 naming no host: 1.1 upstream needs one
+            raise LocalProtocolError(str(exc)) from None
+        return self._send(request)
 
     def send_data(self, data: bytes) -> bytes:
         return self._send(h11.Data(data=data))

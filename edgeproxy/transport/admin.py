@@ -26,12 +26,20 @@ path                   method  answer
 
 Other layers add endpoints that read the request (headers and body) with
 `AdminListener.add_route`: the hub's ``POST /v1/publish`` is one.
+
+With ``[admin] control_key`` set, every ``/admin/*`` endpoint (reload, drain,
+upstream state, connections, config) needs ``Authorization: Bearer <key>``;
+anything else gets 401 with ``WWW-Authenticate: Bearer`` before its handler
+runs.  ``/admin/stream`` stays open for the dashboard (a browser's EventSource
+cannot send the header; it carries what /metrics shows), as do /metrics,
+/healthz, /readyz and /dashboard: scrapers and probes carry no secrets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import inspect
 import json
 import logging
@@ -97,6 +105,11 @@ class AdminRequest:
                 return value
         return None
 
+    def bears(self, key: str) -> bool:
+        """Whether the request says ``Authorization: Bearer <key>`` (compared in constant time)."""
+        auth = self.header(b"authorization") or b""
+        return auth[:7].lower() == b"bearer " and hmac.compare_digest(auth[7:].strip(), key.encode())
+
 
 #: an added endpoint: it gets the request and answers (status, JSON document)
 ApiHandler = Callable[[AdminRequest], Any]
@@ -132,10 +145,13 @@ class AdminListener:
     ``stream_interval`` is the seconds between two /admin/stream snapshots.
     """
 
-    def __init__(self, source: AdminSource, bind: Address, *, stream_interval: float = 1.0):
+    def __init__(self, source: AdminSource, bind: Address, *, stream_interval: float = 1.0,
+                 control_key: str | None = None):
         self.source = source
         self.bind = bind
         self.stream_interval = stream_interval
+        #: the bearer key /admin/* needs (None: open, as on a loopback-only listener)
+        self.control_key = control_key
         #: bind with SO_REUSEPORT: a supervised worker and its successor in a binary
         #: upgrade serve the same admin port while both run
         self.reuse_port = False
@@ -256,6 +272,10 @@ class AdminListener:
 
     async def _dispatch(self, request: AdminRequest) -> _Reply:
         method, path = request.method, request.path
+        if self.control_key is not None and path.startswith("/admin/") and not request.bears(self.control_key):
+            reply = _json_reply(401, {"error": "missing or wrong control key (send Authorization: Bearer <[admin] control_key>)"})
+            reply.headers = (("WWW-Authenticate", 'Bearer realm="edgeproxy admin"'),)
+            return reply
         api = self._api.get(path)
         if api is not None and method.decode("latin-1") == api[0]:
             answer = api[1](request)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -136,15 +135,17 @@ class HubService:
             return
         transport = client.transport
         now = server.now()
-        # The HTTP connection ends here; the hub connection replaces it.
+        # The HTTP connection ends here; the hub connection replaces it, and owns
+        # the socket's admission slot from now on (given back when the socket closes).
         server.connections.discard(client)
         client.closed = True  # nothing of ClientConnection may touch the socket any more
+        admitted_ip, client._admitted_ip = client._admitted_ip, None
         server.metrics.connection_closed(client._metrics_key, now - client._opened_at)
         transport.write(serialize_head(b"HTTP/1.1 101 Switching Protocols", [
             (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
             (b"Sec-WebSocket-Accept", generate_accept_token(key)),
         ]))
-        conn = HubConnection(self, transport, client.client_ip, head, now)
+        conn = HubConnection(self, transport, client.client_ip, head, now, admitted_ip)
         transport.set_protocol(conn)
         trailing = client.http.switched_trailing_data()
         client.transport.resume_reading()
@@ -233,10 +234,12 @@ class HubConnection(asyncio.Protocol):
     """One client's hub WebSocket, after the 101."""
 
     def __init__(self, service: HubService, transport: asyncio.Transport, client_ip: str, head: RequestHead,
-                 now: float):
+                 now: float, admitted_ip: str | None = None):
         self.service = service
         self.transport = transport
         self.client_ip = client_ip
+        #: the address admission control counted this socket under (None: not counted)
+        self.admitted_ip = admitted_ip
         self.head = head
         self.ws = Connection(ConnectionType.SERVER)
         self.grants: Grants = ANONYMOUS if service.anonymous else NOTHING
@@ -308,6 +311,10 @@ class HubConnection(asyncio.Protocol):
         self.closed = True
         service = self.service
         service.connections.discard(self)
+        if self.admitted_ip is not None:
+            if service.server.admission is not None:
+                service.server.admission.release(self.admitted_ip)
+            self.admitted_ip = None
         service.server.presence.remove(self)
         if self._abort_handle is not None:
             self._abort_handle.cancel()
@@ -521,8 +528,7 @@ def _check_api_key(server: ProxyServer, request: AdminRequest) -> None:
     key = server.config.admin.api_key
     if key is None:
         raise _ApiError(403, "the publish API is off: set [admin] api_key to turn it on")
-    auth = request.header(b"authorization") or b""
-    if auth[:7].lower() != b"bearer " or not hmac.compare_digest(auth[7:].strip(), key.encode()):
+    if not request.bears(key):
         raise _ApiError(401, "missing or wrong API key (send Authorization: Bearer <[admin] api_key>)")
 
 

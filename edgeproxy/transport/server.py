@@ -127,7 +127,7 @@ class ProxyServer:
         self.on_reload: Callable[[], Any] | None = self.reload_file if os.path.isfile(config.source) else None
         #: wall-clock time the running config was loaded (reload code updates it with `config`)
         self.config_loaded_at = time.time()
-        self.admin: AdminListener | None = AdminListener(self, config.admin.bind) if config.admin.enabled else None
+        self.admin: AdminListener | None = AdminListener(self, config.admin.bind, control_key=config.admin.control_key) if config.admin.enabled else None
         self.rng = random.Random()
         #: heartbeats of clients (pings, dead peers, age limit) and of upstreams
         #: (pings only); one timer wheel each, advanced by the shared tick

@@ -489,3 +489,233 @@ def test_oversized_101_head_is_refused():
     client.receive_data(b"HTTP/1.1 101 OK\r\nX: " + b"a" * 70_000)
     with pytest.raises(RemoteProtocolError):
         client.next_event()
+
+
+# ----------------------------------------------------------------------------
+# Request hygiene: the request line's version, the Host and the authority held
+# to their grammar, chunk sizes with leading zeros; and what is forwarded reads
+# upstream as the request the proxy parsed.
+# ----------------------------------------------------------------------------
+
+
+def refusal_at_every_split(raw: bytes) -> set[int]:
+    """The statuses the proxy answers ``raw`` with, fed whole and split at every offset."""
+    statuses = set()
+    for chunks in [[raw], *every_split(raw)]:
+        with pytest.raises(RemoteProtocolError) as info:
+            drain(ServerSide(), chunks)
+        statuses.add(info.value.status_hint)
+    return statuses
+
+
+@pytest.mark.parametrize("version", [b"0.9", b"0.8", b"2.0", b"1.2", b"3.0", b"9.9"])
+@pytest.mark.parametrize("shape", ["origin", "absolute", "upgrade"])
+def test_versions_other_than_1_0_and_1_1_are_505(version, shape):
+    if shape == "upgrade":
+        raw = UPGRADE.replace(b"HTTP/1.1", b"HTTP/" + version)
+    else:
+        target = b"/x" if shape == "origin" else b"http://a.example/x"
+        raw = b"GET " + target + b" HTTP/" + version + b"\r\nHost: a.example\r\n\r\n"
+    assert refusal_at_every_split(raw) == {505}
+
+
+@pytest.mark.parametrize(
+    "line", [b"GET / HTTP/1.10", b"GET / HTTP/11", b"GET / http/1.1", b"GET / HTTP/1.1x", b"GET /", b"GET / HTTP/ 1.1"]
+)
+def test_malformed_versions_are_400(line):
+    assert refusal_at_every_split(line + b"\r\nHost: a\r\n\r\n") == {400}
+
+
+def test_http_1_0_and_1_1_still_pass():
+    for version in (b"1.0", b"1.1"):
+        head = drain(ServerSide(), [b"GET / HTTP/" + version + b"\r\nHost: a\r\n\r\n"])[0]
+        assert head.http_version == version
+
+
+BAD_HOSTS = [
+    b"a\x07b", b"a\tb", b"a b", b"a\x01", b"a\x7f", b"a\x80b",  # control characters, HTAB, SP, non-ASCII
+    b"user@a.example", b"a:b:c", b"a:80x", b"a%zz", b"a/b", b"a?b", b"a#b", b"a\\b", b"a\"b", b"<a>",
+    b"[::1", b"[zz::1]", b"[::1%eth0]", b"[1.2.3.4]", b"[::1]x", b"[::1]:8x", b"::1",
+]
+GOOD_HOSTS = [
+    b"a.example", b"A.Example:8080", b"127.0.0.1", b"127.0.0.1:1", b"[::1]", b"[::1]:8080",
+    b"[2001:db8::ffff:1.2.3.4]", b"[v1.fe:ed]", b"ex%41mple", b"a_b~c!$&'()*+,;=", b"a.example:", b"",
+]
+
+
+@pytest.mark.parametrize("host", BAD_HOSTS)
+@pytest.mark.parametrize("shape", ["origin", "absolute", "asterisk", "upgrade"])
+def test_host_outside_the_rfc_3986_grammar_is_400_whatever_the_target(host, shape):
+    if shape == "upgrade":
+        raw = UPGRADE.replace(b"Host: Example.com:8080", b"Host: " + host)
+    else:
+        line = {"origin": b"GET /x", "absolute": b"GET http://a.example/x", "asterisk": b"OPTIONS *"}[shape]
+        raw = line + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+    assert refusal_at_every_split(raw) == {400}
+
+
+@pytest.mark.parametrize("host", GOOD_HOSTS)
+def test_hosts_inside_the_grammar_pass(host):
+    head = drain(ServerSide(), [b"GET /x HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"])[0]
+    assert head.host == http1._split_host(host)
+
+
+@pytest.mark.parametrize("authority", [h for h in BAD_HOSTS if b"/" not in h and b"?" not in h and b"#" not in h]
+                         + [b"", b":80", b"u:p@a.example"])
+def test_absolute_form_authority_outside_the_grammar_is_400(authority):
+    raw = b"GET http://" + authority + b"/x HTTP/1.1\r\nHost: a.example\r\n\r\n"
+    assert refusal_at_every_split(raw) == {400}
+
+
+@pytest.mark.parametrize(
+    "target, host, path",
+    [
+        (b"http://Up.Example:81/p?q=1", "up.example:81", "/p"),
+        (b"HTTPS://[::1]:8443", "[::1]", "/"),
+        (b"http://up.example?q=1", "up.example", "/"),
+    ],
+)
+def test_absolute_form_authority_is_routed_and_becomes_the_forwarded_host(target, host, path):
+    head = drain(ServerSide(), [b"GET " + target + b" HTTP/1.1\r\nHost: other.example\r\n\r\n"])[0]
+    assert (head.host, head.path) == (host if host.startswith("[") else host.split(":")[0], path)
+    forwarded = http1.forwarded_request_headers(head, client_ip="10.0.0.1")
+    hosts = [v for n, v in forwarded if n.lower() == b"host"]
+    assert hosts == [head.authority] and forwarded[0][0] == b"Host"
+    assert dict(forwarded)[b"X-Forwarded-Host"] == head.authority
+
+
+def test_absolute_form_gives_http_1_0_without_host_a_host_upstream():
+    head = drain(ServerSide(), [b"GET http://up.example/ HTTP/1.0\r\n\r\n"])[0]
+    client = ClientSide()
+    out = client.send_request(head, http1.forwarded_request_headers(head, client_ip="10.0.0.1"))
+    assert b"\r\nHost: up.example\r\n" in out
+
+
+def chunked(size_lines: list[bytes], payloads: list[bytes]) -> bytes:
+    head = b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + b"".join(size + b"\r\n" + data + b"\r\n" for size, data in zip(size_lines, payloads)) + b"0\r\n\r\n"
+
+
+def test_chunk_sizes_with_any_number_of_leading_zeros_at_every_split():
+    payload = bytes(range(0xE3))
+    raw = chunked([b"000000000000000000000000000000000e3", b"0" * 100 + b"1;ext=1"], [payload, b"!"])
+    raw = raw[: -len(b"0\r\n\r\n")] + b"0" * 50 + b"\r\n\r\n"  # a last chunk of zeros, too
+    expected = [Body(payload + b"!"), EndOfMessage()]
+    for chunks in [[raw], *every_split(raw), [bytes([b]) for b in raw]]:
+        side = ServerSide()
+        assert normalize(drain(side, chunks))[1:] == expected
+        assert side.request_complete
+
+
+def test_leading_zero_chunks_keep_the_pipelined_request_untouched():
+    second = b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n"
+    side = ServerSide()
+    drain(side, [chunked([b"0003"], [b"abc"]) + second])
+    side.send_response(ResponseHead(200, b"OK", b"1.1", [(b"Content-Length", b"0")]))
+    side.send_end()
+    side.start_next_cycle()
+    assert side.next_event().target == b"/2"
+
+
+@pytest.mark.parametrize(
+    "size", [b"8000000000000000", b"0000" + b"8000000000000000", b"ffffffffffffffffffff", b"1" + b"0" * 40]
+)
+def test_chunk_sizes_that_overflow_63_bits_are_400(size):
+    raw = b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\nabc"
+    assert refusal_at_every_split(raw) == {400}
+
+
+def test_largest_chunk_size_is_taken():
+    side = ServerSide()
+    events = drain(side, [b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n00007fffffffffffffff\r\nabc"])
+    assert events[1:] == [Body(b"abc")]
+
+
+def test_chunk_size_line_longer_than_the_header_limit_is_400_even_without_its_end():
+    raw = b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * 2000
+    side = ServerSide(max_header_size=1024)
+    with pytest.raises(RemoteProtocolError) as info:
+        drain(side, [raw])
+    assert info.value.status_hint == 400
+
+
+@pytest.mark.parametrize("raw", [
+    chunked([b"3 junk"], [b"abc"]),  # h11 still judges the rest of the line
+    chunked([b"3"], [b"abcd"]),  # the data is longer than the size
+    chunked([b"-3"], [b"abc"]),
+])
+def test_leading_zero_rewrite_leaves_bad_chunks_to_h11(raw):
+    assert refusal_at_every_split(raw) == {400}
+
+
+# -- a forwarded request reads upstream as the request the proxy parsed ----------
+
+_HOST_BYTES = st.lists(st.sampled_from([b"a", b"Z", b"0", b".", b"-", b":", b"8", b"[", b"]", b"%", b"41",
+                                        b"@", b" ", b"\t", b"\x07", b"\x00", b"_", b"~", b"!", b"v"]), max_size=8)
+_PATHS = st.sampled_from([b"/", b"/p", b"/a/b?c=d&e", b"/%41~!$'()*+,;=:@", b"?q", b""])
+
+
+@st.composite
+def client_requests(draw):
+    """A request as a client might write it, valid or not, and the body it carries."""
+    host = draw(st.one_of(st.sampled_from([b"up.example", b"Up.Example:8080", b"[::1]:80", b"10.0.0.1"]),
+                          _HOST_BYTES.map(b"".join)))
+    form = draw(st.sampled_from(["origin", "absolute", "no host"]))
+    path = draw(_PATHS)
+    target = b"http://" + host + path if form == "absolute" else b"/" + path.lstrip(b"/")
+    version = draw(st.sampled_from([b"1.1", b"1.1", b"1.1", b"1.0", b"0.9", b"2.0"]))
+    headers = [] if form == "no host" else [(b"Host", draw(st.sampled_from([host, b"h.example:8", b"h\x07"])))]
+    headers += draw(HEADERS)
+    body = draw(st.binary(max_size=40))
+    framing = draw(st.sampled_from(["length", "chunked", "none"]))
+    if framing == "length":
+        headers.append((b"Content-Length", b"%d" % len(body)))
+        encoded = body
+    elif framing == "chunked":
+        headers.append((b"Transfer-Encoding", b"chunked"))
+        cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=3)))
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)]) if b > a]
+        zeros = b"0" * draw(st.integers(0, 40))
+        encoded = b"".join(zeros + b"%x\r\n" % len(p) + p + b"\r\n" for p in pieces) + zeros + b"0\r\n\r\n"
+    else:
+        body = encoded = b""
+    method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"OPTIONS"]))
+    lines = [method + b" " + target + b" HTTP/" + version] + [n + b": " + v for n, v in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + encoded, body
+
+
+@settings(max_examples=500, deadline=None)
+@given(request=client_requests(), split=st.integers(0, 400))
+def test_a_forwarded_request_parses_in_h11_as_the_proxy_parsed_it(request, split):
+    """What the upstream reads is what the proxy routed: one parse, two parsers, no disagreement."""
+    raw, body = request
+    try:
+        events = drain(ServerSide(), [raw[:split], raw[split:]])
+    except RemoteProtocolError:
+        return  # refused: nothing is forwarded
+    head = events[0]
+    assert b"".join(e.data for e in events if isinstance(e, Body)) == body and isinstance(events[-1], EndOfMessage)
+    forwarded = http1.forwarded_request_headers(head, client_ip="10.0.0.1")
+    client = ClientSide()
+    try:
+        wire = client.send_request(head, forwarded)
+    except http1.LocalProtocolError:
+        # HTTP/1.0 naming no host at all: the proxy answers 502 and forwards nothing.
+        assert head.http_version == b"1.0" and head.header(b"host") is None and head.authority is None
+        return
+    wire += (client.send_data(body) if body else b"") + client.send_end()
+    upstream = h11.Connection(h11.SERVER)
+    upstream.receive_data(wire)
+    seen = upstream.next_event()
+    assert isinstance(seen, h11.Request)
+    assert (bytes(seen.method), bytes(seen.target)) == (head.method, head.target)
+    host_first = sorted(forwarded, key=lambda n_v: n_v[0].lower() != b"host")  # h11 writes Host first
+    assert [(bytes(n), bytes(v)) for n, v in seen.headers.raw_items()] == host_first
+    received = b""
+    while isinstance(event := upstream.next_event(), h11.Data):
+        received += bytes(event.data)
+    assert isinstance(event, h11.EndOfMessage) and received == body
+    assert upstream.trailing_data == (b"", False)
+    # The upstream reads the host the proxy routed on.
+    upstream_host = next(bytes(v) for n, v in seen.headers.raw_items() if bytes(n).lower() == b"host")
+    assert http1.valid_host(upstream_host) and http1._split_host(upstream_host) == head.host

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import pytest
 import uvloop
 
@@ -62,6 +63,22 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interv
             return True
         await asyncio.sleep(interval)
     return predicate()
+
+
+async def scrape(p: Any) -> dict[tuple[str, frozenset], float]:
+    """Every sample of the proxy's /metrics, read from its admin listener: {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    host, port = p.server.admin.address
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://{host}:{port}/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 # --------------------------------------------------------------------------

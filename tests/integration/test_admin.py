@@ -311,3 +311,61 @@ async def test_drain_endpoint_sends_new_connections_elsewhere(proxy, ws_backend,
 async def fetch_json(p, path: str) -> dict:
     _, _, body = await fetch(p, path)
     return json.loads(body)
+
+
+# -- [admin] control_key --------------------------------------------------------------
+
+CONTROL_KEY = "control-key-0123456789"
+
+
+async def control(p, method: str, path: str, key: str | None, body: bytes | None = None) -> tuple[int, dict, str]:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, admin_url(p, path), headers=headers, data=body) as resp:
+            return resp.status, dict(resp.headers), await resp.text()
+
+
+async def test_control_endpoints_need_the_control_key_and_do_nothing_without_it(proxy, ws_backend) -> None:
+    p = await proxy(ws_backend, admin={"bind": f"{HOST}:0", "control_key": CONTROL_KEY})
+    reloads = []
+    p.server.on_reload = lambda: reloads.append(1) or {"reloaded": True}
+    server = f"{HOST}:{ws_backend.port}"
+    drain = json.dumps({"upstream": "app", "server": server, "drain": True}).encode()
+
+    def draining() -> bool:
+        return next(s for s in p.server.upstream_states() if s["server"] == server)["state"] == "draining"
+
+    for key in (None, "wrong-key-0123456789ab", CONTROL_KEY[:-1], "Basic " + CONTROL_KEY):
+        for method, path, body in (("POST", "/admin/reload", None), ("POST", "/admin/drain", drain),
+                                   ("GET", "/admin/upstreams", None), ("GET", "/admin/connections", None),
+                                   ("GET", "/admin/config", None)):
+            status, headers, text = await control(p, method, path, key, body)
+            assert status == 401, (key, path, status, text)
+            assert headers["WWW-Authenticate"].startswith("Bearer"), headers
+            assert "control_key" in json.loads(text)["error"]
+    assert reloads == [] and not draining(), "a refused control request did something"
+
+    status, _, text = await control(p, "POST", "/admin/reload", CONTROL_KEY)
+    assert (status, json.loads(text)) == (200, {"reloaded": True}) and reloads == [1]
+    status, _, text = await control(p, "POST", "/admin/drain", CONTROL_KEY, drain)
+    assert status == 200 and json.loads(text)["state"] == "draining" and draining()
+    status, _, text = await control(p, "GET", "/admin/upstreams", CONTROL_KEY)
+    assert status == 200 and json.loads(text)["upstreams"]
+
+
+async def test_metrics_and_probes_stay_open_with_a_control_key(proxy, ws_backend) -> None:
+    p = await proxy(ws_backend, admin={"bind": f"{HOST}:0", "control_key": CONTROL_KEY})
+    for path in ("/metrics", "/healthz", "/readyz", "/dashboard"):
+        status, _, _ = await fetch(p, path)
+        assert status == 200, path
+
+
+async def test_the_publish_key_is_not_a_control_key(proxy, refused_port) -> None:
+    api_key = "publish-key-0123456789"
+    p = await proxy(refused_port, hubs=[{"path": "/hub", "ping_interval": 0}],
+                    admin={"bind": f"{HOST}:0", "api_key": api_key, "control_key": CONTROL_KEY})
+    status, _, _ = await control(p, "POST", "/admin/reload", api_key)
+    assert status == 401
+    status, _, text = await control(p, "POST", "/v1/publish", api_key,
+                                    json.dumps({"channel": "news", "data": 1}).encode())
+    assert status == 200, text

@@ -83,6 +83,16 @@ SMUGGLING = {
     "bad chunk size": (b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", 400),
     "two Hosts": (b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     "NUL in header": (b"GET /x HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),
+    "HTTP/0.9": (b"GET /x HTTP/0.9\r\nHost: a\r\n\r\n", 505),
+    "HTTP/0.8": (b"GET /x HTTP/0.8\r\nHost: a\r\n\r\n", 505),
+    "HTTP/2.0 in an HTTP/1 request line": (b"GET /x HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    "malformed version": (b"GET /x HTTP/1.01\r\nHost: a\r\n\r\n", 400),
+    "absolute-form, BEL in Host": (b"GET http://a/x HTTP/1.1\r\nHost: a\x07b\r\n\r\n", 400),
+    "absolute-form, HTAB in Host": (b"GET http://a/x HTTP/1.1\r\nHost: a\tb\r\n\r\n", 400),
+    "absolute-form, SP in Host": (b"GET http://a/x HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+    "origin-form, SP in Host": (b"GET /x HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+    "userinfo in the authority": (b"GET http://u@a/x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "chunk size over 63 bits": (b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0008000000000000000\r\nx", 400),
 }
 
 
@@ -101,6 +111,35 @@ async def test_request_smuggling_is_refused_and_never_forwarded(name, proxy, raw
     await c.expect_closed()
     assert recorder.received == b"", "a refused request reached the backend"
     await bystander_ok(bystander)
+
+
+async def test_chunk_sizes_with_leading_zeros_and_absolute_form_reach_the_backend_as_parsed(proxy, raw_backend, raw_conn):
+    """The other side of hygiene: what the grammar allows is forwarded, meaning what it says."""
+    recorder = await raw_backend(raw_backend.mini_http())
+    p = await proxy(upstreams=[{"name": "app", "servers": [f"{HOST}:{recorder.port}"]}],
+                    routes=[{"path_prefix": "/", "upstream": "app"}])
+    c = await raw_conn(p.port)
+    payload = bytes(range(0xE3))
+    await c.send(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"000000000000000000000000000000000e3\r\n" + payload + b"\r\n" + b"0" * 40 + b"\r\n\r\n")
+    assert (await c.read_response()).status == 200
+    await c.send(b"GET http://Up.Example:81/y?z HTTP/1.1\r\nHost: elsewhere\r\n\r\n")
+    assert (await c.read_response()).status == 200
+    (first_line, _, first_body), (second_line, second_headers, _) = recorder.requests
+    assert first_line == b"POST /x HTTP/1.1" and first_body == payload
+    assert second_line == b"GET http://Up.Example:81/y?z HTTP/1.1"
+    hosts = [v for n, v in second_headers if n.lower() == b"host"]
+    assert hosts == [b"Up.Example:81"], "the upstream must read the host the request was routed on"
+
+
+async def test_http_1_0_without_any_host_is_502_and_the_connection_answers(proxy, raw_backend, raw_conn):
+    recorder = await raw_backend(raw_backend.mini_http())
+    p = await proxy(upstreams=[{"name": "app", "servers": [f"{HOST}:{recorder.port}"]}],
+                    routes=[{"path_prefix": "/", "upstream": "app"}])
+    c = await raw_conn(p.port)
+    await c.send(b"GET /x HTTP/1.0\r\n\r\n")
+    assert (await c.read_response()).status == 502
+    assert recorder.requests == []
 
 
 # ---------------------------------------------------------------------------

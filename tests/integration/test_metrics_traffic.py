@@ -12,22 +12,10 @@ import asyncio
 import aiohttp
 import pytest
 import websockets
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import scrape
 
 HOST = "127.0.0.1"
-
-
-async def scrape(p) -> dict[tuple[str, frozenset], float]:
-    host, port = p.server.admin.address
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://{host}:{port}/metrics") as resp:
-            assert resp.status == 200
-            text = await resp.text()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def value(samples, name: str, **labels) -> float:
