@@ -1333,8 +1333,8 @@ cdef class RelayEngine:
                     continue  # closed earlier in this turn
                 ev = events[i].events
                 try:
-                    if ev & (EPOLLOUT | EPOLLERR):
-                        side._flush()
+                    if ev & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                        side._flush()  # on a hang-up, pending output meets its error here
                         if side.closed:
                             continue
                     if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
