@@ -22,6 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+# Loaded first, with this run's _accel: `implementation` below re-imports only _accel and
+# websocket, so nothing else binds to its private copies.
+import edgeproxy.core.websocket  # noqa: F401
 from edgeproxy.core.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close_payload
 from tests.conftest import env_flag
 from tests.integration.conftest import wait_until
@@ -56,8 +59,13 @@ def implementation(name: str):
         for key, module in saved.items():
             if module is not None:
                 sys.modules[key] = module
+            else:
+                sys.modules.pop(key, None)  # imported for the first time here: the next import is fresh
         for attr, value in saved_attrs.items():
-            setattr(package, attr, value)
+            if value is not None:
+                setattr(package, attr, value)
+            elif hasattr(package, attr):
+                delattr(package, attr)
     if name == "compiled" and not accel.SPEEDUPS:
         msg = "compiled edgeproxy._speedups not importable; build it with `python3 setup.py build_ext --inplace`"
         if env_flag("EDGEPROXY_REQUIRE_EXT"):
