@@ -47,7 +47,6 @@ from edgeproxy.core.websocket import (
     SEND_UPSTREAM,
     SHUTDOWN_CLIENT,
     SHUTDOWN_UPSTREAM,
-    WAKE_TIMERS,
     RelayState,
     WebSocketRelay,
     frame_rules,
@@ -212,7 +211,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
-        self.server.timers_cancel(self)
+        if self._timer is not None:
+            self.server.timers.cancel(self._timer)
         if self._refused:
             return  # never counted as open
         if self._admitted_ip is not None:
@@ -905,9 +905,7 @@ class ClientConnection(asyncio.Protocol):
                 self._pong(self.server.client_beats, data)
             elif kind == PONG_FROM_UPSTREAM:
                 self._pong(self.server.upstream_beats, data)
-            elif kind == WAKE_TIMERS:
-                pass  # the _rearm below does it
-        # The actions may have begun a close (a deadline) or ended the session.
+        # The actions may have begun a close (a deadline; WAKE_TIMERS says only that) or ended the session.
         self._rearm(self.server.now())
 
     def _count_ws_close(self) -> None:
@@ -964,7 +962,15 @@ class ClientConnection(asyncio.Protocol):
 
     def _rearm(self, now: float) -> None:
         """Put this connection on the timer wheel for its next check (or take it off)."""
-        self.server.timers_arm(self, self._next_check(now))
+        at = self._next_check(now)
+        timers = self.server.timers
+        if not at:
+            if self._timer is not None:
+                timers.cancel(self._timer)
+        elif self._timer is None:
+            self._timer = timers.schedule(self, at)
+        else:
+            timers.reschedule(self._timer, at)
 
     def check_timers(self, now: float) -> None:
         relay = self.relay

@@ -152,7 +152,7 @@ class ProxyServer:
         self.resume: ResumeRegistry | None = ResumeRegistry(self) if config.websocket.resume_secret else None
         #: gives freed C-heap memory (TLS buffers) back to the kernel, from the tick; started by `start`
         self.heap = HeapTrimmer(0.0, 0.0)
-        #: each client connection's next timeout check (see `timers_arm`); made by `start`
+        #: each client connection's next timeout check (`ClientConnection._rearm`); made by `start`
         self.timers: TimerWheel | None = None
         #: relays WebSocket pairs after the 101 (`core._accel.RelayEngine`); made by `start`
         self.relay_engine = None
@@ -232,23 +232,6 @@ class ProxyServer:
     def _schedule_tick(self) -> None:
         self._tick_due = self._loop.time() + self._tick
         self._tick_handle = self._loop.call_at(self._tick_due, self._on_tick)
-
-    # -- connection timers: a wheel, so idle connections cost no work per tick ------
-
-    def timers_arm(self, conn: ClientConnection, at: float) -> None:
-        """Have the tick call ``conn.check_timers`` once `at` has passed (0.0: not at all)."""
-        handle = conn._timer
-        if not at:
-            if handle is not None:
-                self.timers.cancel(handle)
-        elif handle is None:
-            conn._timer = self.timers.schedule(conn, at)
-        else:
-            self.timers.reschedule(handle, at)
-
-    def timers_cancel(self, conn: ClientConnection) -> None:
-        if conn._timer is not None:
-            self.timers.cancel(conn._timer)
 
     def _on_tick(self) -> None:
         now = self._loop.time()

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 # websocket, so nothing else binds to its private copies.
 import edgeproxy.core.websocket  # noqa: F401
 from edgeproxy.core.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close_payload
-from tests.conftest import env_flag
+from tests.conftest import import_compiled
 from tests.integration.conftest import wait_until
 
 _MODULES: dict[str, tuple] = {}
@@ -67,12 +67,20 @@ def implementation(name: str):
             elif hasattr(package, attr):
                 delattr(package, attr)
     if name == "compiled" and not accel.SPEEDUPS:
-        msg = "compiled edgeproxy._speedups not importable; build it with `python3 setup.py build_ext --inplace`"
-        if env_flag("EDGEPROXY_REQUIRE_EXT"):
-            pytest.fail(f"EDGEPROXY_REQUIRE_EXT=1: {msg}", pytrace=False)
-        pytest.skip(msg)
+        import_compiled()  # skips, or fails under EDGEPROXY_REQUIRE_EXT=1, naming the missing build
     _MODULES[name] = (accel, websocket)
     return accel, websocket
+
+
+def _carry_out(websocket) -> dict:
+    """Relay action kind -> (side, transport method), as the proxy's connection objects carry them out."""
+    return {getattr(websocket, f"{verb}_{side.upper()}"): (side, method)
+            for verb, method in (("SEND", "write"), ("CLOSE", "close"), ("ABORT", "abort"), ("SHUTDOWN", "write_eof"))
+            for side in ("client", "upstream")}
+
+
+#: the action kinds are the same strings in every copy of the module
+CARRY_OUT = _carry_out(edgeproxy.core.websocket)
 
 
 class Owner(asyncio.Protocol):
@@ -148,23 +156,9 @@ async def relay_once(name: str, client_chunks: list[bytes], upstream_chunks: lis
             relay.actions.clear()
             for kind, data in actions:
                 events.append(("action", kind, bytes(data) if isinstance(data, (bytes, bytearray)) else data))
-                client, upstream = sides["client"], sides["upstream"]
-                if kind == websocket.SEND_CLIENT:
-                    client.write(data)
-                elif kind == websocket.SEND_UPSTREAM:
-                    upstream.write(data)
-                elif kind == websocket.CLOSE_CLIENT:
-                    client.close()
-                elif kind == websocket.CLOSE_UPSTREAM:
-                    upstream.close()
-                elif kind == websocket.ABORT_CLIENT:
-                    client.abort()
-                elif kind == websocket.ABORT_UPSTREAM:
-                    upstream.abort()
-                elif kind == websocket.SHUTDOWN_CLIENT:
-                    client.write_eof()
-                elif kind == websocket.SHUTDOWN_UPSTREAM:
-                    upstream.write_eof()
+                if kind in CARRY_OUT:
+                    side, method = CARRY_OUT[kind]
+                    getattr(sides[side], method)(*([data] if method == "write" else []))
 
         sides["client"], sides["upstream"] = engine.relay_pair(
             relay, ct, ut, client_owner, upstream_owner, run_actions)
