@@ -78,8 +78,8 @@ async def _serve(config: Config, *, demo: bool = False, link=None) -> bool:
             loop.add_signal_handler(sig, log.warning, "worker %d: signals go to the supervisor (pid %d)", link.index, link.supervisor)
         server.reuse_port = True
         server.worker = (link.supervisor, link.index)
-        if server.admin is not None:
-            server.admin.reuse_port = True
+        for admin in server.admin_listeners:
+            admin.reuse_port = True
         await server.start(link.sockets(config))
         link.attach(server, loop)
     if demo:

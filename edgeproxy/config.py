@@ -58,7 +58,11 @@ Value rules (see ``config.example.toml`` for every option with its default):
   key, at least 32 bytes (RFC 7518 section 3.2); ``auth_hook`` is an
   ``http://host:port/path`` URL;
 * ``admin.api_key`` (at least 16 characters) turns on the publish API;
-  ``admin.control_key`` (as long, and not the same) guards ``/admin/*``.
+  ``admin.control_key`` (as long, and not the same) guards ``/admin/*`` and
+  the read-only endpoints not in ``admin.open_endpoints``; without it the
+  listener serving the control endpoints (``admin.control_bind``, a
+  ``host:port`` or ``unix:/path``, else ``admin.bind``) must be loopback or a
+  Unix socket.
 * ``[backplane]`` (optional) picks where hub publications are ordered, stored and
   spread: ``kind`` is ``memory`` (the default: one process, no service),
   ``redis`` or ``nats``; the others need ``url`` or ``urls`` (exactly one;
@@ -359,6 +363,9 @@ class HubConfig:
 
 
 DEFAULT_ADMIN_BIND = Address("127.0.0.1", 9901)
+#: the admin endpoints that may be served without the control key: they only read
+OPEN_ENDPOINT_CHOICES = ("/metrics", "/healthz", "/readyz", "/dashboard", "/admin/stream")
+DEFAULT_OPEN_ENDPOINTS = OPEN_ENDPOINT_CHOICES
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,8 +382,15 @@ class AdminConfig:
     api_key: str | None = field(default=None, repr=False)
     #: largest request body POST /v1/publish accepts (413 above)
     max_publish_size: int = 1048576
-    #: bearer key every /admin/* endpoint but /admin/stream needs; None = they are open
+    #: bearer key every endpoint outside ``open_endpoints`` needs; None = they are open
     control_key: str | None = field(default=None, repr=False)
+    #: where the control endpoints (/admin/* but /admin/stream) are served: None = on
+    #: ``bind``; an Address (TCP) or a path (a Unix socket) = only there
+    control_bind: Address | str | None = None
+    #: permission bits of a Unix ``control_bind`` socket (set before it appears)
+    control_socket_mode: int = 0o600
+    #: the read-only endpoints that need no control_key (the others always do)
+    open_endpoints: tuple[str, ...] = DEFAULT_OPEN_ENDPOINTS
 
 
 BACKPLANE_KINDS = ("memory", "redis", "nats")
@@ -723,7 +737,10 @@ _LIMITS_KEYS = (
     "ip_connection_rate", "ip_connection_burst", "ip_table_size", "heap_trim_interval",
 )
 _LOGGING_KEYS = ("level", "format", "access_log")
-_ADMIN_KEYS = ("bind", "enabled", "api_key", "max_publish_size", "control_key")
+_ADMIN_KEYS = (
+    "bind", "enabled", "api_key", "max_publish_size", "control_key", "control_bind", "control_socket_mode",
+    "open_endpoints",
+)
 _HUB_KEYS = (
     "path", "history_size", "history_ttl", "token_secret", "token_secret_file", "auth_hook", "auth_hook_timeout",
     "subscriber_buffer_limit", "max_message_size", "max_subscriptions", "ping_interval", "fanout_batch",
@@ -1317,13 +1334,92 @@ def _admin(v: _Validator, data: dict[str, Any], listeners: tuple[ListenerConfig,
     elif control_key is not None and control_key == api_key:
         # Backends hold the publish key; they must not be able to reload or drain the proxy.
         v.error("admin.control_key", "must differ from api_key: whoever may publish must not control the proxy")
+    control_bind = _control_bind(v, table, bind, listeners, workers) if enabled else None
+    mode = 0o600
+    if "control_socket_mode" in table:
+        raw = table["control_socket_mode"]
+        if not isinstance(raw, str) or not re.fullmatch(r"0?[0-7]{3}", raw):
+            v.error("admin.control_socket_mode", f'expected octal permission bits as a string like "0600", got {_describe(raw)}')
+        else:
+            mode = int(raw, 8)
+            if mode & 0o007:
+                v.error("admin.control_socket_mode", f"{raw} lets every local user call the control endpoints; drop the bits for others")
+            if not isinstance(control_bind, str):
+                v.error("admin.control_socket_mode", 'applies to a Unix control socket only (control_bind = "unix:/path")')
+    open_endpoints = DEFAULT_OPEN_ENDPOINTS
+    if "open_endpoints" in table:
+        raw = table["open_endpoints"]
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            v.error("admin.open_endpoints", f"expected a list of paths, got {_describe(raw)}")
+        else:
+            wrong = [item for item in raw if item not in OPEN_ENDPOINT_CHOICES]
+            for item in wrong:
+                v.error("admin.open_endpoints", f"{_quote(item)} cannot be open: only the read-only endpoints "
+                        f"{', '.join(OPEN_ENDPOINT_CHOICES)} can; the control endpoints always follow control_key")
+            open_endpoints = tuple(dict.fromkeys(raw))
+            closed = [path for path in OPEN_ENDPOINT_CHOICES if path not in open_endpoints]
+            if closed and control_key is None and not wrong:
+                v.error("admin.open_endpoints", f"{', '.join(closed)} would need the control key, but [admin] "
+                        "control_key is not set: set it, or list them")
+    if enabled and control_key is None:
+        # A control endpoint anyone can call is the worst kind of open door:
+        # without a key, the listener that serves them must be loopback or a Unix socket.
+        where = control_bind if control_bind is not None else bind
+        if isinstance(where, Address) and not _is_loopback(where.host):
+            key = "admin.control_bind" if control_bind is not None else "admin.bind"
+            v.error(key, f"{where} is not a loopback address and [admin] control_key is not set, so anyone who "
+                    "reaches it could reload or drain the proxy: set control_key, or serve the control "
+                    'endpoints on loopback or a Unix socket (control_bind = "unix:/path")')
     return AdminConfig(
         bind=bind,
         enabled=enabled,
         api_key=api_key,
         max_publish_size=v.integer(table, "admin", "max_publish_size", 1048576, 1024, "a size in bytes"),
         control_key=control_key,
+        control_bind=control_bind,
+        control_socket_mode=mode,
+        open_endpoints=open_endpoints,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _control_bind(v: _Validator, table: dict[str, Any], bind: Address, listeners: tuple[ListenerConfig, ...],
+                  workers: int) -> Address | str | None:
+    """``admin.control_bind``: ``host:port`` or ``unix:/absolute/path``."""
+    if "control_bind" not in table:
+        return None
+    raw = table["control_bind"]
+    if isinstance(raw, str) and raw.startswith("unix:"):
+        path = raw[5:]
+        if not path.startswith("/"):
+            v.error("admin.control_bind", f"a Unix socket path must be absolute, got {_quote(raw)}")
+            return None
+        if len(os.fsencode(path)) + (len(str(workers)) + 1 if workers > 1 else 0) > 107:
+            v.error("admin.control_bind", f"the socket path is longer than the 107 bytes a Unix socket address holds: {_quote(raw)}")
+            return None
+        return path
+    address = v.address(raw, "admin.control_bind", min_port=0)
+    if address is None:
+        return None
+    if address.port != 0:
+        ports = range(address.port, address.port + workers)
+        taken = [(f"listeners[{i}].bind", l.bind) for i, l in enumerate(listeners)] + [("admin.bind", bind)]
+        for name, other in taken:
+            others = range(other.port, other.port + (workers if name == "admin.bind" else 1))
+            if other.host == address.host and set(ports) & set(others):
+                v.error("admin.control_bind", f"{address} overlaps {name} ({other}{' and the next ports, one per worker' if workers > 1 and name == 'admin.bind' else ''})")
+        if ports[-1] > 65535:
+            v.error("admin.control_bind", f"with workers = {workers} the control ports {ports[0]}..{ports[-1]} pass 65535")
+    return address
 
 
 def _hubs(v: _Validator, data: dict[str, Any]) -> tuple[HubConfig, ...]:

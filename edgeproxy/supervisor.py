@@ -43,7 +43,8 @@ old one exits; ``--pid-file`` always holds the pid of the supervisor in charge
 (written once it is ready, removed on exit only by its owner).
 
 Admin listener: worker ``i`` serves it on ``[admin] bind`` port + ``i`` (port 0:
-each worker picks a free port), so ``/metrics`` of each port is that worker's
+each worker picks a free port; a ``control_bind`` likewise, and a Unix control
+socket at ``path.i`` past worker 0), so ``/metrics`` of each port is that worker's
 process; sum the series across the ports (as Prometheus does with one target
 per worker).  POST /admin/reload on any worker validates the file and, when it
 is valid, sends SIGHUP to the supervisor, which reloads every worker.  A SIGHUP
@@ -90,11 +91,21 @@ _PR_SET_PDEATHSIG = 1
 
 
 def worker_config(config: Config, index: int) -> Config:
-    """The config as worker `index` runs it: its own admin port (base + index)."""
-    bind = config.admin.bind
-    if bind.port == 0 or index == 0:
+    """The config as worker `index` runs it: its own admin (and control) port, base + index.
+
+    A Unix control socket gets the suffix ``.index`` past worker 0, since two
+    processes cannot listen on one path.
+    """
+    if index == 0:
         return config
-    admin = dataclasses.replace(config.admin, bind=dataclasses.replace(bind, port=bind.port + index))
+    admin = config.admin
+    if admin.bind.port != 0:
+        admin = dataclasses.replace(admin, bind=dataclasses.replace(admin.bind, port=admin.bind.port + index))
+    control = admin.control_bind
+    if isinstance(control, str):
+        admin = dataclasses.replace(admin, control_bind=f"{control}.{index}")
+    elif control is not None and control.port != 0:
+        admin = dataclasses.replace(admin, control_bind=dataclasses.replace(control, port=control.port + index))
     return dataclasses.replace(config, admin=admin)
 
 

@@ -123,8 +123,13 @@ def test_example_file_sets_every_option() -> None:
         assert re.search(rf"^# {key} = ", websocket_text, re.M), key
     assert set(data["limits"]) == set(cfgmod._LIMITS_KEYS)
     assert set(data["logging"]) == set(cfgmod._LOGGING_KEYS)
-    # api_key and control_key have no default (they turn features on): shown commented out
-    assert set(data["admin"]) == set(cfgmod._ADMIN_KEYS) - {"api_key", "control_key"}
+    # api_key, control_key and control_bind have no default (they turn features on), and
+    # control_socket_mode needs a Unix control_bind: shown commented out
+    admin_opt_in = {"api_key", "control_key", "control_bind", "control_socket_mode"}
+    assert set(data["admin"]) == set(cfgmod._ADMIN_KEYS) - admin_opt_in
+    admin_text = text_all.split("\n[admin]\n", 1)[1].split("\n[[hubs]]\n", 1)[0]
+    for key in admin_opt_in:
+        assert re.search(rf"^# {key} = ", admin_text, re.M), key
     # token secrets and the auth hook are opt-in: shown commented out
     assert set(data["hubs"][0]) == set(cfgmod._HUB_KEYS) - {"token_secret", "token_secret_file", "auth_hook"}
     # the servers and the instance name have no default: shown commented out
@@ -898,6 +903,24 @@ def test_no_hubs_by_default() -> None:
          "must differ from api_key"),
         ("[admin]\napi_key = 5\n", "admin.api_key", "expected a key string"),
         ("[admin]\nmax_publish_size = 10\n", "admin.max_publish_size", ">= 1024"),
+        # control endpoints nobody guards
+        ('[admin]\nbind = "0.0.0.0:9901"\n', "admin.bind", "not a loopback address and [admin] control_key is not set"),
+        ('[admin]\nbind = "[::]:9901"\n', "admin.bind", "not a loopback address"),
+        ('[admin]\nbind = "admin.internal:9901"\n', "admin.bind", "not a loopback address"),
+        ('[admin]\ncontrol_bind = "10.0.0.5:9902"\n', "admin.control_bind", "not a loopback address"),
+        ('[admin]\ncontrol_bind = "unix:relative.sock"\n', "admin.control_bind", "must be absolute"),
+        ('[admin]\ncontrol_bind = "unix:/' + "x" * 120 + '"\n', "admin.control_bind", "107 bytes"),
+        ('[admin]\ncontrol_bind = "127.0.0.1:9901"\n', "admin.control_bind", "overlaps admin.bind"),
+        ('[admin]\ncontrol_bind = "127.0.0.1:8080"\n', "admin.control_bind", "overlaps listeners[0].bind"),
+        ('[admin]\ncontrol_bind = "nope"\n', "admin.control_bind", "host:port"),
+        ('[admin]\ncontrol_bind = "unix:/run/c.sock"\ncontrol_socket_mode = "0666"\n', "admin.control_socket_mode",
+         "every local user"),
+        ('[admin]\ncontrol_bind = "unix:/run/c.sock"\ncontrol_socket_mode = 600\n', "admin.control_socket_mode",
+         "octal permission bits as a string"),
+        ('[admin]\ncontrol_socket_mode = "0600"\n', "admin.control_socket_mode", "Unix control socket only"),
+        ('[admin]\nopen_endpoints = ["/admin/reload"]\n', "admin.open_endpoints", "cannot be open"),
+        ('[admin]\nopen_endpoints = "/metrics"\n', "admin.open_endpoints", "expected a list of paths"),
+        ('[admin]\nopen_endpoints = ["/healthz"]\n', "admin.open_endpoints", "control_key is not set"),
     ],
 )
 def test_hub_and_api_key_problems(extra: str, key: str, words: str) -> None:
@@ -959,3 +982,29 @@ def test_hubs_with_workers_on_a_shared_backplane_and_workers_without_hubs_are_fi
 def test_backplane_problems(table: str, key: str, needle: str) -> None:
     got_key, message = only_problem(MINIMAL + "[backplane]\n" + table + "\n")
     assert got_key == key and needle in message, message
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        '[admin]\nbind = "0.0.0.0:9901"\ncontrol_key = "0123456789abcdef"\n',
+        '[admin]\nbind = "0.0.0.0:9901"\ncontrol_bind = "unix:/run/edgeproxy/control.sock"\n',
+        '[admin]\nbind = "0.0.0.0:9901"\ncontrol_bind = "127.0.0.2:9902"\n',
+        '[admin]\nbind = "[::1]:9901"\n',
+        '[admin]\nbind = "localhost:9901"\n',
+        '[admin]\nbind = "0.0.0.0:9901"\nenabled = false\n',
+    ],
+)
+def test_guarded_or_private_control_endpoints_are_accepted(extra: str) -> None:
+    parse_config(MINIMAL + extra)
+
+
+def test_control_bind_per_worker() -> None:
+    """Worker i: the control port + i, or the socket path with ".i" past worker 0."""
+    from edgeproxy.supervisor import worker_config
+
+    unix = parse_config('workers = 3\n' + MINIMAL + '[admin]\ncontrol_bind = "unix:/run/e/c.sock"\n')
+    tcp = parse_config('workers = 3\n' + MINIMAL + '[admin]\ncontrol_bind = "127.0.0.1:9950"\n')
+    assert [worker_config(unix, i).admin.control_bind for i in range(3)] == ["/run/e/c.sock", "/run/e/c.sock.1", "/run/e/c.sock.2"]
+    assert [worker_config(tcp, i).admin.control_bind.port for i in range(3)] == [9950, 9951, 9952]
+    assert [worker_config(tcp, i).admin.bind.port for i in range(3)] == [9901, 9902, 9903]

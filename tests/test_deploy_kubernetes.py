@@ -8,6 +8,8 @@ Deployment and from the rendered ConfigMap's TOML, parsed by edgeproxy.config.
 
 from __future__ import annotations
 
+import os
+
 import re
 import shutil
 import subprocess
@@ -98,9 +100,15 @@ def test_probes_ports_and_mount_match_the_config(rendered, container, config) ->
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     # the image's entry point reads /etc/edgeproxy/edgeproxy.toml: the ConfigMap's key, mounted there
-    (mount,) = container["volumeMounts"]
-    (volume,) = rendered["Deployment"]["spec"]["template"]["spec"]["volumes"]
-    assert mount["mountPath"] == "/etc/edgeproxy" and volume["configMap"]["name"] == rendered["ConfigMap"]["metadata"]["name"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in rendered["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert set(mounts) == set(volumes) == {"config", "control"}
+    assert mounts["config"]["mountPath"] == "/etc/edgeproxy"
+    assert volumes["config"]["configMap"]["name"] == rendered["ConfigMap"]["metadata"]["name"]
+    # the control endpoints are on a Unix socket in a writable emptyDir, not on the pod IP
+    assert isinstance(config.admin.control_bind, str)
+    assert os.path.dirname(config.admin.control_bind) == mounts["control"]["mountPath"]
+    assert "emptyDir" in volumes["control"] and not mounts["control"].get("readOnly")
     assert list(rendered["ConfigMap"]["data"]) == ["edgeproxy.toml"]
     assert config.workers == 1
     assert config.backplane.kind == "redis" and config.hubs, "the hubs of all pods share one backplane"

@@ -27,12 +27,19 @@ path                   method  answer
 Other layers add endpoints that read the request (headers and body) with
 `AdminListener.add_route`: the hub's ``POST /v1/publish`` is one.
 
-With ``[admin] control_key`` set, every ``/admin/*`` endpoint (reload, drain,
-upstream state, connections, config) needs ``Authorization: Bearer <key>``;
-anything else gets 401 with ``WWW-Authenticate: Bearer`` before its handler
-runs.  ``/admin/stream`` stays open for the dashboard (a browser's EventSource
-cannot send the header; it carries what /metrics shows), as do /metrics,
-/healthz, /readyz and /dashboard: scrapers and probes carry no secrets.
+Who may call what.  The *control* endpoints (every ``/admin/*`` path but
+``/admin/stream``: reload, drain, upstream state, connections, config) change or
+reveal how the proxy runs; the *read-only* ones (/metrics, /healthz, /readyz,
+/dashboard, /admin/stream) carry nothing secret.  With ``[admin] control_key``
+set, every endpoint not in ``[admin] open_endpoints`` (by default the
+read-only ones) needs ``Authorization: Bearer <key>``; anything else gets 401
+with ``WWW-Authenticate: Bearer`` before its handler runs, so nothing happens.
+With ``[admin] control_bind`` the control endpoints leave this listener for a
+second one (``role = "control"``): a TCP port, or a Unix socket whose
+permissions are set before it appears under its name, so a local operator's
+``curl --unix-socket`` can reload while the port the backends publish on
+(``role = "public"``) cannot.  The configuration refuses control endpoints
+without a key on anything but loopback or a Unix socket.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ import hmac
 import inspect
 import json
 import logging
+import os
+import socket
+import stat
 import time
 from collections.abc import Callable
 from functools import cache
@@ -51,7 +61,7 @@ from typing import Any, Protocol
 
 import h11
 
-from edgeproxy.config import Address
+from edgeproxy.config import DEFAULT_OPEN_ENDPOINTS, OPEN_ENDPOINT_CHOICES, Address
 from edgeproxy.errors import ConfigError
 from edgeproxy.metrics import CONTENT_TYPE, Metrics
 
@@ -133,6 +143,15 @@ def _text_reply(status: int, text: str) -> _Reply:
     return _Reply(status, _TEXT, text.encode())
 
 
+def _is_socket(path: str) -> bool:
+    return stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+def _is_control(path: str) -> bool:
+    """Whether ``path`` is a control endpoint: ``/admin/*`` but the dashboard's feed."""
+    return path.startswith("/admin/") and path != "/admin/stream"
+
+
 @cache
 def dashboard_html() -> bytes:
     """The dashboard page, shipped next to this module (read once)."""
@@ -143,15 +162,27 @@ class AdminListener:
     """Serves the admin endpoints for ``source`` on ``bind``.
 
     ``stream_interval`` is the seconds between two /admin/stream snapshots.
+    ``bind`` is an Address, or a path for a Unix socket made with ``unix_mode``
+    permission bits.  ``role`` is ``"all"`` (every endpoint), ``"public"``
+    (all but the control endpoints, which another listener serves) or
+    ``"control"`` (the control and read-only endpoints, not the publish API).
     """
 
-    def __init__(self, source: AdminSource, bind: Address, *, stream_interval: float = 1.0,
-                 control_key: str | None = None):
+    def __init__(self, source: AdminSource, bind: Address | str, *, stream_interval: float = 1.0,
+                 control_key: str | None = None, open_endpoints: tuple[str, ...] = DEFAULT_OPEN_ENDPOINTS,
+                 role: str = "all", unix_mode: int = 0o600):
+        if role not in ("all", "public", "control"):
+            raise ValueError(f"role must be all, public or control, got {role!r}")
         self.source = source
         self.bind = bind
         self.stream_interval = stream_interval
-        #: the bearer key /admin/* needs (None: open, as on a loopback-only listener)
+        #: the bearer key the endpoints outside `open_endpoints` need (None: all open)
         self.control_key = control_key
+        self.open_endpoints = frozenset(open_endpoints)
+        self.role = role
+        self.unix_mode = unix_mode
+        #: (device, inode) of the Unix socket we made, so stop() removes only our own
+        self._unix_identity: tuple[int, int] | None = None
         #: bind with SO_REUSEPORT: a supervised worker and its successor in a binary
         #: upgrade serve the same admin port while both run
         self.reuse_port = False
@@ -176,20 +207,67 @@ class AdminListener:
 
     @property
     def address(self) -> tuple[str, int]:
-        """The bound (host, port): the real port when ``bind`` asked for port 0."""
+        """The bound (host, port): the real port when ``bind`` asked for port 0; (path, 0) for a Unix socket."""
+        if isinstance(self.bind, str):
+            return self.bind, 0
         name = self._server.sockets[0].getsockname()
         return name[0], name[1]
 
+    def describe(self) -> str:
+        """Where it listens, for logs: ``http://host:port`` or ``unix:/path``."""
+        host, port = self.address
+        if isinstance(self.bind, str):
+            return f"unix:{host}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
     async def start(self) -> None:
+        if isinstance(self.bind, str):
+            self._server = await asyncio.start_unix_server(self._serve, sock=self._unix_socket(), limit=MAX_BODY)
+            return
         self._server = await asyncio.start_server(
             self._serve, self.bind.host, self.bind.port, reuse_address=True, limit=MAX_BODY,
             reuse_port=self.reuse_port or None,
         )
 
+    def _unix_socket(self) -> socket.socket:
+        """A listening Unix socket at ``bind`` with ``unix_mode``, put in place atomically.
+
+        It is bound under a temporary name, given its permissions, and renamed over
+        the path: nobody can connect while the mode is still the umask's, and a
+        successor in a binary upgrade takes the name over without a gap.
+        """
+        path = self.bind
+        if os.path.lexists(path) and not _is_socket(path):
+            raise OSError(f"[admin] control_bind: {path} exists and is not a socket; refusing to replace it")
+        temporary = f"{path}.{os.getpid()}.tmp"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            sock.bind(temporary)
+            os.chmod(temporary, self.unix_mode)
+            sock.listen(128)
+            os.rename(temporary, path)
+        except OSError:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        info = os.stat(path)
+        self._unix_identity = (info.st_dev, info.st_ino)
+        sock.setblocking(False)
+        return sock
+
     async def stop(self) -> None:
         if self._server is None:
             return
         self._server.close()
+        if self._unix_identity is not None:
+            with contextlib.suppress(OSError):
+                info = os.stat(self.bind)
+                if (info.st_dev, info.st_ino) == self._unix_identity:  # not a successor's
+                    os.unlink(self.bind)
+            self._unix_identity = None
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -209,10 +287,12 @@ class AdminListener:
                 request = await self._read_request(conn, reader)
                 if request is None:
                     break
-                if (request.method, request.path) == (b"GET", "/admin/stream"):
+                reply = self._gate(request)
+                if reply is None and (request.method, request.path) == (b"GET", "/admin/stream"):
                     await self._stream(conn, reader, writer)
                     break
-                reply = await self._dispatch(request)
+                if reply is None:
+                    reply = await self._dispatch(request)
                 await self._send(conn, writer, reply)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     break
@@ -270,12 +350,22 @@ class AdminListener:
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
 
-    async def _dispatch(self, request: AdminRequest) -> _Reply:
-        method, path = request.method, request.path
-        if self.control_key is not None and path.startswith("/admin/") and not request.bears(self.control_key):
+    def _gate(self, request: AdminRequest) -> _Reply | None:
+        """The refusal for a request this listener must not serve, or None to go on."""
+        path = request.path
+        if not self._serves(path):
+            where = "the control listener ([admin] control_bind)" if self.role == "public" else "[admin] bind"
+            return _json_reply(404, {"error": f"{path} is not served here: it is on {where}"})
+        governed = _is_control(path) or path in OPEN_ENDPOINT_CHOICES
+        if (self.control_key is not None and governed and path not in self.open_endpoints
+                and not request.bears(self.control_key)):
             reply = _json_reply(401, {"error": "missing or wrong control key (send Authorization: Bearer <[admin] control_key>)"})
             reply.headers = (("WWW-Authenticate", 'Bearer realm="edgeproxy admin"'),)
             return reply
+        return None
+
+    async def _dispatch(self, request: AdminRequest) -> _Reply:
+        method, path = request.method, request.path
         api = self._api.get(path)
         if api is not None and method.decode("latin-1") == api[0]:
             answer = api[1](request)
@@ -284,7 +374,7 @@ class AdminListener:
             return _json_reply(*answer)
         route = self._routes.get(path) or (api[:2] if api is not None else None)
         if route is None:
-            endpoints = sorted([*self._routes, *self._api, "/admin/stream"])
+            endpoints = sorted(p for p in [*self._routes, *self._api, "/admin/stream"] if self._serves(p))
             return _json_reply(404, {"error": f"no admin endpoint {path}", "endpoints": endpoints})
         allowed, handler = route
         if method.decode("latin-1") != allowed:
@@ -295,6 +385,13 @@ class AdminListener:
         if inspect.isawaitable(reply):
             reply = await reply
         return reply
+
+    def _serves(self, path: str) -> bool:
+        if self.role == "public":
+            return not _is_control(path)
+        if self.role == "control":
+            return _is_control(path) or path in OPEN_ENDPOINT_CHOICES
+        return True
 
     # -- endpoints --------------------------------------------------------------
 

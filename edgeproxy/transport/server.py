@@ -127,7 +127,16 @@ class ProxyServer:
         self.on_reload: Callable[[], Any] | None = self.reload_file if os.path.isfile(config.source) else None
         #: wall-clock time the running config was loaded (reload code updates it with `config`)
         self.config_loaded_at = time.time()
-        self.admin: AdminListener | None = AdminListener(self, config.admin.bind, control_key=config.admin.control_key) if config.admin.enabled else None
+        admin = config.admin
+        gate = dict(control_key=admin.control_key, open_endpoints=admin.open_endpoints)
+        self.admin: AdminListener | None = None
+        #: the control endpoints' own listener, with ``[admin] control_bind``
+        self.control: AdminListener | None = None
+        if admin.enabled:
+            self.admin = AdminListener(self, admin.bind, role="all" if admin.control_bind is None else "public", **gate)
+            if admin.control_bind is not None:
+                self.control = AdminListener(self, admin.control_bind, role="control",
+                                             unix_mode=admin.control_socket_mode, **gate)
         self.rng = random.Random()
         #: heartbeats of clients (pings, dead peers, age limit) and of upstreams
         #: (pings only); one timer wheel each, advanced by the shared tick
@@ -142,12 +151,12 @@ class ProxyServer:
                      for hub in config.hubs}
         #: who is connected where, for POST /v1/send (in Redis with kind = "redis")
         self.presence = make_presence(self)
-        if self.admin is not None:
-            self.admin.add_route("/v1/publish", "POST", lambda request: publish_endpoint(self, request),
-                                 max_body=config.admin.max_publish_size)
-            self.admin.add_route("/v1/send", "POST", lambda request: send_endpoint(self, request),
-                                 max_body=config.admin.max_publish_size)
-            self.admin.add_route("/admin/drain", "POST", self.drain_endpoint, max_body=4096)
+        for listener in self.admin_listeners:  # each serves only what its role allows
+            listener.add_route("/v1/publish", "POST", lambda request: publish_endpoint(self, request),
+                               max_body=config.admin.max_publish_size)
+            listener.add_route("/v1/send", "POST", lambda request: send_endpoint(self, request),
+                               max_body=config.admin.max_publish_size)
+            listener.add_route("/admin/drain", "POST", self.drain_endpoint, max_body=4096)
         #: resumable sessions (docs/resume-protocol.md), when websocket.resume_secret is set
         self.resume: ResumeRegistry | None = ResumeRegistry(self) if config.websocket.resume_secret else None
         #: gives freed C-heap memory (TLS buffers) back to the kernel, from the tick; started by `start`
@@ -184,8 +193,8 @@ class ProxyServer:
             for key, listener in zip(listener_keys(self.config.listeners), self.config.listeners):
                 self._servers.append(await self._open_listener(listener, (sockets or {}).get(key)))
                 self._server_keys.append(key)
-            if self.admin is not None:
-                await self.admin.start()
+            for admin in self.admin_listeners:
+                await admin.start()
             for hub in self.hubs.values():
                 await hub.start()
             await self.presence.start()
@@ -204,8 +213,9 @@ class ProxyServer:
         for (host, port) in self.addresses:
             log.info("listening on %s:%d (loop=%s, %s)", host, port, self.metrics.event_loop, extension)
         if self.admin is not None:
-            host, port = self.admin.address
-            log.info("admin listener on http://%s:%d/ (/metrics, /healthz, /readyz, /dashboard)", host, port)
+            log.info("admin listener on %s/ (/metrics, /healthz, /readyz, /dashboard)", self.admin.describe())
+        if self.control is not None:
+            log.info("control listener on %s (/admin/*)", self.control.describe())
         self.ready = True
 
     def _start_heartbeats(self, now: float) -> None:
@@ -331,8 +341,8 @@ class ProxyServer:
             except TimeoutError:
                 pass
         self._servers.clear()
-        if self.admin is not None:
-            await self.admin.stop()
+        for listener in self.admin_listeners:
+            await listener.stop()
         # Let the transports' close callbacks run.
         await asyncio.sleep(0)
         self._stop_relay_engine()
@@ -601,6 +611,11 @@ class ProxyServer:
         return len(self.tls)
 
     # -- what the metrics and the admin listener read ----------------------------
+
+    @property
+    def admin_listeners(self) -> list[AdminListener]:
+        """The admin listener and, with ``[admin] control_bind``, the control one."""
+        return [listener for listener in (self.admin, self.control) if listener is not None]
 
     def _live_messages(self):
         """Per-direction totals of the open WebSocket sessions (not yet folded into metrics)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import stat
 import time
 
 import aiohttp
@@ -369,3 +371,104 @@ async def test_the_publish_key_is_not_a_control_key(proxy, refused_port) -> None
     status, _, text = await control(p, "POST", "/v1/publish", api_key,
                                     json.dumps({"channel": "news", "data": 1}).encode())
     assert status == 200, text
+
+
+async def test_closed_read_only_endpoints_need_the_key(proxy, ws_backend) -> None:
+    p = await proxy(ws_backend, admin={"bind": f"{HOST}:0", "control_key": CONTROL_KEY,
+                                       "open_endpoints": ["/healthz", "/readyz"]})
+    for path in ("/healthz", "/readyz"):
+        assert (await control(p, "GET", path, None))[0] == 200, path
+    for path in ("/metrics", "/dashboard", "/admin/stream"):
+        status, headers, _ = await control(p, "GET", path, None)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer"), path
+    status, _, text = await control(p, "GET", "/metrics", CONTROL_KEY)
+    assert status == 200 and "edgeproxy_connections" in text
+
+
+# -- [admin] control_bind: the control endpoints on a listener of their own ------------
+
+
+async def over_unix(path: str, method: str, target: str, key: str | None = None,
+                    body: bytes | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path)) as session:
+        async with session.request(method, f"http://edgeproxy{target}", headers=headers, data=body) as resp:
+            return resp.status, await resp.text()
+
+
+async def test_unix_control_socket_serves_control_and_the_public_port_does_not(proxy, ws_backend, tmp_path) -> None:
+    sock_path = str(tmp_path / "control.sock")
+    api_key = "publish-key-0123456789"
+    p = await proxy(ws_backend, hubs=[{"path": "/hub", "ping_interval": 0}],
+                    admin={"bind": f"{HOST}:0", "control_bind": f"unix:{sock_path}", "api_key": api_key})
+    reloads = []
+    p.server.on_reload = lambda: reloads.append(1) or {"reloaded": True}
+    mode = os.stat(sock_path).st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600, oct(mode)
+    assert not [name for name in os.listdir(tmp_path) if name != "control.sock"], "the temporary name stayed"
+
+    # The public port: no control endpoint, whatever the method; read-only and publish are there.
+    for method, path in (("POST", "/admin/reload"), ("POST", "/admin/drain"), ("GET", "/admin/upstreams"),
+                         ("GET", "/admin/connections"), ("GET", "/admin/config")):
+        status, _, text = await control(p, method, path, None)
+        assert status == 404 and "control_bind" in json.loads(text)["error"], (path, status, text)
+    assert reloads == []
+    for path in ("/metrics", "/healthz", "/readyz", "/dashboard"):
+        assert (await fetch(p, path))[0] == 200, path
+    status, _, text = await control(p, "POST", "/v1/publish", api_key, json.dumps({"channel": "c", "data": 1}).encode())
+    assert status == 200, text
+
+    # The control socket: control and read-only endpoints, not the publish API.
+    status, text = await over_unix(sock_path, "POST", "/admin/reload")
+    assert (status, json.loads(text)) == (200, {"reloaded": True}) and reloads == [1]
+    status, text = await over_unix(sock_path, "GET", "/admin/upstreams")
+    assert status == 200 and json.loads(text)["upstreams"]
+    assert (await over_unix(sock_path, "GET", "/metrics"))[0] == 200
+    status, text = await over_unix(sock_path, "POST", "/v1/publish", api_key, b'{"channel": "c", "data": 1}')
+    assert status == 404 and "[admin] bind" in json.loads(text)["error"]
+
+    await p.server.stop()
+    assert not os.path.exists(sock_path), "stop left the control socket behind"
+
+
+async def test_control_socket_with_a_key_and_a_mode(proxy, ws_backend, tmp_path) -> None:
+    sock_path = str(tmp_path / "control.sock")
+    p = await proxy(ws_backend, admin={"bind": f"{HOST}:0", "control_bind": f"unix:{sock_path}",
+                                       "control_socket_mode": "0660", "control_key": CONTROL_KEY})
+    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o660
+    assert (await over_unix(sock_path, "GET", "/admin/config"))[0] == 401
+    assert (await over_unix(sock_path, "GET", "/admin/config", CONTROL_KEY))[0] == 200
+    await p.server.stop()
+
+
+async def test_a_successor_takes_the_socket_over_and_the_predecessor_leaves_it(proxy, ws_backend, tmp_path) -> None:
+    """A binary upgrade: the new process renames its socket over the path; the old one's stop keeps it."""
+    sock_path = str(tmp_path / "control.sock")
+    admin = {"bind": f"{HOST}:0", "control_bind": f"unix:{sock_path}"}
+    old = await proxy(ws_backend, admin=admin)
+    new = await proxy(ws_backend, admin=admin)
+    old.server.on_reload = lambda: {"who": "old"}
+    new.server.on_reload = lambda: {"who": "new"}
+    assert json.loads((await over_unix(sock_path, "POST", "/admin/reload"))[1]) == {"who": "new"}
+    await old.server.stop()
+    assert json.loads((await over_unix(sock_path, "POST", "/admin/reload"))[1]) == {"who": "new"}
+    await new.server.stop()
+    assert not os.path.exists(sock_path)
+
+
+async def test_control_bind_refuses_to_replace_a_file(proxy, ws_backend, tmp_path) -> None:
+    victim = tmp_path / "not-a-socket"
+    victim.write_text("keep me")
+    with pytest.raises(OSError, match="not a socket"):
+        await proxy(ws_backend, admin={"bind": f"{HOST}:0", "control_bind": f"unix:{victim}"})
+    assert victim.read_text() == "keep me"
+
+
+async def test_tcp_control_listener(proxy, ws_backend) -> None:
+    p = await proxy(ws_backend, admin={"bind": f"{HOST}:0", "control_bind": f"{HOST}:0"})
+    p.server.on_reload = lambda: {"reloaded": True}
+    host, port = p.server.control.address
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"http://{host}:{port}/admin/reload") as resp:
+            assert resp.status == 200
+    assert (await control(p, "POST", "/admin/reload", None))[0] == 404
