@@ -45,7 +45,7 @@ async def _reload_on_signal(server) -> None:
         log.exception("reload failed; the running configuration is kept")
 
 
-async def _serve(config: Config, *, demo: bool = False, link=None) -> bool:
+async def _serve(config: Config, *, demo: bool = False, link=None, sockets=None) -> bool:
     """Run until SIGTERM/SIGINT, then drain; True when a second signal cut the drain short."""
     from edgeproxy.transport.server import ProxyServer
 
@@ -72,7 +72,7 @@ async def _serve(config: Config, *, demo: bool = False, link=None) -> bool:
     server = ProxyServer(config)
     if link is None:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_on_signal(server)))
-        await server.start()
+        await server.start(sockets)  # systemd's sockets, when it activated us
     else:  # a supervised worker: listeners and reloads come from the supervisor
         for sig in (signal.SIGHUP, signal.SIGUSR2):
             loop.add_signal_handler(sig, log.warning, "worker %d: signals go to the supervisor (pid %d)", link.index, link.supervisor)
@@ -104,7 +104,7 @@ async def _serve(config: Config, *, demo: bool = False, link=None) -> bool:
     return cut_short
 
 
-def _run(config: Config, *, demo: bool = False, link=None) -> int:
+def _run(config: Config, *, demo: bool = False, link=None, sockets=None) -> int:
     from edgeproxy.logs import configure_logging
     from edgeproxy.transport import loop
 
@@ -112,7 +112,7 @@ def _run(config: Config, *, demo: bool = False, link=None) -> int:
     if link is None:
         log.info(_version_text())
     try:
-        cut_short = loop.run(_serve(config, demo=demo, link=link))
+        cut_short = loop.run(_serve(config, demo=demo, link=link, sockets=sockets))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
@@ -166,16 +166,22 @@ def _run_command(path: str, pid_file: str | None) -> int:
     config = _load_or_report(path)
     if config is None:
         return 1
-    if config.workers > 1 or supervisor.INHERIT_ENV in os.environ:
-        from edgeproxy.logs import configure_logging
+    from edgeproxy.logs import configure_logging
+    from edgeproxy.transport.activation import ActivationError, activated_sockets
 
-        configure_logging(config.logging)
+    configure_logging(config.logging)
+    try:
+        activated = activated_sockets(config)  # systemd socket activation, else {}
+    except ActivationError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    if config.workers > 1 or supervisor.INHERIT_ENV in os.environ:
         log.info(_version_text())
-        return supervisor.run_supervisor(path, config, pid_file=pid_file)
+        return supervisor.run_supervisor(path, config, pid_file=pid_file, activated=activated)
     if pid_file:
         with open(pid_file, "w") as fh:
             fh.write(f"{os.getpid()}\n")
-    return _run(config)
+    return _run(config, sockets=activated)
 
 
 def _find_example() -> str | None:

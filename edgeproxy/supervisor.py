@@ -507,12 +507,22 @@ def _read_pid(path: str) -> int | None:
         return None
 
 
-def run_supervisor(path: str, config: Config, *, pid_file: str | None = None) -> int:
-    """Run the supervisor of `config` (read from `path`) until it stops; the exit code."""
+def run_supervisor(path: str, config: Config, *, pid_file: str | None = None,
+                   activated: dict[ListenerKey, socket.socket] | None = None) -> int:
+    """Run the supervisor of `config` (read from `path`) until it stops; the exit code.
+
+    ``activated`` holds the listeners systemd passed (socket activation): every
+    worker slot gets that one socket (they share its accept queue), since a
+    second socket on its address would need SO_REUSEPORT on systemd's.
+    """
     with open(path, "rb") as fh:
         text = fh.read().decode("utf-8")
     supervisor = Supervisor(path, config, text, pid_file=pid_file)
     inherited: dict[tuple[ListenerKey, int], socket.socket] = {}
+    for key, sock in (activated or {}).items():
+        inherited[(key, 0)] = sock
+        for slot in range(1, supervisor.count):
+            inherited[(key, slot)] = sock.dup()
     spec = os.environ.pop(INHERIT_ENV, None)
     if spec is not None:
         doc = json.loads(spec)

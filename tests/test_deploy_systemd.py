@@ -68,3 +68,23 @@ def test_the_capability_is_what_the_shipped_config_needs() -> None:
     """CAP_NET_BIND_SERVICE is granted because the config binds a port below 1024; nothing else is."""
     config = load_config(CONFIG)
     assert any(listener.bind.port < 1024 for listener in config.listeners)
+
+
+SOCKET_UNIT = ROOT / "deploy" / "systemd" / "edgeproxy.socket"
+
+
+def test_socket_unit_verifies_and_names_the_shipped_listeners(tmp_path: Path, external_tool) -> None:
+    """Socket activation matches sockets to listeners by address: the unit must use the config's binds."""
+    analyze = external_tool("systemd-analyze", "systemd")
+    command = Path(sys.executable).with_name("edgeproxy")
+    (tmp_path / "edgeproxy.service").write_text(UNIT.read_text().replace(INSTALLED, str(command)))
+    (tmp_path / "edgeproxy.socket").write_text(SOCKET_UNIT.read_text())
+    result = subprocess.run([analyze, "verify", str(tmp_path / "edgeproxy.socket"), str(tmp_path / "edgeproxy.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser.optionxform = str
+    parser.read_string(SOCKET_UNIT.read_text())
+    streams = [line.split("=", 1)[1] for line in SOCKET_UNIT.read_text().splitlines() if line.startswith("ListenStream=")]
+    assert streams and set(streams) <= {str(listener.bind) for listener in load_config(CONFIG).listeners}
+    assert parser["Socket"]["ReusePort"] == "false" and parser["Unit"]["PartOf"] == "edgeproxy.service"
