@@ -573,17 +573,23 @@ class _Validator:
             return {}
         return value
 
-    def array_of_tables(self, data: dict[str, Any], key: str) -> list[tuple[str, dict[str, Any]]]:
-        """Return ``[(path, table), ...]`` for the required ``[[key]]`` array."""
+    def array_of_tables(self, data: dict[str, Any], key: str, *, required: str | None = "") -> list[tuple[str, dict[str, Any]]]:
+        """Return ``[(path, table), ...]`` for the ``[[key]]`` array.
+
+        ``required`` None: it may be absent or empty; else at least one table is
+        needed, and a non-empty ``required`` says why in the problem.
+        """
         if key not in data:
-            self.error(key, f"at least one [[{key}]] table is required")
+            if required is not None:
+                self.error(key, f"at least one [[{key}]] table is required{required}")
             return []
         value = data[key]
         if not isinstance(value, list):
             self.error(key, f"expected an array of tables ([[{key}]]), got {_describe(value)}")
             return []
         if not value:
-            self.error(key, f"at least one [[{key}]] table is required, got an empty array")
+            if required is not None:
+                self.error(key, f"at least one [[{key}]] table is required{required}, got an empty array")
             return []
         items = []
         for index, item in enumerate(value):
@@ -852,10 +858,17 @@ def _listener_proxy_protocol(v: _Validator, item: dict[str, Any], path: str) -> 
     return {"proxy_protocol": enabled, "proxy_protocol_trusted": tuple(networks)}
 
 
+def _hub_only(data: dict[str, Any]) -> bool:
+    """A config with [[hubs]] may have no upstreams and no routes: the proxy serves only its hubs."""
+    hubs = data.get("hubs")
+    return isinstance(hubs, list) and bool(hubs)
+
+
 def _upstreams(v: _Validator, data: dict[str, Any]) -> tuple[UpstreamConfig, ...]:
     upstreams = []
     seen: dict[str, str] = {}
-    for path, item in v.array_of_tables(data, "upstreams"):
+    needed = None if _hub_only(data) and not data.get("routes") else " (or [[hubs]] alone, for a hub-only proxy)"
+    for path, item in v.array_of_tables(data, "upstreams", required=needed):
         v.unknown_keys(item, path, _UPSTREAM_KEYS)
         name_key = _join(path, "name")
         name = item.get("name")
@@ -1132,7 +1145,8 @@ def _routes(v: _Validator, data: dict[str, Any], upstream_names: list[str] | Non
     """Validate ``[[routes]]``; ``upstream_names`` None = unknown (skip the reference check)."""
     routes = []
     seen: dict[tuple[str | None, str], str] = {}
-    for path, item in v.array_of_tables(data, "routes"):
+    needed = None if _hub_only(data) and not data.get("upstreams") else " (or [[hubs]] alone, for a hub-only proxy)"
+    for path, item in v.array_of_tables(data, "routes", required=needed):
         v.unknown_keys(item, path, _ROUTE_KEYS)
 
         prefix_key = _join(path, "path_prefix")

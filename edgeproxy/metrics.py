@@ -65,9 +65,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 HTTP = "http"
 WEBSOCKET = "websocket"
-PROTOCOLS = (HTTP, WEBSOCKET)
+#: a Server-Sent Events stream (a hub's ``/sse`` endpoint), counted like a WebSocket session
+SSE = "sse"
+PROTOCOLS = (HTTP, WEBSOCKET, SSE)
 #: the outcome counted by `connection_opened`, per protocol
-_OPENED_OUTCOME = {HTTP: "accepted", WEBSOCKET: "upgraded"}
+_OPENED_OUTCOME = {HTTP: "accepted", WEBSOCKET: "upgraded", SSE: "streamed"}
 
 CLIENT_TO_UPSTREAM = "client_to_upstream"
 UPSTREAM_TO_CLIENT = "upstream_to_client"
@@ -258,7 +260,7 @@ class Metrics:
         """
         self.active[key] -= 1
         protocol = key[0]
-        label = _HTTP_CLOSE_CLASS if protocol == HTTP else close_code_class(close_code)
+        label = close_code_class(close_code) if protocol == WEBSOCKET else _HTTP_CLOSE_CLASS
         by_class = self.durations[protocol]
         histogram = by_class.get(label)
         if histogram is None:
@@ -334,6 +336,14 @@ class Metrics:
         self.fanout_publishes += publications
         self.messages[HUB_DELIVERY] += deliveries * publications
         self.message_bytes[HUB_DELIVERY] += deliveries * nbytes
+
+    def fanout_written(self, deliveries: int, nbytes: int, publications: int) -> None:
+        """Fan-out totals: ``deliveries`` messages and ``nbytes`` bytes written in all, of
+        which ``publications`` were not counted yet (the SSE copy of a publication the
+        WebSocket fan-out counted is not counted again)."""
+        self.fanout_publishes += publications
+        self.messages[HUB_DELIVERY] += deliveries
+        self.message_bytes[HUB_DELIVERY] += nbytes
 
     def fanout_subscriber_dropped(self) -> None:
         """A subscriber passed its buffer high-water mark and was dropped."""

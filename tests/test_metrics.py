@@ -256,8 +256,8 @@ def test_snapshot_feeds_the_dashboard(metrics: Metrics) -> None:
     metrics.heartbeat_failed()
     metrics.connection_closed(key, 700, 1000)
     snap = metrics.snapshot()
-    assert snap["connections_active"] == {"websocket": 0, "http": 1}
-    assert snap["connections_opened"] == {"websocket": 2, "http": 1}
+    assert snap["connections_active"] == {"websocket": 0, "http": 1, "sse": 0}
+    assert snap["connections_opened"] == {"websocket": 2, "http": 1, "sse": 0}
     assert snap["messages"] == {CLIENT_TO_UPSTREAM: 0, UPSTREAM_TO_CLIENT: 9, HUB_DELIVERY: 0}
     assert snap["heartbeat_failures"] == 1
     assert snap["lifetime_buckets"] == list(DURATION_BUCKETS)

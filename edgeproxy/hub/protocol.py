@@ -54,6 +54,13 @@ Close codes (RFC 6455 section 7.4.2 leaves 4000-4999 to applications):
 * `CLOSE_BAD_TOKEN` 4001: the connect token is invalid; do not retry with it.
 * `CLOSE_TOKEN_EXPIRED` 4002: the connect token expired; reconnect with a new one.
 * 1009 for a message over ``max_message_size``; 1001 when the proxy stops.
+
+Server-Sent Events (``GET <hub path>/sse?channel=a&channel=b``): the same
+messages as events, ``event: <op>`` and ``data: <the JSON message>``.  Every
+``subscribed`` and ``pub`` event has an ``id`` that says where the stream is in
+*each* of its channels, so the ``Last-Event-ID`` a browser sends on reconnect
+resumes all of them: ``<epoch>:<seq>`` per channel, joined by ``,`` in the
+order of the ``channel`` parameters (one channel: just ``<epoch>:<seq>``).
 """
 
 from __future__ import annotations
@@ -257,3 +264,46 @@ def encode_error(error: HubError) -> bytes:
 
 
 PING = orjson.dumps({"op": "ping"})
+
+
+# -- Server-Sent Events ------------------------------------------------------------
+
+#: a comment line: keeps NATs and intermediaries from timing the stream out, dispatches nothing
+SSE_KEEPALIVE = b":\n\n"
+_SSE_NEWLINES = re.compile(rb"\r\n|\r|\n")
+
+
+def sse_event(event: bytes, data: bytes, event_id: bytes | None = None) -> bytes:
+    """One event; a line break inside ``data`` (JSON whitespace) starts another ``data:`` line."""
+    if b"\n" in data or b"\r" in data:
+        data = _SSE_NEWLINES.sub(b"\ndata: ", data)
+    head = b"id: " + event_id + b"\n" if event_id is not None else b""
+    return head + b"event: " + event + b"\ndata: " + data + b"\n\n"
+
+
+def sse_pub_body(pub: Publication) -> bytes:
+    """The ``pub`` event without its id line: the part every SSE subscriber shares."""
+    return sse_event(b"pub", encode_pub(pub))
+
+
+def sse_event_id(positions: list[Position]) -> bytes:
+    """The ``id`` of an event: ``epoch:seq`` for each channel of the stream, in its order."""
+    return b",".join(b"%s:%d" % (p.epoch.encode(), p.seq) for p in positions)
+
+
+def parse_last_event_id(value: str, channels: int) -> list[Position]:
+    """A ``Last-Event-ID`` for a stream of ``channels`` channels, back to positions.
+
+    Raises:
+        HubError: ``bad_message`` when it is not ``channels`` comma-separated ``epoch:seq``.
+    """
+    parts = value.split(",")
+    if len(parts) != channels:
+        raise HubError("bad_message", f"Last-Event-ID {value[:80]!r} has {len(parts)} position(s) for {channels} channel(s)")
+    positions = []
+    for part in parts:
+        epoch, sep, seq = part.rpartition(":")
+        if not sep or not epoch or not seq.isdigit() or len(seq) > 19:
+            raise HubError("bad_message", f"Last-Event-ID {value[:80]!r}: expected epoch:seq per channel")
+        positions.append(Position(int(seq), epoch))
+    return positions

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from edgeproxy import logs
 from edgeproxy.core import http1
 from edgeproxy.core.admission import retry_after_header
+from edgeproxy.transport.hub_sse import SSE_SUFFIX
 from edgeproxy.core.heartbeat import AGE_EXPIRED, DEAD, PING
 from edgeproxy.core.http1 import Body, ConnectionClosed, EndOfMessage, RequestHead, ResponseHead
 from edgeproxy.core.websocket import (
@@ -399,9 +400,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_request(self, head: RequestHead) -> None:
         server = self.server
-        if head.websocket and head.path in server.hubs:
-            server.hubs[head.path].take_over(self, head)  # served by the proxy: transport/hub.py
-            return
+        if server.hubs:
+            if head.websocket and head.path in server.hubs:
+                server.hubs[head.path].take_over(self, head)  # served by the proxy: transport/hub.py
+                return
+            if head.path.endswith(SSE_SUFFIX) and head.path[: -len(SSE_SUFFIX)] in server.hubs:
+                server.hubs[head.path[: -len(SSE_SUFFIX)]].take_over_sse(self, head)  # transport/hub_sse.py
+                return
         now = server.now()
         if head.path == resume.CLIENT_JS_PATH and resume.serve_client_js(self, head):
             return

@@ -26,6 +26,11 @@ per loop iteration.  ``write_many`` skips a transport whose buffer is above
 *Liveness.*  One timer per hub sends the ``ping`` message to every connection (one
 frame, ``write_many`` again), closes connections that sent nothing for two
 intervals, and closes with 4002 those whose connect token expired.
+
+*Server-Sent Events.*  ``GET <hub path>/sse`` is served by `transport.hub_sse`
+on the same registry, backplane and fan-out: `_flush` writes each channel's SSE
+batches (every stream in one go, not in slices, so a stream's event ids never
+run ahead of what it was sent) before its WebSocket batches.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from edgeproxy.hub.protocol import (
     Unsubscribe,
     encode_connected,
     encode_error,
+    SSE_KEEPALIVE,
     encode_unsubscribed,
     parse_client_message,
     text_frame,
@@ -72,6 +78,7 @@ from edgeproxy.hub.protocol import (
 from edgeproxy.hub.token import ANONYMOUS, NOTHING, Grants, verify_token
 from edgeproxy.metrics import HUB_DELIVERY, WEBSOCKET, route_label
 from edgeproxy.transport.backplanes import BackplaneUnavailable
+from edgeproxy.transport.hub_sse import HubSseStream, take_over_sse
 
 if TYPE_CHECKING:
     from edgeproxy.config import HubConfig
@@ -96,6 +103,8 @@ class HubService:
         )
         self.registry = ChannelRegistry()
         self.connections: set[HubConnection] = set()
+        #: the event streams of ``GET <path>/sse`` (transport.hub_sse)
+        self.sse_streams: set[HubSseStream] = set()
         self.route = route_label(None, config.path)
         self._ping_handle: asyncio.TimerHandle | None = None
 
@@ -117,9 +126,23 @@ class HubService:
             self._ping_handle = None
         for conn in list(self.connections):
             conn.close(1001, "proxy shutting down")
+        # EventSource comes back after `retry`: spread the returns over a few seconds
+        for stream in list(self.sse_streams):
+            stream.end(retry_ms=self.server.rng.randint(500, 5000))
         await self.backplane.close()
 
     # -- the upgrade -------------------------------------------------------------
+
+    def take_over_sse(self, client: ClientConnection, head: RequestHead) -> None:
+        """Serve ``GET <path>/sse`` (see `transport.hub_sse`)."""
+        take_over_sse(self, client, head)
+
+    async def authorize_with_hook(self, channel: str, user: str | None, client_ip: str) -> None:
+        """Ask the auth hook, when there is one; raise `HubError` unless it allows ``channel``."""
+        hook = self.config.auth_hook
+        if hook is not None:
+            body = orjson.dumps({"channel": channel, "user": user, "client": client_ip})
+            await ask_auth_hook(hook[0], hook[1], body, self.config.auth_hook_timeout, channel)
 
     def take_over(self, client: ClientConnection, head: RequestHead) -> None:
         """Answer ``client``'s upgrade to this hub and make the socket a `HubConnection`."""
@@ -133,14 +156,8 @@ class HubService:
         if head.has_body or not isinstance(client.http.next_event(), EndOfMessage):
             client._fail_request(400, "a WebSocket upgrade has no body")
             return
-        transport = client.transport
         now = server.now()
-        # The HTTP connection ends here; the hub connection replaces it, and owns
-        # the socket's admission slot from now on (given back when the socket closes).
-        server.connections.discard(client)
-        client.closed = True  # nothing of ClientConnection may touch the socket any more
-        admitted_ip, client._admitted_ip = client._admitted_ip, None
-        server.metrics.connection_closed(client._metrics_key, now - client._opened_at)
+        transport, admitted_ip = detach_client(client)
         transport.write(serialize_head(b"HTTP/1.1 101 Switching Protocols", [
             (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
             (b"Sec-WebSocket-Accept", generate_accept_token(key)),
@@ -149,7 +166,7 @@ class HubService:
         transport.set_protocol(conn)
         trailing = client.http.switched_trailing_data()
         client.transport.resume_reading()
-        conn.start(_connect_token(head))
+        conn.start(connect_token(head))
         if trailing:
             conn.data_received(trailing)
 
@@ -164,6 +181,8 @@ class HubService:
             self.server.loop.call_soon(self._flush, channel)
 
     def _flush(self, channel: Channel) -> None:
+        while (sse := channel.next_sse_batch()) is not None:
+            self._write_sse(*sse)
         batch = channel.next_batch()
         if batch is None:
             channel.busy = False
@@ -190,6 +209,28 @@ class HubService:
         self.server.metrics.fanout_published(delivered, len(blob), count)
         self._flush(channel)
 
+    def _write_sse(self, snapshot, blob: bytes, events: list, sse_only: int) -> None:
+        """One SSE batch: the shared bytes to the one-channel streams, per-stream ids to the others."""
+        singles, single_transports, multis, multi_transports = snapshot
+        limit = self.config.subscriber_buffer_limit
+        delivered, nbytes = 0, 0
+        if single_transports:
+            skipped = _accel.write_many(single_transports, blob, limit)
+            for index in skipped:
+                if not single_transports[index].is_closing():
+                    singles[index].drop_slow()
+            delivered = len(single_transports) - len(skipped)
+            nbytes = delivered * len(blob)
+        for stream, transport in zip(multis, multi_transports):
+            if stream.closed or transport.is_closing():
+                continue
+            if transport.get_write_buffer_size() > limit:
+                stream.drop_slow()
+                continue
+            nbytes += stream.write_events(events)
+            delivered += 1
+        self.server.metrics.fanout_written(delivered * len(events), nbytes, sse_only)
+
     def _drop_interest(self, name: str) -> None:
         task = self.server.loop.create_task(self.backplane.unsubscribe(name))
         task.add_done_callback(_log_failure)
@@ -207,6 +248,11 @@ class HubService:
         wall = time.time()
         conns = list(self.connections)
         _accel.write_many([c.transport for c in conns], _PING_FRAME)
+        streams = [stream for stream in self.sse_streams if stream.streaming]
+        _accel.write_many([stream.transport for stream in streams], SSE_KEEPALIVE)
+        for stream in streams:
+            if stream.grants.expires is not None and wall >= stream.grants.expires:
+                stream.end()  # EventSource reconnects; with an expired token it gets 401
         for conn in conns:
             if now - conn.last_seen > 2 * interval:
                 conn.abort("no message from the client for two ping intervals")
@@ -215,7 +261,21 @@ class HubService:
         self._ping_handle = self.server.loop.call_later(interval, self._ping_all)
 
 
-def _connect_token(head: RequestHead) -> str | None:
+def detach_client(client: ClientConnection) -> tuple[asyncio.Transport, str | None]:
+    """End ``client``'s HTTP life; its socket and admission slot pass to a hub connection or stream.
+
+    Returns the transport and the address the slot is counted under (the new
+    owner gives it back when the socket closes).
+    """
+    server = client.server
+    server.connections.discard(client)
+    client.closed = True  # nothing of ClientConnection may touch the socket any more
+    admitted_ip, client._admitted_ip = client._admitted_ip, None
+    server.metrics.connection_closed(client._metrics_key, server.now() - client._opened_at)
+    return client.transport, admitted_ip
+
+
+def connect_token(head: RequestHead) -> str | None:
     """The token of the upgrade: ``Authorization: Bearer``, else the ``token`` query parameter."""
     auth = head.header(b"authorization")
     if auth is not None and auth[:7].lower() == b"bearer ":
@@ -469,10 +529,7 @@ class HubConnection(asyncio.Protocol):
                     raise
             if not granted:
                 raise HubError("forbidden", f"no token grants channel {channel!r}", channel=channel)
-        hook = service.config.auth_hook
-        if hook is not None:
-            body = orjson.dumps({"channel": channel, "user": self.grants.subject, "client": self.client_ip})
-            await ask_auth_hook(hook[0], hook[1], body, service.config.auth_hook_timeout, channel)
+        await service.authorize_with_hook(channel, self.grants.subject, self.client_ip)
 
     def _unsubscribe(self, channel: str) -> None:
         if self.subscriptions.pop(channel, None) is None:
