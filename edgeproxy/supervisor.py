@@ -42,6 +42,12 @@ The new supervisor is first a child of the old one and is re-parented when the
 old one exits; ``--pid-file`` always holds the pid of the supervisor in charge
 (written once it is ready, removed on exit only by its owner).
 
+Admission limits (``[limits]``) hold for the instance: before the first worker
+the supervisor creates one shared table (`edgeproxy.transport.shared_limits`)
+that every worker inherits, and when it reaps a worker it gives that worker's
+connections back to the table (`SharedLimits.release_worker`) before the
+replacement starts.  A binary upgrade's new supervisor makes a new table.
+
 Admin listener: worker ``i`` serves it on ``[admin] bind`` port + ``i`` (port 0:
 each worker picks a free port), so ``/metrics`` of each port is that worker's
 process; sum the series across the ports (as Prometheus does with one target

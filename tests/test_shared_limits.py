@@ -123,6 +123,24 @@ async def test_a_killed_worker_gives_its_slots_back_once_reaped(supervised, back
         close(r[2] for r in everything)
 
 
+@pytest.mark.timeout(60)
+async def test_a_reload_keeps_the_instance_counts_and_waits_with_the_table_size(supervised, backend):
+    proxy, port, admin, _ = await start_workers(supervised, backend, 2, "[limits]\nmax_connections = 4\n")
+    statuses, _, held = await hold(port, 4)
+    try:
+        assert statuses == [200] * 4
+        text = proxy.path.read_text()
+        proxy.rewrite(text.replace("max_connections = 4", "max_connections = 6\nip_table_size = 1000"))
+        proxy.signal(signal.SIGHUP)
+        log = await proxy.wait_log("reloaded:", count=2)
+        assert "limits.ip_table_size = 1000 takes effect on a restart or a binary upgrade" in log
+        statuses2, _, more = await hold(port, 5)
+        close(r[2] for r in more)
+        assert statuses2.count(200) == 2  # the 4 open ones still count: 6 in all
+    finally:
+        close(r[2] for r in held)
+
+
 def _hammer(fd: int, worker: int, rounds: int, cap: int) -> int:
     """A child process: admit and release `rounds` times; the most open ever seen by the instance."""
     limits = SharedLimits.attach(fd, worker)
