@@ -69,7 +69,7 @@ async def _serve(config: Config, *, demo: bool = False, link=None, sockets=None)
             for address in upstream.servers:
                 backends.append(await start_demo_backend(address.host, address.port))
                 log.info("demo backend listening on %s", address)
-    server = ProxyServer(config)
+    server = ProxyServer(config, shared_limits=link.shared_limits() if link is not None else None)
     if link is None:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_on_signal(server)))
         await server.start(sockets)  # systemd's sockets, when it activated us

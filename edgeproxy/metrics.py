@@ -97,6 +97,7 @@ FAILURE_REASONS = frozenset({
 #: what `Metrics.limit_refused` counts: admission, PROXY protocol and per-session limits
 LIMIT_REASONS = frozenset({
     "max_connections", "max_connections_per_ip", "rate", "ip_rate",    # admission (503)
+    "ip_table_full",                                                   # admission, workers > 1 (503)
     "untrusted_source", "bad_proxy_header", "proxy_header_timeout",    # PROXY protocol (closed)
     "forbidden_origin",                                                # 403
     "max_pending_connects",                                            # 503, per upstream

@@ -42,6 +42,12 @@ The new supervisor is first a child of the old one and is re-parented when the
 old one exits; ``--pid-file`` always holds the pid of the supervisor in charge
 (written once it is ready, removed on exit only by its owner).
 
+Admission limits (``[limits]``) hold for the instance: before the first worker
+the supervisor creates one shared table (`edgeproxy.transport.shared_limits`)
+that every worker inherits, and when it reaps a worker it gives that worker's
+connections back to the table (`SharedLimits.release_worker`) before the
+replacement starts.  A binary upgrade's new supervisor makes a new table.
+
 Admin listener: worker ``i`` serves it on ``[admin] bind`` port + ``i`` (port 0:
 each worker picks a free port; a ``control_bind`` likewise, and a Unix control
 socket at ``path.i`` past worker 0), so ``/metrics`` of each port is that worker's
@@ -70,6 +76,7 @@ from typing import Any
 from edgeproxy.config import Config, ListenerConfig, load_config, parse_config
 from edgeproxy.errors import ConfigError
 from edgeproxy.transport.server import ListenerKey, listener_keys
+from edgeproxy.transport.shared_limits import SharedLimits, SharedLimitsError
 
 log = logging.getLogger("edgeproxy")
 
@@ -203,6 +210,8 @@ class Supervisor:
         self._upgrade_timer: asyncio.TimerHandle | None = None
         #: written to once all workers are ready (set when this supervisor is an upgrade)
         self._ready_fd: int | None = None
+        #: the admission table every worker shares (`edgeproxy.transport.shared_limits`); made by `run_supervisor`
+        self.limits: SharedLimits | None = None
 
     # -- sockets -----------------------------------------------------------------
 
@@ -279,6 +288,10 @@ class Supervisor:
             "control": theirs.fileno(),
             "listeners": [_encode_key(key) + [self.sockets[key][index].fileno()] for key in keys],
         }
+        if self.limits is not None:
+            self.limits.release_worker(index)  # a clean share of the table, whatever came before
+            fds.append(self.limits.fd)
+            spec["limits"] = self.limits.fd
         env = {**os.environ, WORKER_ENV: json.dumps(spec)}
         env.pop(INHERIT_ENV, None)
         proc = subprocess.Popen(
@@ -352,6 +365,12 @@ class Supervisor:
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(worker.control.fileno())
         worker.control.close()
+        if self.limits is not None:
+            # Its connections died with it: give their admission slots back to the instance now.
+            connections, addresses = self.limits.release_worker(index)
+            if connections or addresses:
+                log.info("worker %d: released %d connection(s) and %d address slot(s) of the shared limits",
+                         index, connections, addresses)
         code = worker.proc.returncode
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         if self._stopping:
@@ -415,6 +434,10 @@ class Supervisor:
         if config.workers != self.count:
             log.warning("reload: workers = %d takes effect on a restart or a binary upgrade (SIGUSR2); still %d",
                         config.workers, self.count)
+        if config.limits.ip_table_size != self.config.limits.ip_table_size:
+            log.warning("reload: limits.ip_table_size = %d takes effect on a restart or a binary upgrade (SIGUSR2); "
+                        "the shared table still holds %d addresses", config.limits.ip_table_size,
+                        self.config.limits.ip_table_size)
         old_keys = set(self.sockets)
         new_keys = listener_keys(config.listeners)
         added: dict[ListenerKey, list[socket.socket]] = {}
@@ -536,6 +559,13 @@ def run_supervisor(path: str, config: Config, *, pid_file: str | None = None,
                 continue
             inherited[(key, slot)] = sock
     try:
+        supervisor.limits = SharedLimits.create(supervisor.count, config.limits.ip_table_size)
+    except SharedLimitsError as exc:
+        for sock in inherited.values():
+            sock.close()
+        log.error("cannot start: %s", exc)
+        return 1
+    try:
         supervisor.open_sockets(inherited)
     except OSError as exc:
         log.error("cannot start: %s", exc)
@@ -558,6 +588,8 @@ class WorkerLink:
         self.supervisor: int = spec["supervisor"]
         self.control = socket.socket(fileno=spec["control"])
         self._listener_fds = spec["listeners"]
+        #: the descriptor of the instance's shared admission table
+        self._limits_fd: int | None = spec.get("limits")
         self.server = None
 
     @classmethod
@@ -580,6 +612,19 @@ class WorkerLink:
         if doc is None or "config" not in doc:
             raise SystemExit("edgeproxy worker: the supervisor sent no configuration")
         return worker_config(parse_config(doc["config"], source=path), self.index)
+
+    def shared_limits(self) -> SharedLimits:
+        """The admission table shared by the instance's workers.
+
+        Raises:
+            SystemExit: the supervisor handed none, or it is unusable (never run with per-worker limits).
+        """
+        if self._limits_fd is None:
+            raise SystemExit("edgeproxy worker: the supervisor handed no shared limits table")
+        try:
+            return SharedLimits.attach(self._limits_fd, self.index)
+        except SharedLimitsError as exc:
+            raise SystemExit(f"edgeproxy worker: {exc}") from exc
 
     def sockets(self, config: Config) -> dict[ListenerKey, socket.socket]:
         out = {}

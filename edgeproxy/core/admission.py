@@ -25,18 +25,49 @@ buckets the least recently used is dropped (only an attacker with more source
 addresses than that gains by it, and then the process-wide bucket still holds).
 
 Reasons are the strings ``"max_connections"``, ``"max_connections_per_ip"``,
-``"rate"`` and ``"ip_rate"``.  The caller answers every refusal with 503 and
-``Retry-After: ceil(retry_after)``.
+``"rate"`` and ``"ip_rate"`` (and ``"ip_table_full"`` from the shared table of
+`edgeproxy.core.shared_admission`).  The caller answers every refusal with 503
+and ``Retry-After: ceil(retry_after)``.
+
+Retry-After spreads the returns
+-------------------------------
+A storm refused with one and the same ``Retry-After`` comes back as one storm.
+So every refusal gets its own value, from randomness passed in (``rng``: a
+callable giving a float in [0, 1); None gives the undithered values):
+
+* ``rate``: the refused clients form a queue the bucket will serve at ``rate``
+  a second.  Each refusal books the next free ``1/rate`` slot of that queue
+  (`book_retry`) and is told to come back within it, so each whole second of
+  the window gets about ``rate`` returns: what the bucket can admit.  The queue
+  is at most `MAX_RETRY_AFTER` long; past that, refusals are spread uniformly
+  over the whole window without booking;
+* ``ip_rate``: the wait for the address's next token, plus a jitter of up to
+  ``max(1, 1/ip_rate)`` seconds;
+* the connection caps (``max_connections``, ``max_connections_per_ip``,
+  ``ip_table_full``): no rate says when a slot frees, so the values are spread
+  uniformly over 1..`CAP_RETRY_WINDOW` seconds.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-__all__ = ["Admission", "AdmissionPolicy", "TokenBucket", "Verdict", "retry_after_header"]
+__all__ = [
+    "Admission", "AdmissionPolicy", "TokenBucket", "Verdict", "retry_after_header", "book_retry", "cap_retry",
+    "ip_rate_retry", "CAP_RETRY_WINDOW", "MAX_RETRY_AFTER",
+]
+
+#: a source of floats in [0, 1) (``random.Random().random``); None: no jitter
+Rng = Callable[[], float] | None
+
+#: seconds over which refusals by a connection cap are spread (1..this, whole seconds)
+CAP_RETRY_WINDOW = 5.0
+#: the longest queue of refused clients a rate refusal books into (seconds)
+MAX_RETRY_AFTER = 60.0
 
 
 class TokenBucket:
@@ -123,23 +154,81 @@ def retry_after_header(seconds: float) -> bytes:
     return b"%d" % max(1, math.ceil(seconds))
 
 
+def book_retry(queue_end: float, now: float, wait: float, rate: float, rng: Rng) -> tuple[float, float]:
+    """A rate refusal's retry delay: the next free ``1/rate`` slot of the queue of refused clients.
+
+    Args:
+        queue_end: when the slots booked so far end (absolute time; 0.0: none booked).
+        now: the time of the refusal.
+        wait: seconds until the bucket has its next token.
+        rate: the bucket's tokens per second.
+        rng: jitter within the slot (None: its start).
+
+    Returns:
+        ``(retry_after, queue_end)``: the seconds to tell the client and the new end of
+        the queue.  A queue already `MAX_RETRY_AFTER` long is not extended: the
+        refusal is spread uniformly over ``[wait, MAX_RETRY_AFTER]`` instead.
+    """
+    start = max(queue_end, now + wait)
+    slot = 1.0 / rate
+    if start + slot - now > max(MAX_RETRY_AFTER, wait + slot):
+        return wait + (rng() * (MAX_RETRY_AFTER - wait) if rng is not None and MAX_RETRY_AFTER > wait else 0.0), queue_end
+    return start - now + (rng() * slot if rng is not None else 0.0), start + slot
+
+
+def ip_rate_retry(wait: float, ip_rate: float, rng: Rng) -> float:
+    """An ``ip_rate`` refusal's delay: the wait for the token, plus up to ``max(1, 1/ip_rate)`` s of jitter."""
+    return wait + rng() * max(1.0, 1.0 / ip_rate) if rng is not None else wait
+
+
+def cap_retry(rng: Rng) -> float:
+    """A connection-cap refusal's delay: uniform over (0, `CAP_RETRY_WINDOW`), i.e. 1..5 whole seconds (1.0 without rng)."""
+    return rng() * CAP_RETRY_WINDOW if rng is not None else 1.0
+
+
 class Admission:
     """Admission decisions for one process; see the module docstring.
 
     Call `admit(ip, now)` for each new connection; when it says admitted, call
     `release(ip)` exactly once when that connection closes.  Call `expire(now)`
-    now and then (the server's tick) to forget refilled buckets.
+    now and then (the server's tick) to forget refilled buckets.  `reconfigure`
+    applies new limits (a reload) and keeps the counts of open connections.
+
+    Args:
+        policy: the limits.
+        now: the time the buckets start full at.
+        rng: jitter for ``Retry-After`` (see the module docstring); None: none.
     """
 
-    def __init__(self, policy: AdmissionPolicy, now: float = 0.0):
-        self.policy = policy
+    def __init__(self, policy: AdmissionPolicy, now: float = 0.0, rng: Rng = None):
+        self.rng = rng
         self.open = 0
         self.per_ip: dict[str, int] = {}
-        self._bucket = TokenBucket(policy.rate, _burst(policy.rate, policy.burst), now) if policy.rate > 0 else None
-        self._ip_burst = _burst(policy.ip_rate, policy.ip_burst) if policy.ip_rate > 0 else 0.0
         self._ip_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._bucket: TokenBucket | None = None
+        #: when the slots booked by refused clients end (see `book_retry`)
+        self._queue_end = 0.0
         #: refusals so far, by reason
         self.refused: dict[str, int] = {}
+        self.reconfigure(policy, now)
+
+    def reconfigure(self, policy: AdmissionPolicy, now: float) -> None:
+        """New limits; open connections stay counted, buckets keep their tokens (capped at the new burst)."""
+        self.policy = policy
+        old = self._bucket
+        self._bucket = TokenBucket(policy.rate, _burst(policy.rate, policy.burst), now) if policy.rate > 0 else None
+        if old is not None and self._bucket is not None:
+            old._refill(now)
+            self._bucket.tokens = min(self._bucket.burst, old.tokens)
+        self._ip_burst = _burst(policy.ip_rate, policy.ip_burst) if policy.ip_rate > 0 else 0.0
+        for bucket in self._ip_buckets.values():
+            bucket._refill(now)
+            bucket.rate, bucket.burst = policy.ip_rate, self._ip_burst
+            bucket.tokens = min(bucket.tokens, bucket.burst)
+        if not self._ip_burst:
+            self._ip_buckets.clear()
+        while len(self._ip_buckets) > policy.table_size:
+            self._ip_buckets.popitem(last=False)
 
     def _refuse(self, reason: str, retry_after: float) -> Verdict:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -149,10 +238,10 @@ class Admission:
         """Admit or refuse one new connection from ``ip``; counts it when admitted."""
         policy = self.policy
         if policy.max_connections and self.open >= policy.max_connections:
-            return self._refuse("max_connections", 1.0)
+            return self._refuse("max_connections", cap_retry(self.rng))
         count = self.per_ip.get(ip, 0)
         if policy.max_connections_per_ip and count >= policy.max_connections_per_ip:
-            return self._refuse("max_connections_per_ip", 1.0)
+            return self._refuse("max_connections_per_ip", cap_retry(self.rng))
         ip_bucket = None
         if self._ip_burst:
             ip_bucket = self._ip_buckets.get(ip)
@@ -163,11 +252,12 @@ class Admission:
             wait = ip_bucket.wait(now)
             if wait:
                 self._remember(ip, ip_bucket)
-                return self._refuse("ip_rate", wait)
+                return self._refuse("ip_rate", ip_rate_retry(wait, policy.ip_rate, self.rng))
         if self._bucket is not None:
             wait = self._bucket.take(now)
             if wait:
-                return self._refuse("rate", wait)
+                retry, self._queue_end = book_retry(self._queue_end, now, wait, policy.rate, self.rng)
+                return self._refuse("rate", retry)
         if ip_bucket is not None:
             ip_bucket.tokens -= 1  # wait() said there is one
             self._remember(ip, ip_bucket)

@@ -37,6 +37,7 @@ from edgeproxy.core.heartbeat import Heartbeat
 from edgeproxy.core.timerwheel import TimerWheel
 from edgeproxy.errors import ConfigError
 from edgeproxy.core.admission import Admission, AdmissionPolicy
+from edgeproxy.core.shared_admission import SharedAdmission
 from edgeproxy.core.origin import OriginPolicy
 from edgeproxy.metrics import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Metrics
 from edgeproxy.routing import Router
@@ -48,6 +49,7 @@ from edgeproxy.transport.edge import ProxyProtocolListener, ServerTLS
 from edgeproxy.transport.heap import HeapTrimmer
 from edgeproxy.transport.loop import running_loop_name
 from edgeproxy.transport.resume import ResumeRegistry
+from edgeproxy.transport.shared_limits import SharedLimits
 from edgeproxy.transport.presence import make_presence
 from edgeproxy.transport.upstream import UpstreamGroup
 
@@ -98,8 +100,11 @@ class ProxyServer:
     calls (None: the endpoint answers 501).
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, shared_limits: SharedLimits | None = None):
         self.config = config
+        #: the admission table of the instance when this is one of its workers (None: this process alone)
+        self.shared_limits = shared_limits
+        self.admission: Admission | SharedAdmission | None = None
         self.router = Router(config.routes)
         high_water = config.limits.buffer_high_water
         self.groups = {u.name: UpstreamGroup(u, high_water=high_water) for u in config.upstreams}
@@ -528,14 +533,26 @@ class ProxyServer:
         self.tls: list[ServerTLS] = [ServerTLS(listener) for listener in config.listeners if listener.tls]
 
     def _init_admission(self, config: Config) -> None:
+        """Admission control for `config`: per instance (the shared table) with workers, else in process.
+
+        A reload reconfigures the one in place, so the open connections stay
+        counted (and are released into it when they close).
+        """
         limits = config.limits
         policy = AdmissionPolicy(
             max_connections=limits.max_connections, max_connections_per_ip=limits.max_connections_per_ip,
             rate=limits.connection_rate, burst=limits.connection_burst, ip_rate=limits.ip_connection_rate,
             ip_burst=limits.ip_connection_burst, table_size=limits.ip_table_size,
         )
-        #: None when no admission limit is configured (nothing is counted then)
-        self.admission: Admission | None = Admission(policy) if policy.enabled else None
+        now = self._loop.time() if self._loop is not None else 0.0
+        if self.admission is not None:
+            self.admission.reconfigure(policy, now)
+        elif not policy.enabled:
+            pass  # None: nothing is counted
+        elif self.shared_limits is not None:
+            self.admission = self.shared_limits.admission(policy, self.rng.random, now)
+        else:
+            self.admission = Admission(policy, now, rng=self.rng.random)
 
     def _tls_of(self, listener: ListenerConfig) -> ServerTLS | None:
         return next((t for t in self.tls if t.listener.bind == listener.bind), None)
