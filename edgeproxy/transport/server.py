@@ -37,6 +37,7 @@ from edgeproxy.core.heartbeat import Heartbeat
 from edgeproxy.core.timerwheel import TimerWheel
 from edgeproxy.errors import ConfigError
 from edgeproxy.core.admission import Admission, AdmissionPolicy
+from edgeproxy.core.ratelimit import ClientBuckets
 from edgeproxy.core.origin import OriginPolicy
 from edgeproxy.metrics import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Metrics
 from edgeproxy.routing import Router
@@ -73,6 +74,31 @@ def _tick_interval(config: Config) -> float:
 #: identifies a listener across reloads: its bind address, and which occurrence
 #: of it (several port-0 listeners on one host are allowed and distinct)
 ListenerKey = tuple[Address, int]
+
+
+def route_limits(
+    config: Config, old_routes: dict[int, Any], old: dict[int, ClientBuckets] | None = None
+) -> dict[int, ClientBuckets]:
+    """The rate-limit buckets of each limited route; a reload keeps those of a route whose limit is unchanged.
+
+    ``old_routes`` maps the previous routes' ids to the routes, ``old`` their buckets.
+    """
+    kept = {}
+    for route_id, buckets in (old or {}).items():
+        route = old_routes.get(route_id)
+        if route is not None:
+            kept[(route.host, route.path_prefix, route.rate_limit)] = buckets
+    table_size = config.limits.ip_table_size
+    out = {}
+    for route in config.routes:
+        limit = route.rate_limit
+        if limit is None:
+            continue
+        buckets = kept.get((route.host, route.path_prefix, limit))
+        if buckets is None or buckets.table_size != table_size:
+            buckets = ClientBuckets(limit.rate, limit.burst, table_size)
+        out[id(route)] = buckets
+    return out
 
 
 def listener_keys(listeners: tuple[ListenerConfig, ...]) -> list[ListenerKey]:
@@ -259,6 +285,8 @@ class ProxyServer:
                         conn.transport.abort()
         if self.admission is not None:
             self.admission.expire(now)
+        for buckets in self.route_limits.values():
+            buckets.expire(now)
         self.heap.tick(now)
         self._schedule_tick()
 
@@ -514,6 +542,8 @@ class ProxyServer:
         self._init_admission(config)
         #: per route (by identity): the compiled allowed_origins, for routes that have them
         self.origin_policies = {id(r): OriginPolicy(r.allowed_origins) for r in config.routes if r.allowed_origins}
+        #: per route (by identity): the per-client buckets of its rate_limit, for routes that have one
+        self.route_limits: dict[int, ClientBuckets] = route_limits(config, {})
         #: the TLS contexts of each TLS listener, in listener order
         self.tls: list[ServerTLS] = [ServerTLS(listener) for listener in config.listeners if listener.tls]
 
@@ -568,6 +598,7 @@ class ProxyServer:
         """
         changed = []
         self.origin_policies = {id(r): OriginPolicy(r.allowed_origins) for r in new.routes if r.allowed_origins}
+        self.route_limits = route_limits(new, {id(r): r for r in old.routes}, self.route_limits)
         if new.limits != old.limits:
             self._init_admission(new)
         kept = []
