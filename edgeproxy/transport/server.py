@@ -63,7 +63,7 @@ def _heartbeat_settings(config: Config) -> tuple:
 def _tick_interval(config: Config) -> float:
     """A quarter of the shortest timeout, between 50 ms and 1 s."""
     ws = config.websocket
-    timeouts = [config.http.header_timeout, config.http.keepalive_timeout, ws.handshake_timeout,
+    timeouts = [config.http.header_timeout, config.http.keepalive_timeout, config.http.body_timeout, ws.handshake_timeout,
                 ws.idle_timeout, ws.close_timeout, ws.ping_interval, ws.pong_timeout, ws.max_connection_age]
     for upstream in config.upstreams:
         timeouts += [upstream.read_timeout, upstream.pool_idle_timeout, upstream.connect_timeout]
