@@ -443,8 +443,10 @@ class ProxyServer:
         changed = self._reload_edge(old, config)
         changed += await self._reload_listeners(old, config, sockets or {})
         changed += self._reload_upstreams(old, config, now)
+        # Always the new route objects, changed or not: the per-route tables
+        # (origin policies, rate-limit buckets) are keyed by the new routes' identity.
+        self.router = Router(config.routes)
         if config.routes != old.routes:
-            self.router = Router(config.routes)
             changed.append("routes")
         for name in ("http", "websocket", "limits", "shutdown"):
             if getattr(config, name) != getattr(old, name):

@@ -290,6 +290,21 @@ async def test_route_rate_limit_is_per_client_address_with_429_and_retry_after(p
     assert len(p.server.route_limits[id(p.server.config.routes[0])]) == 2
 
 
+async def test_a_reload_keeps_the_buckets_of_an_unchanged_limit_and_applies_a_new_one(proxy, raw_backend):
+    from edgeproxy.config import parse_config
+
+    backend = await raw_backend(raw_backend.mini_http())
+    p = await proxy(backend, routes=[{"path_prefix": "/", "upstream": "app", "rate_limit": {"rate": 0.1, "burst": 1}}])
+    assert [await _request(p.port, "/") for _ in range(2)] == [(200, None), (429, "10")]
+    text = p.config_text.replace("[admin]", "[http]\nkeepalive_timeout = 30\n\n[admin]")
+    assert text != p.config_text
+    await p.server.reload(parse_config(text))
+    assert await _request(p.port, "/") == (429, "10")  # same limit: the spent bucket stays spent
+    await p.server.reload(parse_config(text.replace("rate = 0.1", "rate = 0.2")))
+    assert await _request(p.port, "/") == (200, None)  # a new limit starts with full buckets
+    assert p.server.metrics.limits == {"route_rate": 2}
+
+
 async def test_route_rate_limit_refuses_websocket_upgrades_too(ws_backend, proxy, ws_connect):
     from websockets.exceptions import InvalidStatus
 
@@ -305,6 +320,22 @@ async def test_route_rate_limit_refuses_websocket_upgrades_too(ws_backend, proxy
 
 
 # ------------------------------------------------------------------ a response body that stalls
+
+
+async def test_upstream_closing_mid_body_is_logged_and_counted(proxy, raw_backend, raw_conn, access_lines):
+    async def short(conn, reader, writer):
+        buf = bytearray()
+        await raw_backend.read_head(conn, reader, buf)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await writer.drain()
+
+    p = await proxy(await raw_backend(short))
+    c = await raw_conn(p.port)
+    await c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert (await _closed_short(c)).endswith(b"\r\n\r\n0123456789")
+    assert p.server.metrics.truncated == {"upstream_invalid": 1}
+    line = [x for x in access_lines if x["event"] == "http"][-1]
+    assert (line["status"], line["bytes"], line["error"]) == (200, 10, "upstream_invalid")
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
