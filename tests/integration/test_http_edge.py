@@ -53,6 +53,19 @@ async def _closed_short(c) -> bytes:
     return await c.read_all(timeout=5)
 
 
+def _answers(raw_backend, response: bytes, *, then_close: bool):
+    """A handler: read the request head, send ``response`` at once, then close or read on until the proxy leaves."""
+
+    async def handler(conn, reader, writer):
+        await raw_backend.read_head(conn, reader, bytearray())
+        writer.write(response)
+        await writer.drain()
+        while not then_close and await reader.read(65536):
+            pass
+
+    return handler
+
+
 # ------------------------------------------------------------------ max_body_size
 
 
@@ -113,16 +126,8 @@ async def test_a_route_overrides_the_http_limit(proxy, raw_backend, raw_conn):
 
 async def test_body_past_the_limit_after_the_response_began_cuts_it(proxy, raw_backend, raw_conn, access_lines):
     """The upstream answers before reading the body; the client keeps sending past the limit."""
-
-    async def early(conn, reader, writer):
-        buf = bytearray()
-        await raw_backend.read_head(conn, reader, buf)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nearly\r\n")
-        await writer.drain()
-        while await reader.read(65536):
-            pass
-
-    backend = await raw_backend(early)
+    early = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nearly\r\n"
+    backend = await raw_backend(_answers(raw_backend, early, then_close=False))
     p = await proxy(backend, http={"max_body_size": 100})
     c = await raw_conn(p.port)
     await c.send(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -323,13 +328,8 @@ async def test_route_rate_limit_refuses_websocket_upgrades_too(ws_backend, proxy
 
 
 async def test_upstream_closing_mid_body_is_logged_and_counted(proxy, raw_backend, raw_conn, access_lines):
-    async def short(conn, reader, writer):
-        buf = bytearray()
-        await raw_backend.read_head(conn, reader, buf)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
-        await writer.drain()
-
-    p = await proxy(await raw_backend(short))
+    short = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"
+    p = await proxy(await raw_backend(_answers(raw_backend, short, then_close=True)))
     c = await raw_conn(p.port)
     await c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert (await _closed_short(c)).endswith(b"\r\n\r\n0123456789")
@@ -344,15 +344,7 @@ async def test_response_body_stalled_for_read_timeout_is_cut_logged_and_counted(
 ):
     head = (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789" if framing == "length"
             else b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n")
-
-    async def stall(conn, reader, writer):
-        buf = bytearray()
-        await raw_backend.read_head(conn, reader, buf)
-        writer.write(head)
-        await writer.drain()
-        await reader.read(65536)  # then silence until the proxy goes away
-
-    backend = await raw_backend(stall)
+    backend = await raw_backend(_answers(raw_backend, head, then_close=False))  # then silence
     p = await proxy(backend, upstream={"read_timeout": 0.4})
     c = await raw_conn(p.port)
     t0 = time.monotonic()
