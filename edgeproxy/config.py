@@ -46,6 +46,13 @@ Value rules (see ``config.example.toml`` for every option with its default):
 * ``routes[].host`` is a hostname without port, optionally ``*.``-prefixed,
   normalized to lower case; ``routes[].path_prefix`` starts with ``/``.
   Routes are kept in file order (no sorting happens here);
+* ``http.max_body_size`` and ``routes[].max_body_size`` are sizes in bytes
+  (``0`` = unlimited; a route's value replaces the ``[http]`` one);
+  ``routes[].rate_limit`` is ``{ rate = <requests/s > 0>, burst = <int >= 1> }``
+  (burst defaults to ``ceil(rate)``) and is refused with ``workers`` above 1 or
+  ``"auto"``: the buckets are per process;
+* ``logging.access_log_fields`` is a list of distinct names from
+  ``ACCESS_LOG_FIELDS``, in the order the line shows them;
 * ``upstreams[].servers`` entries are address strings or tables
   ``{address, weight, drain}``; weights are integers 1..100;
 * ``[upstreams.affinity]`` and ``[upstreams.rebalance]`` are opt-in: the table's
@@ -109,6 +116,7 @@ __all__ = [
     "LimitsConfig",
     "ListenerConfig",
     "LoggingConfig",
+    "RateLimit",
     "RouteConfig",
     "SniCertificate",
     "UpstreamConfig",
@@ -254,6 +262,18 @@ class RouteConfig:
     resume_buffer_bytes: int | None = None
     #: Origin patterns allowed to open a WebSocket here (core.origin); () = any
     allowed_origins: tuple[str, ...] = ()
+    #: overrides ``[http] max_body_size`` for this route (0 = unlimited); None = the ``[http]`` value
+    max_body_size: int | None = None
+    #: requests per client address (429 past it); None = no limit
+    rate_limit: RateLimit | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A route's ``rate_limit = { rate, burst }``: a token bucket per client address."""
+
+    rate: float
+    burst: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +283,12 @@ class HttpConfig:
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
     max_header_size: int = 16384
+    #: largest request body in bytes (413 past it); 0 = unlimited
+    max_body_size: int = 0
+    #: seconds the client may leave between two reads of its request body (408); 0 = no limit
+    body_timeout: float = 60.0
+    #: pass a request id upstream as X-Request-Id (the client's, when valid) and log it
+    request_id: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +359,23 @@ class LoggingConfig:
     level: str = "info"
     format: str = "text"
     access_log: bool = True
+    #: the fields of each request's access-log line, in this order (from `ACCESS_LOG_FIELDS`)
+    access_log_fields: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.access_log_fields:
+            object.__setattr__(self, "access_log_fields", DEFAULT_ACCESS_LOG_FIELDS)
+
+
+#: every field a request's access-log line can have (`[logging] access_log_fields`)
+ACCESS_LOG_FIELDS = (
+    "event", "client", "method", "path", "host", "status", "bytes", "bytes_in", "duration",
+    "upstream", "server", "request_id", "error", "user_agent", "referer",
+)
+DEFAULT_ACCESS_LOG_FIELDS = (
+    "event", "client", "method", "path", "host", "status", "bytes", "duration", "upstream", "server",
+    "request_id", "error",
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -725,8 +768,12 @@ _HEALTH_CHECKS = ("none", "http", "tcp")
 #: RFC 6265 cookie-name: an RFC 9110 token.
 _COOKIE_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _MIN_SECRET = 16
-_ROUTE_KEYS = ("path_prefix", "host", "upstream", "resume", "resume_window", "resume_buffer_bytes", "allowed_origins")
-_HTTP_KEYS = ("header_timeout", "keepalive_timeout", "max_header_size")
+_ROUTE_KEYS = (
+    "path_prefix", "host", "upstream", "resume", "resume_window", "resume_buffer_bytes", "allowed_origins",
+    "max_body_size", "rate_limit",
+)
+_RATE_LIMIT_KEYS = ("rate", "burst")
+_HTTP_KEYS = ("header_timeout", "keepalive_timeout", "max_header_size", "max_body_size", "body_timeout", "request_id")
 _WEBSOCKET_KEYS = (
     "max_message_size", "handshake_timeout", "idle_timeout", "close_timeout",
     "ping_interval", "pong_timeout", "ping_upstream", "max_connection_age",
@@ -742,7 +789,7 @@ _LIMITS_KEYS = (
     "buffer_high_water", "max_connections", "max_connections_per_ip", "connection_rate", "connection_burst",
     "ip_connection_rate", "ip_connection_burst", "ip_table_size", "heap_trim_interval",
 )
-_LOGGING_KEYS = ("level", "format", "access_log")
+_LOGGING_KEYS = ("level", "format", "access_log", "access_log_fields")
 _ADMIN_KEYS = (
     "bind", "enabled", "api_key", "max_publish_size", "control_key", "control_bind", "control_socket_mode",
     "open_endpoints",
@@ -1188,9 +1235,48 @@ def _routes(v: _Validator, data: dict[str, Any], upstream_names: list[str] | Non
                 resume_window=v.number(item, path, "resume_window", None, above=0, what="seconds"),
                 resume_buffer_bytes=v.integer(item, path, "resume_buffer_bytes", None, _MIN_RESUME_BUFFER, "a size in bytes"),
                 allowed_origins=_allowed_origins(v, item, path),
+                max_body_size=v.integer(item, path, "max_body_size", None, 0, "a size in bytes, 0 = unlimited"),
+                rate_limit=_rate_limit(v, item, path),
             )
         )
     return tuple(routes)
+
+
+def _rate_limit(v: _Validator, item: dict[str, Any], path: str) -> RateLimit | None:
+    """``rate_limit = { rate = 10.0, burst = 20 }``: requests a second per client address; burst defaults to ceil(rate)."""
+    if "rate_limit" not in item:
+        return None
+    key = _join(path, "rate_limit")
+    table = item["rate_limit"]
+    if not isinstance(table, dict):
+        v.error(key, f"expected a table like {{ rate = 10.0, burst = 20 }}, got {_describe(table)}")
+        return None
+    v.unknown_keys(table, key, _RATE_LIMIT_KEYS)
+    if "rate" not in table:
+        v.error(_join(key, "rate"), "missing required key (requests per second per client address, a number > 0)")
+        return None
+    rate = v.number(table, key, "rate", 0.0, above=0, what="requests per second per client address")
+    if not rate:
+        return None
+    burst = v.integer(table, key, "burst", max(1, math.ceil(rate)), 1, "a request count")
+    return RateLimit(rate=rate, burst=burst)
+
+
+def _check_rate_limits_per_process(v: _Validator, data: dict[str, Any], config: Config) -> None:
+    """Route rate limits with several workers: refused, never a silent multiplication.
+
+    Each worker would keep its own buckets, so a client spread over N workers
+    (SO_REUSEPORT hashes connections, not clients) would get up to N times the
+    configured rate.  "auto" is refused too, as for hubs.
+    """
+    value = data.get("workers", 1)
+    if config.workers == 1 and value != "auto":
+        return
+    for index, route in enumerate(config.routes):
+        if route.rate_limit is not None:
+            v.error(f"routes[{index}].rate_limit", f"workers = {_describe(value)}: each worker would keep its own "
+                    "per-client buckets and a client could get up to that many times the rate; "
+                    "use workers = 1 with rate_limit, or drop rate_limit")
 
 
 def _check_resume(v: _Validator, data: dict[str, Any], websocket: WebSocketConfig) -> None:
@@ -1236,6 +1322,9 @@ def _http(v: _Validator, data: dict[str, Any]) -> HttpConfig:
         header_timeout=v.seconds(t, "http", "header_timeout", 10.0),
         keepalive_timeout=v.seconds(t, "http", "keepalive_timeout", 75.0),
         max_header_size=v.integer(t, "http", "max_header_size", 16384, 1024, "a size in bytes"),
+        max_body_size=v.integer(t, "http", "max_body_size", 0, 0, "a size in bytes, 0 = unlimited"),
+        body_timeout=v.seconds(t, "http", "body_timeout", 60.0),
+        request_id=v.boolean(t, "http", "request_id", True),
     ))
 
 
@@ -1309,7 +1398,29 @@ def _logging(v: _Validator, data: dict[str, Any]) -> LoggingConfig:
         level=v.choice(t, "logging", "level", "info", _LOG_LEVELS),
         format=v.choice(t, "logging", "format", "text", _LOG_FORMATS),
         access_log=v.boolean(t, "logging", "access_log", True),
+        access_log_fields=_access_log_fields(v, t),
     ))
+
+
+def _access_log_fields(v: _Validator, t: dict[str, Any]) -> tuple[str, ...]:
+    key = "logging.access_log_fields"
+    raw = t.get("access_log_fields", list(DEFAULT_ACCESS_LOG_FIELDS))
+    if not isinstance(raw, list) or not raw:
+        v.error(key, f'expected a non-empty list of field names like ["client", "status", "request_id"], got {_describe(raw)}')
+        return DEFAULT_ACCESS_LOG_FIELDS
+    out: list[str] = []
+    for index, name in enumerate(raw):
+        if not isinstance(name, str) or name not in ACCESS_LOG_FIELDS:
+            message = f"unknown access-log field {_describe(name)} (expected one of: {', '.join(ACCESS_LOG_FIELDS)})"
+            close = difflib.get_close_matches(name, ACCESS_LOG_FIELDS, n=1) if isinstance(name, str) else []
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+            v.error(f"{key}[{index}]", message)
+        elif name in out:
+            v.error(f"{key}[{index}]", f"field {name!r} is listed twice")
+        else:
+            out.append(name)
+    return tuple(out) or DEFAULT_ACCESS_LOG_FIELDS
 
 
 def _workers(v: _Validator, data: dict[str, Any]) -> int:
@@ -1609,6 +1720,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         version=hashlib.sha256(text.encode("utf-8")).hexdigest(),
     )
     _check_hubs_reach_every_worker(v, data, config)
+    _check_rate_limits_per_process(v, data, config)
     if v.problems:
         raise ConfigError(v.problems)
     return config

@@ -1,7 +1,9 @@
 """Logging set-up and the access log: one line per HTTP request and per WebSocket session.
 
 Lines go to stderr, as text (`key=value` pairs, easy to grep) or as JSON lines
-(orjson), chosen by `[logging] format`.
+(orjson), chosen by `[logging] format`.  A request's line has the fields
+`[logging] access_log_fields` names, in that order (`config.ACCESS_LOG_FIELDS`
+lists them); WebSocket close lines have a fixed set.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ def configure_logging(config: LoggingConfig) -> None:
     root.setLevel(config.level.upper())
     root.propagate = False
     access_logger.disabled = not config.access_log
+
+
+def access_enabled() -> bool:
+    """Whether access-log lines are written (so a caller can skip building them)."""
+    return access_logger.isEnabledFor(logging.INFO)
 
 
 def access(fields: dict) -> None:

@@ -102,7 +102,20 @@ LIMIT_REASONS = frozenset({
     "forbidden_origin",                                                # 403
     "max_pending_connects",                                            # 503, per upstream
     "rate_close", "rate_throttle",                                     # WebSocket message/byte rates
+    "route_rate", "max_body_size", "body_timeout",                     # HTTP requests: 429, 413, 408
 })
+
+#: why an HTTP response that had begun was cut (the client sees a reset, never a complete-looking body)
+TRUNCATION_REASONS = frozenset({
+    "upstream_timeout",  # the upstream's body stalled for read_timeout
+    "upstream_invalid",  # the upstream closed early or sent a broken body
+    "max_body_size",     # the client's (chunked) body passed the limit after the response began
+    "body_timeout",      # the client's body stalled for body_timeout after the response began
+    "client_invalid",    # the client's body framing broke after the response began
+})
+
+#: where a request's X-Request-Id came from (`core.http1.request_id`)
+REQUEST_ID_OUTCOMES = ("kept", "generated", "replaced")
 
 #: 1 s .. 24 h; dense from 4 to 20 minutes, where NAT and load-balancer idle
 #: timeouts sit (Azure LB 240 s, AWS NAT gateway 350 s, many CPEs 5-15 min).
@@ -223,6 +236,10 @@ class Metrics:
         self.heap_trim_seconds = 0.0
         #: limit reason -> times it stopped a connection, session or read (LIMIT_REASONS)
         self.limits: dict[str, int] = {}
+        #: truncation reason -> HTTP responses cut after they began (TRUNCATION_REASONS)
+        self.truncated: dict[str, int] = {}
+        #: X-Request-Id outcome -> requests (REQUEST_ID_OUTCOMES)
+        self.request_ids: dict[str, int] = dict.fromkeys(REQUEST_ID_OUTCOMES, 0)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         if process:
@@ -299,6 +316,15 @@ class Metrics:
             index = 0
         self.requests[index] += 1
         self.request_seconds[index].observe(seconds)
+
+    def response_truncated(self, reason: str) -> None:
+        """An HTTP response that had begun was cut (see `TRUNCATION_REASONS`)."""
+        key = reason if reason in TRUNCATION_REASONS else "other"
+        self.truncated[key] = self.truncated.get(key, 0) + 1
+
+    def request_id(self, outcome: str) -> None:
+        """A request's X-Request-Id was kept, generated or replaced."""
+        self.request_ids[outcome] += 1
 
     def heartbeat_failed(self) -> None:
         """A peer did not answer a ping in time."""
@@ -535,6 +561,20 @@ class _Collector:
             seconds.add_metric([label], histogram.cumulative(), histogram.total)
         yield requests
         yield seconds
+        truncated = CounterMetricFamily(
+            "edgeproxy_http_responses_truncated",
+            "HTTP responses cut after they began (the client sees a reset), by reason", labels=["reason"],
+        )
+        for reason, n in sorted(m.truncated.items()):
+            truncated.add_metric([reason], n)
+        yield truncated
+        ids = CounterMetricFamily(
+            "edgeproxy_http_request_ids", "X-Request-Id of HTTP requests: kept, generated (none sent) or replaced (malformed)",
+            labels=["outcome"],
+        )
+        for outcome, n in m.request_ids.items():
+            ids.add_metric([outcome], n)
+        yield ids
 
     @staticmethod
     def _fanout(m: Metrics) -> Iterator[Any]:

@@ -1008,3 +1008,57 @@ def test_control_bind_per_worker() -> None:
     assert [worker_config(unix, i).admin.control_bind for i in range(3)] == ["/run/e/c.sock", "/run/e/c.sock.1", "/run/e/c.sock.2"]
     assert [worker_config(tcp, i).admin.control_bind.port for i in range(3)] == [9950, 9951, 9952]
     assert [worker_config(tcp, i).admin.bind.port for i in range(3)] == [9901, 9902, 9903]
+
+
+# --------------------------------------------------------------------------- #
+# HTTP edge settings: body limits, request ids, access-log fields, route rate limits
+# --------------------------------------------------------------------------- #
+
+
+def test_http_edge_settings_parse() -> None:
+    config = parse_config(MINIMAL.replace('upstream = "app"', 'upstream = "app"\nmax_body_size = 0\nrate_limit = { rate = 2.5 }')
+                          + '[http]\nmax_body_size = 1048576\nbody_timeout = 5\nrequest_id = false\n'
+                          + '[logging]\naccess_log_fields = ["status", "client"]\n')
+    assert (config.http.max_body_size, config.http.body_timeout, config.http.request_id) == (1048576, 5.0, False)
+    route = config.routes[0]
+    assert route.max_body_size == 0 and route.rate_limit == cfgmod.RateLimit(rate=2.5, burst=3)
+    assert config.logging.access_log_fields == ("status", "client")
+    defaults = parse_config(MINIMAL)
+    assert defaults.routes[0].max_body_size is None and defaults.routes[0].rate_limit is None
+    assert defaults.logging.access_log_fields == cfgmod.DEFAULT_ACCESS_LOG_FIELDS
+
+
+@pytest.mark.parametrize("value, key, fragment", [
+    ("5", "routes[0].rate_limit", "expected a table like { rate = 10.0, burst = 20 }"),
+    ("{ burst = 3 }", "routes[0].rate_limit.rate", "missing required key"),
+    ("{ rate = 0 }", "routes[0].rate_limit.rate", "a number > 0"),
+    ("{ rate = 1, burst = 0 }", "routes[0].rate_limit.burst", "an integer >= 1"),
+    ("{ rate = 1, bursts = 2 }", "routes[0].rate_limit.bursts", "did you mean 'burst'?"),
+])
+def test_rate_limit_problems(value: str, key: str, fragment: str) -> None:
+    got_key, message = only_problem(MINIMAL.replace('upstream = "app"', f'upstream = "app"\nrate_limit = {value}'))
+    assert got_key == key and fragment in message
+
+
+@pytest.mark.parametrize("workers", ["2", '"auto"'])
+def test_rate_limit_is_refused_with_several_workers(workers: str) -> None:
+    text = f"workers = {workers}\n" + MINIMAL.replace('upstream = "app"', 'upstream = "app"\nrate_limit = { rate = 5 }')
+    key, message = only_problem(text)
+    assert key == "routes[0].rate_limit" and "each worker would keep its own" in message
+
+
+@pytest.mark.parametrize("fields, key, fragment", [
+    ('["status", "reqid"]', "logging.access_log_fields[1]", "did you mean 'request_id'?"),
+    ('["status", "status"]', "logging.access_log_fields[1]", "listed twice"),
+    ("[]", "logging.access_log_fields", "a non-empty list"),
+    ('"status"', "logging.access_log_fields", "a non-empty list"),
+])
+def test_access_log_fields_problems(fields: str, key: str, fragment: str) -> None:
+    got_key, message = only_problem(MINIMAL + f"[logging]\naccess_log_fields = {fields}\n")
+    assert got_key == key and fragment in message
+
+
+def test_body_size_problems() -> None:
+    assert keys_of(MINIMAL.replace('upstream = "app"', 'upstream = "app"\nmax_body_size = -1')
+                   + "[http]\nmax_body_size = 1.5\nbody_timeout = -1\n") == [
+        "routes[0].max_body_size", "http.max_body_size", "http.body_timeout"]

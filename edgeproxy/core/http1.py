@@ -29,6 +29,10 @@ add what h11 leaves to the application:
   `1*HEXDIG`), which h11 caps at 20 digits.  `ChunkSizeLines` strips them from
   each size line before h11 reads it, and refuses sizes that do not fit in 63
   bits.
+* **Every request carries an id** (`X-Request-Id`, as Envoy's and nginx's
+  `$request_id`): the client's own when it is a plain token (`valid_request_id`),
+  else one the transport draws at random; the upstream and the access log get
+  the same id, and a malformed value reaches neither.
 * **Errors carry their remedy**: every refusal is a `RemoteProtocolError` with the
   HTTP status to answer.
 * **The WebSocket handshake skips h11's event machinery.**  Building and
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import h11
@@ -70,6 +75,7 @@ REASONS = {
     408: b"Request Timeout",
     413: b"Content Too Large",
     426: b"Upgrade Required",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     501: b"Not Implemented",
@@ -243,15 +249,49 @@ def _split_host(host: bytes) -> str:
     return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
 
 
+#: an X-Request-Id kept as the client sent it: 1 to 128 letters, digits and ``- _ . : + / =``
+#: (UUIDs, hex, base64, ULIDs and "trace:span" forms; nothing a log line must escape)
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}")
+KEPT, GENERATED, REPLACED = "kept", "generated", "replaced"
+
+
+def valid_request_id(value: bytes) -> bool:
+    """Whether a client's X-Request-Id is passed on as it is (see `_REQUEST_ID`)."""
+    return _REQUEST_ID.fullmatch(value) is not None
+
+
+def request_id(head: RequestHead, fresh: Callable[[], str]) -> tuple[str, str]:
+    """The request's id and where it came from: `KEPT`, `GENERATED` (none sent) or `REPLACED`.
+
+    Several X-Request-Id headers count as one malformed value (joined, they hold
+    ", "). ``fresh`` draws a new id (the transport's randomness).
+    """
+    sent = header_value(head.headers, b"x-request-id")
+    if sent is None:
+        return fresh(), GENERATED
+    if valid_request_id(sent):
+        return sent.decode("ascii"), KEPT
+    return fresh(), REPLACED
+
+
+def content_length(head: RequestHead) -> int | None:
+    """The request's Content-Length (h11 already checked it: digits, equal if repeated), None without one."""
+    value = head.header(b"content-length")
+    if value is None:
+        return None
+    return int(value.split(b",", 1)[0].strip() or b"0")
+
+
 def forwarded_request_headers(
-    head: RequestHead, *, client_ip: str, scheme: str = "http"
+    head: RequestHead, *, client_ip: str, scheme: str = "http", request_id: str | None = None
 ) -> Headers:
     """Headers to send upstream: hop-by-hop stripped, X-Forwarded-* added, Host kept.
 
     For a WebSocket upgrade the `Connection: Upgrade` and `Upgrade: websocket`
     pair is put back, since those are hop-by-hop but must reach the upstream.
     With an absolute-form target the upstream gets the target's authority as
-    Host, the host the request was routed on (RFC 9112 section 3.2.2).
+    Host, the host the request was routed on (RFC 9112 section 3.2.2).  With a
+    ``request_id`` every X-Request-Id the client sent is replaced by that one.
     """
     headers = strip_hop_by_hop(head.headers)
     out: Headers = []
@@ -269,7 +309,11 @@ def forwarded_request_headers(
             continue
         if lname in (b"x-forwarded-proto", b"x-forwarded-host"):
             continue
+        if lname == b"x-request-id" and request_id is not None:
+            continue
         out.append((name, value))
+    if request_id is not None:
+        out.append((b"X-Request-Id", request_id.encode("ascii")))
     ip = client_ip.encode("ascii")
     out.append((b"X-Forwarded-For", xff + b", " + ip if xff else ip))
     out.append((b"X-Forwarded-Proto", scheme.encode("ascii")))

@@ -78,6 +78,7 @@ class _Exchange:
         "head", "route", "group", "upstream", "pending", "pending_bytes", "request_done",
         "status", "bytes_out", "started", "websocket_key", "deadline", "task", "retried",
         "connect_deadline", "connect_timed_out", "choice", "resume",
+        "max_body", "body_bytes", "body_active", "body_deadline",
     )
 
     def __init__(self, head: RequestHead, route: RouteConfig, group, started: float):
@@ -102,6 +103,12 @@ class _Exchange:
         self.choice = None
         #: the client's resume offer (`core.resume.Offer`) when it asked for a resumable session
         self.resume = None
+        #: the largest request body allowed (0 = unlimited) and the bytes read so far
+        self.max_body = 0
+        self.body_bytes = 0
+        #: set on every body read; the timer check turns it into `body_deadline` (0 = none)
+        self.body_active = False
+        self.body_deadline = 0.0
 
 
 class ClientConnection(asyncio.Protocol):
@@ -122,7 +129,7 @@ class ClientConnection(asyncio.Protocol):
         "_real_peer", "_admitted_ip", "_refused", "_meters", "_throttled",
         "_paused", "_deadline", "_deadline_kind", "_ws_started", "_ws_route", "_ws_target", "_ws_group",
         "_lingering", "_metrics_key", "_opened_at", "_client_ping", "_upstream_ping", "_admitted_elsewhere",
-        "_timer",
+        "_timer", "request_id",
     )
 
     def __init__(self, server: ProxyServer, listener=None, real_peer=None, admitted_elsewhere: bool = False):
@@ -161,6 +168,8 @@ class ClientConnection(asyncio.Protocol):
         self._upstream_ping: bytes | None = None
         #: this connection's entry on the server's timer wheel (None: never scheduled)
         self._timer = None
+        #: the current request's id (X-Request-Id), kept after an upgrade for the ws_close line
+        self.request_id = "-"
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -379,9 +388,7 @@ class ClientConnection(asyncio.Protocol):
             except RemoteProtocolError as exc:
                 if self.exchange is not None and self.exchange.status:
                     # The response is under way: nothing sane can be sent now.
-                    self._drop_exchange(abort_upstream=True)
-                    self.transport.abort()
-                    self.closed = True
+                    self._cut_response(self.exchange, "client_invalid")
                     return
                 self._fail_request(exc.status_hint, f"bad request: {exc}")
                 return
@@ -408,6 +415,9 @@ class ClientConnection(asyncio.Protocol):
                 server.hubs[head.path[: -len(SSE_SUFFIX)]].take_over_sse(self, head)  # transport/hub_sse.py
                 return
         now = server.now()
+        if server.config.http.request_id:
+            self.request_id, outcome = http1.request_id(head, _new_request_id)
+            server.metrics.request_id(outcome)
         if head.path == resume.CLIENT_JS_PATH and resume.serve_client_js(self, head):
             return
         route = server.router.match(head.host, head.path)
@@ -416,10 +426,13 @@ class ClientConnection(asyncio.Protocol):
                 server.metrics.connection_refused(WEBSOCKET, "no_route")
             self._answer_locally(head, 404, f"no route for host {head.host!r} and path {head.path!r}")
             return
-        if self._origin_refused(head, route):
+        if self._rate_refused(head, route, now) or self._origin_refused(head, route) or self._too_large(head, route):
             return
         exchange = _Exchange(head, route, server.groups[route.upstream], now)
         self.exchange = exchange
+        exchange.max_body = self._max_body(route)
+        if head.has_body and server.config.http.body_timeout:
+            exchange.body_deadline = now + server.config.http.body_timeout
         if head.websocket:
             try:
                 exchange.websocket_key = validate_client_handshake(head)
@@ -438,10 +451,15 @@ class ClientConnection(asyncio.Protocol):
         exchange.task = server.loop.create_task(self._connect(exchange))
         self._rearm(exchange.started)
 
-    def _answer_locally(self, head: RequestHead, status: int, message: str) -> None:
-        """An error answered by the proxy itself; keeps the connection if it can."""
+    def _answer_locally(self, head: RequestHead, status: int, message: str, extra_headers: list = ()) -> None:
+        """An error answered by the proxy itself; keeps the connection if it can.
+
+        With a body still to come the answer says `Connection: close` and the
+        connection closes (lingering): the unread body must not be parsed as the
+        next request.
+        """
         if head.has_body:
-            self._write(http1.error_response(status, message))
+            self._write(http1.error_response(status, message, extra_headers=list(extra_headers)))
             self._log_http(head, status, 0, self.server.now())
             self._linger_close()
             return
@@ -449,13 +467,20 @@ class ClientConnection(asyncio.Protocol):
         if not isinstance(event, EndOfMessage):  # pragma: no cover - h11 yields it at once
             self._close()
             return
-        self._write(self.http.send_simple(status, message))
+        self._write(self.http.send_simple(status, message, extra_headers))
         self._log_http(head, status, 0, self.server.now())
         self._end_cycle()
 
     def _on_body(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange is None:
+            return
+        exchange.body_active = True
+        exchange.body_bytes += len(data)
+        if exchange.max_body and exchange.body_bytes > exchange.max_body:
+            # A chunked body (a Content-Length was judged at the head): whatever
+            # reached the upstream stays an unfinished request, its connection is reset.
+            self._client_failed(exchange, 413, f"request body over the limit of {exchange.max_body} bytes", "max_body_size")
             return
         up = exchange.upstream
         if up is not None:
@@ -477,6 +502,58 @@ class ClientConnection(asyncio.Protocol):
         if up is not None and not up.closed:
             up.write(up.http.send_end())
             self._arm_read_deadline(exchange)
+
+    # -- HTTP mode: limits on the client's requests ------------------------------
+
+    def _rate_refused(self, head: RequestHead, route: RouteConfig, now: float) -> bool:
+        """429 with Retry-After for a client over its route's ``rate_limit``."""
+        buckets = self.server.route_limits.get(id(route))
+        if buckets is None:
+            return False
+        wait = buckets.take(self.client_ip, now)
+        if not wait:
+            return False
+        self.server.metrics.limit_refused("route_rate")
+        if head.websocket:
+            self.server.metrics.connection_refused(WEBSOCKET, "overloaded")
+        self._answer_locally(head, 429, "too many requests from this address, retry later",
+                             [(b"Retry-After", retry_after_header(wait))])
+        return True
+
+    def _max_body(self, route: RouteConfig) -> int:
+        return route.max_body_size if route.max_body_size is not None else self.server.config.http.max_body_size
+
+    def _too_large(self, head: RequestHead, route: RouteConfig) -> bool:
+        """413 for a Content-Length over the limit, before anything is forwarded (nginx's client_max_body_size)."""
+        limit = self._max_body(route)
+        length = http1.content_length(head) if limit else None
+        if length is None or length <= limit:
+            return False
+        self.server.metrics.limit_refused("max_body_size")
+        self._answer_locally(head, 413, f"request body of {length} bytes is over the limit of {limit} bytes")
+        return True
+
+    def _client_failed(self, exchange: _Exchange, status: int, message: str, reason: str) -> None:
+        """The client's body broke a limit: ``status`` if no response began, else the response is cut."""
+        self.server.metrics.limit_refused(reason)
+        if exchange.status:
+            self._cut_response(exchange, reason)
+        else:
+            self._fail_request(status, message)
+
+    def _cut_response(self, exchange: _Exchange, reason: str) -> None:
+        """End a response that has begun: nothing sane can follow, so both connections are reset.
+
+        The client sees the connection end without the last chunk or short of its
+        Content-Length, never a complete-looking body; the line is logged and counted.
+        """
+        self.server.metrics.response_truncated(reason)
+        self._log_http(exchange.head, exchange.status, exchange.bytes_out, self.server.now(), exchange.upstream,
+                       error=reason)
+        self._drop_exchange(abort_upstream=True)
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
 
     def _arm_read_deadline(self, exchange: _Exchange) -> None:
         group_cfg = exchange.group.config
@@ -545,7 +622,8 @@ class ClientConnection(asyncio.Protocol):
         conn.owner = self
         head = exchange.head
         headers = http1.forwarded_request_headers(
-            head, client_ip=self.client_ip, scheme="https" if self.listener is not None and self.listener.tls else "http"
+            head, client_ip=self.client_ip, scheme="https" if self.listener is not None and self.listener.tls else "http",
+            request_id=self.request_id if self.server.config.http.request_id else None,
         )
         out = conn.http.send_request(head, headers)
         for chunk in exchange.pending:
@@ -573,9 +651,7 @@ class ClientConnection(asyncio.Protocol):
             self.server.metrics.connection_failed(WEBSOCKET, reason)
         if exchange.status:
             # Part of the response is already out: the client must see a broken response.
-            self._drop_exchange(abort_upstream=True)
-            self.transport.abort()
-            self.closed = True
+            self._cut_response(exchange, reason)
             return
         if exchange.request_done:
             self._write(self.http.send_simple(status, message, extra_headers))
@@ -933,6 +1009,7 @@ class ClientConnection(asyncio.Protocol):
             "event": "ws_close",
             "client": self.client_ip,
             "path": self._ws_target.decode("latin-1"),
+            "request_id": self.request_id,
             "upstream": self._ws_route,
             "server": str(self.upstream.server),
             "client_close": relay.client_close[0] if relay.client_close else None,
@@ -990,6 +1067,14 @@ class ClientConnection(asyncio.Protocol):
             return
         exchange = self.exchange
         if exchange is not None:
+            if exchange.body_deadline and not exchange.request_done:
+                if exchange.body_active or self._paused:
+                    # read from since the last check, or not read at all (backpressure): not the client's stall
+                    exchange.body_active = False
+                    exchange.body_deadline = now + self.server.config.http.body_timeout
+                elif now >= exchange.body_deadline:
+                    self._client_failed(exchange, 408, "request body not received in time", "body_timeout")
+                    return
             if exchange.connect_deadline and now >= exchange.connect_deadline and not exchange.connect_timed_out:
                 exchange.connect_timed_out = True
                 exchange.task.cancel()
@@ -998,7 +1083,12 @@ class ClientConnection(asyncio.Protocol):
                 up.active = False
                 self._arm_read_deadline(exchange)
             elif exchange.deadline and now >= exchange.deadline:
-                what = "WebSocket handshake" if exchange.head.websocket else "response"
+                if exchange.head.websocket:
+                    what = "WebSocket handshake"
+                elif exchange.status:
+                    what = f"more of the response body after {exchange.bytes_out} bytes"
+                else:
+                    what = "response"
                 log.warning("upstream %s: no %s within the timeout", exchange.group.config.name, what)
                 self._upstream_failed(exchange, 504, f"upstream timed out ({what})", "upstream_timeout")
             return
@@ -1022,11 +1112,15 @@ class ClientConnection(asyncio.Protocol):
 
     # -- logging -----------------------------------------------------------------
 
-    def _log_http(self, head, status, bytes_out, now, conn=None, event="http") -> None:
+    def _log_http(self, head, status, bytes_out, now, conn=None, event="http", error=None) -> None:
+        """Count the request and write its access-log line (the fields `[logging] access_log_fields` names)."""
         exchange = self.exchange
         started = exchange.started if exchange is not None else now
         if event == "http":
             self.server.metrics.request_done(status, now - started)
+        if not logs.access_enabled():
+            return
+        selected = self.server.config.logging.access_log_fields
         fields = {
             "event": event,
             "client": self.client_ip,
@@ -1035,13 +1129,50 @@ class ClientConnection(asyncio.Protocol):
             "host": head.host if head else "-",
             "status": status,
             "bytes": bytes_out,
+            "bytes_in": exchange.body_bytes if exchange is not None else 0,
             "duration": round(now - started, 4),
             "upstream": exchange.route.upstream if exchange is not None else "-",
             "server": str(conn.server) if conn is not None else "-",
+            "request_id": self.request_id,
+            "error": error or "-",
         }
-        logs.access(fields)
+        for name, header in (("user_agent", b"user-agent"), ("referer", b"referer")):
+            if name in selected:
+                value = head.header(header) if head else None
+                fields[name] = value.decode("latin-1") if value is not None else "-"
+        logs.access({name: fields[name] for name in selected})
 
 
 def _mask_key() -> bytes:
     return os.urandom(4)
+
+
+class _RequestIds:
+    """New request ids: 32 hex digits (128 random bits, as nginx's ``$request_id``).
+
+    Drawn from os.urandom 256 at a time (one system call per 256 requests);
+    a forked worker starts with a fresh batch, so no two processes share ids.
+    """
+
+    __slots__ = ("_hex", "_pos")
+    BATCH = 256
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._hex = ""
+        self._pos = 0
+
+    def __call__(self) -> str:
+        pos = self._pos
+        if pos >= len(self._hex):
+            self._hex = os.urandom(16 * self.BATCH).hex()
+            pos = 0
+        self._pos = pos + 32
+        return self._hex[pos:pos + 32]
+
+
+_new_request_id = _RequestIds()
+os.register_at_fork(after_in_child=_new_request_id.reset)
 

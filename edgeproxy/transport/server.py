@@ -38,6 +38,7 @@ from edgeproxy.core.timerwheel import TimerWheel
 from edgeproxy.errors import ConfigError
 from edgeproxy.core.admission import Admission, AdmissionPolicy
 from edgeproxy.core.shared_admission import SharedAdmission
+from edgeproxy.core.ratelimit import ClientBuckets
 from edgeproxy.core.origin import OriginPolicy
 from edgeproxy.metrics import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, Metrics
 from edgeproxy.routing import Router
@@ -64,7 +65,7 @@ def _heartbeat_settings(config: Config) -> tuple:
 def _tick_interval(config: Config) -> float:
     """A quarter of the shortest timeout, between 50 ms and 1 s."""
     ws = config.websocket
-    timeouts = [config.http.header_timeout, config.http.keepalive_timeout, ws.handshake_timeout,
+    timeouts = [config.http.header_timeout, config.http.keepalive_timeout, config.http.body_timeout, ws.handshake_timeout,
                 ws.idle_timeout, ws.close_timeout, ws.ping_interval, ws.pong_timeout, ws.max_connection_age]
     for upstream in config.upstreams:
         timeouts += [upstream.read_timeout, upstream.pool_idle_timeout, upstream.connect_timeout]
@@ -75,6 +76,31 @@ def _tick_interval(config: Config) -> float:
 #: identifies a listener across reloads: its bind address, and which occurrence
 #: of it (several port-0 listeners on one host are allowed and distinct)
 ListenerKey = tuple[Address, int]
+
+
+def route_limits(
+    config: Config, old_routes: dict[int, Any], old: dict[int, ClientBuckets] | None = None
+) -> dict[int, ClientBuckets]:
+    """The rate-limit buckets of each limited route; a reload keeps those of a route whose limit is unchanged.
+
+    ``old_routes`` maps the previous routes' ids to the routes, ``old`` their buckets.
+    """
+    kept = {}
+    for route_id, buckets in (old or {}).items():
+        route = old_routes.get(route_id)
+        if route is not None:
+            kept[(route.host, route.path_prefix, route.rate_limit)] = buckets
+    table_size = config.limits.ip_table_size
+    out = {}
+    for route in config.routes:
+        limit = route.rate_limit
+        if limit is None:
+            continue
+        buckets = kept.get((route.host, route.path_prefix, limit))
+        if buckets is None or buckets.table_size != table_size:
+            buckets = ClientBuckets(limit.rate, limit.burst, table_size)
+        out[id(route)] = buckets
+    return out
 
 
 def listener_keys(listeners: tuple[ListenerConfig, ...]) -> list[ListenerKey]:
@@ -274,6 +300,8 @@ class ProxyServer:
                         conn.transport.abort()
         if self.admission is not None:
             self.admission.expire(now)
+        for buckets in self.route_limits.values():
+            buckets.expire(now)
         self.heap.tick(now)
         self._schedule_tick()
 
@@ -430,8 +458,10 @@ class ProxyServer:
         changed = self._reload_edge(old, config)
         changed += await self._reload_listeners(old, config, sockets or {})
         changed += self._reload_upstreams(old, config, now)
+        # Always the new route objects, changed or not: the per-route tables
+        # (origin policies, rate-limit buckets) are keyed by the new routes' identity.
+        self.router = Router(config.routes)
         if config.routes != old.routes:
-            self.router = Router(config.routes)
             changed.append("routes")
         for name in ("http", "websocket", "limits", "shutdown"):
             if getattr(config, name) != getattr(old, name):
@@ -529,6 +559,8 @@ class ProxyServer:
         self._init_admission(config)
         #: per route (by identity): the compiled allowed_origins, for routes that have them
         self.origin_policies = {id(r): OriginPolicy(r.allowed_origins) for r in config.routes if r.allowed_origins}
+        #: per route (by identity): the per-client buckets of its rate_limit, for routes that have one
+        self.route_limits: dict[int, ClientBuckets] = route_limits(config, {})
         #: the TLS contexts of each TLS listener, in listener order
         self.tls: list[ServerTLS] = [ServerTLS(listener) for listener in config.listeners if listener.tls]
 
@@ -595,6 +627,7 @@ class ProxyServer:
         """
         changed = []
         self.origin_policies = {id(r): OriginPolicy(r.allowed_origins) for r in new.routes if r.allowed_origins}
+        self.route_limits = route_limits(new, {id(r): r for r in old.routes}, self.route_limits)
         if new.limits != old.limits:
             self._init_admission(new)
         kept = []

@@ -719,3 +719,50 @@ def test_a_forwarded_request_parses_in_h11_as_the_proxy_parsed_it(request, split
     # The upstream reads the host the proxy routed on.
     upstream_host = next(bytes(v) for n, v in seen.headers.raw_items() if bytes(n).lower() == b"host")
     assert http1.valid_host(upstream_host) and http1._split_host(upstream_host) == head.host
+
+
+# -- X-Request-Id and Content-Length (the transport passes randomness in) --------
+
+
+def _head(extra: bytes = b"") -> RequestHead:
+    return drain(ServerSide(), [b"POST / HTTP/1.1\r\nHost: a\r\n" + extra + b"\r\n"])[0]
+
+
+@pytest.mark.parametrize("value, valid", [
+    (b"f81d4fae-7dec-11d0-a765-00a0c91e6bf6", True),
+    (b"0" * 128, True),
+    (b"a:b+c/d=e_f.g-h", True),
+    (b"0" * 129, False),
+    (b"", False),
+    (b"a b", False),
+    (b"a,b", False),
+    (b"caf\xc3\xa9", False),
+    (b"<script>", False),
+    (b'a"b', False),
+])
+def test_valid_request_id(value, valid):
+    assert http1.valid_request_id(value) is valid
+
+
+def test_request_id_kept_generated_or_replaced():
+    fresh = iter(["new1", "new2", "new3"]).__next__
+    assert http1.request_id(_head(b"X-Request-Id: abc-123\r\n"), fresh) == ("abc-123", http1.KEPT)
+    assert http1.request_id(_head(), fresh) == ("new1", http1.GENERATED)
+    assert http1.request_id(_head(b"X-Request-Id: a b\r\n"), fresh) == ("new2", http1.REPLACED)
+    # two headers, each valid alone: ambiguous, so replaced
+    assert http1.request_id(_head(b"X-Request-Id: a\r\nx-request-id: b\r\n"), fresh) == ("new3", http1.REPLACED)
+
+
+def test_forwarded_request_headers_carry_exactly_one_request_id():
+    head = _head(b"X-Request-Id: a\r\nX-Request-Id: b b\r\n")
+    headers = http1.forwarded_request_headers(head, client_ip="127.0.0.1", request_id="0123abcd")
+    assert [v for n, v in headers if n.lower() == b"x-request-id"] == [b"0123abcd"]
+    untouched = http1.forwarded_request_headers(head, client_ip="127.0.0.1")
+    assert [v for n, v in untouched if n.lower() == b"x-request-id"] == [b"a", b"b b"]
+
+
+def test_content_length_of_a_request():
+    assert http1.content_length(_head(b"Content-Length: 42\r\n")) == 42
+    assert http1.content_length(_head(b"Content-Length: 0\r\n")) == 0
+    assert http1.content_length(_head(b"Transfer-Encoding: chunked\r\n")) is None
+    assert http1.content_length(_head()) is None

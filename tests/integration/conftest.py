@@ -65,6 +65,12 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interv
     return predicate()
 
 
+@pytest.fixture
+def until() -> Callable[..., Awaitable[bool]]:
+    """``await until(predicate, timeout=5.0)``: `wait_until` for the test modules."""
+    return wait_until
+
+
 async def scrape(p: Any) -> dict[tuple[str, frozenset], float]:
     """Every sample of the proxy's /metrics, read from its admin listener: {(name, labels): value}."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -234,3 +234,15 @@ async def test_a_reload_that_adds_allowed_origins_enforces_them(ws_backend, prox
     ws = await ws_connect(p.ws_url("/echo"), origin="https://app.example.com")
     await ws.send("ok")
     assert await ws.recv() == "ok"
+
+
+async def test_allowed_origins_still_hold_after_a_reload_that_leaves_the_routes_alone(ws_backend, proxy, ws_connect):
+    """The origin policies are keyed by the new routes: the router must route to those, changed or not."""
+    from edgeproxy.config import parse_config
+
+    p = await proxy(ws_backend, routes=[{"path_prefix": "/", "upstream": "app", "allowed_origins": ["https://app.example.com"]}])
+    text = p.config_text.replace("[admin]", "[http]\nkeepalive_timeout = 30\n\n[admin]")
+    assert "routes" not in (await p.server.reload(parse_config(text)))["changed"]
+    with pytest.raises(InvalidStatus) as info:
+        await ws_connect(p.ws_url("/echo"), origin="https://evil.test")
+    assert info.value.response.status_code == 403
