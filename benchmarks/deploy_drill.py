@@ -285,6 +285,13 @@ class _Side(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        peer = self.peer
+        if not self.client and peer is not None:  # what the client sent while we connected, in order
+            for data in peer.early:
+                transport.write(data)
+            peer.early.clear()
+            if peer.got_eof:
+                transport.write_eof()
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
@@ -406,10 +413,6 @@ class Balancer:
             return
         if front.transport is None or front.transport.is_closing():
             back.transport.close()
-            return
-        for data in front.early:
-            back.transport.write(data)
-        front.early.clear()
 
     def peak_rate(self, name: str, since: float, window: float = 1.0) -> float:
         """The most connections `name` got in any `window` seconds after `since`, per second."""
@@ -477,8 +480,16 @@ class Session:
         self.streams: dict[int, list[int]] = defaultdict(list)
         self._task: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        await self.ws.connect()
+    async def start(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:  # the first connect may be refused by admission control: try again, as a client would
+            try:
+                await self.ws.connect()
+                break
+            except (OSError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(self.ws.backoff.next_delay())
         self._task = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
@@ -654,7 +665,7 @@ async def run_drill(size: Size, *, kill: bool = False, redis_url: str = "redis:/
         hub_url = f"ws://127.0.0.1:{balancer.port}/hub"
         subscribers = [Subscriber(hub_url, channels[i % len(channels)]) for i in range(size.clients)]
         sessions = [Session(f"ws://127.0.0.1:{balancer.port}/stream") for _ in range(size.sessions)]
-        await _gather_bounded([s.start() for s in subscribers] + [s.start() for s in sessions])
+        await _gather_bounded([s.start() for s in subscribers] + [s.start() for s in sessions], 100)
         if await _wait(lambda: all(s.subscribed for s in subscribers), 30) is None:
             raise RuntimeError("not every subscriber got subscribed")
         log(f"drill {prefix}: {len(instances)} instances, {size.clients} subscribers, {size.sessions} sessions up "
