@@ -113,6 +113,9 @@ class HubClient:
         self.connects = 0
         #: duplicates dropped by seq
         self.duplicates = 0
+        #: the id of the current connection, as the hub said in ``connected`` (what ``POST /v1/send``
+        #: addresses as ``client``); it changes at every reconnect
+        self.client_id: str | None = None
         self._queue: asyncio.Queue[Publication | BaseException] = asyncio.Queue()
         self._ws: Any = None
         self._task: asyncio.Task | None = None
@@ -254,6 +257,7 @@ class HubClient:
                     await ws.send('{"op":"pong"}')
             elif op == "connected":
                 healthy = True
+                self.client_id = message.get("client")
                 if self.ping_timeout is None and message.get("ping_interval"):
                     timeout = 2 * message["ping_interval"] + 1.0
                 self.connected.set()

@@ -334,6 +334,9 @@ class ShutdownConfig:
     drain_timeout: float = 10.0
     readiness_grace: float = 1.0
     close_code: int = 1001
+    #: "paced": close frames in batches over the first half of drain_timeout;
+    #: "immediate": every close frame at once (the reconnect wave in one go)
+    drain_policy: str = "paced"
 
 
 @dataclass(frozen=True, slots=True)
@@ -784,7 +787,9 @@ _RATE_ACTIONS = ("close", "throttle")
 #: an instance id goes into resume tokens and log lines: keep it short and plain
 _INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MIN_RESUME_BUFFER = 1024
-_SHUTDOWN_KEYS = ("drain_timeout", "readiness_grace", "close_code")
+_SHUTDOWN_KEYS = ("drain_timeout", "readiness_grace", "close_code", "drain_policy")
+#: how a drain hands out its close frames (`core.drain.Drain`'s close window)
+DRAIN_POLICIES = ("paced", "immediate")
 _LIMITS_KEYS = (
     "buffer_high_water", "max_connections", "max_connections_per_ip", "connection_rate", "connection_burst",
     "ip_connection_rate", "ip_connection_burst", "ip_table_size", "heap_trim_interval",
@@ -1374,6 +1379,7 @@ def _shutdown(v: _Validator, data: dict[str, Any]) -> ShutdownConfig:
             drain_timeout=v.seconds(t, "shutdown", "drain_timeout", 10.0),
             readiness_grace=v.seconds(t, "shutdown", "readiness_grace", 1.0),
             close_code=code,
+            drain_policy=v.choice(t, "shutdown", "drain_policy", "paced", DRAIN_POLICIES),
         )
 
     return _section(v, data, "shutdown", _SHUTDOWN_KEYS, build)

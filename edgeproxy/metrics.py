@@ -78,6 +78,8 @@ DIRECTIONS = (CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, HUB_DELIVERY)
 
 #: the health states of an upstream server (`core.health.State` values)
 UPSTREAM_STATES = ("up", "slow_start", "down", "draining")
+#: what /readyz can say (`ProxyServer.readiness`): draining is a roll or a stop, unhealthy an outage
+READY_STATES = ("ready", "starting", "draining", "unhealthy")
 
 #: why a connection was refused (the proxy or upstream said no) or failed (it broke)
 FAILURE_REASONS = frozenset({
@@ -198,6 +200,7 @@ class Metrics:
     * ``upstream_servers() -> iterable of dicts`` with at least ``upstream``,
       ``server`` and ``up`` (True, False, or None when nothing checks health).
     * ``relay_engine() -> dict``: the relay engine's counters (``RelayEngine.stats``).
+    * ``readiness() -> (state, why)``: one of `READY_STATES` and what /readyz says.
 
     ``event_loop`` names the loop for ``edgeproxy_build_info``.
     """
@@ -207,6 +210,7 @@ class Metrics:
         self.live_messages: Callable[[], Iterable[tuple[str, int, int]]] | None = None
         self.upstream_servers: Callable[[], Iterable[dict[str, Any]]] | None = None
         self.relay_engine: Callable[[], dict[str, int]] | None = None
+        self.readiness: Callable[[], tuple[str, str]] | None = None
         # worst loop lag of the current and the previous window (see loop_lag)
         self._lag_current = 0.0
         self._lag_previous = 0.0
@@ -455,6 +459,16 @@ class _Collector:
             "1 when the compiled frame code (edgeproxy._speedups) is in use, 0 in pure-Python mode",
             value=1 if _accel.SPEEDUPS else 0,
         )
+        if m.readiness is not None:
+            current = m.readiness()[0]
+            ready = GaugeMetricFamily(
+                "edgeproxy_ready_state",
+                "1 for what /readyz says: ready, starting, draining (a roll or a stop) or unhealthy (an outage)",
+                labels=["state"],
+            )
+            for state in READY_STATES:
+                ready.add_metric([state], 1 if state == current else 0)
+            yield ready
         yield from self._connections(m)
         yield from self._traffic(m)
         yield from self._http(m)

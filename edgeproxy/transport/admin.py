@@ -15,7 +15,7 @@ path                   method  answer
 =====================  ======  =============================================
 /metrics               GET     Prometheus text exposition
 /healthz               GET     200 while the process runs
-/readyz                GET     200 when ready, 503 while draining
+/readyz                GET     200 "ready"; 503 "draining: ..." or "unhealthy: <why>"
 /admin/connections     GET     JSON: open connections by route/upstream/server
 /admin/upstreams       GET     JSON: upstream servers and their state
 /admin/config          GET     JSON: config version (sha256) and load time
@@ -88,6 +88,10 @@ class AdminSource(Protocol):
     on_reload: Callable[[], Any] | None
 
     def upstream_states(self) -> list[dict[str, Any]]: ...
+
+    def readiness(self) -> tuple[str, str]:
+        """``(state, why)``: ready, starting, draining or unhealthy, and the /readyz body."""
+        ...
 
     def config_info(self) -> dict[str, Any]: ...
 
@@ -399,9 +403,8 @@ class AdminListener:
         return _Reply(200, CONTENT_TYPE, self.source.metrics.render())
 
     def _readyz(self) -> _Reply:
-        if self.source.ready:
-            return _text_reply(200, "ready\n")
-        return _text_reply(503, "draining\n")
+        state, why = self.source.readiness()
+        return _text_reply(200 if state == "ready" else 503, why + "\n")
 
     def _connections(self) -> _Reply:
         metrics = self.source.metrics
@@ -444,6 +447,7 @@ class AdminListener:
                 snapshot = self.source.metrics.snapshot()
                 snapshot["time"] = time.time()
                 snapshot["ready"] = self.source.ready
+                snapshot["ready_state"] = self.source.readiness()[0]
                 writer.write(conn.send(h11.Data(data=b"data: " + json.dumps(snapshot).encode() + b"\n\n")))
                 await writer.drain()
                 try:

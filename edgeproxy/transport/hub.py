@@ -169,6 +169,8 @@ class HubService:
         conn.start(connect_token(head))
         if trailing:
             conn.data_received(trailing)
+        if server.draining:  # its upgrade was in flight when the drain began
+            conn.close_websocket(server.config.shutdown.close_code, "server shutting down")
 
     # -- fan-out -----------------------------------------------------------------
 
@@ -415,6 +417,10 @@ class HubConnection(asyncio.Protocol):
             with contextlib.suppress(WSLocalProtocolError):
                 self.transport.write(self.ws.send(CloseConnection(code=code, reason=reason)))
         self._close_transport()
+
+    def close_websocket(self, code: int, reason: str) -> None:
+        """The proxy drains: a close frame with the reconnect hint; the client resumes elsewhere."""
+        self.close(code, reason)
 
     def _close_transport(self) -> None:
         if not self.closed:

@@ -153,7 +153,10 @@ class ProxyServer:
         self.metrics = Metrics()
         self.metrics.live_messages = self._live_messages
         self.metrics.upstream_servers = self.upstream_states
+        self.metrics.readiness = self.readiness
         self.ready = False
+        #: True once `start` has finished: ``ready`` False after that means draining
+        self.started = False
         #: POST /admin/reload: re-read the config file, when there is one
         self.on_reload: Callable[[], Any] | None = self.reload_file if os.path.isfile(config.source) else None
         #: wall-clock time the running config was loaded (reload code updates it with `config`)
@@ -248,6 +251,29 @@ class ProxyServer:
         if self.control is not None:
             log.info("control listener on %s (/admin/*)", self.control.describe())
         self.ready = True
+        self.started = True
+
+    def readiness(self) -> tuple[str, str]:
+        """``(state, why)`` for /readyz and ``edgeproxy_ready_state``: a state of `metrics.READY_STATES`.
+
+        "draining" (a roll or a stop: the process is going away on purpose) is
+        told apart from "unhealthy" (it runs, but traffic sent here would fail:
+        a hub's backplane is lost, or no upstream a route uses has a server that
+        takes connections), so an operator can tell a roll from an outage.
+        """
+        if not self.ready:
+            return ("draining", "draining") if self.started else ("starting", "starting")
+        problems = [f"backplane of hub {path} lost" for path, hub in self.hubs.items()
+                    if not getattr(hub.backplane, "up", True)]
+        routed = {route.upstream for route in self.config.routes}
+        servers = self.upstream_states()
+        down = sorted(name for name in routed
+                      if not any(s["up"] for s in servers if s["upstream"] == name))
+        if down and len(down) == len(routed):
+            problems.append("no upstream has a server up (" + ", ".join(down) + ")")
+        if problems:
+            return "unhealthy", "unhealthy: " + "; ".join(problems)
+        return "ready", "ready"
 
     def _start_heartbeats(self, now: float) -> None:
         ws = self.config.websocket
@@ -332,12 +358,17 @@ class ProxyServer:
         sessions = [conn for conn in self.connections if conn.relay is not None]
         if self.resume is not None:  # resumable sessions are paced in the same batches
             sessions += self.resume.sessions.values()
-        plan = Drain(now, sessions, cfg.drain_timeout, rng=self.rng, close_code=cfg.close_code)
-        log.info("draining: %d WebSocket session(s), %d connection(s) in all, for at most %.1fs",
-                 len(sessions), len(self.connections), cfg.drain_timeout)
+        for hub in self.hubs.values():  # and so are the hubs' subscribers
+            sessions += hub.connections
+        # "immediate": one batch at the start, every close frame at once
+        close_window = 0.5 if cfg.drain_policy == "paced" else 0.0
+        plan = Drain(now, sessions, cfg.drain_timeout, rng=self.rng, close_code=cfg.close_code, close_window=close_window)
+        log.info("draining (%s): %d WebSocket session(s), %d connection(s) in all, for at most %.1fs",
+                 cfg.drain_policy, len(sessions), len(self.connections), cfg.drain_timeout)
 
         def left() -> bool:
-            return bool(self.connections or (self.resume is not None and self.resume.sessions))
+            return bool(self.connections or (self.resume is not None and self.resume.sessions)
+                        or any(hub.connections for hub in self.hubs.values()))
 
         while left() and self.now() < plan.deadline:
             for conn, code, reason in plan.due(self.now()):
