@@ -550,7 +550,7 @@ class ResumeSession:
         "upstream_paused", "_mask_key", "max_message_size", "state", "actions", "buffer", "generation", "out_seq",
         "in_seq", "_in_acked", "client_reader", "upstream_reader", "parked_until", "_close_deadline", "end_reason",
         "messages_from_client", "messages_from_upstream", "bytes_from_client", "bytes_from_upstream", "resumes",
-        "_client_open", "_upstream_open",
+        "_client_open", "_upstream_open", "_client_close_after",
     )
 
     def __init__(
@@ -603,6 +603,9 @@ class ResumeSession:
         self.resumes = 0
         self._client_open = True
         self._upstream_open = True
+        #: (code, reason) of a proxy-initiated close the client gets once the
+        #: upstream has answered (what it sent before its close still reaches the client)
+        self._client_close_after: tuple[int, str] | None = None
 
     # -- tokens ------------------------------------------------------------------
 
@@ -743,6 +746,9 @@ class ResumeSession:
     def _client_close(self, payload: bytes, now: float) -> None:
         code, reason = _accel.parse_close_payload(payload)
         if self.state is SessionState.CLOSING:
+            if self._client_close_after is not None:  # it closed first: answer it
+                self._client_close_after = None
+                self.actions.append((SEND_CLIENT, _accel.encode_frame(_accel.OP_CLOSE, payload)))
             self._client_open = False
             self.actions.append((CLOSE_CLIENT, None))
             self._maybe_closed()
@@ -767,6 +773,7 @@ class ResumeSession:
             self._park(now)
         elif self.state is SessionState.CLOSING:
             self._client_open = False
+            self._client_close_after = None
             self._maybe_closed()
 
     def _park(self, now: float) -> None:
@@ -839,7 +846,7 @@ class ResumeSession:
             elif opcode == _accel.OP_CLOSE:
                 self._upstream_close_received(payload)
                 return False
-            elif self.state is not SessionState.CLOSING:
+            elif self.state is not SessionState.CLOSING or self._client_close_after is not None:
                 frame = encode_data(opcode, self.out_seq + 1, payload)
                 self._numbered(self.out_seq + 1, frame, _END.pack(len(frame)))
                 if self.state is SessionState.CLOSED:
@@ -851,7 +858,7 @@ class ResumeSession:
         self.messages_from_upstream += seq - self.out_seq
         self.out_seq = seq
         within = self.buffer.extend(run, ends)
-        if self.state is SessionState.ATTACHED:
+        if self.state is SessionState.ATTACHED or self._client_close_after is not None:
             self.actions.append((SEND_CLIENT, run))
             if not within and not self.upstream_paused:
                 self.upstream_paused = True
@@ -864,6 +871,7 @@ class ResumeSession:
         if self.state is SessionState.CLOSING:
             self._upstream_open = False
             self.actions.append((CLOSE_UPSTREAM, None))
+            self._send_pending_client_close()
             self._maybe_closed()
             return
         # The backend ends the session: answer it, and tell the client if there is one.
@@ -886,6 +894,7 @@ class ResumeSession:
             self.actions.append((CLOSE_CLIENT, None))
             self._end("upstream went away")
         elif self.state is SessionState.CLOSING:
+            self._send_pending_client_close()
             self._maybe_closed()
         else:
             self._end("upstream went away while parked")
@@ -897,6 +906,12 @@ class ResumeSession:
 
     def _upstream_close(self, code: int, reason: str) -> bytes:
         return _accel.encode_frame(_accel.OP_CLOSE, _accel.encode_close_payload(code, reason), mask_key=self._mask_key())
+
+    def _send_pending_client_close(self) -> None:
+        if self._client_close_after is not None and self._client_open:
+            code, reason = self._client_close_after
+            self.actions.append((SEND_CLIENT, self._client_close_frame(code, reason)))
+        self._client_close_after = None
 
     def _start_closing(self, code: int, reason: str) -> None:
         self.state = SessionState.CLOSING
@@ -937,14 +952,22 @@ class ResumeSession:
         self._end(reason)
 
     def close_both(self, code: int, reason: str) -> None:
-        """The proxy ends the session itself (drain, rebalance, age)."""
+        """The proxy ends the session itself (drain, rebalance, age).
+
+        The upstream is closed first, and the client only once the upstream has
+        answered: the messages the upstream sent before its close frame are on
+        their way, and closing the client at the same moment would drop them
+        (nothing resumes a closed session).  Client messages that arrive
+        meanwhile are not forwarded (the upstream is closing); they were never
+        acknowledged, which the client sees.  ``close_timeout`` bounds the wait.
+        """
         if self.state is SessionState.CLOSED or self.state is SessionState.CLOSING:
             return
         if self.state is SessionState.PARKED:
             self._give_up(reason)
             return
         self._start_closing(code, reason)
-        self.actions.append((SEND_CLIENT, self._client_close_frame(code, reason)))
+        self._client_close_after = (code, reason)
         self.actions.append((SEND_UPSTREAM, self._upstream_close(code, reason)))
 
     def abandon(self, reason: str) -> None:
@@ -974,7 +997,12 @@ class ResumeSession:
             if self._close_deadline < 0:
                 self._close_deadline = now + self.close_timeout
             elif now >= self._close_deadline:
-                self.actions.append((ABORT_CLIENT, None))
+                if self._client_close_after is not None and self._client_open:
+                    # the upstream never answered: the client still gets its close, after what it has
+                    self._send_pending_client_close()
+                    self.actions.append((CLOSE_CLIENT, None))
+                else:
+                    self.actions.append((ABORT_CLIENT, None))
                 self.actions.append((ABORT_UPSTREAM, None))
                 self._client_open = self._upstream_open = False
                 self._end(self.end_reason or "close timeout")

@@ -32,6 +32,7 @@ from edgeproxy.core.resume import (
 )
 from edgeproxy.core.websocket import (
     ABORT_CLIENT,
+    ABORT_UPSTREAM,
     CLOSE_CLIENT,
     CLOSE_UPSTREAM,
     PONG_FROM_CLIENT,
@@ -372,13 +373,58 @@ def test_idle_timeout_closes_an_attached_session_on_both_sides() -> None:
     s.check_timers(119.5)
     actions = take(s)
     assert s.state is SessionState.CLOSING
-    assert [_accel.parse_close_payload(p)[0] for op, p in decoded(actions) if op == 8] == [1001]
     assert [_accel.parse_close_payload(p) for op, p in decoded(actions, SEND_UPSTREAM) if op == 8] == [(1001, "idle timeout")]
+    assert not [op for op, _ in decoded(actions) if op == 8]  # the client's close waits for the upstream's answer
+    s.from_upstream(_accel.encode_frame(_accel.OP_CLOSE, _accel.encode_close_payload(1001, "idle timeout")))
+    assert [_accel.parse_close_payload(p)[0] for op, p in decoded(take(s)) if op == 8] == [1001]
     # parked sessions are not idle-timed: their window rules
     s2 = new_session()
     s2.client_gone(0.0)
     s2.check_timers(9.0)
     assert s2.state is SessionState.PARKED
+
+
+def test_a_proxy_close_delivers_what_the_upstream_sent_before_its_close() -> None:
+    """Drain: the upstream is closed first; its messages in flight reach the client, then the close."""
+    s = new_session()
+    take(s)
+    s.close_both(1012, "restart")
+    actions = take(s)
+    assert [_accel.parse_close_payload(p) for op, p in decoded(actions, SEND_UPSTREAM) if op == 8] == [(1012, "restart")]
+    assert decoded(actions) == []
+    s.from_client(masked(_accel.OP_TEXT, b"D1:late"), 0.0)  # the upstream is closing: not forwarded
+    assert decoded(take(s), SEND_UPSTREAM) == []
+    s.from_upstream(upstream_text("in flight 1") + upstream_text("in flight 2")
+                    + _accel.encode_frame(_accel.OP_CLOSE, _accel.encode_close_payload(1012, "restart")))
+    got = decoded(take(s))
+    assert got[:2] == [(1, b"D1:in flight 1"), (1, b"D2:in flight 2")]
+    assert got[2][0] == 8 and _accel.parse_close_payload(got[2][1]) == (1012, "restart") and len(got) == 3
+    s.from_client(masked(_accel.OP_CLOSE, _accel.encode_close_payload(1012, "restart")), 0.0)
+    assert (ENDED, None) in take(s) and s.state is SessionState.CLOSED
+
+
+def test_a_proxy_close_the_upstream_never_answers_still_closes_the_client() -> None:
+    s = new_session()
+    take(s)
+    s.close_both(1012, "restart")
+    take(s)
+    s.check_timers(1.0)
+    s.check_timers(1.0 + s.close_timeout)
+    actions = take(s)
+    assert [_accel.parse_close_payload(p)[0] for op, p in decoded(actions) if op == 8] == [1012]
+    assert (CLOSE_CLIENT, None) in actions and (ABORT_UPSTREAM, None) in actions and s.state is SessionState.CLOSED
+
+
+def test_a_client_that_closes_first_during_a_proxy_close_is_answered_once() -> None:
+    s = new_session()
+    take(s)
+    s.close_both(1012, "restart")
+    take(s)
+    s.from_client(masked(_accel.OP_CLOSE, _accel.encode_close_payload(1000, "bye")), 0.0)
+    assert [_accel.parse_close_payload(p) for op, p in decoded(take(s)) if op == 8] == [(1000, "bye")]
+    s.from_upstream(_accel.encode_frame(_accel.OP_CLOSE, _accel.encode_close_payload(1012, "restart")))
+    actions = take(s)
+    assert not [op for op, _ in decoded(actions) if op == 8] and (ENDED, None) in actions
 
 
 def test_close_1000_from_the_client_ends_the_session_at_the_upstream() -> None:
