@@ -59,6 +59,11 @@ def _heartbeat_settings(config: Config) -> tuple:
     return ws.ping_interval, ws.pong_timeout, ws.ping_upstream, ws.max_connection_age
 
 
+def _h2c_binds(config: Config) -> frozenset:
+    """The cleartext listeners that take h2c by prior knowledge (read per connection: a reload applies at once)."""
+    return frozenset(listener.bind for listener in config.listeners if listener.http2 and not listener.tls)
+
+
 def _tick_interval(config: Config) -> float:
     """A quarter of the shortest timeout, between 50 ms and 1 s."""
     ws = config.websocket
@@ -526,6 +531,7 @@ class ProxyServer:
         self.origin_policies = {id(r): OriginPolicy(r.allowed_origins) for r in config.routes if r.allowed_origins}
         #: the TLS contexts of each TLS listener, in listener order
         self.tls: list[ServerTLS] = [ServerTLS(listener) for listener in config.listeners if listener.tls]
+        self.h2c_binds = _h2c_binds(config)
 
     def _init_admission(self, config: Config) -> None:
         limits = config.limits
@@ -578,6 +584,7 @@ class ProxyServer:
         """
         changed = []
         self.origin_policies = {id(r): OriginPolicy(r.allowed_origins) for r in new.routes if r.allowed_origins}
+        self.h2c_binds = _h2c_binds(new)
         if new.limits != old.limits:
             self._init_admission(new)
         kept = []
