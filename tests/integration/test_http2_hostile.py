@@ -114,6 +114,7 @@ async def calmed(p, client: Client, reason: str) -> None:
     event = await client.goaway()
     assert event.error_code == ENHANCE_YOUR_CALM
     assert p.server.metrics.http2_errors[reason] == 1
+    assert f'edgeproxy_http2_connection_errors_total{{reason="{reason}"}} 1.0' in p.server.metrics.render().decode()
     await bystander_ok(p.port)
 
 
