@@ -339,9 +339,12 @@ class ServerConnection:
         """A response head (1xx included), HTTP/1.1 headers as the upstream sent them."""
         fields = [(b":status", b"%d" % status)]
         fields += [(name.lower(), value) for name, value in strip_hop_by_hop(headers)]
-        self._h2.send_headers(stream_id, fields, end_stream=end)
         if end:
             self.open.discard(stream_id)
+        try:
+            self._h2.send_headers(stream_id, fields, end_stream=end)
+        except h2.exceptions.StreamClosedError:
+            self._forget(stream_id)  # the client reset it meanwhile: nobody to answer
 
     def send_data(self, stream_id: int, data: bytes, *, end: bool = False) -> bool:
         """Queue response bytes (and END_STREAM); False when the stream's queue is over `stream_buffer`."""
