@@ -171,6 +171,9 @@ class ListenerConfig:
     tls_sni: tuple[SniCertificate, ...] = ()
     proxy_protocol: bool = False
     proxy_protocol_trusted: tuple[Any, ...] = ()
+    #: HTTP/2 to clients: by ALPN on a TLS listener, by prior knowledge (h2c) on a
+    #: cleartext one; the default (None given) is on with TLS, off without
+    http2: bool = False
 
     @property
     def tls(self) -> bool:
@@ -289,6 +292,23 @@ class HttpConfig:
     body_timeout: float = 60.0
     #: pass a request id upstream as X-Request-Id (the client's, when valid) and log it
     request_id: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Http2Config:
+    """The ``[http2]`` table: HTTP/2 to clients (``core.http2``), limits per connection.
+
+    The abuse budgets count per connection over ``flood_window`` seconds;
+    past one the connection gets GOAWAY ENHANCE_YOUR_CALM (others are untouched).
+    """
+
+    max_concurrent_streams: int = 100
+    initial_window_size: int = 65535
+    connection_window_size: int = 1048576
+    max_header_list_size: int = 32768
+    flood_window: float = 10.0
+    max_resets: int = 200
+    max_control_frames: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,6 +494,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...]
     routes: tuple[RouteConfig, ...]
     http: HttpConfig = field(default_factory=HttpConfig)
+    http2: Http2Config = field(default_factory=Http2Config)
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -746,10 +767,10 @@ def _join(path: str, key: str) -> str:
 # Sections
 # --------------------------------------------------------------------------- #
 
-_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "websocket", "limits", "logging", "admin", "shutdown", "workers", "hubs", "backplane")
+_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "http2", "websocket", "limits", "logging", "admin", "shutdown", "workers", "hubs", "backplane")
 #: an upper bound that catches a typo (workers = 10000), not a tuning limit
 MAX_WORKERS = 1024
-_LISTENER_KEYS = ("bind", "backlog", "tls_cert", "tls_key", "tls_sni", "proxy_protocol", "proxy_protocol_trusted")
+_LISTENER_KEYS = ("bind", "backlog", "tls_cert", "tls_key", "tls_sni", "proxy_protocol", "proxy_protocol_trusted", "http2")
 _SNI_KEYS = ("host", "cert", "key")
 _UPSTREAM_KEYS = (
     "name", "servers", "connect_timeout", "read_timeout", "pool_size", "pool_idle_timeout",
@@ -777,6 +798,12 @@ _ROUTE_KEYS = (
 )
 _RATE_LIMIT_KEYS = ("rate", "burst")
 _HTTP_KEYS = ("header_timeout", "keepalive_timeout", "max_header_size", "max_body_size", "body_timeout", "request_id")
+_HTTP2_KEYS = (
+    "max_concurrent_streams", "initial_window_size", "connection_window_size", "max_header_list_size",
+    "flood_window", "max_resets", "max_control_frames",
+)
+#: RFC 9113 section 6.5.2: a flow-control window is at most 2^31 - 1
+_MAX_WINDOW = 2**31 - 1
 _WEBSOCKET_KEYS = (
     "max_message_size", "handshake_timeout", "idle_timeout", "close_timeout",
     "ping_interval", "pong_timeout", "ping_upstream", "max_connection_age",
@@ -830,8 +857,11 @@ def _listeners(v: _Validator, data: dict[str, Any]) -> tuple[ListenerConfig, ...
                 v.error(_join(path, "bind"), f"duplicate listener address {bind} (already used by {seen[bind]})")
             else:
                 seen[bind] = path
-        listeners.append(ListenerConfig(bind=bind, backlog=backlog, **_listener_tls(v, item, path),
-                                        **_listener_proxy_protocol(v, item, path)))
+        tls = _listener_tls(v, item, path)
+        # h2 by ALPN costs an HTTP/1.1-only client nothing; h2c by prior knowledge is opt-in
+        http2 = v.boolean(item, path, "http2", "tls_cert" in item)
+        listeners.append(ListenerConfig(bind=bind, backlog=backlog, **tls,
+                                        **_listener_proxy_protocol(v, item, path), http2=http2))
     return tuple(listeners)
 
 
@@ -1333,6 +1363,26 @@ def _http(v: _Validator, data: dict[str, Any]) -> HttpConfig:
     ))
 
 
+def _http2(v: _Validator, data: dict[str, Any]) -> Http2Config:
+    def build(t: dict[str, Any]) -> Http2Config:
+        stream_window = v.integer(t, "http2", "initial_window_size", 65535, 1, "a window in bytes", _MAX_WINDOW)
+        connection_window = v.integer(t, "http2", "connection_window_size", 1048576, 65535,
+                                      "a window in bytes", _MAX_WINDOW)
+        return Http2Config(
+            max_concurrent_streams=v.integer(t, "http2", "max_concurrent_streams", 100, 1, "a number of streams",
+                                             _MAX_WINDOW),
+            initial_window_size=stream_window,
+            connection_window_size=connection_window,
+            max_header_list_size=v.integer(t, "http2", "max_header_list_size", 32768, 1024, "a size in bytes",
+                                           _MAX_WINDOW),
+            flood_window=v.number(t, "http2", "flood_window", 10.0, above=0, what="a number of seconds"),
+            max_resets=v.integer(t, "http2", "max_resets", 200, 1, "a number of stream resets"),
+            max_control_frames=v.integer(t, "http2", "max_control_frames", 1000, 1, "a number of frames"),
+        )
+
+    return _section(v, data, "http2", _HTTP2_KEYS, build)
+
+
 def _websocket(v: _Validator, data: dict[str, Any]) -> WebSocketConfig:
     def instance_id(t: dict[str, Any]) -> str:
         value = v.string(t, "websocket", "instance_id", "", "an instance id")
@@ -1714,6 +1764,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         upstreams=upstreams,
         routes=routes,
         http=_http(v, data),
+        http2=_http2(v, data),
         websocket=websocket,
         limits=_limits(v, data),
         logging=_logging(v, data),

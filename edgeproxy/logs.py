@@ -72,3 +72,15 @@ def access(fields: dict) -> None:
     """Write one access-log line (a dict of fields, kept in order)."""
     if access_logger.isEnabledFor(logging.INFO):
         access_logger.info("", extra={"fields": fields})
+
+
+def request_line(selected: tuple[str, ...], head, fields: dict) -> None:
+    """One request's access-log line with the ``[logging] access_log_fields`` in ``selected``.
+
+    ``fields`` holds every field but the request-header ones, which come from ``head``.
+    """
+    for name, header in (("user_agent", b"user-agent"), ("referer", b"referer")):
+        if name in selected:
+            value = head.header(header) if head else None
+            fields[name] = value.decode("latin-1") if value is not None else "-"
+    access({name: fields[name] for name in selected})

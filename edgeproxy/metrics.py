@@ -137,6 +137,10 @@ LAG_WINDOW = 10.0
 
 _STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
 
+#: why the proxy ended an HTTP/2 connection with an error GOAWAY (`core.http2.ERROR_REASONS`)
+HTTP2_ERRORS = ("rapid_reset", "control_flood", "continuation_flood", "header_list_too_large", "too_many_streams",
+                "flow_control", "protocol_error")
+
 
 def close_code_class(code: int | None) -> str:
     """The ``close_code`` label for a WebSocket close code (None: no close frame seen)."""
@@ -244,6 +248,11 @@ class Metrics:
         self.truncated: dict[str, int] = {}
         #: X-Request-Id outcome -> requests (REQUEST_ID_OUTCOMES)
         self.request_ids: dict[str, int] = dict.fromkeys(REQUEST_ID_OUTCOMES, 0)
+        #: HTTP/2 client connections (also counted as "http" connections) and their streams
+        self.http2_connections = 0
+        self.http2_streams = 0
+        #: HTTP2_ERRORS reason -> connections the proxy ended with an error GOAWAY
+        self.http2_errors: dict[str, int] = dict.fromkeys(HTTP2_ERRORS, 0)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         if process:
@@ -305,6 +314,11 @@ class Metrics:
         """A limit of the edge hardening stopped something (see `LIMIT_REASONS`)."""
         key = reason if reason in LIMIT_REASONS else "other"
         self.limits[key] = self.limits.get(key, 0) + 1
+
+    def http2_error(self, reason: str) -> None:
+        """An HTTP/2 connection ended by the proxy for abuse or a protocol error (`HTTP2_ERRORS`)."""
+        key = reason if reason in self.http2_errors else "protocol_error"
+        self.http2_errors[key] += 1
 
     # -- traffic -------------------------------------------------------------
 
@@ -474,6 +488,7 @@ class _Collector:
         yield from self._http(m)
         yield from self._fanout(m)
         yield from self._upstreams(m)
+        yield from self._http2(m)
         limits = CounterMetricFamily(
             "edgeproxy_limits", "Connections, sessions or reads stopped by a limit, by limit", labels=["limit"],
         )
@@ -589,6 +604,20 @@ class _Collector:
         for outcome, n in m.request_ids.items():
             ids.add_metric([outcome], n)
         yield ids
+
+    @staticmethod
+    def _http2(m: Metrics) -> Iterator[Any]:
+        yield CounterMetricFamily("edgeproxy_http2_connections", "Client connections that spoke HTTP/2 (h2 or h2c)",
+                                  value=m.http2_connections)
+        yield CounterMetricFamily("edgeproxy_http2_streams", "HTTP/2 request streams served", value=m.http2_streams)
+        errors = CounterMetricFamily(
+            "edgeproxy_http2_connection_errors",
+            "HTTP/2 connections the proxy ended with an error GOAWAY, by reason (floods, rapid reset, bad frames)",
+            labels=["reason"],
+        )
+        for reason, n in m.http2_errors.items():
+            errors.add_metric([reason], n)
+        yield errors
 
     @staticmethod
     def _fanout(m: Metrics) -> Iterator[Any]:

@@ -115,6 +115,7 @@ def test_example_file_sets_every_option() -> None:
     assert set(data["upstreams"][0]) == set(cfgmod._UPSTREAM_KEYS) - upstream_opt_in
     assert set(data["upstreams"][0]["health"]) == set(cfgmod._HEALTH_KEYS)
     assert set(data["http"]) == set(cfgmod._HTTP_KEYS)
+    assert set(data["http2"]) == set(cfgmod._HTTP2_KEYS)
     # resume is on only with a secret, and instance_id defaults to a random one: shown commented out
     commented = {"resume_secret", "resume_secret_file", "instance_id"}
     assert set(data["websocket"]) == set(cfgmod._WEBSOCKET_KEYS) - commented

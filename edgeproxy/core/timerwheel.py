@@ -149,6 +149,16 @@ class TimerWheel:
         bucket[handle] = None
         return handle
 
+    def arm(self, handle: TimerHandle | None, key: Hashable, deadline: float) -> TimerHandle | None:
+        """Put `key` at `deadline` (0: off the wheel), reusing its `handle`; returns the handle to keep."""
+        if not deadline:
+            if handle is not None:
+                self.cancel(handle)
+            return handle
+        if handle is None:
+            return self.schedule(key, deadline)
+        return self.reschedule(handle, deadline)
+
     def advance(self, now: float) -> list:
         """Move the wheel to `now`; return the keys whose deadlines have passed, in tick order.
 

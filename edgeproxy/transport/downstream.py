@@ -35,8 +35,10 @@ from edgeproxy import logs
 from edgeproxy.core import http1
 from edgeproxy.core.admission import retry_after_header
 from edgeproxy.transport.hub_sse import SSE_SUFFIX
+from edgeproxy.transport.request_ids import new_request_id
 from edgeproxy.core.heartbeat import AGE_EXPIRED, DEAD, PING
 from edgeproxy.core.http1 import Body, ConnectionClosed, EndOfMessage, RequestHead, ResponseHead
+from edgeproxy.core.http2 import PREFACE
 from edgeproxy.core.websocket import (
     ABORT_CLIENT,
     ABORT_UPSTREAM,
@@ -58,7 +60,8 @@ from edgeproxy.errors import LocalProtocolError, RemoteProtocolError
 from edgeproxy.metrics import CLIENT_TO_UPSTREAM, HTTP, UPSTREAM_TO_CLIENT, WEBSOCKET, route_label
 from edgeproxy.transport import resume
 from edgeproxy.transport.edge import SessionMeters
-from edgeproxy.transport.upstream import UpstreamConnection
+from edgeproxy.transport.http2 import Http2Connection
+from edgeproxy.transport.upstream import UpstreamConnection, UpstreamRequest, UpstreamUnavailable, lease
 
 if TYPE_CHECKING:
     from edgeproxy.config import RouteConfig
@@ -71,44 +74,19 @@ _WS_VERSION_HEADER = [(b"Sec-WebSocket-Version", b"13")]
 LINGER_SECONDS = 2.0
 
 
-class _Exchange:
+class _Exchange(UpstreamRequest):
     """One request/response through the proxy (or one WebSocket handshake)."""
 
-    __slots__ = (
-        "head", "route", "group", "upstream", "pending", "pending_bytes", "request_done",
-        "status", "bytes_out", "started", "websocket_key", "deadline", "task", "retried",
-        "connect_deadline", "connect_timed_out", "choice", "resume",
-        "max_body", "body_bytes", "body_active", "body_deadline",
-    )
+    __slots__ = ("pending_bytes", "websocket_key", "resume", "body_active")
 
     def __init__(self, head: RequestHead, route: RouteConfig, group, started: float):
-        self.head = head
-        self.route = route
-        self.group = group
-        self.upstream: UpstreamConnection | None = None
-        self.pending: list[bytes] = []
+        super().__init__(head, route, group, started)
         self.pending_bytes = 0
-        self.request_done = False
-        self.status = 0
-        self.bytes_out = 0
-        self.started = started
         self.websocket_key: bytes | None = None
-        self.deadline = 0.0
-        self.task: asyncio.Task | None = None
-        self.retried = False
-        #: while a connect attempt runs: when the tick cancels it (0 = never)
-        self.connect_deadline = 0.0
-        self.connect_timed_out = False
-        #: where the balancer sent this request (and the server its cookie named)
-        self.choice = None
         #: the client's resume offer (`core.resume.Offer`) when it asked for a resumable session
         self.resume = None
-        #: the largest request body allowed (0 = unlimited) and the bytes read so far
-        self.max_body = 0
-        self.body_bytes = 0
         #: set on every body read; the timer check turns it into `body_deadline` (0 = none)
         self.body_active = False
-        self.body_deadline = 0.0
 
 
 class ClientConnection(asyncio.Protocol):
@@ -129,7 +107,7 @@ class ClientConnection(asyncio.Protocol):
         "_real_peer", "_admitted_ip", "_refused", "_meters", "_throttled",
         "_paused", "_deadline", "_deadline_kind", "_ws_started", "_ws_route", "_ws_target", "_ws_group",
         "_lingering", "_metrics_key", "_opened_at", "_client_ping", "_upstream_ping", "_admitted_elsewhere",
-        "_timer", "request_id",
+        "_timer", "request_id", "_sniff",
     )
 
     def __init__(self, server: ProxyServer, listener=None, real_peer=None, admitted_elsewhere: bool = False):
@@ -170,6 +148,8 @@ class ClientConnection(asyncio.Protocol):
         self._timer = None
         #: the current request's id (X-Request-Id), kept after an upgrade for the ws_close line
         self.request_id = "-"
+        #: on an h2c listener, the first bytes while they may still be the HTTP/2 preface
+        self._sniff: bytes | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -186,11 +166,23 @@ class ClientConnection(asyncio.Protocol):
         self._metrics_key = self.server.metrics.connection_opened(HTTP, "", "", "")
         self._deadline = now + self.server.config.http.header_timeout
         self._rearm(now)
+        listener = self.listener
+        if listener is not None:
+            if listener.tls:
+                ssl_object = transport.get_extra_info("ssl_object")
+                if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                    self._serve_http2(b"")
+            elif listener.bind in self.server.h2c_binds:
+                self._sniff = b""
 
     def data_received(self, data: bytes) -> None:
         # HTTP mode only: after the 101 the relay engine hands the bytes to the relay.
         if self._lingering:
             return  # discarded: the connection is being closed after an error
+        if self._sniff is not None:
+            data = self._sniff_h2c(data)
+            if data is None:
+                return
         if self.exchange is None and self._deadline_kind == "keepalive":
             self._deadline_kind = "header"
             now = self.server.now()
@@ -256,6 +248,32 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.exchange is not None and self.exchange.upstream is not None:
             self.exchange.upstream.resume_reading()
+
+    # -- HTTP/2 (issue #16): transport/http2.py takes the connection over -------
+
+    def _sniff_h2c(self, data: bytes) -> bytes | None:
+        """On an h2c listener: the HTTP/2 preface hands the connection over; anything else is HTTP/1.1."""
+        seen = self._sniff + data
+        if seen[:len(PREFACE)] == PREFACE[:len(seen)]:
+            if len(seen) < len(PREFACE):
+                self._sniff = seen  # maybe the preface, split: wait for the rest
+            else:
+                self._sniff = None
+                self._serve_http2(seen)
+            return None
+        self._sniff = None
+        return seen
+
+    def _serve_http2(self, data: bytes) -> None:
+        """The client speaks HTTP/2 (ALPN h2, or the h2c preface): nothing more happens here."""
+        server = self.server
+        server.connections.discard(self)
+        if self._timer is not None:
+            server.timers.cancel(self._timer)
+            self._timer = None
+        self.closed = True
+        Http2Connection(server, self.listener, self.transport, self.client_ip, admitted_ip=self._admitted_ip,
+                        metrics_key=self._metrics_key, opened_at=self._opened_at, data=data)
 
     # -- admission control and origins (issue #9) ------------------------------
 
@@ -416,7 +434,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         now = server.now()
         if server.config.http.request_id:
-            self.request_id, outcome = http1.request_id(head, _new_request_id)
+            self.request_id, outcome = http1.request_id(head, new_request_id)
             server.metrics.request_id(outcome)
         if head.path == resume.CLIENT_JS_PATH and resume.serve_client_js(self, head):
             return
@@ -563,53 +581,19 @@ class ClientConnection(asyncio.Protocol):
     # -- HTTP mode: the upstream side -----------------------------------------
 
     async def _connect(self, exchange: _Exchange) -> None:
-        group = exchange.group
         server = self.server
-        failure = "refused"
-        conn: UpstreamConnection | None = None
         if exchange.head.websocket:
             # The handshake deadline covers connecting too.
             exchange.deadline = server.now() + (server.config.websocket.handshake_timeout or 1e9)
-        servers = self._choose_servers(exchange)
-        if servers is None:
+        try:
+            conn = await lease(exchange, self.client_ip, pooled=not exchange.head.websocket, metrics=server.metrics,
+                               loop=server.loop, now=server.now)
+        except UpstreamUnavailable as exc:
+            if self.exchange is exchange and not self.closed:
+                self._upstream_failed(exchange, exc.status, exc.message, exc.reason, extra_headers=exc.headers)
             return
-        for address in servers:
-            if not exchange.head.websocket:
-                conn = group.take_idle(address, server.now())
-                if conn is not None:
-                    break
-            if group.connects_full():
-                server.metrics.limit_refused("max_pending_connects")
-                self._upstream_failed(exchange, 503, f"upstream {group.config.name!r} is busy", "overloaded",
-                                      extra_headers=[(b"Retry-After", b"1")])
-                return
-            connect_timeout = group.config.connect_timeout
-            exchange.connect_deadline = server.now() + connect_timeout if connect_timeout else 0.0
-            try:
-                conn = await group.connect(address, server.loop)
-                break
-            except asyncio.CancelledError:
-                if not exchange.connect_timed_out:
-                    raise  # the client went away, or the exchange was dropped
-                # check_timers cancelled this attempt: it took longer than connect_timeout.
-                exchange.connect_timed_out = False
-                exchange.task.uncancel()
-                failure = "timeout"
-                log.warning("upstream %s (%s) did not accept within connect_timeout", address, group.config.name)
-            except OSError as exc:
-                failure = "refused"
-                log.warning("upstream %s (%s) refused or unreachable: %s", address, group.config.name, exc)
-            finally:
-                exchange.connect_deadline = 0.0
-            group.connect_failed(address, server.now())
         if self.exchange is not exchange or self.closed:
-            if conn is not None:
-                conn.close()
-            return
-        if conn is None:
-            status = 504 if failure == "timeout" else 502
-            reason = "upstream_timeout" if failure == "timeout" else "upstream_unreachable"
-            self._upstream_failed(exchange, status, f"upstream {group.config.name!r} is unavailable ({failure})", reason)
+            conn.close()
             return
         try:
             self._attach(exchange, conn)
@@ -793,21 +777,6 @@ class ClientConnection(asyncio.Protocol):
         self._process_client()
 
     # -- balancing hooks (server choice, affinity cookie, passive health) -------
-
-    def _choose_servers(self, exchange: _Exchange):
-        """The servers to try for this exchange; None after answering 503 when all are down."""
-        group = exchange.group
-        now = self.server.now()
-        exchange.choice = choice = group.choose(exchange.head, self.client_ip, now)
-        if choice is None:
-            retry = group.retry_after(now)
-            log.warning("upstream %s: no server can take connections (all down or draining)", group.config.name)
-            self._upstream_failed(
-                exchange, 503, f"upstream {group.config.name!r} has no available server",
-                "upstream_unreachable", extra_headers=[(b"Retry-After", b"%d" % retry)],
-            )
-            return None
-        return choice.servers
 
     def _balance_response(self, exchange: _Exchange, conn: UpstreamConnection, status: int) -> list:
         """Passive health for a final response, and the Set-Cookie that pins the client to `conn.server`."""
@@ -1044,15 +1013,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _rearm(self, now: float) -> None:
         """Put this connection on the timer wheel for its next check (or take it off)."""
-        at = self._next_check(now)
-        timers = self.server.timers
-        if not at:
-            if self._timer is not None:
-                timers.cancel(self._timer)
-        elif self._timer is None:
-            self._timer = timers.schedule(self, at)
-        else:
-            timers.reschedule(self._timer, at)
+        self._timer = self.server.timers.arm(self._timer, self, self._next_check(now))
 
     def check_timers(self, now: float) -> None:
         relay = self.relay
@@ -1136,43 +1097,9 @@ class ClientConnection(asyncio.Protocol):
             "request_id": self.request_id,
             "error": error or "-",
         }
-        for name, header in (("user_agent", b"user-agent"), ("referer", b"referer")):
-            if name in selected:
-                value = head.header(header) if head else None
-                fields[name] = value.decode("latin-1") if value is not None else "-"
-        logs.access({name: fields[name] for name in selected})
+        logs.request_line(selected, head, fields)
 
 
 def _mask_key() -> bytes:
     return os.urandom(4)
-
-
-class _RequestIds:
-    """New request ids: 32 hex digits (128 random bits, as nginx's ``$request_id``).
-
-    Drawn from os.urandom 256 at a time (one system call per 256 requests);
-    a forked worker starts with a fresh batch, so no two processes share ids.
-    """
-
-    __slots__ = ("_hex", "_pos")
-    BATCH = 256
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._hex = ""
-        self._pos = 0
-
-    def __call__(self) -> str:
-        pos = self._pos
-        if pos >= len(self._hex):
-            self._hex = os.urandom(16 * self.BATCH).hex()
-            pos = 0
-        self._pos = pos + 32
-        return self._hex[pos:pos + 32]
-
-
-_new_request_id = _RequestIds()
-os.register_at_fork(after_in_child=_new_request_id.reset)
 

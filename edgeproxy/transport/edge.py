@@ -9,7 +9,8 @@ name (``tls_sni``, ``*.domain`` matching one label) or the default one.  The
 contexts live in a `ServerTLS`; `ServerTLS.reload` builds a complete new set from
 the files first and swaps it in one assignment, so a bad file changes nothing,
 and connections that already finished their handshake keep theirs: a reload
-never drops a connection.  TLS 1.2 is the minimum, ALPN offers ``http/1.1``.
+never drops a connection.  TLS 1.2 is the minimum, ALPN offers ``h2`` (unless
+the listener has ``http2 = false``) and ``http/1.1``.
 
 *PROXY protocol.*  The header must be read before anything else, TLS included,
 and nothing after it may be taken from the socket (it may be the ClientHello).
@@ -44,6 +45,8 @@ log = logging.getLogger("edgeproxy")
 __all__ = ["ProxyProtocolListener", "ServerTLS", "SessionMeters", "upstream_ssl_context"]
 
 ALPN = ["http/1.1"]
+#: a listener with ``http2`` (the default with TLS) prefers h2 (RFC 9113 section 3.2)
+ALPN_H2 = ["h2", "http/1.1"]
 
 
 # --------------------------------------------------------------------------- #
@@ -51,11 +54,11 @@ ALPN = ["http/1.1"]
 # --------------------------------------------------------------------------- #
 
 
-def _server_context(cert: str, key: str) -> ssl.SSLContext:
+def _server_context(cert: str, key: str, alpn: list[str]) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    context.set_alpn_protocols(ALPN)
+    context.set_alpn_protocols(alpn)
     context.load_cert_chain(cert, key)
     return context
 
@@ -68,14 +71,19 @@ class ServerTLS:
         self.reloads = 0
         self._default, self._names = self._build()
         #: what the loop's server holds: it only dispatches to the current set in its SNI callback
-        self.context = _server_context(listener.tls_cert, listener.tls_key)
+        self.context = _server_context(listener.tls_cert, listener.tls_key, self._alpn())
         self.context.sni_callback = self._pick
 
     def _build(self) -> tuple[ssl.SSLContext, dict[str, ssl.SSLContext]]:
         listener = self.listener
-        default = _server_context(listener.tls_cert, listener.tls_key)
-        names = {entry.host: _server_context(entry.cert, entry.key) for entry in listener.tls_sni}
+        alpn = self._alpn()
+        default = _server_context(listener.tls_cert, listener.tls_key, alpn)
+        names = {entry.host: _server_context(entry.cert, entry.key, alpn) for entry in listener.tls_sni}
         return default, names
+
+    def _alpn(self) -> list[str]:
+        # Every context of the listener offers the same: the SNI callback may switch to any of them.
+        return ALPN_H2 if self.listener.http2 else ALPN
 
     def reload(self) -> None:
         """Re-read every certificate and key; new handshakes use them, open connections are untouched.

@@ -62,6 +62,11 @@ def _heartbeat_settings(config: Config) -> tuple:
     return ws.ping_interval, ws.pong_timeout, ws.ping_upstream, ws.max_connection_age
 
 
+def _h2c_binds(config: Config) -> frozenset:
+    """The cleartext listeners that take h2c by prior knowledge (read per connection: a reload applies at once)."""
+    return frozenset(listener.bind for listener in config.listeners if listener.http2 and not listener.tls)
+
+
 def _tick_interval(config: Config) -> float:
     """A quarter of the shortest timeout, between 50 ms and 1 s."""
     ws = config.websocket
@@ -594,6 +599,7 @@ class ProxyServer:
         self.route_limits: dict[int, ClientBuckets] = route_limits(config, {})
         #: the TLS contexts of each TLS listener, in listener order
         self.tls: list[ServerTLS] = [ServerTLS(listener) for listener in config.listeners if listener.tls]
+        self.h2c_binds = _h2c_binds(config)
 
     def _init_admission(self, config: Config) -> None:
         """Admission control for `config`: per instance (the shared table) with workers, else in process.
@@ -659,6 +665,7 @@ class ProxyServer:
         changed = []
         self.origin_policies = {id(r): OriginPolicy(r.allowed_origins) for r in new.routes if r.allowed_origins}
         self.route_limits = route_limits(new, {id(r): r for r in old.routes}, self.route_limits)
+        self.h2c_binds = _h2c_binds(new)
         if new.limits != old.limits:
             self._init_admission(new)
         kept = []

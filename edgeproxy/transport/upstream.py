@@ -578,3 +578,105 @@ class UpstreamGroup:
         finally:
             self.pending_connects -= 1
         return conn
+
+
+class UpstreamUnavailable(Exception):
+    """No upstream connection for a request: answer ``status`` (with ``headers``); ``reason`` is for the metrics."""
+
+    def __init__(self, status: int, message: str, reason: str, headers: list[tuple[bytes, bytes]] = ()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+        self.headers = list(headers)
+
+
+class UpstreamRequest:
+    """One client request on its way to an upstream: what `lease` and the timer checks read.
+
+    The HTTP/1.1 exchange and the HTTP/2 stream add their own fields to it.
+    """
+
+    __slots__ = (
+        "head", "route", "group", "upstream", "pending", "request_done", "status", "bytes_out", "started",
+        "deadline", "task", "retried", "connect_deadline", "connect_timed_out", "choice",
+        "max_body", "body_bytes", "body_deadline",
+    )
+
+    def __init__(self, head, route, group, started: float):
+        self.head = head
+        self.route = route
+        self.group = group
+        self.upstream: UpstreamConnection | None = None
+        #: body bytes that came before the upstream connection
+        self.pending: list[bytes] = []
+        self.request_done = False
+        self.status = 0
+        self.bytes_out = 0
+        self.started = started
+        #: when the response must have come (the upstream's read_timeout; 0 = not waiting)
+        self.deadline = 0.0
+        self.task: asyncio.Task | None = None
+        self.retried = False
+        #: while a connect attempt runs: when the tick cancels it (0 = never)
+        self.connect_deadline = 0.0
+        self.connect_timed_out = False
+        #: where the balancer sent this request (and the server its cookie named)
+        self.choice = None
+        #: the largest request body allowed (0 = unlimited), the body bytes so far, and
+        #: when the next ones are due (http.body_timeout; 0 = not waiting)
+        self.max_body = 0
+        self.body_bytes = 0
+        self.body_deadline = 0.0
+
+
+async def lease(exchange, client_ip: str, *, pooled: bool, metrics, loop: asyncio.AbstractEventLoop,
+                now: Callable[[], float]) -> UpstreamConnection:
+    """A connection for one request: the balancer's choice, then its fallbacks, pooled ones first.
+
+    Shared by the HTTP/1.1 and HTTP/2 client sides.  ``exchange`` carries the
+    request (``head``, ``group``) and the connect deadline the caller's timer
+    tick enforces: it sets ``connect_deadline`` here and ``connect_timed_out``
+    before cancelling this task, which then goes on with the next server.
+
+    Raises:
+        UpstreamUnavailable: every server is down (503), the group is busy (503),
+            or none accepted (502, or 504 after a connect timeout).
+    """
+    group = exchange.group
+    exchange.choice = choice = group.choose(exchange.head, client_ip, now())
+    if choice is None:
+        log.warning("upstream %s: no server can take connections (all down or draining)", group.config.name)
+        raise UpstreamUnavailable(503, f"upstream {group.config.name!r} has no available server",
+                                  "upstream_unreachable", [(b"Retry-After", b"%d" % group.retry_after(now()))])
+    failure = "refused"
+    for address in choice.servers:
+        if pooled:
+            conn = group.take_idle(address, now())
+            if conn is not None:
+                return conn
+        if group.connects_full():
+            metrics.limit_refused("max_pending_connects")
+            raise UpstreamUnavailable(503, f"upstream {group.config.name!r} is busy", "overloaded",
+                                      [(b"Retry-After", b"1")])
+        connect_timeout = group.config.connect_timeout
+        exchange.connect_deadline = now() + connect_timeout if connect_timeout else 0.0
+        try:
+            return await group.connect(address, loop)
+        except asyncio.CancelledError:
+            if not exchange.connect_timed_out:
+                raise  # the client went away, or the exchange was dropped
+            # the caller's tick cancelled this attempt: it took longer than connect_timeout
+            exchange.connect_timed_out = False
+            asyncio.current_task().uncancel()
+            failure = "timeout"
+            log.warning("upstream %s (%s) did not accept within connect_timeout", address, group.config.name)
+        except OSError as exc:
+            failure = "refused"
+            log.warning("upstream %s (%s) refused or unreachable: %s", address, group.config.name, exc)
+        finally:
+            exchange.connect_deadline = 0.0
+        group.connect_failed(address, now())
+    if failure == "timeout":
+        raise UpstreamUnavailable(504, f"upstream {group.config.name!r} is unavailable (timeout)", "upstream_timeout")
+    raise UpstreamUnavailable(502, f"upstream {group.config.name!r} is unavailable (refused)", "upstream_unreachable")
