@@ -17,12 +17,26 @@ breaks a rule or disappears, or on a timeout:
 ==========================  =============================  ==========================
 what happened               to the client                  to the upstream
 ==========================  =============================  ==========================
-client frame breaks a rule  close 1002 / 1009              close 1001
+client frame breaks a rule  close 1002 / 1009, once the    close 1001, at once
+                            upstream's frames on their
+                            way have passed (DRAINING)
 upstream breaks a rule      close 1014                     close 1002 / 1009
 upstream TCP gone           close 1014                     -
 client TCP gone             -                              close 1001
 idle timeout                close 1001                     close 1001
 ==========================  =============================  ==========================
+
+**Draining.**  When the client breaks a rule (or a policy: 1008), nothing more of
+its stream goes upstream, and the upstream gets its close frame at once; but the
+upstream may already have sent frames the client is owed, the echo of the
+client's last good message, say.  So the client's own close waits (state
+DRAINING): the upstream's frames still go to the client until the upstream's
+answering close frame, which the proxy's close (1002 / 1009 / 1008) replaces;
+the client then gets exactly what a strict endpoint would have sent it.  The
+client cannot prolong this (nothing it sends is relayed or answered); an
+upstream that does not answer within ``close_timeout`` gets the same treatment
+as one that answered.  Where the bad frame's first bytes already went
+upstream, the upstream's stream is aborted and the client is told at once.
 
 A frame can only be injected between frames; when the stream toward a side is in
 the middle of a frame, that side's connection is aborted instead (for a close),
@@ -149,6 +163,9 @@ class RelayState(Enum):
     OPEN = "open"
     #: A close frame passed one way; waiting for the answer.  Next: CLOSED.
     CLOSING = "closing"
+    #: The client broke a rule: the upstream got a close, its frames on their way
+    #: still go to the client, until its answer.  Next: FAILING or CLOSED.
+    DRAINING = "draining"
     #: The proxy sent its own close frames; waiting for answers.  Next: CLOSED.
     FAILING = "failing"
     #: Both TCP connections are being closed.
@@ -188,6 +205,8 @@ class WebSocketRelay(_accel.RelayCore):
         self.upstream_close: tuple[int | None, str] | None = None
         #: the close code the proxy itself sent to the client, if any.
         self.proxy_close_code: int | None = None
+        #: in DRAINING, the close the client is owed
+        self._drain_close: tuple[int, str] = (CLOSE_PROTOCOL_ERROR, "")
         self._last_active = now
         self._deadline = 0.0
         # In FAILING, the proxy waits for both sides' answers itself.
@@ -207,7 +226,8 @@ class WebSocketRelay(_accel.RelayCore):
     @state.setter
     def state(self, value: RelayState) -> None:
         self._state = value
-        # The hot path only asks "relay data?", as one flag.
+        # The hot path only asks "relay data?", as one flag.  In DRAINING each read
+        # takes the slow path: the upstream's until its close, the client's to be dropped.
         self.passing = value is RelayState.OPEN or value is RelayState.CLOSING
 
     def _after_stop(self, scanner, data: bytes, n: int, client: bool):
@@ -225,6 +245,9 @@ class WebSocketRelay(_accel.RelayCore):
             if self._own_pong_alone(scanner, data, n, self._upstream_ping, 2):
                 self._upstream_ping = None
                 return None
+        if self.state is RelayState.DRAINING:
+            # nothing more of the client's goes upstream (a rate limit leaves its stream readable)
+            return None if client else self._drained(scanner, data, n)
         if scanner.close is None and scanner.error is None:
             # Only a pong brought us here (the scan then took all of data), or the
             # session is FAILING: the proxy ended it, and data is dropped.
@@ -313,21 +336,29 @@ class WebSocketRelay(_accel.RelayCore):
 
         The offender gets ``code``; the other side 1001 (the client's fault) or
         1014 (the upstream's).  ``partial``: the offender's stream toward the
-        other side ends inside a frame, which is then aborted.
+        other side ends inside a frame, which is then aborted.  A client's
+        close waits for the upstream's frames on their way (DRAINING).
         """
-        if self.state in (RelayState.FAILING, RelayState.CLOSED):
+        if self.state in (RelayState.DRAINING, RelayState.FAILING, RelayState.CLOSED):
             return
         # The offender's stream cannot be parsed past the bad frame: tell it why,
         # half-close, and wait for its EOF.  The other side gets a normal close.
         if client:
-            await_client = self._tell_client(code, reason)
-            if await_client:
-                self.actions.append((SHUTDOWN_CLIENT, None))
             if partial:
                 self.actions.append((ABORT_UPSTREAM, None))
                 await_upstream = False
             else:
                 await_upstream = self._tell_upstream(CLOSE_GOING_AWAY, "client broke the protocol")
+            if await_upstream and self.state is RelayState.OPEN:
+                # The upstream may have sent frames the client is owed: they go first.
+                self._drain_close = (code, reason)
+                self.state = RelayState.DRAINING
+                self._deadline = -1.0  # armed by the next check_timers()
+                self.actions.append((WAKE_TIMERS, None))
+                return
+            await_client = self._tell_client(code, reason)
+            if await_client:
+                self.actions.append((SHUTDOWN_CLIENT, None))
         else:
             await_upstream = self._tell_upstream(code, reason)
             if await_upstream:
@@ -338,6 +369,43 @@ class WebSocketRelay(_accel.RelayCore):
             else:
                 await_client = self._tell_client(CLOSE_BAD_GATEWAY, "upstream broke the protocol")
         self._fail(await_client, await_upstream)
+
+    def _drained(self, scanner, data: bytes, n: int) -> bytes | None:
+        """A read from the upstream in DRAINING: relayed; its close (or broken frame) ends the drain.
+
+        The frames before the close go to the client, the close does not: the
+        proxy's own takes its place, unless the close began in an earlier read
+        (its first bytes went out already: the client then gets the upstream's).
+        """
+        forward = data[:n] if n != len(data) else data
+        if scanner.close is None and scanner.error is None:
+            return forward
+        if scanner.error is not None:
+            # The frames before the broken one are owed; the client then gets its close.
+            self._end_drain()
+            return forward
+        self.upstream_close = scanner.close
+        kept = len(forward) - scanner.close_size
+        if kept >= 0:
+            self._end_drain()
+            return forward[:kept]
+        self.actions.append((SHUTDOWN_CLIENT, None))
+        self._fail(True, False)
+        return forward
+
+    def _end_drain(self) -> None:
+        """The client gets its close now: nothing more is owed to it (or we waited long enough)."""
+        code, reason = self._drain_close
+        if self.upstream_frames.mid_frame:
+            # A stalled upstream left the stream toward the client inside a frame.
+            self.actions.append((ABORT_CLIENT, None))
+            await_client = False
+        else:
+            self.proxy_close_code = code
+            self.actions.append((SEND_CLIENT, self._client_close_frame(code, reason)))
+            self.actions.append((SHUTDOWN_CLIENT, None))
+            await_client = True
+        self._fail(await_client, False)
 
     def _fail(self, await_client: bool, await_upstream: bool) -> None:
         self.state = RelayState.FAILING
@@ -354,6 +422,11 @@ class WebSocketRelay(_accel.RelayCore):
         """The client's TCP connection ended (FIN or reset)."""
         if self.state is RelayState.CLOSED:
             return
+        if self.state is RelayState.DRAINING:
+            # Nobody is left to be owed anything; the upstream has its close already.
+            self.state = RelayState.CLOSED
+            self.actions.append((CLOSE_UPSTREAM, None))
+            return
         if self.state is RelayState.FAILING:
             self._await_client = False
             self._maybe_finish_failing()
@@ -366,6 +439,9 @@ class WebSocketRelay(_accel.RelayCore):
     def upstream_eof(self) -> None:
         """The upstream's TCP connection ended (FIN or reset)."""
         if self.state is RelayState.CLOSED:
+            return
+        if self.state is RelayState.DRAINING:
+            self._end_drain()  # nothing more can come from it
             return
         if self.state is RelayState.FAILING:
             self._await_upstream = False
@@ -417,6 +493,9 @@ class WebSocketRelay(_accel.RelayCore):
         """The proxy ends the session itself (idle timeout, shutdown)."""
         if self.state is RelayState.CLOSED or self.state is RelayState.FAILING:
             return
+        if self.state is RelayState.DRAINING:
+            self._end_drain()  # the upstream has its close already; the client gets the one it is owed
+            return
         await_client = self._tell_client(code, reason)
         await_upstream = self._tell_upstream(code, reason)
         self._fail(await_client, await_upstream)
@@ -430,6 +509,11 @@ class WebSocketRelay(_accel.RelayCore):
             if self.idle_timeout and now - self._last_active >= self.idle_timeout:
                 self.close_both(CLOSE_GOING_AWAY, "idle timeout")
                 self._deadline = now + self.close_timeout
+        elif self.state is RelayState.DRAINING:
+            if self._deadline < 0:
+                self._deadline = now + self.close_timeout
+            elif now >= self._deadline:
+                self._end_drain()  # the upstream did not answer in time: stop waiting for it
         elif self.state in (RelayState.CLOSING, RelayState.FAILING):
             if self._deadline < 0:
                 self._deadline = now + self.close_timeout
@@ -451,7 +535,7 @@ class WebSocketRelay(_accel.RelayCore):
             if not self.idle_timeout:
                 return 0.0
             return now + min(self.idle_timeout / 4, IDLE_CHECK_SECONDS)
-        if state is RelayState.CLOSING or state is RelayState.FAILING:
+        if state is RelayState.CLOSING or state is RelayState.FAILING or state is RelayState.DRAINING:
             return now if self._deadline < 0 else self._deadline
         return 0.0
 

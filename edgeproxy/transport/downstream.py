@@ -914,11 +914,14 @@ class ClientConnection(asyncio.Protocol):
         metrics = self.server.metrics
         metrics.add_messages(CLIENT_TO_UPSTREAM, relay.messages_from_client, relay.bytes_from_client)
         metrics.add_messages(UPSTREAM_TO_CLIENT, relay.messages_from_upstream, relay.bytes_from_upstream)
-        # The code the client saw: the upstream's, forwarded, or the proxy's own.
-        if relay.upstream_close is not None:
+        # The code the client saw: the proxy's own (then the upstream's close, if any,
+        # was not relayed: it came after, or in its place, see DRAINING), or the upstream's.
+        if relay.proxy_close_code is not None:
+            code = relay.proxy_close_code
+        elif relay.upstream_close is not None:
             code = relay.upstream_close[0]
         else:
-            code = relay.proxy_close_code
+            code = None
         metrics.connection_closed(self._metrics_key, self.server.now() - self._ws_started, code)
 
     def _log_ws_close(self) -> None:
