@@ -27,16 +27,19 @@ idle timeout                close 1001                     close 1001
 ==========================  =============================  ==========================
 
 **Draining.**  When the client breaks a rule (or a policy: 1008), nothing more of
-its stream goes upstream, and the upstream gets its close frame at once; but the
-upstream may already have sent frames the client is owed, the echo of the
-client's last good message, say.  So the client's own close waits (state
-DRAINING): the upstream's frames still go to the client until the upstream's
-answering close frame, which the proxy's close (1002 / 1009 / 1008) replaces;
-the client then gets exactly what a strict endpoint would have sent it.  The
-client cannot prolong this (nothing it sends is relayed or answered); an
-upstream that does not answer within ``close_timeout`` gets the same treatment
-as one that answered.  Where the bad frame's first bytes already went
-upstream, the upstream's stream is aborted and the client is told at once.
+its stream goes upstream; but the upstream may owe it frames, the echo of the
+client's last good message, say, which an endpoint that read the good message
+before the bad frame would have sent.  So the client's own close waits (state
+DRAINING).  For ``drain_grace`` seconds (`DRAIN_GRACE_SECONDS`, 0.1) the upstream
+hears nothing, so it can answer what it read; then it gets its close (1001).
+Its frames go to the client until its answering close, which the proxy's
+close (1002 / 1009 / 1008) replaces: the client gets what a strict endpoint
+would have sent it.  The client cannot prolong this (nothing it sends is
+relayed or answered); an upstream that does not answer within
+``close_timeout`` is treated as one that did.  Where the bad frame's first
+bytes already went upstream (its header came in pieces), no close frame can
+follow them: the upstream is half-closed instead, and its EOF ends the drain
+as its close would.
 
 A frame can only be injected between frames; when the stream toward a side is in
 the middle of a frame, that side's connection is aborted instead (for a close),
@@ -86,6 +89,11 @@ SHUTDOWN_UPSTREAM = "shutdown_upstream"
 #: relayed on like any frame (an unsolicited pong is allowed, RFC 6455 5.5.3).
 #: a deadline begins (a close frame passed one way): call ``check_timers`` at the next tick
 WAKE_TIMERS = "wake_timers"
+#: data: seconds; call ``end_grace`` after them (a timer of its own: the tick may be coarser)
+DRAIN_GRACE = "drain_grace"
+#: the default `WebSocketRelay.drain_grace`: an upstream answers what it has read within it
+#: (an echo on a loopback takes well under a millisecond; a close handshake is waited for besides)
+DRAIN_GRACE_SECONDS = 0.1
 PONG_FROM_CLIENT = "pong_from_client"
 PONG_FROM_UPSTREAM = "pong_from_upstream"
 
@@ -192,21 +200,28 @@ class WebSocketRelay(_accel.RelayCore):
         now: float = 0.0,
         max_frame_size: int = 0,
         rules: tuple[int, int, int] = (0, 0, 7),
+        drain_grace: float = 0.0,
     ):
         # rules: (client rules, upstream rules, allowed RSV bits), see `frame_rules`
         super().__init__(max_message_size, max_frame_size, *rules)
         self.idle_timeout = idle_timeout
         self.close_timeout = close_timeout
+        #: seconds the upstream may still answer a client's last good frames before it
+        #: hears of the client's broken one (see DRAINING); 0 = it hears at once
+        self.drain_grace = drain_grace
         self._mask_key = mask_key_source
         self._state = RelayState.OPEN
-        self.actions: list[tuple[str, bytes | None]] = []
+        self.actions: list[tuple[str, bytes | float | None]] = []
         #: (code, reason) of the close frame each side sent, once seen.
         self.client_close: tuple[int | None, str] | None = None
         self.upstream_close: tuple[int | None, str] | None = None
         #: the close code the proxy itself sent to the client, if any.
         self.proxy_close_code: int | None = None
-        #: in DRAINING, the close the client is owed
+        #: in DRAINING: the close the client is owed; whether the stream toward the
+        #: upstream ends inside a frame; whether the upstream was told
         self._drain_close: tuple[int, str] = (CLOSE_PROTOCOL_ERROR, "")
+        self._drain_cut = False
+        self._upstream_told = False
         self._last_active = now
         self._deadline = 0.0
         # In FAILING, the proxy waits for both sides' answers itself.
@@ -343,19 +358,26 @@ class WebSocketRelay(_accel.RelayCore):
             return
         # The offender's stream cannot be parsed past the bad frame: tell it why,
         # half-close, and wait for its EOF.  The other side gets a normal close.
+        if client and self.state is RelayState.OPEN:
+            # The upstream may owe the client frames: they go first (DRAINING).
+            self._drain_close = (code, reason)
+            # the stream toward the upstream ends inside a frame: no close frame can go there
+            self._drain_cut = partial or self.client_frames.mid_frame
+            self._upstream_told = False
+            self.state = RelayState.DRAINING
+            if self.drain_grace > 0:
+                self.actions.append((DRAIN_GRACE, self.drain_grace))
+            else:
+                self._tell_drained_upstream()
+            self._deadline = -1.0  # armed by the next check_timers()
+            self.actions.append((WAKE_TIMERS, None))
+            return
         if client:
             if partial:
                 self.actions.append((ABORT_UPSTREAM, None))
                 await_upstream = False
             else:
                 await_upstream = self._tell_upstream(CLOSE_GOING_AWAY, "client broke the protocol")
-            if await_upstream and self.state is RelayState.OPEN:
-                # The upstream may have sent frames the client is owed: they go first.
-                self._drain_close = (code, reason)
-                self.state = RelayState.DRAINING
-                self._deadline = -1.0  # armed by the next check_timers()
-                self.actions.append((WAKE_TIMERS, None))
-                return
             await_client = self._tell_client(code, reason)
             if await_client:
                 self.actions.append((SHUTDOWN_CLIENT, None))
@@ -369,6 +391,22 @@ class WebSocketRelay(_accel.RelayCore):
             else:
                 await_client = self._tell_client(CLOSE_BAD_GATEWAY, "upstream broke the protocol")
         self._fail(await_client, await_upstream)
+
+    def end_grace(self) -> None:
+        """`drain_grace` seconds after a client broke a rule: the upstream gets its close now.
+
+        The transport calls it after a `DRAIN_GRACE` action (a timer of that length).
+        """
+        if self.state is RelayState.DRAINING and not self._upstream_told:
+            self._tell_drained_upstream()
+
+    def _tell_drained_upstream(self) -> None:
+        self._upstream_told = True
+        if self._drain_cut:
+            # A half-close ends the stream; what the upstream sends still comes.
+            self.actions.append((SHUTDOWN_UPSTREAM, None))
+        else:
+            self.actions.append((SEND_UPSTREAM, self._upstream_close_frame(CLOSE_GOING_AWAY, "client broke the protocol")))
 
     def _drained(self, scanner, data: bytes, n: int) -> bytes | None:
         """A read from the upstream in DRAINING: relayed; its close (or broken frame) ends the drain.
@@ -384,18 +422,25 @@ class WebSocketRelay(_accel.RelayCore):
             # The frames before the broken one are owed; the client then gets its close.
             self._end_drain()
             return forward
-        self.upstream_close = scanner.close
+        self.upstream_close = scanner.close  # (during the grace: a close that crossed the client's breach)
         kept = len(forward) - scanner.close_size
         if kept >= 0:
             self._end_drain()
             return forward[:kept]
+        if not self._upstream_told:
+            self._tell_drained_upstream()  # the answer to its close
         self.actions.append((SHUTDOWN_CLIENT, None))
         self._fail(True, False)
         return forward
 
-    def _end_drain(self) -> None:
+    def _end_drain(self, upstream_gone: bool = False) -> None:
         """The client gets its close now: nothing more is owed to it (or we waited long enough)."""
         code, reason = self._drain_close
+        await_upstream = False
+        if not self._upstream_told and not upstream_gone:
+            # Ended within the grace (a shutdown, say): the upstream's answer is waited for.
+            self._tell_drained_upstream()
+            await_upstream = True
         if self.upstream_frames.mid_frame:
             # A stalled upstream left the stream toward the client inside a frame.
             self.actions.append((ABORT_CLIENT, None))
@@ -405,7 +450,7 @@ class WebSocketRelay(_accel.RelayCore):
             self.actions.append((SEND_CLIENT, self._client_close_frame(code, reason)))
             self.actions.append((SHUTDOWN_CLIENT, None))
             await_client = True
-        self._fail(await_client, False)
+        self._fail(await_client, await_upstream)
 
     def _fail(self, await_client: bool, await_upstream: bool) -> None:
         self.state = RelayState.FAILING
@@ -423,7 +468,9 @@ class WebSocketRelay(_accel.RelayCore):
         if self.state is RelayState.CLOSED:
             return
         if self.state is RelayState.DRAINING:
-            # Nobody is left to be owed anything; the upstream has its close already.
+            # Nobody is left to be owed anything.
+            if not self._upstream_told:
+                self._tell_drained_upstream()
             self.state = RelayState.CLOSED
             self.actions.append((CLOSE_UPSTREAM, None))
             return
@@ -441,7 +488,7 @@ class WebSocketRelay(_accel.RelayCore):
         if self.state is RelayState.CLOSED:
             return
         if self.state is RelayState.DRAINING:
-            self._end_drain()  # nothing more can come from it
+            self._end_drain(upstream_gone=True)  # nothing more can come from it
             return
         if self.state is RelayState.FAILING:
             self._await_upstream = False

@@ -41,6 +41,8 @@ from edgeproxy.core.websocket import (
     ABORT_UPSTREAM,
     CLOSE_CLIENT,
     CLOSE_UPSTREAM,
+    DRAIN_GRACE,
+    DRAIN_GRACE_SECONDS,
     PONG_FROM_CLIENT,
     PONG_FROM_UPSTREAM,
     SEND_CLIENT,
@@ -761,6 +763,7 @@ class ClientConnection(asyncio.Protocol):
             now=now,
             max_frame_size=cfg.max_frame_size,
             rules=frame_rules(cfg.strict, http1.header_value(head.headers, b"sec-websocket-extensions")),
+            drain_grace=DRAIN_GRACE_SECONDS,
         )
         if SessionMeters.wanted(cfg):
             self._meters = SessionMeters(cfg, now)
@@ -901,12 +904,22 @@ class ClientConnection(asyncio.Protocol):
                     self.transport.write_eof()
             elif kind == SHUTDOWN_UPSTREAM:
                 up.shutdown()
+            elif kind == DRAIN_GRACE:
+                # shorter than a tick, and rare (a client broke a rule): a timer of its own
+                self.server.loop.call_later(data, self._drain_grace_over)
             elif kind == PONG_FROM_CLIENT:
                 self._pong(self.server.client_beats, data)
             elif kind == PONG_FROM_UPSTREAM:
                 self._pong(self.server.upstream_beats, data)
         # The actions may have begun a close (a deadline; WAKE_TIMERS says only that) or ended the session.
         self._rearm(self.server.now())
+
+    def _drain_grace_over(self) -> None:
+        relay = self.relay
+        if relay is not None and relay.state is RelayState.DRAINING:
+            relay.end_grace()
+            if relay.actions:
+                self._run_relay_actions()
 
     def _count_ws_close(self) -> None:
         """Fold the session's totals into the metrics (see `Metrics`: live to folded at once)."""

@@ -26,6 +26,7 @@ from edgeproxy.core.websocket import (
     ABORT_UPSTREAM,
     CLOSE_CLIENT,
     CLOSE_UPSTREAM,
+    DRAIN_GRACE,
     PONG_FROM_CLIENT,
     PONG_FROM_UPSTREAM,
     SEND_CLIENT,
@@ -298,6 +299,74 @@ def test_a_client_gone_while_draining_closes_the_upstream_without_a_second_close
     assert relay.state is RelayState.CLOSED
 
 
+def graced_relay():
+    """A relay draining with a grace: the upstream has not been told yet."""
+    relay = new_relay(rules=frame_rules(True, None), drain_grace=0.1)
+    good = client_frame(OP_TEXT, b"hello")
+    assert relay.from_client(good + client_frame(3, b"reserved")) == good
+    assert relay.actions == [(DRAIN_GRACE, 0.1), (WAKE_TIMERS, None)]  # nothing goes upstream yet
+    relay.actions.clear()
+    return relay
+
+
+def test_the_upstream_hears_of_the_broken_frame_only_after_the_grace():
+    """So it can answer what it read before: an echo it has not even sent yet when the client breaks the rule."""
+    relay = graced_relay()
+    echo = server_frame(OP_TEXT, b"hello")
+    assert relay.from_upstream(echo) == echo and relay.actions == []
+    relay.end_grace()
+    assert [a[0] for a in relay.actions] == [SEND_UPSTREAM]
+    assert read_close(relay.actions[0][1]) == ((1001, "client broke the protocol"), True)
+    relay.actions.clear()
+    relay.end_grace()  # once only
+    assert relay.actions == []
+    assert relay.from_upstream(server_frame(OP_CLOSE, encode_close_payload(1001))) == b""
+    assert read_close(relay.actions[0][1])[0] == (1002, "reserved opcode 0x3")
+    assert relay.state is RelayState.FAILING
+
+
+@pytest.mark.parametrize("how", ["close_both", "client_eof", "upstream_eof", "upstream_close", "deadline"])
+def test_a_drain_ended_within_the_grace_still_tells_both_sides_once(how):
+    relay = graced_relay()
+    if how == "close_both":
+        relay.close_both(1001, "server shutting down")
+        kinds = [SEND_UPSTREAM, SEND_CLIENT, SHUTDOWN_CLIENT]
+    elif how == "client_eof":
+        relay.client_eof()
+        kinds = [SEND_UPSTREAM, CLOSE_UPSTREAM]
+    elif how == "upstream_eof":
+        relay.upstream_eof()
+        kinds = [SEND_CLIENT, SHUTDOWN_CLIENT]  # nobody to tell upstream
+    elif how == "upstream_close":
+        # the upstream's close crossed the client's breach: answered, and replaced by the proxy's
+        assert relay.from_upstream(server_frame(OP_CLOSE, encode_close_payload(1000))) == b""
+        kinds = [SEND_UPSTREAM, SEND_CLIENT, SHUTDOWN_CLIENT]
+    else:
+        relay.check_timers(0.0)
+        relay.check_timers(relay.close_timeout)  # a transport that never ended the grace
+        kinds = [SEND_UPSTREAM, SEND_CLIENT, SHUTDOWN_CLIENT]
+    assert [a[0] for a in relay.actions] == kinds
+    for kind, data in relay.actions:
+        if kind == SEND_UPSTREAM:
+            assert read_close(data)[0][0] == 1001
+        elif kind == SEND_CLIENT:
+            assert read_close(data)[0][0] == 1002
+    relay.actions.clear()
+    relay.end_grace()  # too late: changes nothing
+    assert relay.actions == []
+
+
+def test_a_client_cut_inside_a_frame_gets_the_upstream_half_closed_after_the_grace():
+    relay = new_relay(drain_grace=0.1)
+    big = client_frame(OP_BINARY, b"b" * 1000)
+    assert relay.from_client(big[:500]) == big[:500]  # the upstream is now inside that frame
+    relay.fail_sender(client=True, code=1008, reason="message or byte rate exceeded")
+    relay.actions.clear()
+    assert relay.from_client(big[500:]) is None  # scanned, not relayed: the stream upstream stays cut
+    relay.end_grace()
+    assert relay.actions == [(SHUTDOWN_UPSTREAM, None)]
+
+
 def test_a_rate_limited_client_is_not_relayed_while_draining():
     relay = new_relay()
     relay.fail_sender(client=True, code=1008, reason="message or byte rate exceeded")
@@ -497,8 +566,14 @@ def test_bad_header_split_across_reads_aborts_the_side_that_got_its_first_bytes(
     assert relay.from_client(frame[:2]) == frame[:2]  # relayed as it came, before the length was known
     assert relay.from_client(frame[2:]) == b""
     kinds = [a[0] for a in relay.actions]
-    assert kinds == [ABORT_UPSTREAM, SEND_CLIENT, SHUTDOWN_CLIENT]  # nothing can be drained: told at once
-    assert read_close(relay.actions[1][1])[0][0] == 1009
+    # no close frame can follow the header's first bytes: the upstream is half-closed, and drained
+    assert kinds == [SHUTDOWN_UPSTREAM, WAKE_TIMERS] and relay.state is RelayState.DRAINING
+    relay.actions.clear()
+    echo = server_frame(OP_TEXT, b"owed")
+    assert relay.from_upstream(echo) == echo
+    relay.upstream_eof()  # the upstream's answer to the half-close
+    assert [a[0] for a in relay.actions] == [SEND_CLIENT, SHUTDOWN_CLIENT]
+    assert read_close(relay.actions[0][1])[0][0] == 1009
     assert relay.state is RelayState.FAILING
 
 
