@@ -3,9 +3,9 @@
 
 The Autobahn fuzzingclient (``wstest -m fuzzingclient``) is run twice against
 the same reference echo server (``echo_server.py``, the ``websockets``
-library): once DIRECT and once THROUGH edgeproxy.  A transparent proxy must not
-change any verdict, so the per-case ``behavior`` / ``behaviorClose`` pairs of
-the two runs are compared and every difference is reported.
+library): once DIRECT and once THROUGH edgeproxy.  The per-case
+``behavior`` / ``behaviorClose`` pairs of the two runs are compared (the rule
+is below) and every difference is reported.
 
 Runner, in order of preference (``--runner auto``):
 
@@ -18,9 +18,9 @@ Runner, in order of preference (``--runner auto``):
 Neither can be had -> exit 77 with the reason on stderr (and the last line of
 stdout starts with ``SKIP:``).
 
-Exit codes: 0 same verdicts (or ``--direct-only`` run completed), 1 some case
-differs, 2 setup/run error (echo server or proxy would not start, runner
-crashed, ``--timeout`` hit), 77 no runner available.
+Exit codes: 0 no case differs by the rule below (or ``--direct-only`` run
+completed), 1 some case differs, 2 setup/run error (echo server or proxy would
+not start, runner crashed, ``--timeout`` hit), 77 no runner available.
 
 The rule: every case must get the backend's verdict through the proxy, or OK
 where the backend's is not OK (`at_least_as_good`: a strict proxy may refuse

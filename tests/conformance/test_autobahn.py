@@ -1,4 +1,4 @@
-"""Autobahn|Testsuite: the reference echo server gives the same verdicts through edgeproxy as direct.
+"""Autobahn|Testsuite: through edgeproxy, the echo server's verdict or OK in every case (`at_least_as_good`).
 
 The real run (``test_autobahn_same_verdicts_through_proxy``) is marked
 ``conformance``; it runs ``run_autobahn.py`` in a subprocess with a time bound.
