@@ -17,9 +17,9 @@ breaks a rule or disappears, or on a timeout:
 ==========================  =============================  ==========================
 what happened               to the client                  to the upstream
 ==========================  =============================  ==========================
-client frame breaks a rule  close 1002 / 1009, once the    close 1001, at once
-                            upstream's frames on their
-                            way have passed (DRAINING)
+client frame breaks a rule  close 1002 / 1009, once the    close 1001, after
+                            upstream's frames owed have    ``drain_grace``
+                            passed (DRAINING)
 upstream breaks a rule      close 1014                     close 1002 / 1009
 upstream TCP gone           close 1014                     -
 client TCP gone             -                              close 1001
@@ -89,13 +89,13 @@ SHUTDOWN_UPSTREAM = "shutdown_upstream"
 #: relayed on like any frame (an unsolicited pong is allowed, RFC 6455 5.5.3).
 #: a deadline begins (a close frame passed one way): call ``check_timers`` at the next tick
 WAKE_TIMERS = "wake_timers"
+PONG_FROM_CLIENT = "pong_from_client"
+PONG_FROM_UPSTREAM = "pong_from_upstream"
 #: data: seconds; call ``end_grace`` after them (a timer of its own: the tick may be coarser)
 DRAIN_GRACE = "drain_grace"
 #: the default `WebSocketRelay.drain_grace`: an upstream answers what it has read within it
 #: (an echo on a loopback takes well under a millisecond; a close handshake is waited for besides)
 DRAIN_GRACE_SECONDS = 0.1
-PONG_FROM_CLIENT = "pong_from_client"
-PONG_FROM_UPSTREAM = "pong_from_upstream"
 
 
 def validate_client_handshake(head: RequestHead) -> bytes:
@@ -171,8 +171,8 @@ class RelayState(Enum):
     OPEN = "open"
     #: A close frame passed one way; waiting for the answer.  Next: CLOSED.
     CLOSING = "closing"
-    #: The client broke a rule: the upstream got a close, its frames on their way
-    #: still go to the client, until its answer.  Next: FAILING or CLOSED.
+    #: The client broke a rule: the upstream gets a close after ``drain_grace``; its
+    #: frames still go to the client until its answer.  Next: FAILING or CLOSED.
     DRAINING = "draining"
     #: The proxy sent its own close frames; waiting for answers.  Next: CLOSED.
     FAILING = "failing"
