@@ -264,6 +264,7 @@ cdef class FrameScanner:
     cdef readonly long long pongs
     cdef readonly object last_pong
     cdef readonly object close
+    cdef readonly int close_size
     cdef readonly object error
     cdef unsigned long long _remaining
     cdef unsigned long long _msg_size
@@ -308,6 +309,7 @@ cdef class FrameScanner:
         self.pongs = 0
         self.last_pong = None
         self.close = None
+        self.close_size = 0
         self.error = None
         self._remaining = 0
         self._msg_size = 0
@@ -425,6 +427,8 @@ cdef class FrameScanner:
             self._cmasked = b1 & 0x80
             if self._cmasked:
                 memcpy(self._ckey, p + hl - 4, 4)
+            if opcode == 8:
+                self.close_size = <int>(hl + length)
         return hl
 
     cdef int _finish(self) except -1:

@@ -390,7 +390,10 @@ class FrameScanner:
     slow path), ``last_pong`` (the unmasked payload of the latest PONG of at
     most 125 bytes, or None: the proxy matches it against its own ping),
     ``close``
-    (``(code, reason)`` once a complete CLOSE frame was scanned),
+    (``(code, reason)`` once a complete CLOSE frame was scanned), ``close_size``
+    (the CLOSE frame's length in bytes, header and payload, from its header on;
+    0 before: with ``close`` set, it began ``close_size`` bytes before the
+    offset ``scan`` returned),
     ``error`` (the :class:`FrameError` that stopped the stream), ``max_message_size``
     and the ``mid_frame`` property.
     """
@@ -402,6 +405,7 @@ class FrameScanner:
         "pongs",
         "last_pong",
         "close",
+        "close_size",
         "error",
         "_remaining",
         "_opcode",
@@ -437,6 +441,7 @@ class FrameScanner:
         self.pongs = 0
         self.last_pong = None
         self.close = None
+        self.close_size = 0
         self.error = None
         self._remaining = 0  # payload bytes of the current frame still to come
         self._opcode = 0  # opcode of the current frame
@@ -511,6 +516,8 @@ class FrameScanner:
             # CLOSE and PONG payloads are read: the close code, the heartbeat answer.
             self._cbuf = bytearray()
             self._ckey = bytes(buf[pos + hl - 4 : pos + hl]) if b1 & 0x80 else None
+            if opcode == 8:
+                self.close_size = hl + length
         return hl
 
     def _check_rules(self, b0: int, b1: int, opcode: int) -> None:

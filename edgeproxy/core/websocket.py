@@ -17,12 +17,29 @@ breaks a rule or disappears, or on a timeout:
 ==========================  =============================  ==========================
 what happened               to the client                  to the upstream
 ==========================  =============================  ==========================
-client frame breaks a rule  close 1002 / 1009              close 1001
+client frame breaks a rule  close 1002 / 1009, once the    close 1001, after
+                            upstream's frames owed have    ``drain_grace``
+                            passed (DRAINING)
 upstream breaks a rule      close 1014                     close 1002 / 1009
 upstream TCP gone           close 1014                     -
 client TCP gone             -                              close 1001
 idle timeout                close 1001                     close 1001
 ==========================  =============================  ==========================
+
+**Draining.**  When the client breaks a rule (or a policy: 1008), nothing more of
+its stream goes upstream; but the upstream may owe it frames, the echo of the
+client's last good message, say, which an endpoint that read the good message
+before the bad frame would have sent.  So the client's own close waits (state
+DRAINING).  For ``drain_grace`` seconds (`DRAIN_GRACE_SECONDS`, 0.1) the upstream
+hears nothing, so it can answer what it read; then it gets its close (1001).
+Its frames go to the client until its answering close, which the proxy's
+close (1002 / 1009 / 1008) replaces: the client gets what a strict endpoint
+would have sent it.  The client cannot prolong this (nothing it sends is
+relayed or answered); an upstream that does not answer within
+``close_timeout`` is treated as one that did.  Where the bad frame's first
+bytes already went upstream (its header came in pieces), no close frame can
+follow them: the upstream is half-closed instead, and its EOF ends the drain
+as its close would.
 
 A frame can only be injected between frames; when the stream toward a side is in
 the middle of a frame, that side's connection is aborted instead (for a close),
@@ -74,6 +91,11 @@ SHUTDOWN_UPSTREAM = "shutdown_upstream"
 WAKE_TIMERS = "wake_timers"
 PONG_FROM_CLIENT = "pong_from_client"
 PONG_FROM_UPSTREAM = "pong_from_upstream"
+#: data: seconds; call ``end_grace`` after them (a timer of its own: the tick may be coarser)
+DRAIN_GRACE = "drain_grace"
+#: the default `WebSocketRelay.drain_grace`: an upstream answers what it has read within it
+#: (an echo on a loopback takes well under a millisecond; a close handshake is waited for besides)
+DRAIN_GRACE_SECONDS = 0.1
 
 
 def validate_client_handshake(head: RequestHead) -> bytes:
@@ -149,6 +171,9 @@ class RelayState(Enum):
     OPEN = "open"
     #: A close frame passed one way; waiting for the answer.  Next: CLOSED.
     CLOSING = "closing"
+    #: The client broke a rule: the upstream gets a close after ``drain_grace``; its
+    #: frames still go to the client until its answer.  Next: FAILING or CLOSED.
+    DRAINING = "draining"
     #: The proxy sent its own close frames; waiting for answers.  Next: CLOSED.
     FAILING = "failing"
     #: Both TCP connections are being closed.
@@ -175,19 +200,28 @@ class WebSocketRelay(_accel.RelayCore):
         now: float = 0.0,
         max_frame_size: int = 0,
         rules: tuple[int, int, int] = (0, 0, 7),
+        drain_grace: float = 0.0,
     ):
         # rules: (client rules, upstream rules, allowed RSV bits), see `frame_rules`
         super().__init__(max_message_size, max_frame_size, *rules)
         self.idle_timeout = idle_timeout
         self.close_timeout = close_timeout
+        #: seconds the upstream may still answer a client's last good frames before it
+        #: hears of the client's broken one (see DRAINING); 0 = it hears at once
+        self.drain_grace = drain_grace
         self._mask_key = mask_key_source
         self._state = RelayState.OPEN
-        self.actions: list[tuple[str, bytes | None]] = []
+        self.actions: list[tuple[str, bytes | float | None]] = []
         #: (code, reason) of the close frame each side sent, once seen.
         self.client_close: tuple[int | None, str] | None = None
         self.upstream_close: tuple[int | None, str] | None = None
         #: the close code the proxy itself sent to the client, if any.
         self.proxy_close_code: int | None = None
+        #: in DRAINING: the close the client is owed; whether the stream toward the
+        #: upstream ends inside a frame; whether the upstream was told
+        self._drain_close: tuple[int, str] = (CLOSE_PROTOCOL_ERROR, "")
+        self._drain_cut = False
+        self._upstream_told = False
         self._last_active = now
         self._deadline = 0.0
         # In FAILING, the proxy waits for both sides' answers itself.
@@ -207,7 +241,8 @@ class WebSocketRelay(_accel.RelayCore):
     @state.setter
     def state(self, value: RelayState) -> None:
         self._state = value
-        # The hot path only asks "relay data?", as one flag.
+        # The hot path only asks "relay data?", as one flag.  In DRAINING each read
+        # takes the slow path: the upstream's until its close, the client's to be dropped.
         self.passing = value is RelayState.OPEN or value is RelayState.CLOSING
 
     def _after_stop(self, scanner, data: bytes, n: int, client: bool):
@@ -225,6 +260,9 @@ class WebSocketRelay(_accel.RelayCore):
             if self._own_pong_alone(scanner, data, n, self._upstream_ping, 2):
                 self._upstream_ping = None
                 return None
+        if self.state is RelayState.DRAINING:
+            # nothing more of the client's goes upstream (a rate limit leaves its stream readable)
+            return None if client else self._drained(scanner, data, n)
         if scanner.close is None and scanner.error is None:
             # Only a pong brought us here (the scan then took all of data), or the
             # session is FAILING: the proxy ended it, and data is dropped.
@@ -313,21 +351,36 @@ class WebSocketRelay(_accel.RelayCore):
 
         The offender gets ``code``; the other side 1001 (the client's fault) or
         1014 (the upstream's).  ``partial``: the offender's stream toward the
-        other side ends inside a frame, which is then aborted.
+        other side ends inside a frame, which is then aborted.  A client's
+        close waits for the upstream's frames on their way (DRAINING).
         """
-        if self.state in (RelayState.FAILING, RelayState.CLOSED):
+        if self.state in (RelayState.DRAINING, RelayState.FAILING, RelayState.CLOSED):
             return
         # The offender's stream cannot be parsed past the bad frame: tell it why,
         # half-close, and wait for its EOF.  The other side gets a normal close.
+        if client and self.state is RelayState.OPEN:
+            # The upstream may owe the client frames: they go first (DRAINING).
+            self._drain_close = (code, reason)
+            # the stream toward the upstream ends inside a frame: no close frame can go there
+            self._drain_cut = partial or self.client_frames.mid_frame
+            self._upstream_told = False
+            self.state = RelayState.DRAINING
+            if self.drain_grace > 0:
+                self.actions.append((DRAIN_GRACE, self.drain_grace))
+            else:
+                self._tell_drained_upstream()
+            self._deadline = -1.0  # armed by the next check_timers()
+            self.actions.append((WAKE_TIMERS, None))
+            return
         if client:
-            await_client = self._tell_client(code, reason)
-            if await_client:
-                self.actions.append((SHUTDOWN_CLIENT, None))
             if partial:
                 self.actions.append((ABORT_UPSTREAM, None))
                 await_upstream = False
             else:
                 await_upstream = self._tell_upstream(CLOSE_GOING_AWAY, "client broke the protocol")
+            await_client = self._tell_client(code, reason)
+            if await_client:
+                self.actions.append((SHUTDOWN_CLIENT, None))
         else:
             await_upstream = self._tell_upstream(code, reason)
             if await_upstream:
@@ -337,6 +390,66 @@ class WebSocketRelay(_accel.RelayCore):
                 await_client = False
             else:
                 await_client = self._tell_client(CLOSE_BAD_GATEWAY, "upstream broke the protocol")
+        self._fail(await_client, await_upstream)
+
+    def end_grace(self) -> None:
+        """`drain_grace` seconds after a client broke a rule: the upstream gets its close now.
+
+        The transport calls it after a `DRAIN_GRACE` action (a timer of that length).
+        """
+        if self.state is RelayState.DRAINING and not self._upstream_told:
+            self._tell_drained_upstream()
+
+    def _tell_drained_upstream(self) -> None:
+        self._upstream_told = True
+        if self._drain_cut:
+            # A half-close ends the stream; what the upstream sends still comes.
+            self.actions.append((SHUTDOWN_UPSTREAM, None))
+        else:
+            self.actions.append((SEND_UPSTREAM, self._upstream_close_frame(CLOSE_GOING_AWAY, "client broke the protocol")))
+
+    def _drained(self, scanner, data: bytes, n: int) -> bytes | None:
+        """A read from the upstream in DRAINING: relayed; its close (or broken frame) ends the drain.
+
+        The frames before the close go to the client, the close does not: the
+        proxy's own takes its place, unless the close began in an earlier read
+        (its first bytes went out already: the client then gets the upstream's).
+        """
+        forward = data[:n] if n != len(data) else data
+        if scanner.close is None and scanner.error is None:
+            return forward
+        if scanner.error is not None:
+            # The frames before the broken one are owed; the client then gets its close.
+            self._end_drain()
+            return forward
+        self.upstream_close = scanner.close  # (during the grace: a close that crossed the client's breach)
+        kept = len(forward) - scanner.close_size
+        if kept >= 0:
+            self._end_drain()
+            return forward[:kept]
+        if not self._upstream_told:
+            self._tell_drained_upstream()  # the answer to its close
+        self.actions.append((SHUTDOWN_CLIENT, None))
+        self._fail(True, False)
+        return forward
+
+    def _end_drain(self, upstream_gone: bool = False) -> None:
+        """The client gets its close now: nothing more is owed to it (or we waited long enough)."""
+        code, reason = self._drain_close
+        await_upstream = False
+        if not self._upstream_told and not upstream_gone:
+            # Ended within the grace (a shutdown, say): the upstream's answer is waited for.
+            self._tell_drained_upstream()
+            await_upstream = True
+        if self.upstream_frames.mid_frame:
+            # A stalled upstream left the stream toward the client inside a frame.
+            self.actions.append((ABORT_CLIENT, None))
+            await_client = False
+        else:
+            self.proxy_close_code = code
+            self.actions.append((SEND_CLIENT, self._client_close_frame(code, reason)))
+            self.actions.append((SHUTDOWN_CLIENT, None))
+            await_client = True
         self._fail(await_client, await_upstream)
 
     def _fail(self, await_client: bool, await_upstream: bool) -> None:
@@ -354,6 +467,13 @@ class WebSocketRelay(_accel.RelayCore):
         """The client's TCP connection ended (FIN or reset)."""
         if self.state is RelayState.CLOSED:
             return
+        if self.state is RelayState.DRAINING:
+            # Nobody is left to be owed anything.
+            if not self._upstream_told:
+                self._tell_drained_upstream()
+            self.state = RelayState.CLOSED
+            self.actions.append((CLOSE_UPSTREAM, None))
+            return
         if self.state is RelayState.FAILING:
             self._await_client = False
             self._maybe_finish_failing()
@@ -366,6 +486,9 @@ class WebSocketRelay(_accel.RelayCore):
     def upstream_eof(self) -> None:
         """The upstream's TCP connection ended (FIN or reset)."""
         if self.state is RelayState.CLOSED:
+            return
+        if self.state is RelayState.DRAINING:
+            self._end_drain(upstream_gone=True)  # nothing more can come from it
             return
         if self.state is RelayState.FAILING:
             self._await_upstream = False
@@ -417,6 +540,9 @@ class WebSocketRelay(_accel.RelayCore):
         """The proxy ends the session itself (idle timeout, shutdown)."""
         if self.state is RelayState.CLOSED or self.state is RelayState.FAILING:
             return
+        if self.state is RelayState.DRAINING:
+            self._end_drain()  # the upstream has its close already; the client gets the one it is owed
+            return
         await_client = self._tell_client(code, reason)
         await_upstream = self._tell_upstream(code, reason)
         self._fail(await_client, await_upstream)
@@ -430,6 +556,11 @@ class WebSocketRelay(_accel.RelayCore):
             if self.idle_timeout and now - self._last_active >= self.idle_timeout:
                 self.close_both(CLOSE_GOING_AWAY, "idle timeout")
                 self._deadline = now + self.close_timeout
+        elif self.state is RelayState.DRAINING:
+            if self._deadline < 0:
+                self._deadline = now + self.close_timeout
+            elif now >= self._deadline:
+                self._end_drain()  # the upstream did not answer in time: stop waiting for it
         elif self.state in (RelayState.CLOSING, RelayState.FAILING):
             if self._deadline < 0:
                 self._deadline = now + self.close_timeout
@@ -451,7 +582,7 @@ class WebSocketRelay(_accel.RelayCore):
             if not self.idle_timeout:
                 return 0.0
             return now + min(self.idle_timeout / 4, IDLE_CHECK_SECONDS)
-        if state is RelayState.CLOSING or state is RelayState.FAILING:
+        if state is RelayState.CLOSING or state is RelayState.FAILING or state is RelayState.DRAINING:
             return now if self._deadline < 0 else self._deadline
         return 0.0
 

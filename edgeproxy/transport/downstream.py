@@ -44,6 +44,8 @@ from edgeproxy.core.websocket import (
     ABORT_UPSTREAM,
     CLOSE_CLIENT,
     CLOSE_UPSTREAM,
+    DRAIN_GRACE,
+    DRAIN_GRACE_SECONDS,
     PONG_FROM_CLIENT,
     PONG_FROM_UPSTREAM,
     SEND_CLIENT,
@@ -811,6 +813,7 @@ class ClientConnection(asyncio.Protocol):
             now=now,
             max_frame_size=cfg.max_frame_size,
             rules=frame_rules(cfg.strict, http1.header_value(head.headers, b"sec-websocket-extensions")),
+            drain_grace=DRAIN_GRACE_SECONDS,
         )
         if SessionMeters.wanted(cfg):
             self._meters = SessionMeters(cfg, now)
@@ -951,6 +954,9 @@ class ClientConnection(asyncio.Protocol):
                     self.transport.write_eof()
             elif kind == SHUTDOWN_UPSTREAM:
                 up.shutdown()
+            elif kind == DRAIN_GRACE:
+                # shorter than a tick, and rare (a client broke a rule): a timer of its own
+                self.server.loop.call_later(data, self._drain_grace_over)
             elif kind == PONG_FROM_CLIENT:
                 self._pong(self.server.client_beats, data)
             elif kind == PONG_FROM_UPSTREAM:
@@ -958,17 +964,27 @@ class ClientConnection(asyncio.Protocol):
         # The actions may have begun a close (a deadline; WAKE_TIMERS says only that) or ended the session.
         self._rearm(self.server.now())
 
+    def _drain_grace_over(self) -> None:
+        relay = self.relay
+        if relay is not None and relay.state is RelayState.DRAINING:
+            relay.end_grace()
+            if relay.actions:
+                self._run_relay_actions()
+
     def _count_ws_close(self) -> None:
         """Fold the session's totals into the metrics (see `Metrics`: live to folded at once)."""
         relay = self.relay
         metrics = self.server.metrics
         metrics.add_messages(CLIENT_TO_UPSTREAM, relay.messages_from_client, relay.bytes_from_client)
         metrics.add_messages(UPSTREAM_TO_CLIENT, relay.messages_from_upstream, relay.bytes_from_upstream)
-        # The code the client saw: the upstream's, forwarded, or the proxy's own.
-        if relay.upstream_close is not None:
+        # The code the client saw: the proxy's own (then the upstream's close, if any,
+        # was not relayed: it came after, or in its place, see DRAINING), or the upstream's.
+        if relay.proxy_close_code is not None:
+            code = relay.proxy_close_code
+        elif relay.upstream_close is not None:
             code = relay.upstream_close[0]
         else:
-            code = relay.proxy_close_code
+            code = None
         metrics.connection_closed(self._metrics_key, self.server.now() - self._ws_started, code)
 
     def _log_ws_close(self) -> None:

@@ -3,9 +3,9 @@
 
 The Autobahn fuzzingclient (``wstest -m fuzzingclient``) is run twice against
 the same reference echo server (``echo_server.py``, the ``websockets``
-library): once DIRECT and once THROUGH edgeproxy.  A transparent proxy must not
-change any verdict, so the per-case ``behavior`` / ``behaviorClose`` pairs of
-the two runs are compared and every difference is reported.
+library): once DIRECT and once THROUGH edgeproxy.  The per-case
+``behavior`` / ``behaviorClose`` pairs of the two runs are compared (the rule
+is below) and every difference is reported.
 
 Runner, in order of preference (``--runner auto``):
 
@@ -18,9 +18,13 @@ Runner, in order of preference (``--runner auto``):
 Neither can be had -> exit 77 with the reason on stderr (and the last line of
 stdout starts with ``SKIP:``).
 
-Exit codes: 0 same verdicts (or ``--direct-only`` run completed), 1 some case
-differs, 2 setup/run error (echo server or proxy would not start, runner
-crashed, ``--timeout`` hit), 77 no runner available.
+Exit codes: 0 no case differs by the rule below (or ``--direct-only`` run
+completed), 1 some case differs, 2 setup/run error (echo server or proxy would
+not start, runner crashed, ``--timeout`` hit), 77 no runner available.
+
+The rule: every case must get the backend's verdict through the proxy, or OK
+where the backend's is not OK (`at_least_as_good`: a strict proxy may refuse
+what the backend lets through, so it may be stricter, never looser).
 
 Timing-dependent verdicts: a few cases (e.g. 3.4, 4.1.5, 4.2.5) race the
 server's echo of a valid message against its failing of the connection on the
@@ -202,6 +206,16 @@ def count_verdicts(verdicts: Mapping[str, Verdict]) -> dict[str, dict[str, int]]
     return {"behavior": behavior, "behaviorClose": close}
 
 
+def at_least_as_good(proxied: Verdict, direct: Verdict) -> bool:
+    """The comparison rule: each half of the proxy's verdict is the backend's, or OK.
+
+    A strict proxy may fail a connection the backend lets through (its verdict is
+    then OK where the backend's is NON-STRICT, FAILED or WRONG CODE), never the
+    other way round.
+    """
+    return all(p == d or p == "OK" for p, d in zip(proxied, direct))
+
+
 def compare_verdicts(
     direct: Mapping[str, Verdict],
     proxied: Mapping[str, Verdict],
@@ -214,16 +228,20 @@ def compare_verdicts(
     A case is *the same* when its (behavior, behaviorClose) pair is equal in
     both runs.  Re-runs (lists of partial index maps) widen each side to the
     set of verdicts observed; a case whose sets intersect is the same but is
-    listed as ``flaky``.  A case present on one side only is a difference.
-    With ``accept_passing`` a difference between verdicts that all pass
-    (e.g. OK vs NON-STRICT) is still listed, marked ``accepted``, but does
-    not make the runs differ.
+    listed as ``flaky``.  A case where every verdict seen through the proxy
+    is `at_least_as_good` as one seen direct (the proxy's OK where the
+    backend's is not) is no difference either; it is listed as ``stricter``.
+    A case present on one side only is a difference.  With ``accept_passing``
+    (manual runs only) a difference between verdicts that all pass (e.g.
+    NON-STRICT through the proxy, OK direct) is still listed, marked
+    ``accepted``, but does not make the runs differ.
     """
     direct_reruns = list(direct_reruns)
     proxied_reruns = list(proxied_reruns)
     all_ids = sorted(set(direct) | set(proxied), key=case_key)
     differences: list[dict[str, Any]] = []
     flaky: list[dict[str, Any]] = []
+    stricter: list[dict[str, Any]] = []
     for cid in all_ids:
         d_seen = [direct[cid]] if cid in direct else []
         p_seen = [proxied[cid]] if cid in proxied else []
@@ -241,6 +259,8 @@ def compare_verdicts(
             differences.append(entry)
         elif set(d_seen) & set(p_seen):
             flaky.append(entry)
+        elif all(any(at_least_as_good(p, d) for d in d_seen) for p in p_seen):
+            stricter.append(entry)
         else:
             entry["reason"] = "verdict differs"
             # both sides only ever got verdicts Autobahn counts as passing?
@@ -252,6 +272,7 @@ def compare_verdicts(
         "cases_compared": len(all_ids),
         "differences": differences,
         "flaky": flaky,
+        "stricter": stricter,
     }
 
 
@@ -268,8 +289,8 @@ def close_code_differences(direct_index: Mapping[str, Any], proxied_index: Mappi
 
 
 def mismatched_cases(direct: Mapping[str, Verdict], proxied: Mapping[str, Verdict]) -> list[str]:
-    ids = set(direct) | set(proxied)
-    return sorted((c for c in ids if direct.get(c) != proxied.get(c)), key=case_key)
+    """The cases the comparison rule rejects after one run each (the ones worth a re-run)."""
+    return [d["case"] for d in compare_verdicts(direct, proxied)["differences"]]
 
 
 def group_counts(case_ids: Iterable[str]) -> dict[str, int]:
@@ -328,7 +349,14 @@ def render_table(summary: Mapping[str, Any]) -> str:
                 why += "; accepted" if d.get("accepted") else ""
                 lines.append(f"  {d['case']:>8}  {dv}  ->  {pv}   ({why})")
         else:
-            lines.append(f"SAME verdicts in all {cmp_['cases_compared']} cases.")
+            n_strict = len(cmp_.get("stricter", ()))
+            lines.append(f"SAME verdicts in all {cmp_['cases_compared']} cases." if not n_strict else
+                         f"NO DIFFERENCE in {cmp_['cases_compared']} cases but {n_strict} where the proxy is stricter.")
+        if cmp_.get("stricter"):
+            lines.append(
+                "proxy OK where direct is not (allowed: the proxy is stricter): "
+                + ", ".join(f"{x['case']} {fmt_seen(x['direct'])} -> {fmt_seen(x['proxied'])}" for x in cmp_["stricter"])
+            )
         if cmp_["flaky"]:
             lines.append(
                 f"timing-dependent (differed once, matched on re-run): "
@@ -462,6 +490,10 @@ upstream = "echo"
 
 [websocket]
 max_message_size = 0
+# No heartbeats, as the echo server has none: Autobahn ends a case that expects
+# no control frame (9.x, 12.x, 13.x) at the first PING or PONG it receives, with
+# FAILED, and the proxy's first ping comes at a random point in its first interval.
+ping_interval = 0
 
 [logging]
 access_log = false
@@ -515,6 +547,10 @@ class Runner(abc.ABC):
     name = "?"
     version = "?"
 
+    #: cases the runner can run at once (`--parallel`); wstest runs them one by one
+    max_parallel = 1
+    parallel = 1
+
     @abc.abstractmethod
     def run(self, url: str, agent: str, cases: list[str], exclude: list[str], outdir: Path, timeout: float) -> Path:
         """Run the cases against `url`; return the report directory holding index.json."""
@@ -546,13 +582,14 @@ class Wstest(Runner):
 
 class Kosoku(Runner):
     name = "kosoku"
+    max_parallel = 64
 
     def __init__(self, exe: Path, version: str) -> None:
         self.exe = exe
         self.version = version
 
     def run(self, url: str, agent: str, cases: list[str], exclude: list[str], outdir: Path, timeout: float) -> Path:
-        cmd = [str(self.exe), "-m", "fuzzingclient", url, "-o", str(outdir)]
+        cmd = [str(self.exe), "-m", "fuzzingclient", url, "-o", str(outdir), "-p", str(self.parallel)]
         for c in cases:
             cmd += ["-i", c]
         for c in exclude:
@@ -805,6 +842,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runner", choices=("auto", "wstest", "kosoku"), default=os.environ.get("EDGEPROXY_AUTOBAHN_RUNNER", "auto"))
     p.add_argument("--python2", default=os.environ.get("AUTOBAHN_PYTHON2"),
                    help="CPython 2.7 interpreter for wstest (default: search pyenv and PATH)")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="run N cases at once on each target (kosoku's -p; needs kosoku: with --runner auto "
+                   "it is chosen when N > 1)")
     p.add_argument("--retries", type=int, default=2,
                    help="re-runs of differing cases on both targets before calling them different (default 2)")
     p.add_argument("--accept-passing-differences", action="store_true",
@@ -822,6 +862,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.timeout is None:
         args.timeout = 3000.0 if args.with_compression else 900.0
     args.retries = max(0, min(args.retries, 5))
+    if not 1 <= args.parallel <= Kosoku.max_parallel:
+        p.error(f"--parallel must be in 1..{Kosoku.max_parallel}")
+    if args.parallel > 1:
+        if args.runner == "wstest":
+            p.error("--parallel > 1 needs kosoku (wstest runs cases one by one)")
+        args.runner = "kosoku"
     return args
 
 
@@ -879,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace, workdir: Path, deadline: Deadline, children: Children, summary_path: Path) -> int:
     t_start = time.monotonic()
     runner = get_runner(args.runner, workdir, args.python2, deadline)
+    runner.parallel = args.parallel
     log(f"runner: {runner.name} {runner.version} ({getattr(runner, 'exe', '')})")
     if args.setup_only:
         print(f"runner ready: {runner.name} {runner.version}")
@@ -906,6 +953,7 @@ def _main(args: argparse.Namespace, workdir: Path, deadline: Deadline, children:
         "cases": args.cases,
         "exclude_cases": args.exclude,
         "with_compression": args.with_compression,
+        "parallel": args.parallel,
         "accept_passing_differences": args.accept_passing_differences,
         "setup_seconds": round(setup_secs, 1),
     }
@@ -917,7 +965,7 @@ def _main(args: argparse.Namespace, workdir: Path, deadline: Deadline, children:
     summary["ran_cases"] = sorted(direct, key=case_key)
     summary["ran_groups"] = group_counts(direct)
     print(f"runner: {runner.name} {runner.version}")
-    print(f"selection: {selection}")
+    print(f"selection: {selection}" + (f", {args.parallel} cases at once" if args.parallel > 1 else ""))
     print(f"ran {len(direct)} cases: " + ", ".join(f"{g} {n}" for g, n in summary["ran_groups"].items()))
 
     if args.direct_only:

@@ -221,6 +221,7 @@ def snapshot(s):
         s.pongs,
         s.last_pong,
         s.close,
+        s.close_size,
         None if err is None else (type(err), str(err), err.close_code),
         s.mid_frame,
     )
@@ -262,10 +263,10 @@ def test_scanner_split_invariance(stream, cuts, limit):
         split = trace(mod, stream, cuts, limit, "bytes")
         forwarded_whole, final_whole = sum(n for n, _ in whole), whole[-1][1]
         forwarded_split, final_split = sum(n for n, _ in split), split[-1][1]
-        assert final_split[:6] == final_whole[:6]
-        if forwarded_split != forwarded_whole or final_split[6] != final_whole[6]:
+        assert final_split[:7] == final_whole[:7]
+        if forwarded_split != forwarded_whole or final_split[7] != final_whole[7]:
             # only when cut inside a bad header before its fault was visible
-            assert final_whole[5] is not None and final_split[6]
+            assert final_whole[6] is not None and final_split[7]
             assert forwarded_whole < forwarded_split < forwarded_whole + 14
 
 

@@ -334,8 +334,10 @@ def test_scanner_close(impl, key, payload, expected):
     after = encode_frame(OP_TEXT, b"ignored") + b"\xff\xff garbage"
     stream = before + close + after
     s = impl.FrameScanner()
+    assert s.close_size == 0
     assert s.scan(stream) == len(before) + len(close)
     assert s.close == expected
+    assert s.close_size == len(close)  # so the caller knows where the close began
     assert (s.messages, s.frames, s.error, s.mid_frame) == (1, 2, None, False)
     assert s.scan(after) == 0 and s.scan(stream) == 0
     assert (s.messages, s.frames) == (1, 2)
@@ -345,7 +347,7 @@ def test_scanner_close(impl, key, payload, expected):
         assert s.scan(before + close[:cut]) == len(before) + cut
         assert s.close is None and s.mid_frame
         assert s.scan(close[cut:] + after) == len(close) - cut
-        assert s.close == expected
+        assert s.close == expected and s.close_size == len(close)
 
 
 # ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from edgeproxy.core.websocket import (
     ABORT_UPSTREAM,
     CLOSE_CLIENT,
     CLOSE_UPSTREAM,
+    DRAIN_GRACE,
     PONG_FROM_CLIENT,
     PONG_FROM_UPSTREAM,
     SEND_CLIENT,
@@ -35,6 +36,7 @@ from edgeproxy.core.websocket import (
     WAKE_TIMERS,
     RelayState,
     WebSocketRelay,
+    frame_rules,
     validate_client_handshake,
     validate_upstream_accept,
 )
@@ -178,21 +180,204 @@ def test_too_big_message_closes_client_with_1009_and_upstream_with_1001():
     big = client_frame(OP_BINARY, b"y" * 11)
     forwarded = relay.from_client(ok + big)
     assert forwarded == ok  # nothing of the big message is relayed
-    (to_client, shutdown, to_upstream) = relay.actions
-    assert to_client[0] == SEND_CLIENT and read_close(to_client[1]) == ((1009, to_client_reason(to_client)), False)
-    assert shutdown == (SHUTDOWN_CLIENT, None)  # half-close: the client still gets to read our close
+    (to_upstream, wake) = relay.actions
     assert to_upstream[0] == SEND_UPSTREAM
     (code, _), masked = read_close(to_upstream[1])
     assert code == 1001 and masked  # frames to the upstream are masked
-    assert relay.state is RelayState.FAILING
+    assert wake == (WAKE_TIMERS, None)  # the drain is bounded by close_timeout
+    assert relay.state is RelayState.DRAINING
     relay.actions.clear()
-    # Further client data is dropped; the upstream's close answer and the
-    # client's EOF end the session.
+    # Further client data is dropped; the upstream's close answer ends the drain
+    # (the client gets the proxy's 1009 instead) and the client's EOF the session.
     assert relay.from_client(client_frame(OP_TEXT, b"z") + b"y" * 100) is None
-    assert relay.from_upstream(server_frame(OP_CLOSE, encode_close_payload(1001))) is None
-    assert relay.actions == []
+    assert relay.from_upstream(server_frame(OP_CLOSE, encode_close_payload(1001))) == b""
+    (to_client, shutdown) = relay.actions
+    assert to_client[0] == SEND_CLIENT and read_close(to_client[1]) == ((1009, to_client_reason(to_client)), False)
+    assert shutdown == (SHUTDOWN_CLIENT, None)  # half-close: the client still gets to read our close
+    assert relay.state is RelayState.FAILING and relay.proxy_close_code == 1009
+    relay.actions.clear()
     relay.client_eof()
     assert relay.actions == [(CLOSE_CLIENT, None), (CLOSE_UPSTREAM, None)]
+
+
+def drained_relay(**kw):
+    """A relay whose client has just sent a good message, then a broken frame: DRAINING."""
+    relay = new_relay(rules=frame_rules(True, None), **kw)
+    good = client_frame(OP_TEXT, b"hello")
+    bad = encode_frame(OP_TEXT, b"rsv", rsv=3, mask_key=CLIENT_MASK)
+    assert relay.from_client(good + bad + client_frame(OP_PING, b"after")) == good
+    assert relay.state is RelayState.DRAINING and relay.proxy_close_code is None
+    assert [a[0] for a in relay.actions] == [SEND_UPSTREAM, WAKE_TIMERS]
+    assert read_close(relay.actions[0][1])[0] == (1001, "client broke the protocol")
+    relay.actions.clear()
+    return relay
+
+
+def test_a_client_breaking_a_rule_still_gets_the_echo_of_its_last_good_message():
+    """Autobahn 3.4 / 4.1.5 / 4.2.5: the echo comes first, then the proxy's 1002 (a strict endpoint's answer)."""
+    echo = server_frame(OP_TEXT, b"hello")
+    answer = server_frame(OP_CLOSE, encode_close_payload(1001, "client broke the protocol"))
+    stream = echo + answer + server_frame(OP_TEXT, b"after the close")
+    for cut in range(len(stream) + 1):
+        relay = drained_relay()
+        to_client = b""
+        for piece in (stream[:cut], stream[cut:]):
+            if piece:
+                to_client += bytes(relay.from_upstream(piece) or b"")
+                for kind, data in relay.actions:
+                    if kind == SEND_CLIENT:
+                        to_client += data
+                relay.actions.clear()
+        assert to_client.startswith(echo)
+        rest = to_client[len(echo):]
+        if len(echo) < cut < len(echo) + len(answer):
+            # the upstream's close began in an earlier read, so it went out: it stays the one the client gets
+            assert rest == answer and relay.proxy_close_code is None
+        else:
+            assert read_close(rest)[0][0] == 1002 and len(rest) == 2 + len(read_close(rest)[0][1]) + 2
+            assert relay.proxy_close_code == 1002
+        assert relay.state is RelayState.FAILING and relay.upstream_close == (1001, "client broke the protocol")
+        assert relay.from_client(client_frame(OP_CLOSE, encode_close_payload(1002))) is None
+        relay.client_eof()
+        assert relay.actions == [(CLOSE_CLIENT, None), (CLOSE_UPSTREAM, None)]
+        assert relay.messages_from_upstream == 1 and relay.messages_from_client == 1
+
+
+def test_a_drain_is_bounded_by_close_timeout_whatever_the_client_does():
+    relay = drained_relay(close_timeout=2, now=0.0)
+    assert relay.next_check(0.0) == 0.0
+    relay.check_timers(0.0)  # arms the deadline
+    assert relay.next_check(0.0) == 2.0 and relay.actions == []
+    echo = server_frame(OP_BINARY, b"e" * 10)
+    assert relay.from_upstream(echo) == echo  # relayed (on the slow path), and the client is not heard
+    for t in (0.5, 1.0, 1.5):
+        assert relay.from_client(client_frame(OP_TEXT, b"more")) is None
+        relay.check_timers(t)
+    assert relay.actions == []
+    relay.check_timers(2.0)  # the upstream never answered: the client gets its close now
+    assert [a[0] for a in relay.actions] == [SEND_CLIENT, SHUTDOWN_CLIENT]
+    assert read_close(relay.actions[0][1])[0][0] == 1002
+    assert relay.state is RelayState.FAILING
+    relay.actions.clear()
+    relay.check_timers(2.5)  # FAILING: the client's EOF is waited for, for close_timeout more at most
+    relay.check_timers(4.5)
+    assert relay.actions == [(ABORT_CLIENT, None), (ABORT_UPSTREAM, None)]
+
+
+def test_a_drain_that_times_out_inside_an_upstream_frame_aborts_the_client():
+    relay = drained_relay(close_timeout=1, now=0.0)
+    frame = server_frame(OP_BINARY, b"f" * 50)
+    assert relay.from_upstream(frame[:20]) == frame[:20]
+    relay.check_timers(0.0)
+    relay.check_timers(1.0)
+    assert relay.actions == [(ABORT_CLIENT, None), (CLOSE_CLIENT, None), (CLOSE_UPSTREAM, None)]
+    assert relay.state is RelayState.CLOSED  # nobody is waited for any more
+    assert relay.from_upstream(frame[20:]) is None
+
+
+@pytest.mark.parametrize("how", ["upstream_eof", "close_both", "upstream_error"])
+def test_a_drain_ends_when_nothing_more_can_come_from_the_upstream(how):
+    relay = drained_relay()
+    before = server_frame(OP_TEXT, b"on its way")
+    if how == "upstream_eof":
+        assert relay.from_upstream(before) == before
+        relay.upstream_eof()
+    elif how == "close_both":
+        relay.close_both(1001, "server shutting down")
+    else:
+        bad = b"\x82\x7f\x80" + bytes(7)  # a length the stream cannot be followed past
+        assert relay.from_upstream(before + bad) == before
+    assert [a[0] for a in relay.actions] == [SEND_CLIENT, SHUTDOWN_CLIENT]  # nothing more to the upstream
+    assert read_close(relay.actions[0][1])[0] == (1002, "RSV bits 0x3 set without an extension that defines them")
+    assert relay.state is RelayState.FAILING
+
+
+def test_a_client_gone_while_draining_closes_the_upstream_without_a_second_close_frame():
+    relay = drained_relay()
+    relay.client_eof()
+    assert relay.actions == [(CLOSE_UPSTREAM, None)]
+    assert relay.state is RelayState.CLOSED
+
+
+def graced_relay():
+    """A relay draining with a grace: the upstream has not been told yet."""
+    relay = new_relay(rules=frame_rules(True, None), drain_grace=0.1)
+    good = client_frame(OP_TEXT, b"hello")
+    assert relay.from_client(good + client_frame(3, b"reserved")) == good
+    assert relay.actions == [(DRAIN_GRACE, 0.1), (WAKE_TIMERS, None)]  # nothing goes upstream yet
+    relay.actions.clear()
+    return relay
+
+
+def test_the_upstream_hears_of_the_broken_frame_only_after_the_grace():
+    """So it can answer what it read before: an echo it has not even sent yet when the client breaks the rule."""
+    relay = graced_relay()
+    echo = server_frame(OP_TEXT, b"hello")
+    assert relay.from_upstream(echo) == echo and relay.actions == []
+    relay.end_grace()
+    assert [a[0] for a in relay.actions] == [SEND_UPSTREAM]
+    assert read_close(relay.actions[0][1]) == ((1001, "client broke the protocol"), True)
+    relay.actions.clear()
+    relay.end_grace()  # once only
+    assert relay.actions == []
+    assert relay.from_upstream(server_frame(OP_CLOSE, encode_close_payload(1001))) == b""
+    assert read_close(relay.actions[0][1])[0] == (1002, "reserved opcode 0x3")
+    assert relay.state is RelayState.FAILING
+
+
+@pytest.mark.parametrize("how", ["close_both", "client_eof", "upstream_eof", "upstream_close", "deadline"])
+def test_a_drain_ended_within_the_grace_still_tells_both_sides_once(how):
+    relay = graced_relay()
+    if how == "close_both":
+        relay.close_both(1001, "server shutting down")
+        kinds = [SEND_UPSTREAM, SEND_CLIENT, SHUTDOWN_CLIENT]
+    elif how == "client_eof":
+        relay.client_eof()
+        kinds = [SEND_UPSTREAM, CLOSE_UPSTREAM]
+    elif how == "upstream_eof":
+        relay.upstream_eof()
+        kinds = [SEND_CLIENT, SHUTDOWN_CLIENT]  # nobody to tell upstream
+    elif how == "upstream_close":
+        # the upstream's close crossed the client's breach: answered, and replaced by the proxy's
+        assert relay.from_upstream(server_frame(OP_CLOSE, encode_close_payload(1000))) == b""
+        kinds = [SEND_UPSTREAM, SEND_CLIENT, SHUTDOWN_CLIENT]
+    else:
+        relay.check_timers(0.0)
+        relay.check_timers(relay.close_timeout)  # a transport that never ended the grace
+        kinds = [SEND_UPSTREAM, SEND_CLIENT, SHUTDOWN_CLIENT]
+    assert [a[0] for a in relay.actions] == kinds
+    for kind, data in relay.actions:
+        if kind == SEND_UPSTREAM:
+            assert read_close(data)[0][0] == 1001
+        elif kind == SEND_CLIENT:
+            assert read_close(data)[0][0] == 1002
+    relay.actions.clear()
+    relay.end_grace()  # too late: changes nothing
+    assert relay.actions == []
+
+
+def test_a_client_cut_inside_a_frame_gets_the_upstream_half_closed_after_the_grace():
+    relay = new_relay(drain_grace=0.1)
+    big = client_frame(OP_BINARY, b"b" * 1000)
+    assert relay.from_client(big[:500]) == big[:500]  # the upstream is now inside that frame
+    relay.fail_sender(client=True, code=1008, reason="message or byte rate exceeded")
+    relay.actions.clear()
+    assert relay.from_client(big[500:]) is None  # scanned, not relayed: the stream upstream stays cut
+    relay.end_grace()
+    assert relay.actions == [(SHUTDOWN_UPSTREAM, None)]
+
+
+def test_a_rate_limited_client_is_not_relayed_while_draining():
+    relay = new_relay()
+    relay.fail_sender(client=True, code=1008, reason="message or byte rate exceeded")
+    assert relay.state is RelayState.DRAINING
+    relay.actions.clear()
+    assert relay.from_client(client_frame(OP_TEXT, b"more")) is None  # its stream is still readable, not relayed
+    assert relay.from_client(client_frame(OP_CLOSE, encode_close_payload(1000))) is None
+    relay.fail_sender(client=True, code=1008, reason="again")  # once is enough
+    assert relay.actions == []
+    assert relay.from_upstream(server_frame(OP_CLOSE, encode_close_payload(1001))) == b""
+    assert read_close(relay.actions[0][1])[0] == (1008, "message or byte rate exceeded")
 
 
 def to_client_reason(action):
@@ -216,9 +401,11 @@ def test_client_close_frame_longer_than_125_bytes_gives_1002():
     bad = client_frame(OP_CLOSE, encode_close_payload(1000) + b"x" * 200)
     assert relay.from_client(ok + bad) == ok
     kinds = [a[0] for a in relay.actions]
-    assert kinds == [SEND_CLIENT, SHUTDOWN_CLIENT, SEND_UPSTREAM]
+    assert kinds == [SEND_UPSTREAM, WAKE_TIMERS]
+    assert read_close(relay.actions[0][1])[0][0] == 1001
+    relay.actions.clear()
+    assert relay.from_upstream(server_frame(OP_CLOSE, encode_close_payload(1001))) == b""
     assert read_close(relay.actions[0][1])[0][0] == 1002
-    assert read_close(relay.actions[2][1])[0][0] == 1001
     assert relay.state is RelayState.FAILING
 
 
@@ -379,8 +566,15 @@ def test_bad_header_split_across_reads_aborts_the_side_that_got_its_first_bytes(
     assert relay.from_client(frame[:2]) == frame[:2]  # relayed as it came, before the length was known
     assert relay.from_client(frame[2:]) == b""
     kinds = [a[0] for a in relay.actions]
-    assert kinds == [SEND_CLIENT, SHUTDOWN_CLIENT, ABORT_UPSTREAM]
+    # no close frame can follow the header's first bytes: the upstream is half-closed, and drained
+    assert kinds == [SHUTDOWN_UPSTREAM, WAKE_TIMERS] and relay.state is RelayState.DRAINING
+    relay.actions.clear()
+    echo = server_frame(OP_TEXT, b"owed")
+    assert relay.from_upstream(echo) == echo
+    relay.upstream_eof()  # the upstream's answer to the half-close
+    assert [a[0] for a in relay.actions] == [SEND_CLIENT, SHUTDOWN_CLIENT]
     assert read_close(relay.actions[0][1])[0][0] == 1009
+    assert relay.state is RelayState.FAILING
 
 
 def test_a_pong_answering_the_proxys_own_ping_is_not_relayed_when_alone():

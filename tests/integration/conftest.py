@@ -260,7 +260,7 @@ async def proxy():
         # No heartbeat pings unless a test asks: the first ping of a session comes at
         # a random point of its first interval, and tests that read raw frames want
         # exactly the frames they provoke.  test_lifecycle.py tests heartbeats; the
-        # real-process tests and the Autobahn run keep the default (30 s).
+        # real-process tests keep the default (30 s); the Autobahn run has none either.
         sections["websocket"] = {"ping_interval": 0, **sections.get("websocket", {})}
         text = build_config(listeners=listeners, upstreams=upstreams, routes=routes, sections=sections, hubs=hubs)
         server = ProxyServer(parse_config(text))

@@ -183,6 +183,34 @@ async def test_bad_client_frames_get_the_rfc_close_code(name, ws_backend, proxy,
     await bystander_ok(bystander)
 
 
+@pytest.mark.parametrize("name", ["RSV1 without deflate", "reserved opcode 3", "unmasked", "64-bit length top bit"])
+@pytest.mark.parametrize("split", [False, True], ids=["one write", "header in pieces"])
+async def test_a_client_that_breaks_a_rule_still_gets_the_echo_it_is_owed(name, split, ws_backend, proxy, raw_conn):
+    """Autobahn 3.4 / 4.1.5: a good message and a bad frame in one write; the echo comes before the 1002.
+
+    A strict endpoint that read the message before the bad frame answers it first; the proxy
+    lets the upstream do so (DRAINING) instead of failing the connection at the bad frame.
+    With the header in pieces its first byte went upstream already, which is then half-closed.
+    """
+    frame, code = BAD_CLIENT_FRAMES[name]
+    p = await proxy(ws_backend)
+    c = await raw_conn(p.port)
+    await c.send(UPGRADE.format(path="/echo", host=p.authority).encode())
+    assert (await c.read_response()).status == 101
+    if split:
+        await c.send(client_frame(1, b"fine before") + frame[:1])
+        await asyncio.sleep(0.05)
+        await c.send(frame[1:])
+    else:
+        await c.send(client_frame(1, b"fine before") + frame + client_frame(9))
+    frames, got = await server_frames(c)
+    assert (frames, got) == ([(1, b"fine before")], code)
+    await c.expect_closed()
+    (rec,) = await ws_backend.wait_records(1)
+    await ws_backend.wait_done(rec)
+    assert rec.messages == ["fine before"]
+
+
 # ---------------------------------------------------------------------------
 # bad frames from the upstream
 

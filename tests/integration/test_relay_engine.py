@@ -282,7 +282,28 @@ async def test_close_handshake_and_limit_breach_match():
     assert pure["proxy_close"] == 1009
     assert pure["to_client"][2:4] == (1009).to_bytes(2, "big")  # the close frame, unmasked
     kinds = [event[1] for event in pure["events"] if event[0] == "action"]
-    assert kinds == ["send_client", "shutdown_client", "send_upstream"]
+    # the upstream gets its close at once; the client its own once the upstream's answer came (DRAINING)
+    assert kinds == ["send_upstream", "wake_timers", "send_client", "shutdown_client"]
+
+
+@pytest.mark.parametrize("together", [False, True])
+async def test_the_echo_of_a_good_message_reaches_a_client_that_then_broke_a_rule(together):
+    """Autobahn 3.4: text, then a frame with RSV bits; the echo comes through before the proxy's 1002."""
+    echo = frame(OP_TEXT, b"Hello, world!")
+    answer = frame(OP_CLOSE, encode_close_payload(1001, "client broke the protocol"))
+    upstream = [echo + answer] if together else [echo, answer]
+    results = [await relay_once(name, [frame(OP_TEXT, b"Hello, world!", mask=MASK)
+                                       + frame(OP_TEXT, b"Hello, world!", mask=MASK, rsv=3)
+                                       + frame(OP_PING, b"", mask=MASK)], upstream)
+               for name in ("pure", "compiled")]
+    compare(*results)
+    pure = results[0]
+    assert pure["to_upstream"].startswith(frame(OP_TEXT, b"Hello, world!", mask=MASK))
+    assert pure["to_client"].startswith(echo)
+    assert pure["to_client"][len(echo):][:4] == b"\x88" + bytes([2 + len("RSV bits 0x3 set without an extension that defines them")]) + (1002).to_bytes(2, "big")
+    assert pure["proxy_close"] == 1002 and pure["upstream_close"] == (1001, "client broke the protocol")
+    kinds = [event[1] for event in pure["events"] if event[0] == "action"]
+    assert kinds == ["send_upstream", "wake_timers", "send_client", "shutdown_client"]
 
 
 async def test_backpressure_pauses_the_feeder_until_the_peer_drains():
