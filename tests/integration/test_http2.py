@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import ssl
 
 import httpx
@@ -18,7 +17,12 @@ from edgeproxy.core._accel import SPEEDUPS  # noqa: F401  (the mode under test s
 
 HOST = "127.0.0.1"
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is part of the base system here")
+
+
+@pytest.fixture(autouse=True)
+def _curl(external_tool) -> None:
+    """curl (Debian's, with nghttp2) is the client: missing, the tests skip, or fail under CI=true."""
+    external_tool("curl", "curl")
 
 
 def tls_listener(certs) -> dict:

@@ -59,13 +59,14 @@ async def test_request_ids_are_kept_made_and_passed_upstream(http_backend, proxy
     assert re.fullmatch(r"[0-9a-f]{32}", ids[1]) and re.fullmatch(r"[0-9a-f]{32}", ids[2])
 
 
-async def test_a_hub_path_makes_the_client_retry_over_http11(proxy, http_backend, certs) -> None:
+async def test_a_hub_path_makes_the_client_retry_over_http11(proxy, http_backend, certs, external_tool) -> None:
     """curl gets HTTP_1_1_REQUIRED on its h2 stream and retries the event stream over HTTP/1.1 by itself."""
+    curl = external_tool("curl", "curl")
     leaf = certs.leaf("default", ["DNS:localhost", "IP:127.0.0.1"])
     p = await proxy(http_backend, listeners=[{"bind": f"{HOST}:0", "tls_cert": leaf.cert, "tls_key": leaf.key}],
                     hubs=[{"path": "/hub", "ping_interval": 0}])
     proc = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "-N", "--http2", "--max-time", "3", "--cacert", certs.ca_cert, "-w", "\n%{http_version}",
+        curl, "-sS", "-N", "--http2", "--max-time", "3", "--cacert", certs.ca_cert, "-w", "\n%{http_version}",
         f"https://localhost:{p.port}/hub/sse?channel=a",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import shutil
 import ssl
 
 import h2.events
@@ -190,11 +189,11 @@ async def frames_until_eof(client: Client) -> list:
     return frames
 
 
-@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load comes with nghttp2-client")
-async def test_h2load_smoke(http_backend, proxy):
+async def test_h2load_smoke(http_backend, proxy, external_tool):
+    h2load = external_tool("h2load", "nghttp2-client")
     p = await proxy(http_backend, listeners=H2C)
     proc = await asyncio.create_subprocess_exec(
-        "h2load", "-n", "400", "-c", "2", "-m", "20", f"http://{HOST}:{p.port}/head",
+        h2load, "-n", "400", "-c", "2", "-m", "20", f"http://{HOST}:{p.port}/head",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
