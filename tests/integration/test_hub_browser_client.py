@@ -12,16 +12,13 @@ import json
 from collections import defaultdict
 
 import aiohttp
-import orjson
 import pytest
 from playwright.async_api import async_playwright
 from websockets.asyncio.server import serve
 
 from edgeproxy.demo import start_demo_backend
 from edgeproxy.transport.resume import HUB_CLIENT_JS_PATH, client_js
-
-API_KEY = "test-api-key-0123456789"
-SECRET = "hub-secret-0123456789-0123456789-abc"
+from tests.integration.test_hub_sse import API_KEY, SECRET, publish
 FAST = {"min": 300, "first": 400, "max": 800}  # long enough that publications land in the gap
 
 # Loads the module from the proxy, starts a client, records what it hands out and every event.
@@ -68,14 +65,6 @@ async def client_page(browser, p, init_script: str | None = None, **opts):
     await page.goto(f"http://{p.authority}/nothing-here")  # any page of the proxy's origin
     await page.evaluate(START, opts)
     return page
-
-
-async def publish(p, channel: str, data) -> None:
-    host, port = p.server.admin.address
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"http://{host}:{port}/v1/publish", data=orjson.dumps({"channel": channel, "data": data}),
-                             headers={"Authorization": f"Bearer {API_KEY}"}) as response:
-            assert response.status == 200, await response.text()
 
 
 def by_channel(got: list) -> dict[str, list]:
