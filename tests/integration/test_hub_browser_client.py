@@ -31,7 +31,7 @@ START = """async (opts) => {
     }
     const hub = new HubClient(opts.url || '/hub', opts);
     window.hub = hub;
-    hub.addEventListener('publication', (e) => window.got.push([e.detail.channel, e.detail.seq, e.detail.data]));
+    hub.onpublication = (e) => window.got.push([e.detail.channel, e.detail.seq, e.detail.data]);
     for (const type of ['connected', 'disconnected', 'reconnecting', 'subscribed', 'unrecovered', 'error', 'closed']) {
         hub.addEventListener(type, (e) => window.events.push([type, e.detail]));
     }
@@ -119,6 +119,13 @@ async def test_websocket_reconnects_with_backoff_and_resumes_both_channels(hub, 
     resubscribed = events_of(events, "subscribed")[2:]
     assert sorted(s["channel"] for s in resubscribed) == ["wa", "wb"] and all(s["recovered"] for s in resubscribed)
     assert await page.evaluate("[hub.duplicates, hub.position('wa').seq, hub.state]") == [0, 6, "open"]
+
+    # unsubscribed: nothing more from wb; subscribed again from an older position: replayed from there
+    await page.evaluate("hub.unsubscribe('wb')")
+    await publish(p, "wb", 12)
+    await page.evaluate("hub.subscribe('wb', { since: { seq: 4, epoch: events.find(([t, d]) => d.channel === 'wb')[1].epoch } })")
+    await page.wait_for_function("got.length === 15", timeout=5000)
+    assert by_channel((await page.evaluate("got"))[12:]) == {"wb": [(5, 8), (6, 10), (7, 12)]}
 
 
 BLOCKED_WEBSOCKETS = {
