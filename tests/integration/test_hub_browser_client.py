@@ -182,6 +182,29 @@ async def test_a_websocket_that_cannot_work_falls_back_to_eventsource_and_resume
     assert await page.evaluate("[hub.duplicates, hub.transport, hub.connects]") == [0, "sse", 3]
 
 
+async def test_a_hub_that_is_down_gets_both_transports_in_turn_with_growing_waits(hub, browser, refused_port) -> None:
+    p = await hub()
+    page = await client_page(browser, p, url=f"http://127.0.0.1:{refused_port}/hub", channels=["x"],
+                             backoff={"min": 20, "first": 40, "max": 160})
+    await page.wait_for_function("events.filter(([t]) => t === 'reconnecting').length >= 10", timeout=5000)
+    await page.evaluate("hub.close()")
+    tries = events_of(await page.evaluate("events"), "reconnecting")[:10]
+    # a failed WebSocket: EventSource at once; a failed EventSource: the wait, then a WebSocket again
+    assert [(e["transport"], e["next"]) for e in tries] == [("websocket", "sse"), ("sse", "websocket")] * 5
+    assert all(e["delay"] == 0 for e in tries[::2])
+    waits = [e["delay"] for e in tries[1::2]]
+    for n, wait in enumerate(waits):  # full jitter: uniform in [min, min(max, first * 2**n)]
+        assert 20 <= wait <= min(160, 40 * 2 ** n), (n, waits)
+    assert await page.evaluate("""async () => {
+        const { Backoff } = await import('/.edgeproxy/hub-client.js');
+        const b = new Backoff({ min: 500, first: 1000, max: 30000 });
+        let refused = false;
+        try { new Backoff({ min: 2000, first: 1000 }); } catch (e) { refused = e instanceof RangeError; }
+        return [b.delay(0, 0), b.delay(0, 1), b.delay(3, 0.5), b.delay(9, 1), refused];
+    }""") == [500, 1000, 4250, 30000, True]
+    assert await page.evaluate("[hub.state, hub.connects]") == ["closed", 0]
+
+
 async def test_eventsource_refused_for_a_bad_static_token_ends_the_client(hub, browser) -> None:
     p = await hub(token_secret=SECRET)
     page = await client_page(browser, p, transport="sse", token="not-a-jwt", channels=["x"], backoff=FAST)
