@@ -181,7 +181,13 @@ export class HubClient extends EventTarget {
   _emit(type, detail) {
     const event = new CustomEvent(type, { detail });
     const handler = this["on" + type];
-    if (typeof handler === "function") handler.call(this, event);
+    if (typeof handler === "function") {
+      try {  // as dispatchEvent does for listeners: an application's exception must not stop the client
+        handler.call(this, event);
+      } catch (exc) {
+        if (typeof reportError === "function") reportError(exc); else setTimeout(() => { throw exc; });
+      }
+    }
     this.dispatchEvent(event);
   }
 

@@ -32,6 +32,7 @@ START = """async (opts) => {
     const hub = new HubClient(opts.url || '/hub', opts);
     window.hub = hub;
     hub.onpublication = (e) => window.got.push([e.detail.channel, e.detail.seq, e.detail.data]);
+    if (opts.buggyApp) hub.onconnected = () => { throw new Error('an application bug'); };
     for (const type of ['connected', 'disconnected', 'reconnecting', 'subscribed', 'unrecovered', 'error', 'closed']) {
         hub.addEventListener(type, (e) => window.events.push([type, e.detail]));
     }
@@ -275,6 +276,7 @@ async def test_duplicates_are_dropped_by_seq_and_a_bad_token_close_ends_the_clie
 
 
 async def test_a_token_function_is_called_again_after_4002_and_silence_means_dead(hub, browser) -> None:
+    """Also: an exception in the application's onconnected does not stop the subscribes."""
     async def expires(ws, recv):
         await ws.send(op(op="connected", ping_interval=0, client="c1"))
         await recv()
@@ -297,7 +299,7 @@ async def test_a_token_function_is_called_again_after_4002_and_silence_means_dea
     p = await hub()
     try:
         page = await client_page(browser, p, url=f"ws://127.0.0.1:{port}/hub", tokens=["tok1", "tok2", "tok3"],
-                                 channels=["a"], transport="websocket", pingTimeout=300,
+                                 channels=["a"], transport="websocket", pingTimeout=300, buggyApp=True,
                                  backoff={"min": 50, "first": 100, "max": 200})
         await page.wait_for_function("got.length === 1", timeout=5000)
         events = await page.evaluate("events")
