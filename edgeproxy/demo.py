@@ -11,6 +11,11 @@ Endpoints:
 * ``GET /``         an HTML page whose inline script opens a WebSocket to
                     ``ws`` (relative to the page, i.e. ``/ws``) and shows the echo;
 * ``GET /health``   ``200 ok`` (text/plain);
+* ``GET /hub-demo`` the browser hub client's example page (``static/hub-demo.html``):
+                    it loads ``/.edgeproxy/hub-client.js`` from the proxy and
+                    subscribes to the proxy's hub at ``/hub``, so open it through
+                    the proxy with a config that has that hub
+                    (``examples/hub-demo.toml``);
 * ``/headers``      any method: JSON with the method, path, query and headers
                     received -- handy to see the X-Forwarded-* the proxy adds;
 * ``/ws``, ``/echo`` WebSocket echo: every text/binary message comes back
@@ -23,6 +28,7 @@ HTTP keep-alive is supported (h11 decides when a connection must close).
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import json
 from http import HTTPStatus
 from typing import cast
@@ -240,11 +246,14 @@ class _DemoProtocol(asyncio.Protocol):
             }
             body = json.dumps(info, indent=2).encode() + b"\n"
             self._respond(200, body, b"application/json")
-        elif path in ("/", "/health"):
+        elif path in ("/", "/health", "/hub-demo"):
             if method not in ("GET", "HEAD"):
                 self._respond(405, b"method not allowed\n", text, extra=[(b"allow", b"GET, HEAD")])
             elif path == "/":
                 self._respond(200, PAGE.encode(), b"text/html; charset=utf-8")
+            elif path == "/hub-demo":
+                page = importlib.resources.files("edgeproxy").joinpath("static/hub-demo.html").read_bytes()
+                self._respond(200, page, b"text/html; charset=utf-8")
             else:
                 self._respond(200, b"ok", text)
         else:

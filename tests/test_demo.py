@@ -69,6 +69,22 @@ async def test_index_page(base_url: str) -> None:
     assert int(resp.headers["Content-Length"]) == len(body.encode())
 
 
+async def test_hub_demo_page_loads_the_hub_client_from_the_proxy(base_url: str) -> None:
+    from pathlib import Path
+
+    from edgeproxy.config import load_config
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base_url + "/hub-demo") as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/html")
+            body = await resp.text()
+    assert 'import { HubClient } from "/.edgeproxy/hub-client.js"' in body and 'new HubClient("/hub"' in body
+    # the page's publish command fits the config the README runs it with
+    config = load_config(Path(__file__).parent.parent / "examples" / "hub-demo.toml")
+    assert [hub.path for hub in config.hubs] == ["/hub"] and config.admin.api_key in body
+    assert f"http://{config.admin.bind.host}:{config.admin.bind.port}/v1/publish" in body
+
+
 async def test_health(base_url: str) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.get(base_url + "/health") as resp:

@@ -154,6 +154,8 @@ def test_the_build_stage_steps_give_a_compiled_install_in_a_clean_virtualenv(tmp
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert install.returncode == 0, install.stdout + install.stderr
+    for script in ("resume-client.js", "hub-client.js", "hub-demo.html"):  # package data, served by the proxy
+        assert Path(site, "edgeproxy", "static", script).is_file(), script
     Path(site, "borrowed-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     command = str(prefix / "bin" / "edgeproxy")

@@ -60,7 +60,10 @@ messages as events, ``event: <op>`` and ``data: <the JSON message>``.  Every
 ``subscribed`` and ``pub`` event has an ``id`` that says where the stream is in
 *each* of its channels, so the ``Last-Event-ID`` a browser sends on reconnect
 resumes all of them: ``<epoch>:<seq>`` per channel, joined by ``,`` in the
-order of the ``channel`` parameters (one channel: just ``<epoch>:<seq>``).
+order of the ``channel`` parameters (one channel: just ``<epoch>:<seq>``).  A
+client that re-opens a stream itself (it cannot set the header) passes the same
+value as the ``last_event_id`` query parameter; an empty part there is a channel
+it has no position in yet.
 """
 
 from __future__ import annotations
@@ -291,17 +294,23 @@ def sse_event_id(positions: list[Position]) -> bytes:
     return b",".join(b"%s:%d" % (p.epoch.encode(), p.seq) for p in positions)
 
 
-def parse_last_event_id(value: str, channels: int) -> list[Position]:
+def parse_last_event_id(value: str, channels: int) -> list[Position | None]:
     """A ``Last-Event-ID`` for a stream of ``channels`` channels, back to positions.
 
+    An empty part is a channel without a position (subscribe from now): the hub never
+    sends one, but a client that adds a channel to a stream it re-opens needs to say so.
+
     Raises:
-        HubError: ``bad_message`` when it is not ``channels`` comma-separated ``epoch:seq``.
+        HubError: ``bad_message`` when it is not ``channels`` comma-separated ``epoch:seq`` (or empty).
     """
     parts = value.split(",")
     if len(parts) != channels:
         raise HubError("bad_message", f"Last-Event-ID {value[:80]!r} has {len(parts)} position(s) for {channels} channel(s)")
-    positions = []
+    positions: list[Position | None] = []
     for part in parts:
+        if not part:
+            positions.append(None)
+            continue
         epoch, sep, seq = part.rpartition(":")
         if not sep or not epoch or not seq.isdigit() or len(seq) > 19:
             raise HubError("bad_message", f"Last-Event-ID {value[:80]!r}: expected epoch:seq per channel")

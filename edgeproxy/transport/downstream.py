@@ -438,7 +438,7 @@ class ClientConnection(asyncio.Protocol):
         if server.config.http.request_id:
             self.request_id, outcome = http1.request_id(head, new_request_id)
             server.metrics.request_id(outcome)
-        if head.path == resume.CLIENT_JS_PATH and resume.serve_client_js(self, head):
+        if head.path in resume.CLIENT_SCRIPTS and resume.serve_client_js(self, head):
             return
         route = server.router.match(head.host, head.path)
         if route is None:

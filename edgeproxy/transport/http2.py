@@ -261,8 +261,8 @@ class Http2Connection(asyncio.Protocol):
             self.h2.reset(event.stream_id, _HTTP_1_1_REQUIRED)
             self._log(head, 0, 0, None, None, error="http_1_1_required")
             return
-        if head.path == resume.CLIENT_JS_PATH and head.method in (b"GET", b"HEAD"):
-            body = resume.client_js()
+        if head.path in resume.CLIENT_SCRIPTS and head.method in (b"GET", b"HEAD"):
+            body = resume.client_js(head.path)
             self.h2.send_response(event.stream_id, 200, [
                 (b"content-type", b"text/javascript; charset=utf-8"), (b"content-length", b"%d" % len(body)),
                 (b"cache-control", b"public, max-age=3600")])

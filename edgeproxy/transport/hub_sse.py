@@ -12,7 +12,8 @@ turns it back into one ``since`` per channel and resumes exactly as a WebSocket
 gap and no duplicate; ``recovered: false`` when history no longer covers it.
 
 *Before the 200.*  The channels, the token (``Authorization: Bearer`` or the
-``token`` parameter), the ``Last-Event-ID``, the grants and the auth hook are all
+``token`` parameter), the ``Last-Event-ID`` (or, from a client that re-opened
+the stream itself and so cannot set it, the ``last_event_id`` parameter), the grants and the auth hook are all
 checked, and every channel's history is read, before the response starts, so a
 refusal is a real status (400, 401, 403, 503) that EventSource reports, not an
 event on a stream that looks healthy.  The three steps of
@@ -88,8 +89,9 @@ def take_over_sse(service: HubService, client: ClientConnection, head: RequestHe
         client._fail_request(400, "an event stream request has no body")
         return
     try:
-        channels = _channels(head, service.config.max_subscriptions)
-        since = _since(head, len(channels))
+        query = parse_qs(urlsplit(head.target.decode("latin-1")).query, keep_blank_values=True)
+        channels = _channels(query, service.config.max_subscriptions)
+        since = _since(head, query, len(channels))
         grants = ANONYMOUS
         if not service.anonymous:
             token = connect_token(head)
@@ -110,8 +112,7 @@ def take_over_sse(service: HubService, client: ClientConnection, head: RequestHe
     stream.start(since)
 
 
-def _channels(head: RequestHead, limit: int) -> tuple[str, ...]:
-    query = parse_qs(urlsplit(head.target.decode("latin-1")).query, keep_blank_values=True)
+def _channels(query: dict[str, list[str]], limit: int) -> tuple[str, ...]:
     channels = query.get("channel", [])
     if not channels:
         raise HubError("bad_message", "no channel: ask for ?channel=NAME (repeat it for several)")
@@ -125,11 +126,17 @@ def _channels(head: RequestHead, limit: int) -> tuple[str, ...]:
     return tuple(channels)
 
 
-def _since(head: RequestHead, count: int) -> list[Position] | None:
+def _since(head: RequestHead, query: dict[str, list[str]], count: int) -> list[Position | None] | None:
+    """Where to resume: the ``Last-Event-ID`` header (EventSource's own reconnect) or, when there is
+    none, the ``last_event_id`` parameter (a client that re-opened the stream itself cannot set headers)."""
     value = head.header(b"last-event-id")
-    if value is None or not value.strip():
-        return None
-    return parse_last_event_id(value.decode("latin-1").strip(), count)
+    text = value.decode("latin-1").strip() if value is not None else ""
+    if not text:
+        given = query.get("last_event_id", [])
+        if len(given) > 1:
+            raise HubError("bad_message", "last_event_id is given twice")
+        text = given[0].strip() if given else ""
+    return parse_last_event_id(text, count) if text else None
 
 
 class HubSseStream:
@@ -202,11 +209,11 @@ class HubSseStream:
 
     # -- the subscription ----------------------------------------------------------
 
-    def start(self, since: list[Position] | None) -> None:
+    def start(self, since: list[Position | None] | None) -> None:
         self.service.sse_streams.add(self)
         self._task = self.service.server.loop.create_task(self._subscribe(since))
 
-    async def _subscribe(self, since: list[Position] | None) -> None:
+    async def _subscribe(self, since: list[Position | None] | None) -> None:
         service = self.service
         registry = service.registry
         try:

@@ -5,7 +5,8 @@ Theory of operation
 `downstream.ClientConnection` calls three hooks and nothing else:
 
 * `serve_client_js` answers ``GET /.edgeproxy/resume-client.js`` (the browser
-  client) before routing;
+  client) before routing, and ``/.edgeproxy/hub-client.js`` (the browser client
+  of ``[[hubs]]``, which lives here only because it is served the same way);
 * `on_upgrade` looks at each upgrade's subprotocol offers.  An offer without the
   ``edgeproxy.resume.v1`` wrapper changes nothing (byte-for-byte passthrough).  A
   new resumable session has the wrapper stripped from the upgrade forwarded to
@@ -88,6 +89,10 @@ log = logging.getLogger("edgeproxy")
 
 #: where the proxy serves the browser client itself, before routing
 CLIENT_JS_PATH = "/.edgeproxy/resume-client.js"
+#: where it serves the hubs' browser client (edgeproxy/static/hub-client.js)
+HUB_CLIENT_JS_PATH = "/.edgeproxy/hub-client.js"
+#: every script the proxy serves itself: path -> file in edgeproxy/static
+CLIENT_SCRIPTS = {CLIENT_JS_PATH: "resume-client.js", HUB_CLIENT_JS_PATH: "hub-client.js"}
 _PROTOCOL_HEADER = b"sec-websocket-protocol"
 
 
@@ -99,9 +104,9 @@ def _mask_key() -> bytes:
     return os.urandom(4)
 
 
-def client_js() -> bytes:
-    """The browser client (an ES module), as shipped in the package."""
-    return importlib.resources.files("edgeproxy").joinpath("static/resume-client.js").read_bytes()
+def client_js(path: str = CLIENT_JS_PATH) -> bytes:
+    """The browser client served at ``path`` (an ES module), as shipped in the package."""
+    return importlib.resources.files("edgeproxy").joinpath("static", CLIENT_SCRIPTS[path]).read_bytes()
 
 
 # --------------------------------------------------------------------------- #
@@ -110,14 +115,14 @@ def client_js() -> bytes:
 
 
 def serve_client_js(conn: ClientConnection, head: http1.RequestHead) -> bool:
-    """Answer ``GET``/``HEAD`` of `CLIENT_JS_PATH`; False for any other request."""
-    if head.path != CLIENT_JS_PATH or head.method not in (b"GET", b"HEAD") or head.has_body or head.websocket:
+    """Answer ``GET``/``HEAD`` of a path of `CLIENT_SCRIPTS`; False for any other request."""
+    if head.path not in CLIENT_SCRIPTS or head.method not in (b"GET", b"HEAD") or head.has_body or head.websocket:
         return False
     event = conn.http.next_event()  # the EndOfMessage of a body-less request
     if not isinstance(event, EndOfMessage):  # pragma: no cover - h11 yields it at once
         conn._close()
         return True
-    body = client_js()
+    body = client_js(head.path)
     headers = [
         (b"Content-Type", b"text/javascript; charset=utf-8"),
         (b"Content-Length", b"%d" % len(body)),

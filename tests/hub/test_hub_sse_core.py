@@ -51,7 +51,12 @@ def test_event_ids_round_trip_for_one_and_several_channels() -> None:
         assert parse_last_event_id(sse_event_id(positions).decode(), len(positions)) == positions
 
 
-@pytest.mark.parametrize("value", ["", "e1", "e1:", ":5", "e1:-1", "e1:5,e2", "e1:5,e2:1,e3:1", "e1:99999999999999999999"])
+def test_an_empty_part_is_a_channel_without_a_position() -> None:
+    assert parse_last_event_id(",e2:4", 2) == [None, Position(4, "e2")]
+    assert parse_last_event_id("", 1) == [None]
+
+
+@pytest.mark.parametrize("value", ["e1", "e1:", ":5", "e1:-1", "e1:5,e2", "e1:5,e2:1,e3:1", "e1:99999999999999999999"])
 def test_malformed_last_event_ids_are_refused(value: str) -> None:
     with pytest.raises(HubError):
         parse_last_event_id(value, 2 if "," in value else 1)

@@ -75,12 +75,16 @@ async def test_a_hub_path_makes_the_client_retry_over_http11(proxy, http_backend
     assert http_backend.requests == []  # never routed to the upstream
 
 
-async def test_the_resume_client_script_is_served_over_h2(proxy, http_backend) -> None:
+async def test_the_client_scripts_are_served_over_h2(proxy, http_backend) -> None:
+    from edgeproxy.transport.resume import CLIENT_SCRIPTS, client_js
+
     p = await proxy(http_backend, listeners=[H2C])
     async with h2c(p) as client:
-        script = await client.get("/.edgeproxy/resume-client.js")
-    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
-    assert b"export" in script.content and http_backend.requests == []
+        for path in ("/.edgeproxy/resume-client.js", "/.edgeproxy/hub-client.js"):
+            script = await client.get(path)
+            assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+            assert script.content == client_js(path) and b"export class" in script.content
+    assert len(CLIENT_SCRIPTS) == 2 and http_backend.requests == []
 
 
 async def test_a_body_that_stops_coming_gets_408_on_its_stream(http_backend, proxy) -> None:

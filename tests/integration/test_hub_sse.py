@@ -173,6 +173,28 @@ async def test_several_channels_share_one_stream_and_resume_together(hub) -> Non
         assert (kind, doc["data"], last_id) == ("pub", "b3", f"{ea}:3,{eb}:3")
 
 
+async def test_the_last_event_id_parameter_resumes_and_the_header_wins(hub) -> None:
+    """A client that re-opens the stream itself passes its positions as ?last_event_id= (an empty part: a new channel)."""
+    p = await hub()
+    async with aiohttp.ClientSession() as session:
+        stream, (sub,) = await subscribed_stream(session, p, "channel=qa", 1)
+        epoch = sub["epoch"]
+        for n in range(1, 4):
+            await publish(p, "qa", n)
+        stream.response.close()
+        await publish(p, "qb", "b1")  # before the stream asks for qb: not replayed
+        again, subs = await subscribed_stream(session, p, f"channel=qa&channel=qb&last_event_id={epoch}:1,", 2)
+        assert [s["recovered"] for s in subs] == [True, False]
+        assert [(await again.next())[1]["data"] for _ in range(2)] == [2, 3]
+        await publish(p, "qb", "b2")
+        kind, doc, last_id = await again.next()
+        assert (kind, doc["data"]) == ("pub", "b2") and last_id == f"{epoch}:3,{doc['epoch']}:{doc['seq']}"
+        again.response.close()
+        # both given: the header (EventSource's own reconnect, the newer position) wins
+        third, _ = await subscribed_stream(session, p, f"channel=qa&last_event_id={epoch}:0", 1, last_id=f"{epoch}:2")
+        assert (await third.next())[1]["data"] == 3
+
+
 async def test_a_gap_history_no_longer_covers_says_recovered_false(hub) -> None:
     p = await hub(history_size=2)
     async with aiohttp.ClientSession() as session:
@@ -193,6 +215,8 @@ async def test_a_gap_history_no_longer_covers_says_recovered_false(hub) -> None:
         ("channel=bad%20name", {}, 400, "invalid channel"),
         ("channel=a", {"Last-Event-ID": "nonsense"}, 400, "epoch:seq"),
         ("channel=a&channel=b", {"Last-Event-ID": "e:1"}, 400, "1 position(s) for 2"),
+        ("channel=a&last_event_id=e:x", {}, 400, "epoch:seq"),
+        ("channel=a&last_event_id=e:1&last_event_id=e:2", {}, 400, "twice"),
     ],
 )
 async def test_bad_requests_get_a_status_before_any_event(hub, query, headers, status, words) -> None:
