@@ -1,0 +1,110 @@
+"""Server-Sent Events seen by a proxy: where events end, and what may be inserted where.
+
+Theory of operation
+-------------------
+A relayed ``text/event-stream`` body is never parsed into events; the proxy only
+needs to know where the *event boundaries* are (the blank line that makes a
+browser dispatch an event, HTML Living Standard section 9.2.6), for three things:
+
+* counting events per direction (the message-rate signal) without a per-line
+  Python loop: `EventScanner.feed` finds each run of line terminators that holds a
+  blank line with one C-level regex scan per chunk;
+* the keep-alive comment the proxy writes when the upstream is quiet: ``:\\n\\n``
+  between events, ``:\\n`` (a comment line, dispatching nothing) after a complete
+  line inside an event, nothing in the middle of a line (`EventScanner.keepalive`);
+* the drain close: the ``retry:`` field and the end of the response go out only
+  where an event has just ended (`EventScanner.at_boundary`, or the offset `feed`
+  returns for the first boundary inside a chunk).
+
+Lines end with CRLF, LF or CR.  A run of terminators holds a blank line unless it
+is exactly one terminator (``\\n``, ``\\r`` or ``\\r\\n``), which is the same as
+containing one of ``\\n\\n``, ``\\r\\r`` or ``\\n\\r``: that is the regex.  A run
+split between two chunks is joined through the last byte of the first one.  An
+event is a block with at least one non-empty line (comments included) ended by a
+blank line: extra blank lines between events count nothing.
+
+Nothing here touches a socket or a clock.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["EventScanner", "is_event_stream", "retry_field"]
+
+#: a maximal run of line terminators that holds a blank line
+_BOUNDARY = re.compile(rb"[\r\n]*(?:\n\n|\r\r|\n\r)[\r\n]*")
+#: the run of terminators at a position (maybe empty)
+_RUN = re.compile(rb"[\r\n]*")
+_CONTENT = re.compile(rb"[^\r\n]")
+_BLANK_PAIRS = (b"\n\n", b"\r\r", b"\n\r")
+
+KEEPALIVE_BETWEEN = b":\n\n"
+KEEPALIVE_INSIDE = b":\n"
+
+
+def is_event_stream(content_type: bytes | None) -> bool:
+    """True for a ``Content-Type`` of ``text/event-stream`` (any parameters, any case)."""
+    if not content_type:
+        return False
+    return content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+
+
+def retry_field(milliseconds: int) -> bytes:
+    """A block of its own that sets EventSource's reconnection time and dispatches no event."""
+    return b"retry: %d\n\n" % milliseconds
+
+
+class EventScanner:
+    """Follows one relayed event stream: events counted, and whether it now stands between events."""
+
+    __slots__ = ("events", "_open", "_tail")
+
+    def __init__(self) -> None:
+        #: events ended so far
+        self.events = 0
+        #: an event has begun and not ended (a non-empty line since the last boundary)
+        self._open = False
+        #: while an event is open: the last byte when the stream ends in a terminator, else b""
+        self._tail = b""
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when the bytes so far end between events: something of its own can go out now."""
+        return not self._open
+
+    def keepalive(self) -> bytes:
+        """What the proxy may write now without changing any event: ``:\\n\\n``, ``:\\n`` or b""."""
+        if not self._open:
+            return KEEPALIVE_BETWEEN
+        # After a CR a following LF from the upstream would make "\r:\n\n"-like blanks: only after LF.
+        return KEEPALIVE_INSIDE if self._tail == b"\n" else b""
+
+    def feed(self, data: bytes) -> int:
+        """Account for relayed bytes; the offset just past the first event boundary in `data`, or -1."""
+        if not data:
+            return -1
+        first = -1
+        pos = 0
+        if self._open and self._tail:
+            if self._tail + data[:1] in _BLANK_PAIRS:
+                pos = _RUN.match(data).end()  # the run goes on here and ends the event
+                self.events += 1
+                self._open = False
+                first = pos
+        last = pos
+        for match in _BOUNDARY.finditer(data, pos):
+            if match.start() > last or self._open:
+                self.events += 1
+                if first < 0:
+                    first = match.end()
+            self._open = False
+            last = match.end()
+        if _CONTENT.search(data, last) is not None:
+            self._open = True
+        if self._open:
+            end = data[-1:]
+            self._tail = end if end in (b"\r", b"\n") else b""
+        else:
+            self._tail = b""
+        return first
