@@ -80,8 +80,12 @@ class EventScanner:
         # After a CR a following LF from the upstream would make "\r:\n\n"-like blanks: only after LF.
         return KEEPALIVE_INSIDE if self._tail == b"\n" else b""
 
-    def feed(self, data: bytes) -> int:
-        """Account for relayed bytes; the offset just past the first event boundary in `data`, or -1."""
+    def feed(self, data: bytes, *, first_only: bool = False) -> int:
+        """Account for relayed bytes; the offset just past the first event boundary in `data`, or -1.
+
+        With `first_only`, only ``data[:offset]`` is accounted for when there is a
+        boundary (what a drain writes before it ends the stream).
+        """
         if not data:
             return -1
         first = -1
@@ -91,6 +95,9 @@ class EventScanner:
                 pos = _RUN.match(data).end()  # the run goes on here and ends the event
                 self.events += 1
                 self._open = False
+                self._tail = b""
+                if first_only:
+                    return pos
                 first = pos
         last = pos
         for match in _BOUNDARY.finditer(data, pos):
@@ -98,6 +105,10 @@ class EventScanner:
                 self.events += 1
                 if first < 0:
                     first = match.end()
+                    if first_only:
+                        self._open = False
+                        self._tail = b""
+                        return first
             self._open = False
             last = match.end()
         if _CONTENT.search(data, last) is not None:

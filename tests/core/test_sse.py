@@ -116,3 +116,18 @@ def test_content_type_and_retry() -> None:
     scanner = EventScanner()
     scanner.feed(b"data: a\n\n")
     assert scanner.at_boundary  # where the drain's retry block may go
+
+
+@pytest.mark.parametrize("stream", CASES)
+def test_first_only_accounts_for_the_bytes_up_to_the_first_boundary(stream: bytes) -> None:
+    for cut in range(len(stream) + 1):
+        scanner = EventScanner()
+        scanner.feed(stream[:cut])
+        before = scanner.events
+        first = scanner.feed(stream[cut:], first_only=True)
+        if first < 0:
+            assert scanner.events == reference(stream)[0]
+            continue
+        # as if only stream[:cut + first] had been relayed
+        events, _, between, _ = reference(stream[:cut + first])
+        assert (scanner.events, scanner.at_boundary) == (events, between) == (before + 1, True), (stream, cut)
