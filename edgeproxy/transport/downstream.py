@@ -192,6 +192,9 @@ class ClientConnection(asyncio.Protocol):
             self._deadline = now + self.server.config.http.header_timeout
             self._rearm(now)
         self.http.receive_data(data)
+        exchange = self.exchange
+        if exchange is not None and exchange.sse is not None and self.http.buffered > self.server.config.http.max_header_size:
+            self.pause_client_reading("in-flight")  # pipelined behind an event stream: wait, bounded
         self._process_client()
 
     def eof_received(self) -> bool:
@@ -207,6 +210,15 @@ class ClientConnection(asyncio.Protocol):
                 self._close()
             return half_close
         if self._lingering:
+            self._close()
+            return half_close
+        exchange = self.exchange
+        if exchange is not None and exchange.sse is not None:
+            # An event stream never ends by itself: a client that closed its side is gone
+            # (nginx's "client prematurely closed connection"); end it and free its upstream.
+            self._log_http(exchange.head, exchange.status, exchange.bytes_out, self.server.now(), exchange.upstream,
+                           error="client_gone")
+            self._drop_exchange(abort_upstream=True)
             self._close()
             return half_close
         self.http.receive_data(b"")
@@ -722,6 +734,10 @@ class ClientConnection(asyncio.Protocol):
             exchange.sse = sse = ProxiedEventStream(self, self.server, exchange.route, exchange.group, conn.server, now)
             exchange.deadline = 0.0
             self._rearm(now)
+            if exchange.request_done:
+                # Read the client again, or its close would go unseen for as long as the stream
+                # lasts (nothing is parsed: h11 holds what follows until the cycle ends; see data_received).
+                self.resume_client_reading("in-flight")
             if self.server.draining:  # its request was in flight when the drain began
                 self.end_event_stream(sse, sse.retry())
                 return False
