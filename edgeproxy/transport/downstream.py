@@ -731,7 +731,8 @@ class ClientConnection(asyncio.Protocol):
         if sse_wanted(exchange.head.method, head.status, head.headers):
             # An event stream: no read_timeout, keepalives, paced end on drain (transport/sse.py).
             now = self.server.now()
-            exchange.sse = sse = ProxiedEventStream(self, self.server, exchange.route, exchange.group, conn.server, now)
+            exchange.sse = sse = ProxiedEventStream(self, self.server, exchange.route, exchange.group, conn.server, now,
+                                                    head.headers)
             exchange.deadline = 0.0
             self._rearm(now)
             if exchange.request_done:

@@ -492,7 +492,7 @@ class Http2Connection(asyncio.Protocol):
         if sse_wanted(stream.head.method, head.status, head.headers):
             # An event stream: no read_timeout, keepalives, paced end on drain (transport/sse.py).
             stream.sse = ProxiedEventStream(stream, self.server, stream.route, stream.group, up.server,
-                                            self.server.now())
+                                            self.server.now(), head.headers)
             stream.deadline = 0.0
             if self.server.draining:  # its request was in flight when the drain began
                 self.end_event_stream(stream, stream.sse.retry())

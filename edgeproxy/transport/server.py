@@ -74,7 +74,7 @@ def _tick_interval(config: Config) -> float:
                 ws.idle_timeout, ws.close_timeout, ws.ping_interval, ws.pong_timeout, ws.max_connection_age]
     for upstream in config.upstreams:
         timeouts += [upstream.read_timeout, upstream.pool_idle_timeout, upstream.connect_timeout]
-    timeouts += [config.sse.keepalive_interval, config.sse.upstream_idle_timeout, config.sse.boundary_timeout]
+    timeouts += [config.sse.keepalive_interval, config.sse.upstream_idle_timeout]  # boundary_timeout needs no precision
     shortest = min((t for t in timeouts if t > 0), default=4.0)
     return min(1.0, max(0.05, shortest / 4))
 
@@ -719,7 +719,7 @@ class ProxyServer:
                 yield CLIENT_TO_UPSTREAM, relay.messages_from_client, relay.bytes_from_client
                 yield UPSTREAM_TO_CLIENT, relay.messages_from_upstream, relay.bytes_from_upstream
         for stream in self.sse_streams:
-            yield UPSTREAM_TO_CLIENT, stream.scanner.events, stream.bytes
+            yield UPSTREAM_TO_CLIENT, stream.events, stream.bytes
 
     def upstream_states(self) -> list[dict[str, Any]]:
         """Every configured upstream server: its health state and open connections.

@@ -29,6 +29,10 @@ decides what else goes out and when the stream ends:
   ends within ``boundary_timeout`` it ends anyway, without the retry (which
   would become part of the unfinished event); the browser drops the unfinished
   event, as it does at any end of stream;
+* a compressed body (a Content-Encoding other than identity) cannot take
+  inserted bytes nor be scanned: it is exempt from ``read_timeout`` and counted
+  as a stream, but gets no keepalives, counts no events, and a drain ends it at
+  once without a retry;
 * signals: the stream is one ``protocol="sse"`` connection in the gauges, the
   opened counter and the lifetime histogram (beside WebSocket sessions; the
   client connection that carries it stays counted as ``http``), and its events
@@ -63,18 +67,25 @@ def wanted(method: bytes, status: int, headers) -> bool:
     return False
 
 
+def _encoded(headers) -> bool:
+    """A Content-Encoding (gzip, br...) other than identity: the body bytes are not the events."""
+    return any(name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity")
+               for name, value in headers)
+
+
 class ProxiedEventStream:
     """One relayed event stream; its `owner` has ``end_event_stream(stream, retry)`` and ``rearm_event_stream(now)``."""
 
     __slots__ = ("owner", "server", "group", "address", "scanner", "key", "started", "last_upstream", "last_write",
                  "end_by", "bytes", "finished")
 
-    def __init__(self, owner, server: ProxyServer, route, group, address, now: float):
+    def __init__(self, owner, server: ProxyServer, route, group, address, now: float, headers=()):
         self.owner = owner
         self.server = server
         self.group = group
         self.address = address
-        self.scanner = EventScanner()
+        #: None for a compressed body: nothing can be inserted, no boundary found, no event counted
+        self.scanner: EventScanner | None = None if _encoded(headers) else EventScanner()
         self.key = server.metrics.connection_opened(SSE, route_label(route.host, route.path_prefix), route.upstream,
                                                     str(address))
         self.started = self.last_upstream = self.last_write = now
@@ -90,6 +101,9 @@ class ProxiedEventStream:
     def relay(self, data: bytes, now: float) -> tuple[bytes, bool]:
         """(what to write of `data`, whether the stream ends after it with the retry)."""
         self.last_upstream = self.last_write = now
+        if self.scanner is None:
+            self.bytes += len(data)
+            return data, False
         cut = self.scanner.feed(data, first_only=bool(self.end_by))
         if self.end_by and cut >= 0:
             data = data[:cut]
@@ -110,6 +124,9 @@ class ProxiedEventStream:
         if self.finished or self.end_by:
             return
         now = self.server.now()
+        if self.scanner is None:  # compressed: no boundary to wait for, no retry: can be added
+            self.owner.end_event_stream(self, b"")
+            return
         if self.scanner.at_boundary:
             self.owner.end_event_stream(self, self.retry())
             return
@@ -140,8 +157,12 @@ class ProxiedEventStream:
             return None
         if cfg.keepalive_interval and now >= self.last_write + cfg.keepalive_interval:
             self.last_write = now
-            return self.scanner.keepalive()
+            return self.scanner.keepalive() if self.scanner is not None else b""
         return b""
+
+    @property
+    def events(self) -> int:
+        return self.scanner.events if self.scanner is not None else 0
 
     # -- the end -------------------------------------------------------------------
 
@@ -151,7 +172,7 @@ class ProxiedEventStream:
             return
         self.finished = True
         metrics = self.server.metrics
-        metrics.add_messages(UPSTREAM_TO_CLIENT, self.scanner.events, self.bytes)
+        metrics.add_messages(UPSTREAM_TO_CLIENT, self.events, self.bytes)
         metrics.connection_closed(self.key, now - self.started)
         self.server.sse_streams.discard(self)
         self.group.session_closed(self.address, self)

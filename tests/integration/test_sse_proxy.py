@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
+import zlib
 
 import aiohttp
 import h2.events
@@ -31,7 +33,10 @@ class SseBackend:
         self.port = 0
 
     async def handler(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Backend": str(self.port)}
+        if "gzip" in request.query:
+            headers["Content-Encoding"] = "gzip"  # the test writes the compressed bytes itself
+        resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
         queue: asyncio.Queue = asyncio.Queue()
         self.queues.append(queue)
@@ -164,7 +169,8 @@ async def test_drain_sends_retry_at_the_next_event_boundary_then_ends(sse_backen
 
 async def test_drain_at_a_boundary_is_immediate_and_a_stuck_event_ends_after_boundary_timeout(sse_backend, proxy):
     p = await proxy(sse_backend, shutdown={"drain_timeout": 4, "readiness_grace": 0, "drain_policy": "immediate"},
-                    sse={"keepalive_interval": 0, "boundary_timeout": 0.5})
+                    sse={"keepalive_interval": 0, "boundary_timeout": 0.5},
+                    http={"header_timeout": 1.0})  # a 0.25 s timer tick
     async with aiohttp.ClientSession() as session:
         first = await session.get(p.url("/events"))
         second = await session.get(p.url("/events"))
@@ -243,3 +249,66 @@ async def test_http2_stream_keepalives_no_read_timeout_and_drain_retry(sse_backe
     await asyncio.wait_for(drain, 5)
     assert _sse_active(p) == 0
     assert p.server.metrics.message_totals()[0][UPSTREAM_TO_CLIENT] == 2
+
+
+async def test_a_compressed_stream_gets_no_inserted_bytes_and_ends_at_once_on_drain(sse_backend, proxy):
+    p = await proxy(sse_backend, upstream={"read_timeout": 0.3}, sse={"keepalive_interval": 0.2},
+                    shutdown={"drain_timeout": 4, "readiness_grace": 0})
+    gzip = zlib.compressobj(wbits=31)
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        async with session.get(p.url("/events?gzip")) as resp:
+            assert resp.headers["Content-Encoding"] == "gzip"
+            upstream = await sse_backend.next_stream()
+            sent = gzip.compress(b"data: one\n\ndata: half") + gzip.flush(zlib.Z_SYNC_FLUSH)
+            upstream.put_nowait(sent)
+            got = bytearray()
+            await _read_until(resp.content, got, sent)
+            await asyncio.sleep(0.9)  # three read_timeouts, four keepalive intervals: neither a cut nor a comment
+            drain = asyncio.ensure_future(p.server.drain_and_stop())
+            got += await asyncio.wait_for(resp.content.read(), 2)  # ends at once: no boundary can be found
+    assert bytes(got) == sent
+    assert zlib.decompressobj(wbits=31).decompress(bytes(got)) == b"data: one\n\ndata: half"
+    await asyncio.wait_for(drain, 5)
+    assert _sse_active(p) == 0
+
+
+async def test_rebalancing_paces_out_the_streams_of_a_drained_server_with_retry(proxy, until):
+    backends = [SseBackend(), SseBackend()]
+    for backend in backends:
+        await backend.start()
+    try:
+        p = await proxy(*(b.port for b in backends), sse={"keepalive_interval": 0, "retry_min": 1, "retry_max": 2},
+                        upstream={"rebalance": {"threshold": 1.5, "sustain": 0, "interval": 0.15, "max_closes": 1}})
+        async with aiohttp.ClientSession() as session:
+            streams = []
+            for i in range(4):
+                resp = await session.get(p.url(f"/events?i={i}"))
+                backend = next(b for b in backends if str(b.port) == resp.headers["X-Backend"])
+                upstream = await backend.next_stream()
+                upstream.put_nowait(b"data: hello\n\n")
+                await _read_until(resp.content, bytearray(), b"data: hello\n\n")
+                streams.append((resp, backend, upstream))
+            assert sorted(backends.index(b) for _, b, _ in streams) == [0, 0, 1, 1]
+            group = p.server.groups["app"]
+            assert sorted(group.loads().values()) == [2, 2]
+            from edgeproxy.config import Address
+            group.set_drain(Address(HOST, backends[0].port), True)
+
+            async def ended_at(resp) -> float:
+                rest = await asyncio.wait_for(resp.content.read(), 5)
+                match = re.fullmatch(rb"retry: (\d+)\n\n", rest)
+                assert match and 1000 <= int(match.group(1)) <= 2000, rest
+                return time.monotonic()
+
+            times = sorted(await asyncio.gather(*(ended_at(r) for r, b, _ in streams if b is backends[0])))
+            assert times[1] - times[0] > 0.1, times  # one per interval (max_closes = 1)
+            for resp, backend, upstream in streams:
+                if backend is backends[1]:  # the other server's streams go on
+                    upstream.put_nowait(b"data: still here\n\n")
+                    await _read_until(resp.content, bytearray(), b"data: still here\n\n")
+            for resp, _, _ in streams:
+                resp.close()
+        assert await until(lambda: _sse_active(p) == 0)
+    finally:
+        for backend in backends:
+            await backend.stop()
