@@ -312,3 +312,55 @@ async def test_rebalancing_paces_out_the_streams_of_a_drained_server_with_retry(
     finally:
         for backend in backends:
             await backend.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_on_a_real_process_ends_every_stream_at_a_boundary_with_retry_and_exits_0(sse_backend, tmp_path):
+    """`edgeproxy run`, 300 streams (half of them inside an event when the drain begins), SIGTERM."""
+    import signal
+
+    from tests.integration.test_lifecycle import ProxyProcess
+
+    n, grace, drain_timeout = 300, 0.5, 3.0
+    proc = await ProxyProcess(tmp_path, sse_backend.port, shutdown={"drain_timeout": drain_timeout,
+                              "readiness_grace": grace}, sse={"retry_min": 1, "retry_max": 5}).started()
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            responses = await asyncio.gather(*(session.get(f"http://{HOST}:{proc.port}/events") for _ in range(n)))
+            upstreams = [await sse_backend.next_stream() for _ in range(n)]
+            for i, upstream in enumerate(upstreams):
+                upstream.put_nowait(b"id: %d\ndata: a\n\n" % i + (b"data: b" if i % 2 else b""))
+
+            async def body(resp) -> tuple[bytes, float]:
+                data = await asyncio.wait_for(resp.content.read(), drain_timeout + grace + 5)  # a cut raises
+                return data, time.monotonic()
+
+            bodies = [asyncio.ensure_future(body(r)) for r in responses]
+            await asyncio.sleep(0.3)  # every first event is out
+            proc.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            await asyncio.sleep(grace + 0.3)  # the drain has begun: the open events end now
+            for i, upstream in enumerate(upstreams):
+                if i % 2:
+                    upstream.put_nowait(b"\n\ndata: never sent\n\n")
+            results = await asyncio.gather(*bodies)
+        code, _ = await proc.wait(timeout=drain_timeout + grace + 5)
+        assert code == 0
+    finally:
+        err = proc.kill()
+    retries, waited = [], 0
+    seen = set()
+    for data, _ in results:
+        i = int(re.match(rb"id: (\d+)\n", data).group(1))  # which upstream stream this response was
+        seen.add(i)
+        event = b"id: %d\ndata: a\n\n" % i + (b"data: b\n\n" if i % 2 else b"")
+        # a stream whose batch came after the upstream's last chunk relayed all of it
+        match = re.fullmatch(re.escape(event) + rb"(data: never sent\n\n)?retry: (\d+)\n\n", data)
+        assert match, (i, data)
+        waited += i % 2 and match.group(1) is None  # its end waited for the boundary, and cut after it
+        retries.append(int(match.group(2)))
+    assert waited > 0 and seen == set(range(n))
+    assert all(1000 <= r <= 5000 for r in retries) and len(set(retries)) > n // 2  # jittered
+    ends = sorted(t - signalled for _, t in results)
+    assert ends[0] >= grace * 0.9 and ends[-1] - ends[0] >= 0.3 * drain_timeout, "the ends were not paced"
+    assert "Traceback" not in err
