@@ -13,6 +13,13 @@ the buffers.  The response streams back the same way.  Bodies are never held
 whole: at most one read's worth waits while the upstream connection is being
 set up, and past the high-water mark the sending side stops being read.
 
+*Event streams.*  A ``text/event-stream`` response (`transport.sse`) stays in
+HTTP mode but leaves ``read_timeout`` behind: its `ProxiedEventStream` sets the
+connection's timer (keepalive comments, upstream idle timeout, a drain's wait for
+an event boundary) and ends it cleanly with ``end_event_stream``.  The client is
+read again meanwhile, so its close ends the stream; a request pipelined behind it
+waits unparsed, as behind any response, and past ``max_header_size`` reading stops.
+
 *WebSocket mode.*  After the upstream's 101, both connections hand their bytes to
 one `WebSocketRelay`, which returns what to forward (normally the very same
 `bytes` object, written without a copy) and any actions (close frames, closes,
@@ -193,8 +200,9 @@ class ClientConnection(asyncio.Protocol):
             self._rearm(now)
         self.http.receive_data(data)
         exchange = self.exchange
-        if exchange is not None and exchange.sse is not None and self.http.buffered > self.server.config.http.max_header_size:
-            self.pause_client_reading("in-flight")  # pipelined behind an event stream: wait, bounded
+        if exchange is not None and exchange.sse is not None:
+            if self.http.buffered > self.server.config.http.max_header_size:
+                self.pause_client_reading("in-flight")  # pipelined behind an event stream: wait, bounded
         self._process_client()
 
     def eof_received(self) -> bool:

@@ -125,6 +125,28 @@ async def test_quiet_stream_outlives_read_timeout_gets_keepalives_and_each_event
     assert sum(h.count for h in metrics.durations[SSE].values()) == 1
 
 
+async def test_a_request_pipelined_behind_a_stream_waits_for_its_end_and_a_rebalanced_stream_keeps_the_connection(
+        sse_backend, proxy, raw_conn):
+    p = await proxy(sse_backend, sse={"keepalive_interval": 0})
+    c = await raw_conn(p.port)
+    await c.send(b"GET /events HTTP/1.1\r\nHost: a\r\n\r\nGET /events?second HTTP/1.1\r\nHost: a\r\n\r\n")
+    first = await sse_backend.next_stream()
+    first.put_nowait(b"data: 1\n\n")
+    await asyncio.sleep(0.2)
+    assert sse_backend.streams.empty()  # one request in flight at a time, even behind an event stream
+    # the proxy ends it (what rebalancing does): a clean end, and the connection carries the next request
+    (stream,) = p.server.sse_streams
+    stream.close_websocket(1012, "rebalance")
+    response = await c.read_response()
+    assert response.status == 200 and re.fullmatch(rb"data: 1\n\nretry: \d+\n\n", response.body), response.body
+    second = await sse_backend.next_stream()
+    second.put_nowait(b"data: 2\n\n")
+    second.put_nowait(None)
+    response = await c.read_response()
+    assert response.status == 200 and response.body == b"data: 2\n\n"
+    assert _sse_active(p) == 0 and p.server.metrics.opened[SSE] == 2
+
+
 async def test_upstream_idle_timeout_ends_the_stream_and_frees_everything(sse_backend, proxy, until):
     p = await proxy(sse_backend, sse={"keepalive_interval": 0.2, "upstream_idle_timeout": 0.7})
     async with aiohttp.ClientSession() as session:
