@@ -443,7 +443,7 @@ class Metrics:
         """The five signals as plain JSON-able totals (the dashboard derives rates)."""
         messages, _ = self.message_totals()
         lifetimes = [0] * (len(DURATION_BUCKETS) + 1)
-        for histogram in self.durations[WEBSOCKET].values():
+        for histogram in [*self.durations[WEBSOCKET].values(), *self.durations[SSE].values()]:
             lifetimes = [a + b for a, b in zip(lifetimes, histogram.counts)]
         active = self.active_by("protocol")
         return {
