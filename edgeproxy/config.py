@@ -360,6 +360,24 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SseConfig:
+    """The ``[sse]`` table: proxied ``text/event-stream`` responses (0 = off for the timeouts).
+
+    Such a response is exempt from its upstream's ``read_timeout``; these take its place.
+    """
+
+    #: seconds of upstream silence after which the proxy writes a ``:`` comment to the client
+    keepalive_interval: float = 15.0
+    #: seconds of upstream silence after which the stream is ended (proxy keepalives do not count)
+    upstream_idle_timeout: float = 600.0
+    #: the jittered ``retry:`` (in seconds, sent as milliseconds) when a drain or rebalance ends a stream
+    retry_min: float = 1.0
+    retry_max: float = 5.0
+    #: seconds a drain waits for the current event to end before it ends the stream anyway
+    boundary_timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     """The ``[limits]`` table: back-pressure threshold (bytes) and admission control (0 = off)."""
 
@@ -502,6 +520,7 @@ class Config:
     #: worker processes (``"auto"`` already resolved to the CPU count); 1 = no supervisor
     workers: int = 1
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    sse: SseConfig = field(default_factory=SseConfig)
     hubs: tuple[HubConfig, ...] = ()
     backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
     source: str = "<string>"
@@ -767,7 +786,8 @@ def _join(path: str, key: str) -> str:
 # Sections
 # --------------------------------------------------------------------------- #
 
-_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "http2", "websocket", "limits", "logging", "admin", "shutdown", "workers", "hubs", "backplane")
+_TOP_KEYS = ("listeners", "upstreams", "routes", "http", "http2", "websocket", "limits", "logging", "admin", "shutdown", "sse", "workers", "hubs",
+             "backplane")
 #: an upper bound that catches a typo (workers = 10000), not a tuning limit
 MAX_WORKERS = 1024
 _LISTENER_KEYS = ("bind", "backlog", "tls_cert", "tls_key", "tls_sni", "proxy_protocol", "proxy_protocol_trusted", "http2")
@@ -815,6 +835,7 @@ _RATE_ACTIONS = ("close", "throttle")
 _INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MIN_RESUME_BUFFER = 1024
 _SHUTDOWN_KEYS = ("drain_timeout", "readiness_grace", "close_code", "drain_policy")
+_SSE_KEYS = ("keepalive_interval", "upstream_idle_timeout", "retry_min", "retry_max", "boundary_timeout")
 #: how a drain hands out its close frames (`core.drain.Drain`'s close window)
 DRAIN_POLICIES = ("paced", "immediate")
 _LIMITS_KEYS = (
@@ -1435,6 +1456,24 @@ def _shutdown(v: _Validator, data: dict[str, Any]) -> ShutdownConfig:
     return _section(v, data, "shutdown", _SHUTDOWN_KEYS, build)
 
 
+def _sse(v: _Validator, data: dict[str, Any]) -> SseConfig:
+    def build(t: dict[str, Any]) -> SseConfig:
+        retry_min = v.seconds(t, "sse", "retry_min", 1.0)
+        retry_max = v.seconds(t, "sse", "retry_max", 5.0)
+        if retry_min > retry_max:
+            v.error("sse.retry_max", f"expected retry_max >= retry_min ({retry_min:g}), got {retry_max:g}")
+            retry_max = retry_min
+        return SseConfig(
+            keepalive_interval=v.seconds(t, "sse", "keepalive_interval", 15.0),
+            upstream_idle_timeout=v.seconds(t, "sse", "upstream_idle_timeout", 600.0),
+            retry_min=retry_min,
+            retry_max=retry_max,
+            boundary_timeout=v.seconds(t, "sse", "boundary_timeout", 2.0),
+        )
+
+    return _section(v, data, "sse", _SSE_KEYS, build)
+
+
 def _limits(v: _Validator, data: dict[str, Any]) -> LimitsConfig:
     return _section(v, data, "limits", _LIMITS_KEYS, lambda t: LimitsConfig(
         buffer_high_water=v.integer(t, "limits", "buffer_high_water", 262144, 1024, "a size in bytes"),
@@ -1771,6 +1810,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         admin=_admin(v, data, listeners, workers),
         workers=workers,
         shutdown=_shutdown(v, data),
+        sse=_sse(v, data),
         hubs=_hubs(v, data),
         backplane=_backplane(v, data),
         source=source,

@@ -65,7 +65,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 HTTP = "http"
 WEBSOCKET = "websocket"
-#: a Server-Sent Events stream (a hub's ``/sse`` endpoint), counted like a WebSocket session
+#: a Server-Sent Events stream (a hub's ``/sse`` endpoint, or a proxied ``text/event-stream``
+#: response, `transport.sse`), counted like a WebSocket session.  Issue #17 calls this label
+#: ``transport="sse"``: here it is the ``protocol`` label, as for every other kind.
 SSE = "sse"
 PROTOCOLS = (HTTP, WEBSOCKET, SSE)
 #: the outcome counted by `connection_opened`, per protocol
@@ -267,8 +269,10 @@ class Metrics:
 
         Args:
             protocol: ``"http"`` (a client connection, at accept; route,
-                upstream and server are then ``""``) or ``"websocket"`` (a
-                session, after the upstream's 101).
+                upstream and server are then ``""``), ``"websocket"`` (a
+                session, after the upstream's 101) or ``"sse"`` (an event
+                stream: a hub's, or a proxied response as its head goes out;
+                the HTTP connection carrying a proxied one stays counted too).
             route: `route_label` of the matched route.
             upstream: the upstream's name.
             server: the upstream server, ``str(Address)``.
@@ -439,7 +443,7 @@ class Metrics:
         """The five signals as plain JSON-able totals (the dashboard derives rates)."""
         messages, _ = self.message_totals()
         lifetimes = [0] * (len(DURATION_BUCKETS) + 1)
-        for histogram in self.durations[WEBSOCKET].values():
+        for histogram in [*self.durations[WEBSOCKET].values(), *self.durations[SSE].values()]:
             lifetimes = [a + b for a, b in zip(lifetimes, histogram.counts)]
         active = self.active_by("protocol")
         return {
@@ -559,8 +563,9 @@ class _Collector:
     def _traffic(m: Metrics) -> Iterator[Any]:
         messages, nbytes = m.message_totals()
         for name, doc, values in (
-            ("edgeproxy_messages", "WebSocket messages relayed, by direction", messages),
-            ("edgeproxy_message_bytes", "WebSocket bytes relayed, frames as on the wire, by direction", nbytes),
+            ("edgeproxy_messages", "WebSocket messages and SSE events relayed, by direction", messages),
+            ("edgeproxy_message_bytes", "WebSocket bytes (frames as on the wire) and SSE body bytes relayed, by direction",
+             nbytes),
         ):
             family = CounterMetricFamily(name, doc, labels=["direction"])
             for direction, value in values.items():

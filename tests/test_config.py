@@ -1063,3 +1063,36 @@ def test_body_size_problems() -> None:
     assert keys_of(MINIMAL.replace('upstream = "app"', 'upstream = "app"\nmax_body_size = -1')
                    + "[http]\nmax_body_size = 1.5\nbody_timeout = -1\n") == [
         "routes[0].max_body_size", "http.max_body_size", "http.body_timeout"]
+
+
+# --------------------------------------------------------------------------- #
+# [sse]: proxied event streams
+# --------------------------------------------------------------------------- #
+
+
+def test_sse_defaults_and_values() -> None:
+    default = parse_config(MINIMAL).sse
+    assert (default.keepalive_interval, default.upstream_idle_timeout) == (15.0, 600.0)
+    assert (default.retry_min, default.retry_max, default.boundary_timeout) == (1.0, 5.0, 2.0)
+    sse = parse_config(MINIMAL + """
+[sse]
+keepalive_interval = 0
+upstream_idle_timeout = 0
+retry_min = 3
+retry_max = 3
+boundary_timeout = 0.5
+""").sse
+    assert (sse.keepalive_interval, sse.upstream_idle_timeout, sse.retry_min, sse.retry_max, sse.boundary_timeout) == (
+        0.0, 0.0, 3.0, 3.0, 0.5)
+
+
+@pytest.mark.parametrize(("body", "key", "fragment"), [
+    ("keepalive_interval = -1", "sse.keepalive_interval", "seconds >= 0"),
+    ('upstream_idle_timeout = "10m"', "sse.upstream_idle_timeout", "seconds >= 0"),
+    ("retry_min = 6", "sse.retry_max", "retry_max >= retry_min"),
+    ("boundary_timeout = true", "sse.boundary_timeout", "seconds >= 0"),
+    ("keep_alive = 10", "sse.keep_alive", "keepalive_interval"),
+])
+def test_sse_bad_values_name_the_key(body: str, key: str, fragment: str) -> None:
+    got_key, message = only_problem(MINIMAL + "\n[sse]\n" + body + "\n")
+    assert got_key == key and fragment in message, (got_key, message)

@@ -264,3 +264,16 @@ def test_snapshot_feeds_the_dashboard(metrics: Metrics) -> None:
     assert sum(snap["lifetime_counts"]) == 1
     assert snap["lifetime_counts"][DURATION_BUCKETS.index(900)] == 1  # 600 < 700 <= 900
     assert snap["implementation"] == _accel.IMPLEMENTATION
+
+
+
+def test_snapshot_counts_event_streams_beside_websockets(metrics: Metrics) -> None:
+    """A proxied SSE stream is ``sse`` in the gauges and among the lifetimes the dashboard draws."""
+    stream = metrics.connection_opened("sse", "*/", "app", "10.0.0.1:80")
+    snap = metrics.snapshot()
+    assert snap["connections_active"]["sse"] == 1 and snap["connections_opened"]["sse"] == 1
+    metrics.connection_closed(stream, 30)
+    snap = metrics.snapshot()
+    assert snap["connections_active"]["sse"] == 0
+    assert snap["lifetime_counts"][DURATION_BUCKETS.index(30)] == 1
+    assert value(metrics, "edgeproxy_connection_duration_seconds_count", protocol="sse", close_code="none") == 1

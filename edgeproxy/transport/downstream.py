@@ -13,6 +13,13 @@ the buffers.  The response streams back the same way.  Bodies are never held
 whole: at most one read's worth waits while the upstream connection is being
 set up, and past the high-water mark the sending side stops being read.
 
+*Event streams.*  A ``text/event-stream`` response (`transport.sse`) stays in
+HTTP mode but leaves ``read_timeout`` behind: its `ProxiedEventStream` sets the
+connection's timer (keepalive comments, upstream idle timeout, a drain's wait for
+an event boundary) and ends it cleanly with ``end_event_stream``.  The client is
+read again meanwhile, so its close ends the stream; a request pipelined behind it
+waits unparsed, as behind any response, and past ``max_header_size`` reading stops.
+
 *WebSocket mode.*  After the upstream's 101, both connections hand their bytes to
 one `WebSocketRelay`, which returns what to forward (normally the very same
 `bytes` object, written without a copy) and any actions (close frames, closes,
@@ -63,6 +70,7 @@ from edgeproxy.metrics import CLIENT_TO_UPSTREAM, HTTP, UPSTREAM_TO_CLIENT, WEBS
 from edgeproxy.transport import resume
 from edgeproxy.transport.edge import SessionMeters
 from edgeproxy.transport.http2 import Http2Connection
+from edgeproxy.transport.sse import ProxiedEventStream, wanted as sse_wanted
 from edgeproxy.transport.upstream import UpstreamConnection, UpstreamRequest, UpstreamUnavailable, lease
 
 if TYPE_CHECKING:
@@ -79,7 +87,7 @@ LINGER_SECONDS = 2.0
 class _Exchange(UpstreamRequest):
     """One request/response through the proxy (or one WebSocket handshake)."""
 
-    __slots__ = ("pending_bytes", "websocket_key", "resume", "body_active")
+    __slots__ = ("pending_bytes", "websocket_key", "resume", "body_active", "sse")
 
     def __init__(self, head: RequestHead, route: RouteConfig, group, started: float):
         super().__init__(head, route, group, started)
@@ -89,6 +97,8 @@ class _Exchange(UpstreamRequest):
         self.resume = None
         #: set on every body read; the timer check turns it into `body_deadline` (0 = none)
         self.body_active = False
+        #: the response is an event stream (`transport.sse`): its own timers, signals and drain
+        self.sse: ProxiedEventStream | None = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -191,6 +201,10 @@ class ClientConnection(asyncio.Protocol):
             self._deadline = now + self.server.config.http.header_timeout
             self._rearm(now)
         self.http.receive_data(data)
+        exchange = self.exchange
+        if exchange is not None and exchange.sse is not None:
+            if self.http.buffered > self.server.config.http.max_header_size:
+                self.pause_client_reading("in-flight")  # pipelined behind an event stream: wait, bounded
         self._process_client()
 
     def eof_received(self) -> bool:
@@ -206,6 +220,15 @@ class ClientConnection(asyncio.Protocol):
                 self._close()
             return half_close
         if self._lingering:
+            self._close()
+            return half_close
+        exchange = self.exchange
+        if exchange is not None and exchange.sse is not None:
+            # An event stream never ends by itself: a client that closed its side is gone
+            # (nginx's "client prematurely closed connection"); end it and free its upstream.
+            self._log_http(exchange.head, exchange.status, exchange.bytes_out, self.server.now(), exchange.upstream,
+                           error="client_gone")
+            self._drop_exchange(abort_upstream=True)
             self._close()
             return half_close
         self.http.receive_data(b"")
@@ -236,6 +259,8 @@ class ClientConnection(asyncio.Protocol):
         if exchange is not None:
             if exchange.head.websocket:
                 self.server.metrics.connection_failed(WEBSOCKET, "client_gone")
+            if exchange.sse is not None:
+                exchange.sse.finish(self.server.now())
             self.exchange = None
             if exchange.task is not None and not exchange.task.done():
                 exchange.task.cancel()
@@ -666,8 +691,17 @@ class ClientConnection(asyncio.Protocol):
                 if not self._on_response_head(exchange, conn, event):
                     return
             elif isinstance(event, Body):
-                exchange.bytes_out += len(event.data)
-                self._write(self.http.send_data(event.data))
+                sse = exchange.sse
+                if sse is None:
+                    exchange.bytes_out += len(event.data)
+                    self._write(self.http.send_data(event.data))
+                    continue
+                data, end = sse.relay(event.data, self.server.now())
+                exchange.bytes_out += len(data)
+                self._write(self.http.send_data(data))
+                if end:  # a drain waited for this event boundary
+                    self.end_event_stream(sse, sse.retry())
+                    return
             elif isinstance(event, EndOfMessage):
                 self._on_response_end(exchange, conn)
                 return
@@ -704,11 +738,55 @@ class ClientConnection(asyncio.Protocol):
             log.warning("upstream %s: response cannot be relayed: %s", conn.server, exc)
             self._upstream_failed(exchange, 502, "upstream's response cannot be relayed")
             return False
+        if sse_wanted(exchange.head.method, head.status, head.headers):
+            # An event stream: no read_timeout, keepalives, paced end on drain (transport/sse.py).
+            now = self.server.now()
+            exchange.sse = sse = ProxiedEventStream(self, self.server, exchange.route, exchange.group, conn.server, now,
+                                                    head.headers)
+            exchange.deadline = 0.0
+            self._rearm(now)
+            if exchange.request_done:
+                # Read the client again, or its close would go unseen for as long as the stream
+                # lasts (nothing is parsed: h11 holds what follows until the cycle ends; see data_received).
+                self.resume_client_reading("in-flight")
+            if self.server.draining:  # its request was in flight when the drain began
+                self.end_event_stream(sse, sse.retry())
+                return False
         return True
+
+    def end_event_stream(self, stream: ProxiedEventStream, retry: bytes) -> None:
+        """End a relayed event stream cleanly from the proxy: `retry` (maybe b""), then the end of the body.
+
+        Chunked: the last chunk, and the connection goes on (or closes while draining);
+        close-delimited (an HTTP/1.0 client) or Content-Length framed: the connection closes.
+        The upstream connection is closed: its response was not read to the end.
+        """
+        exchange = self.exchange
+        if exchange is None or exchange.sse is not stream:
+            return
+        try:
+            out = self.http.send_data(retry) if retry else b""
+            out += self.http.send_end()
+        except LocalProtocolError:  # a Content-Length body: nothing more fits; the client sees it short
+            out = None
+        if out:
+            exchange.bytes_out += len(retry)
+            self._write(out)
+        self._log_http(exchange.head, exchange.status, exchange.bytes_out, self.server.now(), exchange.upstream)
+        self._drop_exchange(abort_upstream=True)
+        if out is None or not exchange.request_done:
+            self._close()
+        else:
+            self._end_cycle()
+
+    def rearm_event_stream(self, now: float) -> None:
+        self._rearm(now)
 
     def _on_response_end(self, exchange: _Exchange, conn: UpstreamConnection) -> None:
         self._write(self.http.send_end())
         now = self.server.now()
+        if exchange.sse is not None:
+            exchange.sse.finish(now)
         self._log_http(exchange.head, exchange.status, exchange.bytes_out, now, conn)
         exchange.upstream = None
         if conn.http.reusable and not conn.closed:
@@ -753,6 +831,8 @@ class ClientConnection(asyncio.Protocol):
         self.exchange = None
         if exchange is None:
             return
+        if exchange.sse is not None:
+            exchange.sse.finish(self.server.now())
         if exchange.task is not None and not exchange.task.done():
             exchange.task.cancel()
         up = exchange.upstream
@@ -1023,7 +1103,10 @@ class ClientConnection(asyncio.Protocol):
             if self._client_ping is not None or self._upstream_ping is not None or self._meters is not None:
                 return now
             return relay.next_check(now)
-        if self.exchange is not None:
+        exchange = self.exchange
+        if exchange is not None:
+            if exchange.sse is not None and (exchange.request_done or not exchange.body_deadline):
+                return exchange.sse.next_check()  # a long-lived stream: only by its own timers
             return now
         return self._deadline
 
@@ -1052,6 +1135,11 @@ class ClientConnection(asyncio.Protocol):
                 elif now >= exchange.body_deadline:
                     self._client_failed(exchange, 408, "request body not received in time", "body_timeout")
                     return
+            if exchange.sse is not None:  # exempt from read_timeout: keepalives, upstream idle, drain
+                data = exchange.sse.check(now)
+                if data:
+                    self._write(self.http.send_data(data))
+                return
             if exchange.connect_deadline and now >= exchange.connect_deadline and not exchange.connect_timed_out:
                 exchange.connect_timed_out = True
                 exchange.task.cancel()

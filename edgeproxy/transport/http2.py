@@ -29,6 +29,11 @@ sees the client preface.  From then on `Http2Connection` feeds the bytes to
 * drain (`drain_http`): GOAWAY NO_ERROR with the last stream taken; streams in
   flight finish, and the connection closes when the last one ends (or at the
   drain deadline, `shutdown`).
+* a ``text/event-stream`` response (`transport.sse`) is relayed as it comes,
+  exempt from ``read_timeout``, with the ``[sse]`` keepalive comments and
+  upstream idle timeout; drains and rebalancing end it in their paced batches
+  with a jittered ``retry:`` at an event boundary, then END_STREAM (the
+  connection and its other streams go on).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from edgeproxy.core.admission import retry_after_header
 from edgeproxy.transport import resume
 from edgeproxy.transport.hub_sse import SSE_SUFFIX
 from edgeproxy.transport.request_ids import new_request_id
+from edgeproxy.transport.sse import ProxiedEventStream, wanted as sse_wanted
 from edgeproxy.transport.upstream import UpstreamConnection, UpstreamRequest, UpstreamUnavailable, lease
 
 if TYPE_CHECKING:
@@ -61,7 +67,7 @@ _HTTP_1_1_REQUIRED = 0xD
 class _Stream(UpstreamRequest):
     """One request stream; the `owner` of its upstream connection while it has one."""
 
-    __slots__ = ("conn", "id", "pending_flow", "held_flow", "holding", "window_paused", "request_id")
+    __slots__ = ("conn", "id", "pending_flow", "held_flow", "holding", "window_paused", "request_id", "sse")
 
     def __init__(self, conn: Http2Connection, stream_id: int, head, route, group, started: float):
         super().__init__(head, route, group, started)
@@ -76,6 +82,8 @@ class _Stream(UpstreamRequest):
         self.window_paused = False
         #: X-Request-Id of the request ("-": off), as on HTTP/1.1
         self.request_id = "-"
+        #: the response is an event stream (`transport.sse`)
+        self.sse: ProxiedEventStream | None = None
 
     # -- the upstream connection's owner interface (see UpstreamConnection) --
 
@@ -87,6 +95,14 @@ class _Stream(UpstreamRequest):
 
     def pause_client_reading(self, reason: str) -> None:
         self.holding = True
+
+    # -- the event stream's owner interface (see transport/sse.py) --
+
+    def end_event_stream(self, stream: ProxiedEventStream, retry: bytes) -> None:
+        self.conn.end_event_stream(self, retry)
+
+    def rearm_event_stream(self, now: float) -> None:
+        pass  # the connection's streams are looked at every tick
 
     def resume_client_reading(self, reason: str) -> None:
         self.holding = False
@@ -235,6 +251,8 @@ class Http2Connection(asyncio.Protocol):
             return
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
+        if stream.sse is not None:
+            stream.sse.finish(self.server.now())
         up = stream.upstream
         if up is not None:
             stream.upstream = None
@@ -435,10 +453,15 @@ class Http2Connection(asyncio.Protocol):
             if event is http1.NEED_DATA:
                 break
             if isinstance(event, Body):
-                stream.bytes_out += len(event.data)
-                if not h2.send_data(stream.id, event.data):
+                data, end = (event.data, False) if stream.sse is None else stream.sse.relay(event.data,
+                                                                                           self.server.now())
+                stream.bytes_out += len(data)
+                if not h2.send_data(stream.id, data):
                     stream.window_paused = True
                     up.pause_reading()
+                if end:  # a drain waited for this event boundary
+                    self.end_event_stream(stream, stream.sse.retry())
+                    return
             elif isinstance(event, ResponseHead):
                 if not self._on_response_head(stream, up, event):
                     return
@@ -466,7 +489,25 @@ class Http2Connection(asyncio.Protocol):
             stream.status = 0
             self._failed(stream, 502, "upstream's response cannot be relayed")
             return False
+        if sse_wanted(stream.head.method, head.status, head.headers):
+            # An event stream: no read_timeout, keepalives, paced end on drain (transport/sse.py).
+            stream.sse = ProxiedEventStream(stream, self.server, stream.route, stream.group, up.server,
+                                            self.server.now(), head.headers)
+            stream.deadline = 0.0
+            if self.server.draining:  # its request was in flight when the drain began
+                self.end_event_stream(stream, stream.sse.retry())
+                return False
         return True
+
+    def end_event_stream(self, stream: _Stream, retry: bytes) -> None:
+        """End a relayed event stream cleanly: `retry` (maybe b""), END_STREAM; its upstream is closed."""
+        if self.streams.get(stream.id) is not stream:
+            return
+        self.h2.send_data(stream.id, retry, end=True)
+        stream.bytes_out += len(retry)
+        self._log(stream.head, stream.status, stream.bytes_out, stream, stream.upstream)
+        self._drop(stream.id, abort_upstream=True)
+        self.flush()
 
     def _on_response_end(self, stream: _Stream, up: UpstreamConnection) -> None:
         self.h2.send_data(stream.id, b"", end=True)
@@ -521,6 +562,11 @@ class Http2Connection(asyncio.Protocol):
                 elif now >= stream.body_deadline:
                     self._client_failed(stream, 408, "request body not received in time", "body_timeout")
                     continue
+            if stream.sse is not None:  # exempt from read_timeout: keepalives, upstream idle, drain
+                data = stream.sse.check(now)
+                if data:
+                    self.h2.send_data(stream.id, data)
+                continue
             if stream.connect_deadline and now >= stream.connect_deadline and not stream.connect_timed_out:
                 stream.connect_timed_out = True
                 stream.task.cancel()
@@ -532,6 +578,7 @@ class Http2Connection(asyncio.Protocol):
             elif stream.deadline and now >= stream.deadline:
                 log.warning("upstream %s: no response within the timeout", stream.group.config.name)
                 self._failed(stream, 504, "upstream timed out (response)")
+        self.flush()
 
     def drain_http(self) -> None:
         """The proxy drains: GOAWAY now; close when the streams in flight are done."""

@@ -74,6 +74,7 @@ def _tick_interval(config: Config) -> float:
                 ws.idle_timeout, ws.close_timeout, ws.ping_interval, ws.pong_timeout, ws.max_connection_age]
     for upstream in config.upstreams:
         timeouts += [upstream.read_timeout, upstream.pool_idle_timeout, upstream.connect_timeout]
+    timeouts += [config.sse.keepalive_interval, config.sse.upstream_idle_timeout]  # boundary_timeout needs no precision
     shortest = min((t for t in timeouts if t > 0), default=4.0)
     return min(1.0, max(0.05, shortest / 4))
 
@@ -183,6 +184,8 @@ class ProxyServer:
         self.upstream_beats: Heartbeat | None = None
         #: set when a graceful drain has begun: no keep-alive, no new sessions
         self.draining = False
+        #: the proxied event streams (`transport.sse`), HTTP/1.1 and HTTP/2 alike
+        self.sse_streams: set = set()
         #: the ``[[hubs]]`` by path: upgrades to these paths are served by the proxy itself
         #: this process in the backplane (presence, instance-addressed messages)
         self.instance = instance_id(config.backplane)
@@ -347,7 +350,9 @@ class ProxyServer:
         and requests in flight finish without keep-alive; every open WebSocket
         gets a close frame (code ``close_code``, a reason with a jittered
         reconnect hint) in batches spread by `core.drain.Drain` over the first
-        half of ``drain_timeout``, so the reconnect wave lands spread out; at
+        half of ``drain_timeout``, so the reconnect wave lands spread out (a
+        proxied event stream, in the same batches, gets a jittered ``retry:`` at
+        its next event boundary and a clean end: `transport.sse`); at
         ``drain_timeout`` whatever remains is closed by `stop`.
         """
         cfg = self.config.shutdown
@@ -365,6 +370,7 @@ class ProxyServer:
             sessions += self.resume.sessions.values()
         for hub in self.hubs.values():  # and so are the hubs' subscribers
             sessions += hub.connections
+        sessions += self.sse_streams  # and the proxied event streams (a retry: at an event boundary)
         # "immediate": one batch at the start, every close frame at once
         close_window = 0.5 if cfg.drain_policy == "paced" else 0.0
         plan = Drain(now, sessions, cfg.drain_timeout, rng=self.rng, close_code=cfg.close_code, close_window=close_window)
@@ -712,6 +718,8 @@ class ProxyServer:
             if relay is not None:
                 yield CLIENT_TO_UPSTREAM, relay.messages_from_client, relay.bytes_from_client
                 yield UPSTREAM_TO_CLIENT, relay.messages_from_upstream, relay.bytes_from_upstream
+        for stream in self.sse_streams:
+            yield UPSTREAM_TO_CLIENT, stream.events, stream.bytes
 
     def upstream_states(self) -> list[dict[str, Any]]:
         """Every configured upstream server: its health state and open connections.

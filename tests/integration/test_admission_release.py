@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import orjson
 import pytest
 
@@ -87,4 +88,48 @@ async def test_hub_connections_give_their_slot_back(proxy, refused_port, ws_conn
         await ws.send(orjson.dumps({"op": "subscribe", "channel": "news"}).decode())
         assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["op"] == "subscribed"
         await ws.close()
+    await assert_nothing_left_open(p)
+
+
+async def test_proxied_event_streams_give_their_slot_back(proxy) -> None:
+    from tests.integration.test_sse_proxy import SseBackend
+
+    backend = SseBackend()
+    await backend.start()
+    try:
+        p = await proxy(backend, limits=LIMITS)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            for i in range(ROUNDS):
+                resp = await session.get(p.url(f"/events?i={i}"))
+                assert resp.status == 200, f"stream {i} of {ROUNDS} was not admitted: {resp.status}"
+                upstream = await backend.next_stream()
+                upstream.put_nowait(b"data: %d\n\n" % i)
+                assert await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5) == b"data: %d\n\n" % i
+                if i % 2:
+                    resp.close()  # the client leaves mid-stream
+                else:
+                    upstream.put_nowait(None)  # the upstream ends it
+                    assert await asyncio.wait_for(resp.content.read(), 5) == b""
+                    resp.release()
+                # the slot comes back when the proxy sees the close, a moment after the client made it
+                assert await wait_until(lambda: p.server.admission.open == 0), f"stream {i} kept its slot"
+        await assert_nothing_left_open(p)
+        assert p.server.sse_streams == set()
+        assert p.server.metrics.opened["sse"] == ROUNDS
+    finally:
+        await backend.stop()
+
+
+async def test_hub_event_streams_give_their_slot_back(proxy, refused_port) -> None:
+    p = await proxy(refused_port, limits=LIMITS, hubs=[{"path": "/hub", "ping_interval": 0}])
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        for i in range(ROUNDS):
+            resp = await session.get(p.url("/hub/sse?channel=news"), headers={"Accept": "text/event-stream"})
+            assert resp.status == 200, f"stream {i} of {ROUNDS} was not admitted: {resp.status}"
+            head = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
+            if head.startswith(b"retry:"):  # the stream's first block sets the reconnect delay
+                head = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
+            assert head.startswith(b"event: connected"), head
+            resp.close()
+            assert await wait_until(lambda: p.server.admission.open == 0), f"stream {i} kept its slot"
     await assert_nothing_left_open(p)
