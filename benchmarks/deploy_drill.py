@@ -57,6 +57,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import resource
@@ -157,7 +158,7 @@ SMALL = Size(instances=3, clients=60, channels=5, rate=50.0, sessions=30, stream
              drain_timeout=1.6, connection_rate=400, settle=1.0, heartbeat=0.5, budget=60.0, workers=2)
 
 #: the stream backend: numbers what it sends on each connection; GET /stats gives
-#: {"sent": {conn id: messages sent}, "lag": its event loop's worst lag in seconds};
+#: {"sent": {conn id: messages sent}, "lag": its event loop's worst lag in seconds, "cpu": its CPU seconds};
 #: GET /stop stops every stream from sending (so the last messages can arrive before the count is taken)
 BACKEND = r"""
 import asyncio, itertools, json, sys, time
@@ -171,7 +172,7 @@ worst_lag = 0.0
 def http(conn, request):
     global stopped
     if request.path == "/stats":
-        return conn.respond(200, json.dumps({"sent": sent, "lag": worst_lag}))
+        return conn.respond(200, json.dumps({"sent": sent, "lag": worst_lag, "cpu": time.process_time()}))
     if request.path == "/stop":
         stopped = True
         return conn.respond(200, "stopped")
@@ -706,6 +707,7 @@ async def clients_worker(spec: dict[str, Any]) -> None:
         if await _wait(lambda: all(s.subscribed for s in subscribers), 30) is None:
             _emit({"error": f"{sum(not s.subscribed for s in subscribers)} subscriber(s) not subscribed in 30 s"})
             return
+        gc.freeze()  # the clients live as long as the worker: no collection needs to walk them again
         _emit({"up": True})
         status = asyncio.get_running_loop().create_task(report_status())
         while (cmd := await _next_command(commands, deadline)) is not None:
@@ -716,7 +718,7 @@ async def clients_worker(spec: dict[str, Any]) -> None:
                 status.cancel()
                 Path(spec["out"]).write_bytes(orjson.dumps({
                     "subscribers": [s.record() for s in subscribers], "sessions": [s.record() for s in sessions],
-                    "lag": lag.summary()}))
+                    "lag": lag.summary(), "cpu": time.process_time()}))
                 _emit({"done": spec["out"]})
                 break
     finally:
@@ -743,7 +745,8 @@ async def publisher_worker(spec: dict[str, Any]) -> None:
                 publisher.stop()
                 if task is not None:
                     await asyncio.wait_for(task, 10)
-                Path(spec["out"]).write_bytes(orjson.dumps({**publisher.record(), "lag": lag.summary()}))
+                Path(spec["out"]).write_bytes(orjson.dumps({**publisher.record(), "lag": lag.summary(),
+                                                            "cpu": time.process_time()}))
                 _emit({"done": spec["out"]})
                 break
     finally:
@@ -794,6 +797,8 @@ class Worker:
         return await self.reply(timeout)
 
     def send(self, cmd: dict[str, Any]) -> None:
+        if self.proc.stdin.is_closing():
+            raise RuntimeError(f"{self.name} is gone:\n{self.log.read_text(errors='replace')[-2000:]}")
         self.proc.stdin.write(orjson.dumps(cmd) + b"\n")
 
     async def results(self, timeout: float = 30.0) -> dict[str, Any]:
@@ -897,7 +902,12 @@ async def run_drill(size: Size, *, kill: bool = False, redis_url: str = "redis:/
     """Run the drill (see the module docstring) and return its `Report`."""
     raise_nofile()
     began = time.monotonic()
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # SIGTERM (timeout(1), ^C elsewhere) cleans up too
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     report = Report(size=size, kill=kill, load_average=[os.getloadavg()[0]])
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_before, children_before = own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+    generator_cpu: float | None = None
     prefix = "drill" + uuid.uuid4().hex[:10]
     channels = [f"{prefix}:ch{i}" for i in range(size.channels)]
     tmp = tempfile.TemporaryDirectory(prefix="deploy-drill-") if workdir is None else None
@@ -1003,6 +1013,7 @@ async def run_drill(size: Size, *, kill: bool = False, redis_url: str = "redis:/
         t_end = time.monotonic()
         if await _wait(lambda: all_back_since(t_end), 2) is None:
             report.failures.append("not every client is connected at the end")
+        lag.stop()  # what follows parses the results: that stalls the loop, and measures nothing
         published = await publisher.results()
         # Stop the streams, then let what is in flight arrive before comparing counts: a count
         # taken while they run would call the messages still on their way lost.
@@ -1013,8 +1024,8 @@ async def run_drill(size: Size, *, kill: bool = False, redis_url: str = "redis:/
             stats = orjson.loads(await r.read())
         backend_sent = {int(k): v for k, v in stats["sent"].items()}
         received = await asyncio.gather(*(w.results() for w in clients))
-        lag.stop()
         _assess_generator(report, published, received, coordinator=lag.summary(), backend_lag=stats["lag"])
+        generator_cpu = stats["cpu"] + published["cpu"] + sum(r["cpu"] for r in received)
         report.failures.extend(published["errors"])
         acked = {ch: {seq: data for seq, data in pairs} for ch, pairs in published["acked"]}
         _check_publications(report, acked, published["unknown"], [s for r in received for s in r["subscribers"]])
@@ -1022,19 +1033,28 @@ async def run_drill(size: Size, *, kill: bool = False, redis_url: str = "redis:/
         if kill and report.presence_fenced_after is None:
             report.failures.append("presence of the killed instance's connections was not fenced in time")
     finally:
-        lag.stop()
-        await asyncio.gather(publisher.close(), *(w.close() for w in clients))
-        await balancer.stop()
-        await http.close()
+        # the processes first, synchronously: whatever failed above, none of them outlives the drill
+        balancer.on_change = None
         for inst in instances:
             inst.close()
         backend.kill()
         backend.wait()
+        lag.stop()
+        await asyncio.gather(publisher.close(), *(w.close() for w in clients))
+        await balancer.stop()
+        await http.close()
         await _clean_redis(redis_url, prefix)
         if tmp is not None:
             tmp.cleanup()
     report.duration = round(time.monotonic() - began, 1)
     report.load_average.append(os.getloadavg()[0])
+    if generator_cpu is not None:  # every child has been reaped: their CPU time is in RUSAGE_CHILDREN
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        report.generator["cores_used"] = {
+            "generator": round((own.ru_utime + own.ru_stime - cpu_before + generator_cpu) / report.duration, 2),
+            "edgeproxy instances": round((children.ru_utime + children.ru_stime - children_before - generator_cpu)
+                                         / report.duration, 2)}
     return report
 
 
@@ -1195,6 +1215,8 @@ def summary(report: Report) -> str:
                      f"event loop lag p99/max " + ", ".join(f"{name} {lag['p99']:g}/{lag['max']:g}s"
                                                              for name, lag in gen["loop_lag"].items())
                      + f"; backend max {gen['backend_lag_max']:g}s")
+        if "cores_used" in gen:
+            lines.append(f"  cores used over the run: {gen['cores_used']} (of {os.cpu_count()})")
     lines.append(f"  load average {report.load_average}; took {report.duration}s")
     if report.saturated:
         lines.append("  GENERATOR SATURATED (" + "; ".join(report.saturated) + "): the checks below measured the "
@@ -1250,6 +1272,7 @@ def main() -> int:
     parser.add_argument("--kill", action="store_true", help="SIGKILL one instance instead of a rolling restart")
     parser.add_argument("--small", action="store_true", help="the test's size")
     parser.add_argument("--redis", default=os.environ.get("EDGEPROXY_TEST_REDIS", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--workdir", type=Path, help="keep the configs and logs of the instances and workers here")
     parser.add_argument("--json", help="write the report as JSON to this file")
     parser.add_argument("--markdown", help="append the report as a table row to this file")
     args = parser.parse_args()
@@ -1260,7 +1283,8 @@ def main() -> int:
                     sessions=args.sessions, stream_rate=args.stream_rate, readiness_grace=args.readiness_grace,
                     drain_timeout=args.drain_timeout, drain_policy=args.drain_policy,
                     connection_rate=args.connection_rate, settle=args.settle, workers=args.workers)
-    report = _run(asyncio.wait_for(run_drill(size, kill=args.kill, redis_url=args.redis), size.budget))
+    report = _run(asyncio.wait_for(run_drill(size, kill=args.kill, redis_url=args.redis,
+                                                    workdir=args.workdir), size.budget))
     print(summary(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
