@@ -20,6 +20,20 @@ Through it run:
   proxied route to a backend (`BACKEND`, its own process) that numbers the
   messages it sends on each of its connections, ``--stream-rate`` a second.
 
+The load generator is spread over processes, so that at the full size it is
+not the bottleneck: ``--workers`` client processes each run a share of the
+subscribers and sessions and send back what they received (a JSON file at the
+end; a status line every 0.1 s says how many of their clients are out), the
+publisher runs in its own process (following the ready instances as the
+coordinator tells it), and the coordinator runs the balancer and the roll.
+Every one of them measures its own health: the lag of its event loop, and the
+publisher its achieved rate against the asked one.  A run in which the
+generator fell behind (`SATURATED_P99_LAG`, `SATURATED_MAX_LAG`,
+`SATURATED_RATE_SHARE`) says "generator saturated" and exits 2: its failures
+are then the generator's, not evidence against the proxy.  The report also
+gives the CPU the generator and the instances used, in cores, and the load
+average at the start and the end.
+
 The roll replaces the instances one after another as a Kubernetes Deployment
 with ``maxSurge: 1, maxUnavailable: 0`` does: a new process starts and becomes
 ready (the balancer adds it), then the old one gets SIGTERM: ``/readyz`` 503 for
@@ -47,6 +61,7 @@ Run it (figures in ``benchmarks/RESULTS.md``)::
     python benchmarks/deploy_drill.py --drain-policy immediate
     python benchmarks/deploy_drill.py --kill
     python benchmarks/deploy_drill.py --markdown benchmarks/RESULTS.md   # appends the table
+    python benchmarks/deploy_drill.py --small --workdir /tmp/drill      # the test's size; keeps the logs
 
 ``tests/test_deploy_drill.py`` runs the same code at a small size.
 """
@@ -236,14 +251,15 @@ class Instance:
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
 
-    async def start(self, http: aiohttp.ClientSession, timeout: float = 20.0) -> None:
+    async def start(self, http: aiohttp.ClientSession, timeout: float = 40.0) -> None:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "edgeproxy", "run", "--config", str(self.config)],
                                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=raise_nofile)
         deadline = time.monotonic() + timeout
-        while (await self.readyz(http))[0] != 200:
+        while (state := await self.readyz(http))[0] != 200:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not become ready:\n{self.log.read_text()[-2000:]}")
+                raise RuntimeError(f"{self.name} did not become ready in {timeout:g} s (/readyz: {state}):\n"
+                                   f"{self.log.read_text()[-2000:]}")
             await asyncio.sleep(0.05)
         self.started_at = time.monotonic()
 
@@ -286,6 +302,12 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
         if line.startswith(prefix + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def metric_sum(text: str, name: str) -> float:
+    """The sum of every sample of `name`, whatever its labels."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")))
 
 
 # --------------------------------------------------------------------------- #
@@ -389,7 +411,7 @@ class Balancer:
     async def stop(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # it may have failed: stopping anyway
                 await self._poller
         if self._server is not None:
             self._server.close()
@@ -851,6 +873,8 @@ class Report:
     admission_refused: dict[str, float] = dataclasses.field(default_factory=dict)
     connections_after: dict[str, int] = dataclasses.field(default_factory=dict)
     connections_later: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: what each instance itself counts as open (edgeproxy_connections_active) when connections_later is taken
+    instance_connections: dict[str, int] = dataclasses.field(default_factory=dict)
     rate_series: list[int] = dataclasses.field(default_factory=list)
     presence_fenced_after: float | None = None
     presence_checked: int = 0
@@ -1010,10 +1034,12 @@ async def run_drill(size: Size, *, kill: bool = False, redis_url: str = "redis:/
             report.admission_refused[inst.name] = sum(
                 metric_value(text, "edgeproxy_limits_total", f'limit="{limit}"')
                 for limit in ("rate", "max_connections"))
+            report.instance_connections[inst.name] = int(metric_sum(text, "edgeproxy_connections_active"))
         t_end = time.monotonic()
         if await _wait(lambda: all_back_since(t_end), 2) is None:
             report.failures.append("not every client is connected at the end")
         lag.stop()  # what follows parses the results: that stalls the loop, and measures nothing
+        balancer.on_change = None  # the publisher process ends with its results
         published = await publisher.results()
         # Stop the streams, then let what is in flight arrive before comparing counts: a count
         # taken while they run would call the messages still on their way lost.
@@ -1203,7 +1229,8 @@ def summary(report: Report) -> str:
         f"  peak reconnects/s per instance {report.peak_rates} (admission {s.connection_rate}/s; "
         f"refused by admission {report.admission_refused})",
         f"  connections after the roll {report.connections_after} (max/mean {Report.balance(report.connections_after):.2f}), "
-        f"{s.settle:g}s later {report.connections_later} (max/mean {Report.balance(report.connections_later):.2f})",
+        f"{s.settle:g}s later {report.connections_later} (max/mean {Report.balance(report.connections_later):.2f}; "
+        f"the instances count {report.instance_connections})",
         f"  connections opened per 0.5 s during the roll: {report.rate_series}",
     ]
     if report.kill:
