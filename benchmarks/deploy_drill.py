@@ -1310,6 +1310,8 @@ def main() -> int:
                     sessions=args.sessions, stream_rate=args.stream_rate, readiness_grace=args.readiness_grace,
                     drain_timeout=args.drain_timeout, drain_policy=args.drain_policy,
                     connection_rate=args.connection_rate, settle=args.settle, workers=args.workers)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     report = _run(asyncio.wait_for(run_drill(size, kill=args.kill, redis_url=args.redis,
                                                     workdir=args.workdir), size.budget))
     print(summary(report))
