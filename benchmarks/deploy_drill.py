@@ -20,6 +20,20 @@ Through it run:
   proxied route to a backend (`BACKEND`, its own process) that numbers the
   messages it sends on each of its connections, ``--stream-rate`` a second.
 
+The load generator is spread over processes, so that at the full size it is
+not the bottleneck: ``--workers`` client processes each run a share of the
+subscribers and sessions and send back what they received (a JSON file at the
+end; a status line every 0.1 s says how many of their clients are out), the
+publisher runs in its own process (following the ready instances as the
+coordinator tells it), and the coordinator runs the balancer and the roll.
+Every one of them measures its own health: the lag of its event loop, and the
+publisher its achieved rate against the asked one.  A run in which the
+generator fell behind (`SATURATED_P99_LAG`, `SATURATED_MAX_LAG`,
+`SATURATED_RATE_SHARE`) says "generator saturated" and exits 2: its failures
+are then the generator's, not evidence against the proxy.  The report also
+gives the CPU the generator and the instances used, in cores, and the load
+average at the start and the end.
+
 The roll replaces the instances one after another as a Kubernetes Deployment
 with ``maxSurge: 1, maxUnavailable: 0`` does: a new process starts and becomes
 ready (the balancer adds it), then the old one gets SIGTERM: ``/readyz`` 503 for
@@ -47,6 +61,7 @@ Run it (figures in ``benchmarks/RESULTS.md``)::
     python benchmarks/deploy_drill.py --drain-policy immediate
     python benchmarks/deploy_drill.py --kill
     python benchmarks/deploy_drill.py --markdown benchmarks/RESULTS.md   # appends the table
+    python benchmarks/deploy_drill.py --small --workdir /tmp/drill      # the test's size; keeps the logs
 
 ``tests/test_deploy_drill.py`` runs the same code at a small size.
 """
@@ -57,6 +72,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import resource
@@ -107,6 +123,8 @@ class Size:
     heartbeat: float = 1.0
     #: seconds the whole drill may take
     budget: float = 240.0
+    #: processes the subscribers and sessions are spread over (the publisher has one of its own)
+    workers: int = 4
 
     def toml(self, port: int, admin_port: int, backend: int, redis_url: str, prefix: str, name: str) -> str:
         return f"""
@@ -152,22 +170,24 @@ timeout = 2.0
 
 
 SMALL = Size(instances=3, clients=60, channels=5, rate=50.0, sessions=30, stream_rate=4.0, readiness_grace=0.4,
-             drain_timeout=1.6, connection_rate=400, settle=1.0, heartbeat=0.5, budget=60.0)
+             drain_timeout=1.6, connection_rate=400, settle=1.0, heartbeat=0.5, budget=60.0, workers=2)
 
-#: the stream backend: numbers what it sends on each connection; GET /stats gives {conn id: messages sent};
+#: the stream backend: numbers what it sends on each connection; GET /stats gives
+#: {"sent": {conn id: messages sent}, "lag": its event loop's worst lag in seconds, "cpu": its CPU seconds};
 #: GET /stop stops every stream from sending (so the last messages can arrive before the count is taken)
 BACKEND = r"""
-import asyncio, itertools, json, sys
+import asyncio, itertools, json, sys, time
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 port, rate = int(sys.argv[1]), float(sys.argv[2])
 ids = itertools.count(1)
 sent = {}
 stopped = False
+worst_lag = 0.0
 def http(conn, request):
     global stopped
     if request.path == "/stats":
-        return conn.respond(200, json.dumps(sent))
+        return conn.respond(200, json.dumps({"sent": sent, "lag": worst_lag, "cpu": time.process_time()}))
     if request.path == "/stop":
         stopped = True
         return conn.respond(200, "stopped")
@@ -186,8 +206,15 @@ async def stream(ws):
             await asyncio.sleep(1 / rate)
     except ConnectionClosed:
         pass
+async def lag():
+    global worst_lag
+    while True:
+        t = time.monotonic()
+        await asyncio.sleep(0.05)
+        worst_lag = max(worst_lag, time.monotonic() - t - 0.05)
 async def main():
     async with serve(stream, "127.0.0.1", port, process_request=http, ping_interval=None, backlog=4096):
+        task = asyncio.get_running_loop().create_task(lag())
         print("ready", flush=True)
         await asyncio.Future()
 asyncio.run(main())
@@ -224,14 +251,15 @@ class Instance:
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
 
-    async def start(self, http: aiohttp.ClientSession, timeout: float = 20.0) -> None:
+    async def start(self, http: aiohttp.ClientSession, timeout: float = 40.0) -> None:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "edgeproxy", "run", "--config", str(self.config)],
                                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=raise_nofile)
         deadline = time.monotonic() + timeout
-        while (await self.readyz(http))[0] != 200:
+        while (state := await self.readyz(http))[0] != 200:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not become ready:\n{self.log.read_text()[-2000:]}")
+                raise RuntimeError(f"{self.name} did not become ready in {timeout:g} s (/readyz: {state}):\n"
+                                   f"{self.log.read_text()[-2000:]}")
             await asyncio.sleep(0.05)
         self.started_at = time.monotonic()
 
@@ -274,6 +302,12 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
         if line.startswith(prefix + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def metric_sum(text: str, name: str) -> float:
+    """The sum of every sample of `name`, whatever its labels."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")))
 
 
 # --------------------------------------------------------------------------- #
@@ -364,6 +398,8 @@ class Balancer:
         self._server: asyncio.AbstractServer | None = None
         self._poller: asyncio.Task | None = None
         self._http: aiohttp.ClientSession | None = None
+        #: called with the live instances whenever they change (the publisher process follows them)
+        self.on_change = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -375,7 +411,7 @@ class Balancer:
     async def stop(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # it may have failed: stopping anyway
                 await self._poller
         if self._server is not None:
             self._server.close()
@@ -384,7 +420,11 @@ class Balancer:
 
     async def refresh(self) -> None:
         states = await asyncio.gather(*(b.readyz(self._http) for b in self.backends))
-        self.live = [b for b, (status, _) in zip(self.backends, states) if status == 200]
+        live = [b for b, (status, _) in zip(self.backends, states) if status == 200]
+        changed = [b.name for b in live] != [b.name for b in self.live]
+        self.live = live
+        if changed and self.on_change is not None:
+            self.on_change(live)
 
     async def _poll_loop(self) -> None:
         while True:
@@ -444,8 +484,40 @@ class Balancer:
 
 
 # --------------------------------------------------------------------------- #
-# The load: subscribers, publisher, resumable sessions
+# The load: subscribers, publisher, resumable sessions, and the generator's health
 # --------------------------------------------------------------------------- #
+
+#: a generator process whose event loop ran callbacks this late (99th percentile, worst) or a publisher
+#: that achieved less than this share of the asked rate is saturated: the drill's figures then measure it
+SATURATED_P99_LAG = 0.25
+SATURATED_MAX_LAG = 1.0
+SATURATED_RATE_SHARE = 0.9
+
+
+class LagMeter:
+    """How late this process's event loop wakes a sleeper: the load generator's own health."""
+
+    def __init__(self, step: float = 0.05):
+        self.step = step
+        self.samples: list[float] = []
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:  # ends with stop(); at most one sample per step for the run's budget
+            t = time.monotonic()
+            await asyncio.sleep(self.step)
+            self.samples.append(max(0.0, time.monotonic() - t - self.step))
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def summary(self) -> dict[str, float]:
+        ordered = sorted(self.samples) or [0.0]
+        return {"p99": round(ordered[int(0.99 * (len(ordered) - 1))], 3), "max": round(ordered[-1], 3)}
 
 
 class Subscriber:
@@ -473,6 +545,9 @@ class Subscriber:
     @property
     def back(self) -> bool:
         return self.client.connected.is_set()
+
+    def record(self) -> dict[str, Any]:
+        return {"channel": self.channel, "received": self.received, "duplicates": self.client.duplicates}
 
     async def close(self) -> None:
         await self.client.close()
@@ -511,6 +586,9 @@ class Session:
     def back(self) -> bool:
         return self.ws._ready.is_set() and self.ws.close_code is None
 
+    def record(self) -> dict[str, Any]:
+        return {"streams": [[cid, numbers] for cid, numbers in self.streams.items()], "resets": self.ws.resets}
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -519,55 +597,254 @@ class Session:
 
 
 class Publisher:
-    """``rate`` publications a second, round robin over the ready instances' publish API."""
+    """``rate`` publications a second, round robin over the ready instances' publish API.
 
-    def __init__(self, balancer: Balancer, channels: list[str], rate: float):
-        self.balancer = balancer
+    Calls overlap (up to `max_in_flight`), so a slow answer does not hold up the
+    schedule; a schedule that still falls behind shows as an achieved rate below
+    the asked one.
+    """
+
+    def __init__(self, channels: list[str], rate: float, max_in_flight: int = 64):
         self.channels = channels
         self.rate = rate
+        self.max_in_flight = max_in_flight
+        #: the admin ports of the ready instances, as the coordinator last said
+        self.live: list[int] = []
         #: channel -> {seq: data} of the acknowledged publications
         self.acked: dict[str, dict[int, Any]] = defaultdict(dict)
         #: data of the calls whose outcome is unknown (the instance failed under them)
         self.unknown: list[Any] = []
+        self.errors: list[str] = []
         self.refused = 0
-        self.sent = 0
+        self.attempted = 0
+        self.latencies: list[float] = []
+        self.started = self.ended = 0.0
         self._stop = False
 
-    async def run(self) -> None:
-        async with aiohttp.ClientSession() as http:
-            start = time.monotonic()
-            n = 0
-            while not self._stop:
-                due = start + n / self.rate
-                delay = due - time.monotonic()
+    async def run(self, budget: float) -> None:
+        gate = asyncio.Semaphore(self.max_in_flight)
+        tasks: set[asyncio.Task] = set()
+        loop = asyncio.get_running_loop()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.max_in_flight)) as http:
+            self.started = time.monotonic()
+            while not self._stop and time.monotonic() - self.started < budget:
+                delay = self.started + self.attempted / self.rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                channel = self.channels[n % len(self.channels)]
-                data = {"n": n}
-                n += 1
-                live = self.balancer.live
-                if not live:
+                await gate.acquire()
+                n = self.attempted
+                self.attempted += 1
+                if not self.live:
                     self.refused += 1
+                    gate.release()
                     continue
-                target = live[n % len(live)]
-                self.sent += 1
-                try:
-                    async with http.post(f"http://127.0.0.1:{target.admin_port}/v1/publish",
-                                         data=orjson.dumps({"channel": channel, "data": data}),
-                                         headers={"Authorization": f"Bearer {API_KEY}"},
-                                         timeout=aiohttp.ClientTimeout(total=3)) as r:
-                        body = await r.read()
-                        if r.status == 200:
-                            self.acked[channel][orjson.loads(body)["seq"]] = data
-                        elif r.status == 503:
-                            self.refused += 1  # nothing was published: the answer says so
-                        else:
-                            raise RuntimeError(f"publish answered {r.status}: {body[:200]!r}")
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    self.unknown.append(data)
+                task = loop.create_task(self._publish(http, self.live[n % len(self.live)],
+                                                      self.channels[n % len(self.channels)], {"n": n}))
+                tasks.add(task)
+                task.add_done_callback(lambda t: (tasks.discard(t), gate.release()))
+            self.ended = time.monotonic()
+            await asyncio.gather(*tasks)
+
+    async def _publish(self, http: aiohttp.ClientSession, port: int, channel: str, data: Any) -> None:
+        began = time.monotonic()
+        try:
+            async with http.post(f"http://127.0.0.1:{port}/v1/publish",
+                                 data=orjson.dumps({"channel": channel, "data": data}),
+                                 headers={"Authorization": f"Bearer {API_KEY}"},
+                                 timeout=aiohttp.ClientTimeout(total=3)) as r:
+                body = await r.read()
+                if r.status == 200:
+                    self.acked[channel][orjson.loads(body)["seq"]] = data
+                elif r.status == 503:
+                    self.refused += 1  # nothing was published: the answer says so
+                elif len(self.errors) < 10:
+                    self.errors.append(f"publish answered {r.status}: {body[:200]!r}")
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            self.unknown.append(data)
+        self.latencies.append(time.monotonic() - began)
 
     def stop(self) -> None:
         self._stop = True
+
+    def health(self) -> dict[str, float]:
+        elapsed = max(1e-9, self.ended - self.started)
+        ordered = sorted(self.latencies) or [0.0]
+        return {"asked": self.rate, "achieved": round(self.attempted / elapsed, 1),
+                "latency_p99": round(ordered[int(0.99 * (len(ordered) - 1))], 3), "latency_max": round(ordered[-1], 3)}
+
+    def record(self) -> dict[str, Any]:
+        return {"acked": [[ch, [[seq, d] for seq, d in by_seq.items()]] for ch, by_seq in self.acked.items()],
+                "unknown": self.unknown, "errors": self.errors, "refused": self.refused, "health": self.health()}
+
+
+# --------------------------------------------------------------------------- #
+# The generator processes
+# --------------------------------------------------------------------------- #
+#
+# A worker is this script run with ``--worker clients|publisher SPEC``.  It reads
+# commands as JSON lines on stdin and answers with JSON lines on stdout; a
+# clients worker also says every 0.1 s how many of its clients are out (with a
+# CLOCK_MONOTONIC time stamp, the same clock in every process).  What a worker
+# received goes to a JSON file at the end, named by its SPEC.
+
+
+def _emit(doc: dict[str, Any]) -> None:
+    sys.stdout.buffer.write(orjson.dumps(doc) + b"\n")
+    sys.stdout.flush()
+
+
+async def _commands() -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def _next_command(commands: asyncio.StreamReader, deadline: float) -> dict[str, Any] | None:
+    """The next command, or None when the coordinator is gone or the budget is spent."""
+    try:
+        line = await asyncio.wait_for(commands.readline(), max(0.1, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        return None
+    return orjson.loads(line) if line else None
+
+
+async def clients_worker(spec: dict[str, Any]) -> None:
+    """A share of the subscribers (one per entry of ``spec["channels"]``) and of the sessions."""
+    deadline = time.monotonic() + spec["budget"]
+    lag = LagMeter()
+    lag.start()
+    subscribers = [Subscriber(spec["hub_url"], channel) for channel in spec["channels"]]
+    sessions = [Session(spec["stream_url"]) for _ in range(spec["sessions"])]
+    commands = await _commands()
+    status: asyncio.Task | None = None
+
+    async def report_status() -> None:
+        while True:  # cancelled at "finish"; bounded by the worker's budget
+            _emit({"status": {"t": time.monotonic(), "subscribers_out": sum(not s.back for s in subscribers),
+                              "sessions_out": sum(not s.back for s in sessions)}})
+            await asyncio.sleep(0.1)
+
+    try:
+        await _gather_bounded([s.start() for s in subscribers] + [s.start() for s in sessions], 50)
+        if await _wait(lambda: all(s.subscribed for s in subscribers), 30) is None:
+            _emit({"error": f"{sum(not s.subscribed for s in subscribers)} subscriber(s) not subscribed in 30 s"})
+            return
+        gc.freeze()  # the clients live as long as the worker: no collection needs to walk them again
+        _emit({"up": True})
+        status = asyncio.get_running_loop().create_task(report_status())
+        while (cmd := await _next_command(commands, deadline)) is not None:
+            if cmd["cmd"] == "ids":
+                _emit({"ids": [s.client.client_id for s in subscribers
+                               if s.client.client_id and s.client.client_id.startswith(cmd["prefix"] + ".")]})
+            elif cmd["cmd"] == "finish":
+                status.cancel()
+                Path(spec["out"]).write_bytes(orjson.dumps({
+                    "subscribers": [s.record() for s in subscribers], "sessions": [s.record() for s in sessions],
+                    "lag": lag.summary(), "cpu": time.process_time()}))
+                _emit({"done": spec["out"]})
+                break
+    finally:
+        if status is not None:
+            status.cancel()
+        await _gather_bounded([s.close() for s in subscribers] + [s.close() for s in sessions], 200)
+
+
+async def publisher_worker(spec: dict[str, Any]) -> None:
+    deadline = time.monotonic() + spec["budget"]
+    lag = LagMeter()
+    lag.start()
+    publisher = Publisher(spec["channels"], spec["rate"])
+    commands = await _commands()
+    task: asyncio.Task | None = None
+    _emit({"up": True})
+    try:
+        while (cmd := await _next_command(commands, deadline)) is not None:
+            if cmd["cmd"] == "live":
+                publisher.live = cmd["ports"]
+            elif cmd["cmd"] == "start":
+                task = asyncio.get_running_loop().create_task(publisher.run(spec["budget"]))
+            elif cmd["cmd"] == "stop":
+                publisher.stop()
+                if task is not None:
+                    await asyncio.wait_for(task, 10)
+                Path(spec["out"]).write_bytes(orjson.dumps({**publisher.record(), "lag": lag.summary(),
+                                                            "cpu": time.process_time()}))
+                _emit({"done": spec["out"]})
+                break
+    finally:
+        if task is not None:
+            task.cancel()
+
+
+class Worker:
+    """The coordinator's handle on one generator process."""
+
+    def __init__(self, role: str, spec: dict[str, Any], work: Path, name: str):
+        self.role = role
+        self.name = name
+        self.spec = {**spec, "out": str(work / f"{name}.json")}
+        self.log = work / f"{name}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        #: the latest status line of a clients worker
+        self.status: dict[str, Any] | None = None
+        self._replies: asyncio.Queue = asyncio.Queue()
+        self._reader: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        with open(self.log, "wb") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(Path(__file__).resolve()), "--worker", self.role, json.dumps(self.spec),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, cwd=ROOT,
+                limit=1 << 20, preexec_fn=raise_nofile)
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while line := await self.proc.stdout.readline():
+            doc = orjson.loads(line)
+            if "status" in doc:
+                self.status = doc["status"]
+            else:
+                self._replies.put_nowait(doc)
+        self._replies.put_nowait(None)
+
+    async def reply(self, timeout: float) -> dict[str, Any]:
+        doc = await asyncio.wait_for(self._replies.get(), timeout)
+        if doc is None or "error" in doc:
+            why = doc["error"] if doc else "exited"
+            raise RuntimeError(f"{self.name}: {why}\n{self.log.read_text(errors='replace')[-2000:]}")
+        return doc
+
+    async def request(self, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        self.send(cmd)
+        return await self.reply(timeout)
+
+    def send(self, cmd: dict[str, Any]) -> None:
+        if self.proc.stdin.is_closing():
+            raise RuntimeError(f"{self.name} is gone:\n{self.log.read_text(errors='replace')[-2000:]}")
+        self.proc.stdin.write(orjson.dumps(cmd) + b"\n")
+
+    async def results(self, timeout: float = 30.0) -> dict[str, Any]:
+        """What the worker collected: it writes the file when told to finish (or stop)."""
+        done = await self.request({"cmd": "finish" if self.role == "clients" else "stop"}, timeout)
+        return orjson.loads(Path(done["done"]).read_bytes())
+
+    def all_back_since(self, t: float) -> bool:
+        s = self.status
+        return s is not None and s["t"] >= t and s["subscribers_out"] == 0 and s["sessions_out"] == 0
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+def _shares(n: int, parts: int) -> list[range]:
+    """``range(n)`` cut into `parts` contiguous shares whose sizes differ by at most one."""
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
 # --------------------------------------------------------------------------- #
@@ -582,6 +859,8 @@ class Report:
     publications: int = 0
     unknown_publications: int = 0
     deliveries: int = 0
+    #: publications a subscriber got twice, and resumable messages that arrived twice
+    doubled: int = 0
     duplicates_dropped_by_clients: int = 0
     backend_messages: int = 0
     session_messages: int = 0
@@ -594,11 +873,19 @@ class Report:
     admission_refused: dict[str, float] = dataclasses.field(default_factory=dict)
     connections_after: dict[str, int] = dataclasses.field(default_factory=dict)
     connections_later: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: what each instance itself counts as open (edgeproxy_connections_active) when connections_later is taken
+    instance_connections: dict[str, int] = dataclasses.field(default_factory=dict)
     rate_series: list[int] = dataclasses.field(default_factory=list)
     presence_fenced_after: float | None = None
     presence_checked: int = 0
     duration: float = 0.0
     failures: list[str] = dataclasses.field(default_factory=list)
+    #: the load generator's own health: publish rate achieved vs asked, event loop lag per process
+    generator: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: why the generator was saturated (empty: it kept up, and the checks measure the proxy)
+    saturated: list[str] = dataclasses.field(default_factory=list)
+    #: the machine's 1-minute load average at the start and at the end
+    load_average: list[float] = dataclasses.field(default_factory=list)
 
     @staticmethod
     def balance(counts: dict[str, int]) -> float:
@@ -639,7 +926,12 @@ async def run_drill(size: Size, *, kill: bool = False, redis_url: str = "redis:/
     """Run the drill (see the module docstring) and return its `Report`."""
     raise_nofile()
     began = time.monotonic()
-    report = Report(size=size, kill=kill)
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # SIGTERM (timeout(1), ^C elsewhere) cleans up too
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    report = Report(size=size, kill=kill, load_average=[os.getloadavg()[0]])
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_before, children_before = own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+    generator_cpu: float | None = None
     prefix = "drill" + uuid.uuid4().hex[:10]
     channels = [f"{prefix}:ch{i}" for i in range(size.channels)]
     tmp = tempfile.TemporaryDirectory(prefix="deploy-drill-") if workdir is None else None
@@ -649,10 +941,11 @@ async def run_drill(size: Size, *, kill: bool = False, redis_url: str = "redis:/
                                stdout=subprocess.PIPE, preexec_fn=raise_nofile)
     instances: list[Instance] = []
     balancer = Balancer()
-    subscribers: list[Subscriber] = []
-    sessions: list[Session] = []
-    publisher: Publisher | None = None
-    pub_task: asyncio.Task | None = None
+    lag = LagMeter()
+    lag.start()
+    clients: list[Worker] = []
+    publisher = Worker("publisher", {"channels": channels, "rate": size.rate, "budget": size.budget}, work,
+                       f"{prefix}-publisher")
     generation = 0
     http = aiohttp.ClientSession()
 
@@ -661,26 +954,31 @@ async def run_drill(size: Size, *, kill: bool = False, redis_url: str = "redis:/
         generation += 1
         return Instance(work, f"{prefix}-i{generation}", size, backend_port, redis_url, prefix)
 
-    def all_back() -> bool:
-        return all(s.back for s in subscribers) and all(s.back for s in sessions)
+    def all_back_since(t: float) -> bool:
+        return all(w.all_back_since(t) for w in clients)
 
     try:
         assert backend.stdout.readline().strip() == b"ready"
         await balancer.start()
+        hub_url = f"ws://127.0.0.1:{balancer.port}/hub"
+        stream_url = f"ws://127.0.0.1:{balancer.port}/stream"
+        sub_shares, session_shares = _shares(size.clients, size.workers), _shares(size.sessions, size.workers)
+        clients = [Worker("clients", {"hub_url": hub_url, "stream_url": stream_url, "budget": size.budget,
+                                      "channels": [channels[i % len(channels)] for i in sub_shares[w]],
+                                      "sessions": len(session_shares[w])}, work, f"{prefix}-clients{w}")
+                   for w in range(size.workers)]
+        # the processes import while the instances start
+        await asyncio.gather(publisher.start(), *(w.start() for w in clients))
         instances = [new_instance() for _ in range(size.instances)]
         await asyncio.gather(*(i.start(http) for i in instances))
         balancer.backends = list(instances)
+        balancer.on_change = lambda live: publisher.send({"cmd": "live", "ports": [i.admin_port for i in live]})
         await balancer.refresh()
-        hub_url = f"ws://127.0.0.1:{balancer.port}/hub"
-        subscribers = [Subscriber(hub_url, channels[i % len(channels)]) for i in range(size.clients)]
-        sessions = [Session(f"ws://127.0.0.1:{balancer.port}/stream") for _ in range(size.sessions)]
-        await _gather_bounded([s.start() for s in subscribers] + [s.start() for s in sessions], 100)
-        if await _wait(lambda: all(s.subscribed for s in subscribers), 30) is None:
-            raise RuntimeError("not every subscriber got subscribed")
+        await publisher.reply(30)
+        await asyncio.gather(*(w.reply(90) for w in clients))
         log(f"drill {prefix}: {len(instances)} instances, {size.clients} subscribers, {size.sessions} sessions up "
-            f"after {time.monotonic() - began:.1f}s; balancer on :{balancer.port}")
-        publisher = Publisher(balancer, channels, size.rate)
-        pub_task = asyncio.get_running_loop().create_task(publisher.run())
+            f"in {size.workers} processes after {time.monotonic() - began:.1f}s; balancer on :{balancer.port}")
+        publisher.send({"cmd": "start"})
         await asyncio.sleep(size.settle)
 
         roll_start = time.monotonic()
@@ -692,7 +990,7 @@ async def run_drill(size: Size, *, kill: bool = False, redis_url: str = "redis:/
             balancer.backends.append(fresh)
             await balancer.refresh()
             if kill:
-                ids = await _client_ids_on(old, subscribers)
+                ids = [cid for w in clients for cid in (await w.request({"cmd": "ids", "prefix": old.name}))["ids"]]
                 old.signal(signal.SIGKILL)
             else:
                 old.signal(signal.SIGTERM)
@@ -707,15 +1005,21 @@ async def run_drill(size: Size, *, kill: bool = False, redis_url: str = "redis:/
                     report.failures.append(f"{old.name} exited with {code} after SIGTERM (expected 0)")
             balancer.backends.remove(old)
             instances.remove(old)
-            waited = await _wait(lambda: all_back() and balancer.active[old.name] == 0, 20)
+            # every connection to the old instance has ended; then a status taken since says every client is back
+            waited = await _wait(lambda: balancer.active[old.name] == 0, 20)
+            t_gone = time.monotonic()
+            if waited is not None:
+                waited = await _wait(lambda: all_back_since(t_gone), 20)
             if waited is None:
+                out = [(w.status or {}) for w in clients]
                 report.failures.append(
                     f"not every client was back within 20 s after {old.name} went away: "
-                    f"{sum(not s.back for s in subscribers)} subscriber(s), {sum(not s.back for s in sessions)} "
-                    f"session(s) out, {balancer.active[old.name]} connection(s) still counted on it")
+                    f"{sum(s.get('subscribers_out', 0) for s in out)} subscriber(s), "
+                    f"{sum(s.get('sessions_out', 0) for s in out)} session(s) out, "
+                    f"{balancer.active[old.name]} connection(s) still counted on it")
                 report.back_after.append(float("nan"))
             else:
-                report.back_after.append(round(time.monotonic() - t0, 2))
+                report.back_after.append(round(max(w.status["t"] for w in clients) - t0, 2))
             log(f"  {old.name} {'killed' if kill else 'drained'}; all back after {report.back_after[-1]}s"
                 + (f" ({report.failures[-1]})" if waited is None else ""))
         roll_end = time.monotonic()
@@ -730,44 +1034,70 @@ async def run_drill(size: Size, *, kill: bool = False, redis_url: str = "redis:/
             report.admission_refused[inst.name] = sum(
                 metric_value(text, "edgeproxy_limits_total", f'limit="{limit}"')
                 for limit in ("rate", "max_connections"))
-        publisher.stop()
-        await pub_task
-        pub_task = None
+            report.instance_connections[inst.name] = int(metric_sum(text, "edgeproxy_connections_active"))
+        t_end = time.monotonic()
+        if await _wait(lambda: all_back_since(t_end), 2) is None:
+            report.failures.append("not every client is connected at the end")
+        lag.stop()  # what follows parses the results: that stalls the loop, and measures nothing
+        balancer.on_change = None  # the publisher process ends with its results
+        published = await publisher.results()
         # Stop the streams, then let what is in flight arrive before comparing counts: a count
         # taken while they run would call the messages still on their way lost.
         async with http.get(f"http://127.0.0.1:{backend_port}/stop") as r:
             assert r.status == 200
         await asyncio.sleep(0.5)  # the last publications and stream messages reach their clients
         async with http.get(f"http://127.0.0.1:{backend_port}/stats") as r:
-            backend_sent = {int(k): v for k, v in orjson.loads(await r.read()).items()}
-        _check_publications(report, publisher, subscribers)
-        _check_sessions(report, sessions, backend_sent, lossless=not kill)
-        if not all_back():
-            report.failures.append("not every client is connected at the end")
+            stats = orjson.loads(await r.read())
+        backend_sent = {int(k): v for k, v in stats["sent"].items()}
+        received = await asyncio.gather(*(w.results() for w in clients))
+        _assess_generator(report, published, received, coordinator=lag.summary(), backend_lag=stats["lag"])
+        generator_cpu = stats["cpu"] + published["cpu"] + sum(r["cpu"] for r in received)
+        report.failures.extend(published["errors"])
+        acked = {ch: {seq: data for seq, data in pairs} for ch, pairs in published["acked"]}
+        _check_publications(report, acked, published["unknown"], [s for r in received for s in r["subscribers"]])
+        _check_sessions(report, [s for r in received for s in r["sessions"]], backend_sent, lossless=not kill)
         if kill and report.presence_fenced_after is None:
             report.failures.append("presence of the killed instance's connections was not fenced in time")
     finally:
-        if pub_task is not None:
-            publisher.stop()
-            pub_task.cancel()
-        await _gather_bounded([s.close() for s in subscribers] + [s.close() for s in sessions], 200)
-        await balancer.stop()
-        await http.close()
+        # the processes first, synchronously: whatever failed above, none of them outlives the drill
+        balancer.on_change = None
         for inst in instances:
             inst.close()
         backend.kill()
         backend.wait()
+        lag.stop()
+        await asyncio.gather(publisher.close(), *(w.close() for w in clients))
+        await balancer.stop()
+        await http.close()
         await _clean_redis(redis_url, prefix)
         if tmp is not None:
             tmp.cleanup()
     report.duration = round(time.monotonic() - began, 1)
+    report.load_average.append(os.getloadavg()[0])
+    if generator_cpu is not None:  # every child has been reaped: their CPU time is in RUSAGE_CHILDREN
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        report.generator["cores_used"] = {
+            "generator": round((own.ru_utime + own.ru_stime - cpu_before + generator_cpu) / report.duration, 2),
+            "edgeproxy instances": round((children.ru_utime + children.ru_stime - children_before - generator_cpu)
+                                         / report.duration, 2)}
     return report
 
 
-async def _client_ids_on(instance: Instance, subscribers: list[Subscriber]) -> list[str]:
-    """The presence ids (``<instance>.<n>``) of the hub connections `instance` holds now."""
-    return [s.client.client_id for s in subscribers
-            if s.client.client_id and s.client.client_id.startswith(instance.name + ".")]
+def _assess_generator(report: Report, published: dict[str, Any], received: list[dict[str, Any]], *,
+                      coordinator: dict[str, float], backend_lag: float) -> None:
+    """Fill `Report.generator` and say in `Report.saturated` whether the load generator kept up."""
+    health = published["health"]
+    lags = {"coordinator (balancer)": coordinator, "publisher": published["lag"],
+            **{f"clients{i}": r["lag"] for i, r in enumerate(received)}}
+    report.generator = {"publish": health, "loop_lag": lags, "backend_lag_max": round(backend_lag, 3)}
+    if health["achieved"] < SATURATED_RATE_SHARE * health["asked"]:
+        report.saturated.append(f"published {health['achieved']:g}/s of {health['asked']:g}/s asked")
+    for name, lag in lags.items():
+        if lag["p99"] > SATURATED_P99_LAG or lag["max"] > SATURATED_MAX_LAG:
+            report.saturated.append(f"{name} event loop lag p99 {lag['p99']:g}s, max {lag['max']:g}s")
+    if backend_lag > SATURATED_MAX_LAG:
+        report.saturated.append(f"stream backend event loop lag max {backend_lag:.2f}s")
 
 
 async def _presence_fenced(live: Instance, ids: list[str], timeout: float) -> float | None:
@@ -790,49 +1120,57 @@ async def _presence_fenced(live: Instance, ids: list[str], timeout: float) -> fl
     return None if pending else round(time.monotonic() - start, 2)
 
 
-def _check_publications(report: Report, publisher: Publisher, subscribers: list[Subscriber]) -> None:
-    report.publications = sum(len(v) for v in publisher.acked.values())
-    report.unknown_publications = len(publisher.unknown)
-    unknown = {orjson.dumps(d) for d in publisher.unknown}
+def _check_publications(report: Report, acked: dict[str, dict[int, Any]], unknown_data: list[Any],
+                        subscribers: list[dict[str, Any]]) -> None:
+    """`subscribers`: `Subscriber.record()` of every subscriber, from every worker."""
+    report.publications = sum(len(v) for v in acked.values())
+    report.unknown_publications = len(unknown_data)
+    unknown = {orjson.dumps(d) for d in unknown_data}
     bad = []
     for sub in subscribers:
-        acked = publisher.acked[sub.channel]
-        seqs = [seq for seq, _, _ in sub.received]
+        channel_acked = acked.get(sub["channel"], {})
+        seqs = [seq for seq, _, _ in sub["received"]]
         report.deliveries += len(seqs)
-        report.duplicates_dropped_by_clients += sub.client.duplicates
-        epochs = {epoch for _, epoch, _ in sub.received}
+        report.duplicates_dropped_by_clients += sub["duplicates"]
+        epochs = {epoch for _, epoch, _ in sub["received"]}
         problems = []
         if len(epochs) > 1:
             problems.append(f"{len(epochs)} epochs")
         if len(set(seqs)) != len(seqs):
+            report.doubled += len(seqs) - len(set(seqs))
             problems.append(f"{len(seqs) - len(set(seqs))} duplicate(s)")
         if seqs != sorted(seqs):
             problems.append("out of order")
-        missing = sorted(set(acked) - set(seqs))
+        missing = sorted(set(channel_acked) - set(seqs))
         if missing:
             problems.append(f"{len(missing)} acknowledged publication(s) missing (first seq {missing[0]})")
-        for seq, _, data in sub.received:
-            if seq in acked:
-                if acked[seq] != data:
-                    problems.append(f"seq {seq} carries {data!r}, published {acked[seq]!r}")
+        for seq, _, data in sub["received"]:
+            if seq in channel_acked:
+                if channel_acked[seq] != data:
+                    problems.append(f"seq {seq} carries {data!r}, published {channel_acked[seq]!r}")
                     break
             elif orjson.dumps(data) not in unknown:
                 problems.append(f"seq {seq} carries {data!r}, which was never published")
                 break
         if problems:
-            bad.append(f"subscriber of {sub.channel}: " + "; ".join(problems))
+            bad.append(f"subscriber of {sub['channel']}: " + "; ".join(problems))
     if bad:
         report.failures.append(f"{len(bad)} subscriber(s) wrong, e.g. " + " | ".join(bad[:3]))
 
 
-def _check_sessions(report: Report, sessions: list[Session], backend_sent: dict[int, int], *, lossless: bool) -> None:
+def _check_sessions(report: Report, sessions: list[dict[str, Any]], backend_sent: dict[int, int], *,
+                    lossless: bool) -> None:
+    """`sessions`: `Session.record()` of every session, from every worker."""
     bad = []
     report.backend_messages = sum(backend_sent.values())
+    heard = set()
     for s in sessions:
-        report.session_resets += s.ws.resets
-        for cid, numbers in s.streams.items():
+        report.session_resets += s["resets"]
+        for cid, numbers in s["streams"]:
+            heard.add(cid)
             report.session_messages += len(numbers)
             if numbers != list(range(1, len(numbers) + 1)):
+                report.doubled += len(numbers) - len(set(numbers))
                 bad.append(f"connection {cid}: not 1..{len(numbers)} once and in order ({numbers[:8]}...)")
                 continue
             lost = backend_sent.get(cid, 0) - len(numbers)
@@ -840,7 +1178,6 @@ def _check_sessions(report: Report, sessions: list[Session], backend_sent: dict[
                 bad.append(f"connection {cid}: {len(numbers)} received, backend sent {backend_sent.get(cid)}")
             report.session_lost += max(0, lost)
     # backend connections that no client ever heard from (cut before their first message arrived)
-    heard = {cid for s in sessions for cid in s.streams}
     report.session_lost += sum(n for cid, n in backend_sent.items() if cid not in heard)
     if bad:
         report.failures.append(f"{len(bad)} resumable stream(s) wrong, e.g. " + " | ".join(bad[:3]))
@@ -867,29 +1204,51 @@ async def _clean_redis(url: str, prefix: str) -> None:
 # --------------------------------------------------------------------------- #
 
 
+def verdict(report: Report) -> str:
+    """OK, FAILED, or "generator saturated": then the checks measured the load generator, not the proxy."""
+    if report.saturated:
+        return "generator saturated"
+    return "OK" if not report.failures else "FAILED"
+
+
 def summary(report: Report) -> str:
     s = report.size
     kind = "SIGKILL of one instance" if report.kill else f"rolling restart, drain_policy = {s.drain_policy}"
+    gen = report.generator
     lines = [
         f"deploy drill: {kind}",
         f"  {s.instances} instances, {s.clients} subscribers on {s.channels} channels, {s.rate:g} pub/s, "
-        f"{s.sessions} resumable sessions at {s.stream_rate:g} msg/s; grace {s.readiness_grace:g}s, "
-        f"drain {s.drain_timeout:g}s, admission {s.connection_rate}/s per instance",
+        f"{s.sessions} resumable sessions at {s.stream_rate:g} msg/s in {s.workers} client processes; "
+        f"grace {s.readiness_grace:g}s, drain {s.drain_timeout:g}s, admission {s.connection_rate}/s per instance",
         f"  publications acknowledged {report.publications}, unknown {report.unknown_publications}; "
-        f"deliveries {report.deliveries} (duplicates dropped by clients {report.duplicates_dropped_by_clients})",
+        f"deliveries {report.deliveries}, doubled {report.doubled} "
+        f"(duplicates dropped by clients {report.duplicates_dropped_by_clients})",
         f"  resumable: backend sent {report.backend_messages}, received {report.session_messages}, "
         f"lost {report.session_lost}, sessions reset {report.session_resets}",
         f"  all clients back after {report.back_after} s",
         f"  peak reconnects/s per instance {report.peak_rates} (admission {s.connection_rate}/s; "
         f"refused by admission {report.admission_refused})",
         f"  connections after the roll {report.connections_after} (max/mean {Report.balance(report.connections_after):.2f}), "
-        f"{s.settle:g}s later {report.connections_later} (max/mean {Report.balance(report.connections_later):.2f})",
+        f"{s.settle:g}s later {report.connections_later} (max/mean {Report.balance(report.connections_later):.2f}; "
+        f"the instances count {report.instance_connections})",
         f"  connections opened per 0.5 s during the roll: {report.rate_series}",
     ]
     if report.kill:
         lines.append(f"  presence of {report.presence_checked} killed connections fenced after "
                      f"{report.presence_fenced_after} s (heartbeat {s.heartbeat:g}s)")
-    lines.append(f"  took {report.duration}s; " + ("OK" if not report.failures else "FAILED: " + "; ".join(report.failures)))
+    if gen:
+        lines.append(f"  generator: published {gen['publish']['achieved']:g}/s of {gen['publish']['asked']:g}/s "
+                     f"(publish latency p99 {gen['publish']['latency_p99']:g}s, max {gen['publish']['latency_max']:g}s); "
+                     f"event loop lag p99/max " + ", ".join(f"{name} {lag['p99']:g}/{lag['max']:g}s"
+                                                             for name, lag in gen["loop_lag"].items())
+                     + f"; backend max {gen['backend_lag_max']:g}s")
+        if "cores_used" in gen:
+            lines.append(f"  cores used over the run: {gen['cores_used']} (of {os.cpu_count()})")
+    lines.append(f"  load average {report.load_average}; took {report.duration}s")
+    if report.saturated:
+        lines.append("  GENERATOR SATURATED (" + "; ".join(report.saturated) + "): the checks below measured the "
+                     "load generator, not the proxy")
+    lines.append(f"  {verdict(report)}" + (": " + "; ".join(report.failures) if report.failures else ""))
     return "\n".join(lines)
 
 
@@ -898,20 +1257,30 @@ def markdown_row(report: Report) -> str:
     kind = "SIGKILL" if report.kill else s.drain_policy
     peak = max(report.peak_rates.values()) if report.peak_rates else 0
     back = max(report.back_after) if report.back_after else float("nan")
-    return (f"| {kind} | {report.publications} / {report.unknown_publications} | {report.deliveries} | 0 | "
-            f"{report.session_messages} / {report.session_lost} | {report.session_resets} | {back:.1f} | "
-            f"{peak:.0f} / {s.connection_rate} | {sum(report.admission_refused.values()):.0f} | "
-            f"{Report.balance(report.connections_after):.2f} | "
+    gen = report.generator
+    worst_lag = max((lag["max"] for lag in gen["loop_lag"].values()), default=0.0) if gen else float("nan")
+    achieved = gen["publish"]["achieved"] if gen else float("nan")
+    return (f"| {kind} | {report.publications} / {report.unknown_publications} | {report.deliveries} | "
+            f"{report.doubled} | {report.session_messages} / {report.session_lost} | {report.session_resets} | "
+            f"{back:.1f} | {peak:.0f} / {s.connection_rate} | {sum(report.admission_refused.values()):.0f} | "
+            f"{Report.balance(report.connections_after):.2f} / {Report.balance(report.connections_later):.2f} | "
             f"{'%.2f' % report.presence_fenced_after if report.presence_fenced_after is not None else '-'} | "
-            f"{'OK' if not report.failures else 'FAILED'} |")
+            f"{achieved:g} / {s.rate:g} | {worst_lag:.2f} | {report.load_average[0]:.1f} | {verdict(report)} |")
 
 
 MARKDOWN_HEAD = ("| run | publications acked / unknown | deliveries | doubled | resumable msgs received / lost | "
                  "sessions reset | all back after (s, worst) | peak reconnects/s / admission | refused | "
-                 "conns max/mean after | presence fenced (s) | checks |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "conns max/mean after / settled | presence fenced (s) | published/s achieved / asked | "
+                 "generator worst loop lag (s) | load avg | checks |\n"
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":  # a generator process of a drill (see `Worker`)
+        role, spec = sys.argv[2], json.loads(sys.argv[3])
+        raise_nofile()
+        _run(clients_worker(spec) if role == "clients" else publisher_worker(spec))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     full = Size()
     parser.add_argument("--instances", type=int, default=full.instances)
@@ -925,9 +1294,12 @@ def main() -> int:
     parser.add_argument("--drain-policy", choices=("paced", "immediate"), default=full.drain_policy)
     parser.add_argument("--connection-rate", type=int, default=full.connection_rate)
     parser.add_argument("--settle", type=float, default=full.settle)
+    parser.add_argument("--workers", type=int, default=full.workers,
+                        help="processes the subscribers and sessions are spread over")
     parser.add_argument("--kill", action="store_true", help="SIGKILL one instance instead of a rolling restart")
     parser.add_argument("--small", action="store_true", help="the test's size")
     parser.add_argument("--redis", default=os.environ.get("EDGEPROXY_TEST_REDIS", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--workdir", type=Path, help="keep the configs and logs of the instances and workers here")
     parser.add_argument("--json", help="write the report as JSON to this file")
     parser.add_argument("--markdown", help="append the report as a table row to this file")
     args = parser.parse_args()
@@ -937,20 +1309,28 @@ def main() -> int:
         size = Size(instances=args.instances, clients=args.clients, channels=args.channels, rate=args.rate,
                     sessions=args.sessions, stream_rate=args.stream_rate, readiness_grace=args.readiness_grace,
                     drain_timeout=args.drain_timeout, drain_policy=args.drain_policy,
-                    connection_rate=args.connection_rate, settle=args.settle)
-    try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover
-        runner = asyncio.run
-    report = runner(asyncio.wait_for(run_drill(size, kill=args.kill, redis_url=args.redis), size.budget))
+                    connection_rate=args.connection_rate, settle=args.settle, workers=args.workers)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    report = _run(asyncio.wait_for(run_drill(size, kill=args.kill, redis_url=args.redis,
+                                                    workdir=args.workdir), size.budget))
     print(summary(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     if args.markdown:
         with open(args.markdown, "a") as out:
             out.write(markdown_row(report) + "\n")
+    if report.saturated:
+        return 2
     return 0 if not report.failures else 1
+
+
+def _run(coro):
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 if __name__ == "__main__":

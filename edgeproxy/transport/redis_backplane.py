@@ -108,12 +108,26 @@ return {epoch, top, now, redis.call('XREVRANGE', log, '+', '-', 'COUNT', top - s
 """
 
 
+#: connections a client keeps to one Redis server at most; commands beyond wait for one
+REDIS_POOL_SIZE = 100
+
+
 def redis_client(url: str, timeout: float) -> aioredis.Redis:
-    """A client for one shard: no retries (a failure is reported, not hidden), bounded waits."""
-    return aioredis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
-        health_check_interval=0, decode_responses=False,
+    """A client for one shard: no retries (a failure is reported, not hidden), bounded waits.
+
+    The pool blocks: a burst of more concurrent commands than it holds
+    connections (a drain's or a reconnect wave's presence updates, history
+    fetches and publications) waits up to `timeout` for a free one.  The
+    default pool of redis-py (since 6: 100 connections) fails the extra
+    commands at once with "Too many connections", which dropped presence
+    entries and history fetches under the deploy drill's 1,500 clients.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=REDIS_POOL_SIZE, timeout=timeout, socket_timeout=timeout,
+        socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), health_check_interval=0,
+        decode_responses=False,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 class _Shard:

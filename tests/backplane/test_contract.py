@@ -88,6 +88,21 @@ async def test_publish_numbers_and_history_answers(nodes) -> None:
     assert (await bp.history("news", None)).position == Position(5, epoch)
 
 
+@network_kinds
+async def test_a_burst_beyond_the_connection_pool_waits_instead_of_failing(nodes) -> None:
+    # A drain or a reconnect wave makes hundreds of backplane calls at once; with redis-py's
+    # default pool (100 connections) the calls beyond it failed at once with "Too many connections".
+    [node] = await nodes(1, history_size=1000)
+    bp = node.backplane
+    epoch = (await bp.history("burst", None)).position.epoch
+    n = 350
+    positions = await asyncio.gather(*(bp.publish("burst", b"%d" % i) for i in range(n)),
+                                     *(bp.history("burst", None) for _ in range(n)))
+    assert sorted(p.seq for p in positions[:n]) == list(range(1, n + 1))
+    assert all(p.epoch == epoch for p in positions[:n])
+    assert (await bp.history("burst", None)).position == Position(n, epoch)
+
+
 @all_kinds
 async def test_interest_order_and_unsubscribe(nodes) -> None:
     [node] = await nodes(1)
