@@ -133,3 +133,15 @@ async def test_hub_event_streams_give_their_slot_back(proxy, refused_port) -> No
             resp.close()
             assert await wait_until(lambda: p.server.admission.open == 0), f"stream {i} kept its slot"
     await assert_nothing_left_open(p)
+
+
+async def test_http2_connections_give_their_slot_back(proxy, http_backend) -> None:
+    import httpx
+
+    p = await proxy(http_backend, limits=LIMITS, listeners=[{"bind": "127.0.0.1:0", "http2": True}])
+    for i in range(ROUNDS):
+        async with httpx.AsyncClient(http1=False, http2=True, base_url=p.url(), timeout=5) as client:
+            answers = await asyncio.gather(*(client.get(f"/headers?i={i}&s={s}") for s in range(3)))
+        assert [a.status_code for a in answers] == [200, 200, 200], f"connection {i} refused"
+        assert all(a.http_version == "HTTP/2" for a in answers)
+    await assert_nothing_left_open(p)
