@@ -126,9 +126,9 @@ class HubService:
             self._ping_handle = None
         for conn in list(self.connections):
             conn.close(1001, "proxy shutting down")
-        # EventSource comes back after `retry`: spread the returns over a few seconds
+        # EventSource comes back after `retry`: spread the returns over [sse] retry_min..retry_max
         for stream in list(self.sse_streams):
-            stream.end(retry_ms=self.server.rng.randint(500, 5000))
+            stream.end(retry_ms=stream.jittered_retry_ms())
         await self.backplane.close()
 
     # -- the upgrade -------------------------------------------------------------

@@ -31,9 +31,10 @@ wire are the events themselves.
 
 *Liveness.*  The hub's ping timer writes a comment line to every stream (NATs
 keep the flow); a stream whose buffer passes ``subscriber_buffer_limit`` is ended
-(the browser reconnects and resumes); an expired token ends it; at shutdown each
-stream gets a ``retry:`` with a jittered delay before its end, so EventSource
-reconnects spread out instead of landing together.
+(the browser reconnects and resumes); an expired token ends it; a drain ends the
+streams in the paced batches of the WebSockets (`close_websocket`), each after a
+``retry:`` with a jittered delay, so EventSource reconnects spread out instead of
+landing together.
 """
 
 from __future__ import annotations
@@ -297,6 +298,15 @@ class HubSseStream:
         """A targeted message (``POST /v1/send``): an event of its own, outside every channel."""
         if self.streaming and not self.closed:
             self.transport.write(sse_event(b"message", message))
+
+    def jittered_retry_ms(self) -> int:
+        """A reconnect delay drawn from ``[sse] retry_min .. retry_max``, so EventSource returns spread out."""
+        sse = self.service.server.config.sse
+        return int(self.service.server.rng.uniform(sse.retry_min, sse.retry_max) * 1000)
+
+    def close_websocket(self, code: int, reason: str) -> None:
+        """The paced drain's close (as for WebSockets): a jittered ``retry:``, then the end."""
+        self.end(retry_ms=self.jittered_retry_ms())
 
     def drop_slow(self) -> None:
         """Its buffer passed the limit during a fan-out: end it; EventSource reconnects and resumes."""

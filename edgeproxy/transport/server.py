@@ -368,8 +368,9 @@ class ProxyServer:
         sessions = [conn for conn in self.connections if conn.relay is not None]
         if self.resume is not None:  # resumable sessions are paced in the same batches
             sessions += self.resume.sessions.values()
-        for hub in self.hubs.values():  # and so are the hubs' subscribers
+        for hub in self.hubs.values():  # and so are the hubs' subscribers, WebSocket and SSE
             sessions += hub.connections
+            sessions += hub.sse_streams
         sessions += self.sse_streams  # and the proxied event streams (a retry: at an event boundary)
         # "immediate": one batch at the start, every close frame at once
         close_window = 0.5 if cfg.drain_policy == "paced" else 0.0
@@ -379,7 +380,7 @@ class ProxyServer:
 
         def left() -> bool:
             return bool(self.connections or (self.resume is not None and self.resume.sessions)
-                        or any(hub.connections for hub in self.hubs.values()))
+                        or any(hub.connections or hub.sse_streams for hub in self.hubs.values()))
 
         while left() and self.now() < plan.deadline:
             for conn, code, reason in plan.due(self.now()):

@@ -377,3 +377,25 @@ async def test_chromium_eventsource_reconnects_and_resumes_by_itself(hub, extern
             assert [n for n in got if n % 2] == [1, 3, 5, 7, 9] and [n for n in got if not n % 2] == [0, 2, 4, 6, 8]
         finally:
             await browser.close()
+
+
+async def test_a_drain_ends_hub_streams_in_paced_batches(proxy, refused_port) -> None:
+    p = await proxy(refused_port, hubs=[{"path": "/hub", "ping_interval": 0}],
+                    admin={"bind": "127.0.0.1:0", "api_key": API_KEY},
+                    shutdown={"drain_timeout": 2.0, "readiness_grace": 0.0})
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as session:
+        streams = [(await subscribed_stream(session, p, "channel=a", 1))[0] for _ in range(12)]
+
+        async def ended_at(stream: EventStream) -> float:
+            with pytest.raises(EOFError):
+                await stream.next(timeout=10)
+            return loop.time()
+
+        waits = [asyncio.ensure_future(ended_at(s)) for s in streams]
+        started = loop.time()
+        await p.server.drain_and_stop()
+        ends = sorted(await asyncio.gather(*waits))
+    assert all(1000 <= s.retry <= 5000 for s in streams)  # [sse] retry_min..retry_max, in ms
+    # batches over the first half of the drain window, not all at once
+    assert ends[-1] - ends[0] >= 0.4 * 2.0 * 0.5 and ends[-1] - started < 2.0
