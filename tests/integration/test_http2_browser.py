@@ -1,0 +1,79 @@
+"""Headless Chromium over TLS: the page and 10 EventSource streams share one HTTP/2 connection.
+
+Over HTTP/1.1 a browser opens at most 6 connections per origin, so a seventh
+EventSource waits forever: the SSE pain HTTP/2 at the edge removes.  Asserted
+from the proxy's side: one h2 connection, eleven streams (the page and ten event
+streams), every stream's events delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from playwright.async_api import async_playwright
+
+HOST = "127.0.0.1"
+STREAMS = 10
+PAGE = b"""<!doctype html><meta charset="utf-8"><title>ten streams</title>
+<script>
+window.got = {};
+for (let i = 0; i < %d; i++) {
+  const es = new EventSource('/events?i=' + i);
+  es.onmessage = (e) => { (window.got[i] = window.got[i] || []).push(e.data); if (e.data === 'last') es.close(); };
+}
+</script>""" % STREAMS
+
+
+async def backend() -> tuple[web.AppRunner, int]:
+    async def page(request):
+        return web.Response(body=PAGE, content_type="text/html")
+
+    async def events(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        for n in range(3):
+            await resp.write(b"data: %s-%d\n\n" % (request.query["i"].encode(), n))
+            await asyncio.sleep(0.05)
+        await resp.write(b"data: last\n\n")
+        await asyncio.sleep(5)  # the browser closes it after "last"
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_get("/events", events)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+async def test_chromium_runs_ten_event_streams_on_one_h2_connection(proxy, certs, external_tool) -> None:
+    chromium = external_tool("chromium", "chromium")
+    runner, port = await backend()
+    try:
+        leaf = certs.leaf("default", ["DNS:localhost", "IP:127.0.0.1"])
+        p = await proxy(port, listeners=[{"bind": f"{HOST}:0", "tls_cert": leaf.cert, "tls_key": leaf.key}])
+        async with async_playwright() as pw:
+            # the test CA is not in Chromium's store: accept the proxy's certificate for this run
+            browser = await pw.chromium.launch(executable_path=chromium,
+                                               args=["--no-sandbox", "--ignore-certificate-errors"])
+            try:
+                page = await browser.new_page(ignore_https_errors=True)
+                await page.goto(f"https://localhost:{p.port}/")
+                await page.wait_for_function(
+                    f"Object.keys(window.got).length === {STREAMS} && "
+                    "Object.values(window.got).every(g => g[g.length - 1] === 'last')", timeout=15000)
+                got = await page.evaluate("window.got")
+                protocol = await page.evaluate("performance.getEntriesByType('navigation')[0].nextHopProtocol")
+            finally:
+                await browser.close()
+        assert protocol == "h2"
+        for i in range(STREAMS):
+            assert got[str(i)] == [f"{i}-0", f"{i}-1", f"{i}-2", "last"]
+        metrics = p.server.metrics
+        assert metrics.http2_connections == 1, "the page and its event streams did not share one connection"
+        assert metrics.http2_streams >= 1 + STREAMS
+    finally:
+        await runner.cleanup()
