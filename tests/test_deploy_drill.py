@@ -24,20 +24,13 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import deploy_drill  # noqa: E402
-
-REDIS = os.environ.get("EDGEPROXY_TEST_REDIS", "redis://127.0.0.1:6379/0")
+from tests.conftest import require_service  # noqa: E402
 
 
 @pytest.fixture
-def redis_up():
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS, socket_timeout=1).ping()
-    except redis.RedisError as exc:
-        if os.environ.get("EDGEPROXY_REQUIRE_SERVICES") == "1":
-            raise AssertionError(f"Redis at {REDIS} is required (EDGEPROXY_REQUIRE_SERVICES=1): {exc}") from exc
-        pytest.skip(f"no Redis at {REDIS}: {exc}")
+def redis_url() -> str:
+    """The shared Redis (skip without it, fail under EDGEPROXY_REQUIRE_SERVICES=1, as every backplane test)."""
+    return require_service("redis")
 
 
 def _assert_report(report: deploy_drill.Report) -> None:
@@ -57,8 +50,8 @@ def _assert_report(report: deploy_drill.Report) -> None:
 
 
 @pytest.mark.timeout(90)
-async def test_rolling_restart_with_paced_drain_loses_and_doubles_nothing(redis_up, tmp_path) -> None:
-    report = await deploy_drill.run_drill(deploy_drill.SMALL, redis_url=REDIS, workdir=tmp_path)
+async def test_rolling_restart_with_paced_drain_loses_and_doubles_nothing(redis_url, tmp_path) -> None:
+    report = await deploy_drill.run_drill(deploy_drill.SMALL, redis_url=redis_url, workdir=tmp_path)
     _assert_report(report)
     assert len(report.back_after) == deploy_drill.SMALL.instances
     # Every session was on a replaced instance once: each was reset (a session is bound to its instance).
@@ -67,9 +60,9 @@ async def test_rolling_restart_with_paced_drain_loses_and_doubles_nothing(redis_
 
 
 @pytest.mark.timeout(60)
-async def test_sigkill_counts_losses_doubles_nothing_and_fences_presence(redis_up, tmp_path) -> None:
+async def test_sigkill_counts_losses_doubles_nothing_and_fences_presence(redis_url, tmp_path) -> None:
     size = dataclasses.replace(deploy_drill.SMALL, settle=1.5)
-    report = await deploy_drill.run_drill(size, kill=True, redis_url=REDIS, workdir=tmp_path)
+    report = await deploy_drill.run_drill(size, kill=True, redis_url=redis_url, workdir=tmp_path)
     _assert_report(report)
     assert report.presence_checked > 0
     assert report.presence_fenced_after is not None and report.presence_fenced_after <= 1.5 * size.heartbeat + 0.5

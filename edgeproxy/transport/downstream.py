@@ -87,7 +87,7 @@ LINGER_SECONDS = 2.0
 class _Exchange(UpstreamRequest):
     """One request/response through the proxy (or one WebSocket handshake)."""
 
-    __slots__ = ("pending_bytes", "websocket_key", "resume", "body_active", "sse")
+    __slots__ = ("pending_bytes", "websocket_key", "resume", "body_active")
 
     def __init__(self, head: RequestHead, route: RouteConfig, group, started: float):
         super().__init__(head, route, group, started)
@@ -97,8 +97,6 @@ class _Exchange(UpstreamRequest):
         self.resume = None
         #: set on every body read; the timer check turns it into `body_deadline` (0 = none)
         self.body_active = False
-        #: the response is an event stream (`transport.sse`): its own timers, signals and drain
-        self.sse: ProxiedEventStream | None = None
 
 
 class ClientConnection(asyncio.Protocol):

@@ -67,7 +67,7 @@ _HTTP_1_1_REQUIRED = 0xD
 class _Stream(UpstreamRequest):
     """One request stream; the `owner` of its upstream connection while it has one."""
 
-    __slots__ = ("conn", "id", "pending_flow", "held_flow", "holding", "window_paused", "request_id", "sse")
+    __slots__ = ("conn", "id", "pending_flow", "held_flow", "holding", "window_paused", "request_id")
 
     def __init__(self, conn: Http2Connection, stream_id: int, head, route, group, started: float):
         super().__init__(head, route, group, started)
@@ -82,8 +82,6 @@ class _Stream(UpstreamRequest):
         self.window_paused = False
         #: X-Request-Id of the request ("-": off), as on HTTP/1.1
         self.request_id = "-"
-        #: the response is an event stream (`transport.sse`)
-        self.sse: ProxiedEventStream | None = None
 
     # -- the upstream connection's owner interface (see UpstreamConnection) --
 

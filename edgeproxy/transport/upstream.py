@@ -47,6 +47,7 @@ from edgeproxy.transport.edge import upstream_ssl_context
 
 if TYPE_CHECKING:
     from edgeproxy.transport.downstream import ClientConnection
+    from edgeproxy.transport.sse import ProxiedEventStream
 
 log = logging.getLogger("edgeproxy")
 
@@ -600,7 +601,7 @@ class UpstreamRequest:
     __slots__ = (
         "head", "route", "group", "upstream", "pending", "request_done", "status", "bytes_out", "started",
         "deadline", "task", "retried", "connect_deadline", "connect_timed_out", "choice",
-        "max_body", "body_bytes", "body_deadline",
+        "max_body", "body_bytes", "body_deadline", "sse",
     )
 
     def __init__(self, head, route, group, started: float):
@@ -628,6 +629,8 @@ class UpstreamRequest:
         self.max_body = 0
         self.body_bytes = 0
         self.body_deadline = 0.0
+        #: the response is an event stream (`transport.sse`): its own timers, signals and drain
+        self.sse: ProxiedEventStream | None = None
 
 
 async def lease(exchange, client_ip: str, *, pooled: bool, metrics, loop: asyncio.AbstractEventLoop,
