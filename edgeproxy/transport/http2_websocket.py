@@ -180,7 +180,7 @@ class _StreamTransport:
             return
         self.write_eof()
         if not self.remote_ended:
-            self.conn.h2.reset_when_sent(self.id)
+            self.conn.h2.reset_when_sent(self.id)  # RFC 9113 section 8.1: the rest of its side is not wanted
         self._gone()
 
     def abort(self) -> None:
@@ -422,8 +422,14 @@ class H2WebSocket(ClientConnection):
     def client_ended(self) -> None:
         """END_STREAM from the client: its TCP FIN on HTTP/1.1."""
         self.transport.remote_ended = True
-        if self.relay is None:
+        relay = self.relay
+        if relay is None:
             return  # during the handshake: the session starts with it (`_start_h2_websocket`)
+        if relay.client_close is not None:
+            # Its close frame came first: an h2 client (Chromium) ends its side with it, having nothing
+            # more to send; unlike a TCP FIN it does not mean it is gone, and the upstream's answer is
+            # still relayed (within close_timeout).
+            return
         self.eof_received()
         self.h2conn.flush()
 

@@ -270,9 +270,12 @@ class H2WS:
             self.task.cancel()
 
 
-async def _closed_by_client(stream: Stream, code: int = 1000) -> int | None:
-    """The client's close handshake: its close, the echo of it, then END_STREAM."""
+async def _closed_by_client(stream: Stream, code: int = 1000, *, end: bool = False) -> int | None:
+    """The client's close handshake: its close (``end``: with END_STREAM, as Chromium does), the echo
+    of it, then END_STREAM."""
     stream.send(CLOSE, struct.pack("!H", code) + b"bye")
+    if end:
+        stream.end()
     opcode, payload = await stream.recv_data()
     assert opcode == CLOSE
     await stream.until(lambda: stream.ended or stream.reset is not None)
@@ -492,8 +495,9 @@ async def test_many_websockets_and_requests_share_one_connection(ws_backend, pro
         assert replies == [(TEXT, f"message {i}".encode()) for i in range(30)]
         assert all(status for status, _ in await gets)
         assert p.server.metrics.http2_websockets == 30 and p.server.metrics.http2_connections == 1
-        codes = await asyncio.gather(*[_closed_by_client(s) for s in streams])
-        assert codes == [1000] * 30
+        codes = await asyncio.gather(*[_closed_by_client(s, end=i % 2 == 0) for i, s in enumerate(streams)])
+        assert codes == [1000] * 30  # the upstream's answer comes after the client's END_STREAM too
+        assert await _eventually(lambda: not _ws_streams(p) and p.server.metrics.http2_websockets_active == 0)
     finally:
         await client.close()
 
@@ -569,6 +573,31 @@ async def test_a_client_that_sends_faster_than_the_upstream_reads_is_held_by_its
     finally:
         release.set()
         server.close()
+
+
+async def test_rebalancing_closes_the_h2_websockets_of_a_drained_server(ws_backends, proxy):
+    first, second = await ws_backends(2)
+    p = await proxy(first, second, listeners=H2C,
+                    upstream={"rebalance": {"threshold": 1.5, "sustain": 0, "interval": 0.1, "max_closes": 1}})
+    client = await H2WS.open(p.port)
+    try:
+        streams = [await client.websocket(f"/echo?i={i}") for i in range(4)]
+        await first.wait_records(2)
+        await second.wait_records(2)
+        on_first = {int(r.path.split("=")[1]) for r in first.records}
+        group = p.server.groups["app"]
+        assert sorted(group.loads().values()) == [2, 2]
+        from edgeproxy.config import Address
+        group.set_drain(Address(HOST, first.port), True)
+        for i in sorted(on_first):
+            opcode, payload = await streams[i].recv_data()
+            assert opcode == CLOSE and close_code(payload) == 1012 and b"reconnect after" in payload
+            streams[i].send(CLOSE, payload[:2])
+        for i in set(range(4)) - on_first:  # the other server's sessions go on
+            streams[i].send(TEXT, b"still here")
+            assert await streams[i].recv_data() == (TEXT, b"still here")
+    finally:
+        await client.close()
 
 
 # -- configuration -------------------------------------------------------------------------
