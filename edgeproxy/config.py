@@ -311,7 +311,7 @@ class Http2Config:
     max_resets: int = 200
     max_control_frames: int = 1000
     #: WebSocket over HTTP/2 (RFC 8441): advertise SETTINGS_ENABLE_CONNECT_PROTOCOL and relay
-    #: extended CONNECT streams; on by default unless a hub or a resumable route exists
+    #: extended CONNECT streams; on by default unless a resumable route exists
     websocket: bool = True
 
 
@@ -1410,25 +1410,23 @@ def _http2(v: _Validator, data: dict[str, Any]) -> Http2Config:
 
 
 def _check_http2_websocket(v: _Validator, data: dict[str, Any], config: Config) -> Config:
-    """RFC 8441 cannot reach the hubs nor resumable sessions yet: refused with them, off by default then.
+    """RFC 8441 cannot reach resumable sessions yet: refused with them, and off by default then.
 
-    Once a connection advertises SETTINGS_ENABLE_CONNECT_PROTOCOL, Chromium and Firefox open
-    every WebSocket to that origin as an HTTP/2 stream, with no fallback to HTTP/1.1; a hub
-    takes over a whole connection and a resumable session is relayed message by message over
-    one, so their WebSockets would fail.
+    Once a connection advertises SETTINGS_ENABLE_CONNECT_PROTOCOL, browsers open every
+    WebSocket to that origin as an HTTP/2 stream; a resumable session is relayed message by
+    message over a connection of its own (transport/resume.py), which an h2 stream is not.
+    (Hub WebSockets are served on h2 streams: transport/http2_websocket.py.)
     """
-    blockers = []
-    if config.hubs:
-        blockers.append("[[hubs]] exist (a hub WebSocket needs a connection of its own)")
-    if config.websocket.resume_secret and any(route.resume for route in config.routes):
-        blockers.append("resumable sessions are on (websocket.resume_secret with a route whose resume = true)")
-    if not blockers or not config.http2.websocket:
+    if not (config.websocket.resume_secret and any(route.resume for route in config.routes)):
+        return config
+    if not config.http2.websocket:
         return config
     table = data.get("http2")
     if isinstance(table, dict) and table.get("websocket") is True:
-        v.error("http2.websocket", "WebSocket over HTTP/2 cannot be offered: " + "; ".join(blockers) + ". Browsers "
-                "would send those WebSockets over HTTP/2 too, where they are not served yet; set "
-                "http2.websocket = false (WebSockets then use HTTP/1.1 connections)")
+        v.error("http2.websocket", "WebSocket over HTTP/2 cannot be offered while resumable sessions are on "
+                "(websocket.resume_secret with a route whose resume = true): browsers would open those "
+                "WebSockets over HTTP/2 too, where they are not served yet; set http2.websocket = false "
+                "(WebSockets then use HTTP/1.1 connections), or resume = false on the routes")
     return dataclasses.replace(config, http2=dataclasses.replace(config.http2, websocket=False))
 
 

@@ -86,11 +86,13 @@ def open_websocket(conn: Http2Connection, stream_id: int, head) -> None:
     server = conn.server
     metrics = server.metrics
     metrics.http2_streams += 1
-    if server.hubs and (head.path in server.hubs or (
-            head.path.endswith(SSE_SUFFIX) and head.path[: -len(SSE_SUFFIX)] in server.hubs)):
-        # Only on a connection that advertised before a reload added hubs (config refuses both at once).
-        conn.h2.reset(stream_id, _HTTP_1_1_REQUIRED)
-        return
+    if server.hubs:
+        if head.path in server.hubs:
+            _open_hub(conn, stream_id, head, server.hubs[head.path])
+            return
+        if head.path.endswith(SSE_SUFFIX) and head.path[: -len(SSE_SUFFIX)] in server.hubs:
+            conn.h2.reset(stream_id, _HTTP_1_1_REQUIRED)  # an event stream is a GET, not a WebSocket
+            return
     request_id = "-"
     if server.config.http.request_id:
         request_id, outcome = http1.request_id(head, new_request_id)
@@ -117,18 +119,52 @@ def open_websocket(conn: Http2Connection, stream_id: int, head) -> None:
         metrics.limit_refused("forbidden_origin")
         refuse(403, "origin not allowed", "forbidden_origin")
         return
-    admitted = None
-    if server.admission is not None:
-        verdict = server.admission.admit(conn.client_ip, now)
-        if not verdict.admitted:
-            metrics.limit_refused(verdict.reason)
-            refuse(503, f"overloaded ({verdict.reason}), retry later", "overloaded",
-                   [(b"retry-after", retry_after_header(verdict.retry_after))])
-            return
-        admitted = conn.client_ip
+    admitted = _admit(conn, stream_id, head, now, refuse)
+    if admitted is False:
+        return
     ws = H2WebSocket(conn, stream_id, head, route, now, request_id, admitted)
     conn.streams[stream_id] = ws
     ws.exchange.task = server.loop.create_task(ws._connect_upstream())  # noqa: SLF001
+
+
+def _admit(conn: Http2Connection, stream_id: int, head, now: float, refuse) -> str | None | bool:
+    """Admission control for one WebSocket stream: the address it counts under, None (off), False (refused)."""
+    server = conn.server
+    if server.admission is None:
+        return None
+    verdict = server.admission.admit(conn.client_ip, now)
+    if not verdict.admitted:
+        server.metrics.limit_refused(verdict.reason)
+        refuse(503, f"overloaded ({verdict.reason}), retry later", "overloaded",
+               [(b"retry-after", retry_after_header(verdict.retry_after))])
+        return False
+    return conn.client_ip
+
+
+def _open_hub(conn: Http2Connection, stream_id: int, head, service) -> None:
+    """A hub's WebSocket on an h2 stream: the hub's own `HubConnection` over a `_StreamTransport`."""
+    from edgeproxy.transport.hub import HubConnection, connect_token
+
+    server = conn.server
+    now = server.now()
+
+    def refuse(status: int, message: str, reason: str, extra=()) -> None:
+        server.metrics.connection_refused(WEBSOCKET, reason)
+        conn._answer(stream_id, head, status, message, extra, request_done=False)  # noqa: SLF001
+
+    admitted = _admit(conn, stream_id, head, now, refuse)
+    if admitted is False:
+        return
+    stream = _HubStream(conn, stream_id)
+    conn.streams[stream_id] = stream
+    conn.h2.send_response(stream_id, 200, [])
+    stream.hub = hub = HubConnection(service, stream.transport, conn.client_ip, head, now, admitted)
+    server.metrics.http2_websockets += 1
+    server.metrics.http2_websockets_active += 1
+    hub.start(connect_token(head))
+    if server.draining and not hub.closed:  # its CONNECT was in flight when the drain began
+        hub.close_websocket(server.config.shutdown.close_code, "server shutting down")
+    conn.flush()
 
 
 class _StreamTransport:
@@ -142,7 +178,7 @@ class _StreamTransport:
 
     __slots__ = ("conn", "ws", "id", "end_sent", "remote_ended", "paused", "held_flow", "gone")
 
-    def __init__(self, conn: Http2Connection, ws: H2WebSocket, stream_id: int):
+    def __init__(self, conn: Http2Connection, ws: H2WebSocket | _HubStream, stream_id: int):
         self.conn = conn
         self.ws = ws
         self.id = stream_id
@@ -162,6 +198,9 @@ class _StreamTransport:
             if ws.upstream is not None:
                 ws.upstream.pause_reading()  # until core.Drained (Http2Connection resumes it)
         conn.flush()
+
+    def writelines(self, chunks) -> None:
+        self.write(b"".join(chunks))
 
     def is_closing(self) -> bool:
         return self.gone
@@ -219,6 +258,49 @@ class _StreamTransport:
             self.held_flow += flow
         elif not self.gone:
             self.conn.h2.ack(self.id, flow)
+
+
+class _HubStream:
+    """A hub WebSocket on an h2 stream, as `Http2Connection.streams` sees it; `hub` is its `HubConnection`.
+
+    The hub reads each message as it comes, so the client's DATA is acknowledged at once; toward
+    the client its fan-out drops a subscriber whose stream queue passes ``subscriber_buffer_limit``
+    (it resumes), as it drops one whose socket buffer does on HTTP/1.1.
+    """
+
+    __slots__ = ("transport", "hub", "window_paused", "_lost")
+
+    websocket = True
+    task = None
+    sse = None
+    upstream = None
+
+    def __init__(self, conn: Http2Connection, stream_id: int):
+        self.transport = _StreamTransport(conn, self, stream_id)
+        self.hub = None
+        self.window_paused = False
+        self._lost = False
+
+    def client_data(self, data: bytes, flow: int) -> None:
+        self.hub.data_received(data)
+        self.transport.take(flow)
+        self.transport.conn.flush()
+
+    def client_ended(self) -> None:
+        self.transport.remote_ended = True
+        if not self.hub.closed:  # its close frame (answered) may have come with it
+            self.hub.eof_received()
+
+    def stream_lost(self) -> None:
+        if not self._lost:
+            self._lost = True
+            self.transport.gone = True
+            self.transport.conn.server.metrics.http2_websockets_active -= 1
+            self.hub.connection_lost(None)
+
+    def shutdown(self) -> None:
+        if not self.hub.closed:
+            self.hub.close(self.transport.conn.server.config.shutdown.close_code, "proxy shutting down")
 
 
 class H2WebSocket(ClientConnection):

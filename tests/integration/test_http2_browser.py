@@ -79,6 +79,20 @@ async def test_chromium_runs_ten_event_streams_on_one_h2_connection(proxy, certs
         await runner.cleanup()
 
 
+async def page_results(chromium: str, port: int, ready: str, *expressions: str) -> list:
+    """Load the proxy's page in headless Chromium; once ``ready`` holds, the values of ``expressions``."""
+    async with async_playwright() as pw:
+        # the test CA is not in Chromium's store: accept the proxy's certificate for this run
+        browser = await pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--ignore-certificate-errors"])
+        try:
+            page = await browser.new_page(ignore_https_errors=True)
+            await page.goto(f"https://localhost:{port}/")
+            await page.wait_for_function(ready, timeout=15000)
+            return [await page.evaluate(expression) for expression in expressions]
+        finally:
+            await browser.close()
+
+
 WS_PAGE = b"""<!doctype html><meta charset="utf-8"><title>websocket over h2</title>
 <script>
 window.msgs = [];
@@ -127,17 +141,8 @@ async def test_chromium_opens_its_websocket_as_a_stream_of_the_pages_h2_connecti
     try:
         leaf = certs.leaf("default", ["DNS:localhost", "IP:127.0.0.1"])
         p = await proxy(port, listeners=[{"bind": f"{HOST}:0", "tls_cert": leaf.cert, "tls_key": leaf.key}])
-        async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=chromium,
-                                               args=["--no-sandbox", "--ignore-certificate-errors"])
-            try:
-                page = await browser.new_page(ignore_https_errors=True)
-                await page.goto(f"https://localhost:{p.port}/")
-                await page.wait_for_function("window.wsClosed !== undefined", timeout=15000)
-                msgs = await page.evaluate("window.msgs")
-                closed = await page.evaluate("[window.wsClosed, window.protocol]")
-            finally:
-                await browser.close()
+        msgs, closed = await page_results(chromium, p.port, "window.wsClosed !== undefined",
+                                          "window.msgs", "[window.wsClosed, window.protocol]")
         assert msgs == ["hello 0", "hello 1", "hello 2", "binary 70000"]
         assert closed == [1000, "chat.v1"]
         metrics = p.server.metrics
@@ -147,5 +152,40 @@ async def test_chromium_opens_its_websocket_as_a_stream_of_the_pages_h2_connecti
         assert metrics.opened_total("websocket") == 1
         (headers,) = seen
         assert headers["X-Forwarded-Proto"] == "https" and headers["Sec-WebSocket-Version"] == "13"
+    finally:
+        await runner.cleanup()
+
+
+HUB_PAGE = b"""<!doctype html><meta charset="utf-8"><title>hub over h2</title>
+<script>
+window.msgs = [];
+const ws = new WebSocket('wss://' + location.host + '/hub');
+ws.onopen = () => ws.send(JSON.stringify({op: 'subscribe', channel: 'news'}));
+ws.onmessage = (e) => window.msgs.push(JSON.parse(e.data).op);
+</script>"""
+
+
+async def test_chromium_reaches_a_hub_over_an_h2_stream(proxy, certs, external_tool) -> None:
+    """A hub's WebSocket too comes as an extended CONNECT once the connection advertised it."""
+    chromium = external_tool("chromium", "chromium")
+
+    async def page(request):
+        return web.Response(body=HUB_PAGE, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, HOST, 0).start()
+    try:
+        leaf = certs.leaf("default", ["DNS:localhost", "IP:127.0.0.1"])
+        p = await proxy(runner.addresses[0][1], listeners=[{"bind": f"{HOST}:0", "tls_cert": leaf.cert,
+                                                           "tls_key": leaf.key}],
+                        hubs=[{"path": "/hub", "ping_interval": 0}])
+        (msgs,) = await page_results(chromium, p.port, "window.msgs.length === 2", "window.msgs")
+        assert msgs == ["connected", "subscribed"]
+        metrics = p.server.metrics
+        assert metrics.http2_websockets == 1, "Chromium did not open the hub's WebSocket over HTTP/2"
+        assert metrics.http2_connections == 1
     finally:
         await runner.cleanup()

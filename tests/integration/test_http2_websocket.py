@@ -603,22 +603,71 @@ async def test_rebalancing_closes_the_h2_websockets_of_a_drained_server(ws_backe
 # -- configuration -------------------------------------------------------------------------
 
 
-def test_config_refuses_websocket_over_h2_with_hubs_and_defaults_it_off():
+def test_config_refuses_websocket_over_h2_with_resumable_sessions_and_defaults_it_off():
     from edgeproxy.config import parse_config
     from edgeproxy.errors import ConfigError
 
-    base = '[[listeners]]\nbind = "127.0.0.1:0"\nhttp2 = true\n[[hubs]]\npath = "/hub"\n'
-    assert parse_config(base).http2.websocket is False  # a hub WebSocket would be opened over h2 by browsers
-    with pytest.raises(ConfigError) as info:
-        parse_config(base + "[http2]\nwebsocket = true\n")
-    assert "http2.websocket" in str(info.value) and "hubs" in str(info.value)
     plain = ('[[listeners]]\nbind = "127.0.0.1:0"\n[[upstreams]]\nname = "a"\nservers = ["127.0.0.1:1"]\n'
              '[[routes]]\nupstream = "a"\n')
     assert parse_config(plain).http2.websocket is True
     assert parse_config(plain + "[http2]\nwebsocket = false\n").http2.websocket is False
     with pytest.raises(ConfigError, match="http2.websocket"):
         parse_config(plain + '[http2]\nwebsocket = "yes"\n')
-    resumable = plain + '[websocket]\nresume_secret = "' + "k" * 32 + '"\n'
-    assert parse_config(resumable).http2.websocket is False
+    hub_only = '[[listeners]]\nbind = "127.0.0.1:0"\n[[hubs]]\npath = "/hub"\n'
+    assert parse_config(hub_only + "[http2]\nwebsocket = true\n").http2.websocket is True  # hubs serve h2 streams
+    secret = '[websocket]\nresume_secret = "' + "k" * 32 + '"\n'
+    # a browser that saw the setting would send the resumable WebSockets over h2, where they are not served
+    assert parse_config(plain + secret).http2.websocket is False
     with pytest.raises(ConfigError, match="resumable"):
-        parse_config(resumable + "[http2]\nwebsocket = true\n")
+        parse_config(plain + secret + "[http2]\nwebsocket = true\n")
+    not_resumed = plain.replace('upstream = "a"\n', 'upstream = "a"\nresume = false\n')
+    assert parse_config(not_resumed + secret + "[http2]\nwebsocket = true\n").http2.websocket is True
+
+
+# -- hubs -----------------------------------------------------------------------------------
+
+
+async def test_a_hub_websocket_on_an_h2_stream(proxy, refused_port):
+    import json
+
+    import aiohttp
+    api_key = "test-api-key-0123456789"
+    p = await proxy(refused_port, listeners=H2C, hubs=[{"path": "/hub", "ping_interval": 0}],
+                    admin={"bind": f"{HOST}:0", "api_key": api_key},
+                    shutdown={"drain_timeout": 4, "readiness_grace": 0, "drain_policy": "immediate"})
+    client = await H2WS.open(p.port)
+    try:
+        assert client.connect_protocol == 1
+        subs = [await client.websocket("/hub") for _ in range(3)]
+        for sub in subs:
+            assert sub.status == 200
+            opcode, payload = await sub.recv_data()
+            assert opcode == TEXT and json.loads(payload)["op"] == "connected"
+            sub.send(TEXT, b'{"op":"subscribe","channel":"news"}')
+            opcode, payload = await sub.recv_data()
+            assert json.loads(payload)["op"] == "subscribed"
+        host, port = p.server.admin.address
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://{host}:{port}/v1/publish", json={"channel": "news", "data": {"n": 1}},
+                                 headers={"Authorization": f"Bearer {api_key}"}) as response:
+                assert response.status == 200
+        for sub in subs:
+            opcode, payload = await sub.recv_data()
+            message = json.loads(payload)
+            assert (message["op"], message["data"]) == ("pub", {"n": 1})
+        metrics = p.server.metrics
+        assert metrics.http2_websockets == 3 and metrics.http2_websockets_active == 3
+        assert len(p.server.hubs["/hub"].connections) == 3
+        assert await _closed_by_client(subs[0], 1000, end=True) == 1000
+        assert await _eventually(lambda: len(p.server.hubs["/hub"].connections) == 2
+                                 and metrics.http2_websockets_active == 2)
+        drain = asyncio.get_running_loop().create_task(p.server.drain_and_stop())
+        for sub in subs[1:]:
+            opcode, payload = await sub.recv_data()
+            assert opcode == CLOSE and close_code(payload) == 1001
+            sub.send(CLOSE, payload[:2])
+        await asyncio.wait_for(drain, 10)
+        assert client.goaway is not None
+        assert metrics.http2_websockets_active == 0
+    finally:
+        await client.close()
