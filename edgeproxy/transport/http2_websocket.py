@@ -76,7 +76,6 @@ __all__ = ["H2WebSocket", "open_websocket"]
 
 log = logging.getLogger("edgeproxy")
 
-_NO_ERROR = 0x0
 _CANCEL = 0x8
 _HTTP_1_1_REQUIRED = 0xD
 
@@ -119,7 +118,7 @@ def open_websocket(conn: Http2Connection, stream_id: int, head) -> None:
         metrics.limit_refused("forbidden_origin")
         refuse(403, "origin not allowed", "forbidden_origin")
         return
-    admitted = _admit(conn, stream_id, head, now, refuse)
+    admitted = _admit(conn, now, refuse)
     if admitted is False:
         return
     ws = H2WebSocket(conn, stream_id, head, route, now, request_id, admitted)
@@ -127,7 +126,7 @@ def open_websocket(conn: Http2Connection, stream_id: int, head) -> None:
     ws.exchange.task = server.loop.create_task(ws._connect_upstream())  # noqa: SLF001
 
 
-def _admit(conn: Http2Connection, stream_id: int, head, now: float, refuse) -> str | None | bool:
+def _admit(conn: Http2Connection, now: float, refuse) -> str | None | bool:
     """Admission control for one WebSocket stream: the address it counts under, None (off), False (refused)."""
     server = conn.server
     if server.admission is None:
@@ -152,7 +151,7 @@ def _open_hub(conn: Http2Connection, stream_id: int, head, service) -> None:
         server.metrics.connection_refused(WEBSOCKET, reason)
         conn._answer(stream_id, head, status, message, extra, request_done=False)  # noqa: SLF001
 
-    admitted = _admit(conn, stream_id, head, now, refuse)
+    admitted = _admit(conn, now, refuse)
     if admitted is False:
         return
     stream = _HubStream(conn, stream_id)

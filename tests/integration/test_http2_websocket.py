@@ -343,6 +343,22 @@ async def test_refusals_are_clear(ws_backend, proxy):
         await client.close()
 
 
+async def test_each_websocket_stream_counts_as_a_connection_for_admission(ws_backend, proxy):
+    p = await proxy(ws_backend, listeners=H2C, limits={"max_connections_per_ip": 2})
+    client = await H2WS.open(p.port)  # the connection itself holds one slot
+    try:
+        first = await client.websocket("/echo")
+        assert first.status == 200
+        second = await client.websocket("/echo")
+        assert second.status == 503 and b"retry-after" in second.headers
+        assert await _closed_by_client(first) == 1000
+        assert await _eventually(lambda: p.server.metrics.http2_websockets_active == 0)
+        third = await client.websocket("/echo")  # the slot came back with the first one's end
+        assert third.status == 200
+    finally:
+        await client.close()
+
+
 async def test_an_upstream_refusal_reaches_the_client(ws_backend, proxy, refused_port):
     p = await proxy(ws_backend, listeners=H2C,
                     upstreams=[{"name": "app", "servers": [f"{HOST}:{ws_backend.port}"]},
@@ -435,6 +451,22 @@ async def test_heartbeat_pings_reach_the_h2_client_and_its_pongs_count(ws_backen
         before = p.server.metrics.snapshot()
         stream.send(PONG, payload)
         assert await _eventually(lambda: _rtt_count(p) >= 1), (before, p.server.metrics.snapshot())
+    finally:
+        await client.close()
+
+
+async def test_idle_timeout_closes_an_h2_websocket_1001(ws_backend, proxy):
+    p = await proxy(ws_backend, listeners=H2C, websocket={"idle_timeout": 0.3})
+    client = await H2WS.open(p.port)
+    try:
+        stream = await client.websocket("/silent")
+        opcode, payload = await stream.recv_data()
+        assert opcode == CLOSE and close_code(payload) == 1001 and b"idle" in payload
+        stream.send(CLOSE, payload[:2])
+        await stream.until(lambda: stream.ended or stream.reset is not None)
+        (rec,) = await ws_backend.wait_records(1)
+        await ws_backend.wait_done(rec)
+        assert rec.close_code == 1001
     finally:
         await client.close()
 
