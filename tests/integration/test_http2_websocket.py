@@ -123,10 +123,10 @@ class Stream:
         await asyncio.wait_for(wait(), timeout)
 
     def ack(self) -> None:
-        """Open the windows for what was held (see `H2WS.hold`)."""
+        """Open the stream's window for what was held (see `H2WS.hold`)."""
         n, self.unacked = self.unacked, 0
         if n:
-            self.client.h2.acknowledge_received_data(n, self.id)
+            self.client.h2.increment_flow_control_window(n, stream_id=self.id)
             self.client.flush()
 
 
@@ -228,8 +228,10 @@ class H2WS:
             stream.headers = dict(event.headers)
         elif isinstance(event, h2.events.DataReceived):
             stream.data += event.data
-            if event.stream_id in self.hold:
+            if event.stream_id in self.hold:  # the stream's window shuts, not the connection's
                 stream.unacked += event.flow_controlled_length
+                if event.flow_controlled_length:
+                    self.h2.increment_flow_control_window(event.flow_controlled_length)
             else:
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             if stream.headers is not None and stream.status == 200 and stream.headers.get(b"content-type") is None:
@@ -701,5 +703,38 @@ async def test_a_hub_websocket_on_an_h2_stream(proxy, refused_port):
         await asyncio.wait_for(drain, 10)
         assert client.goaway is not None
         assert metrics.http2_websockets_active == 0
+    finally:
+        await client.close()
+
+
+async def test_a_hub_subscriber_whose_h2_window_is_shut_is_dropped_not_buffered(proxy, refused_port):
+    import aiohttp
+    api_key = "test-api-key-0123456789"
+    p = await proxy(refused_port, listeners=H2C, limits={"buffer_high_water": 65536},
+                    hubs=[{"path": "/hub", "ping_interval": 0, "subscriber_buffer_limit": 65536}],
+                    admin={"bind": f"{HOST}:0", "api_key": api_key})
+    client = await H2WS.open(p.port)
+    try:
+        slow, fast = await client.websocket("/hub"), await client.websocket("/hub")
+        for sub in (slow, fast):
+            await sub.recv_data()  # connected
+            sub.send(TEXT, b'{"op":"subscribe","channel":"news"}')
+            await sub.recv_data()  # subscribed
+        client.hold.add(slow.id)  # reads nothing more: its 64 KiB stream window shuts
+        host, port = p.server.admin.address
+        payload = "y" * 20000
+        async with aiohttp.ClientSession() as http:
+            for n in range(20):  # 400 kB to each subscriber
+                async with http.post(f"http://{host}:{port}/v1/publish", json={"channel": "news", "data": payload},
+                                     headers={"Authorization": f"Bearer {api_key}"}) as response:
+                    assert response.status == 200
+                opcode, _ = await fast.recv_data()
+                assert opcode == TEXT
+        assert p.server.metrics.fanout_subscribers_dropped == 1  # the slow one, told to resume
+        hub = p.server.hubs["/hub"]
+        assert await _eventually(lambda: len(hub.connections) == 1)
+        (ws,) = [s for s in p.server.connections if hasattr(s, "streams") for s in s.streams.values()
+                 if getattr(s, "hub", None) is not None]
+        assert ws.transport.id == fast.id
     finally:
         await client.close()
