@@ -83,6 +83,7 @@ Value rules (see ``config.example.toml`` for every option with its default):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import difflib
 import hashlib
@@ -309,6 +310,9 @@ class Http2Config:
     flood_window: float = 10.0
     max_resets: int = 200
     max_control_frames: int = 1000
+    #: WebSocket over HTTP/2 (RFC 8441): advertise SETTINGS_ENABLE_CONNECT_PROTOCOL and relay
+    #: extended CONNECT streams; on by default unless a resumable route exists
+    websocket: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -820,7 +824,7 @@ _RATE_LIMIT_KEYS = ("rate", "burst")
 _HTTP_KEYS = ("header_timeout", "keepalive_timeout", "max_header_size", "max_body_size", "body_timeout", "request_id")
 _HTTP2_KEYS = (
     "max_concurrent_streams", "initial_window_size", "connection_window_size", "max_header_list_size",
-    "flood_window", "max_resets", "max_control_frames",
+    "flood_window", "max_resets", "max_control_frames", "websocket",
 )
 #: RFC 9113 section 6.5.2: a flow-control window is at most 2^31 - 1
 _MAX_WINDOW = 2**31 - 1
@@ -1399,9 +1403,31 @@ def _http2(v: _Validator, data: dict[str, Any]) -> Http2Config:
             flood_window=v.number(t, "http2", "flood_window", 10.0, above=0, what="a number of seconds"),
             max_resets=v.integer(t, "http2", "max_resets", 200, 1, "a number of stream resets"),
             max_control_frames=v.integer(t, "http2", "max_control_frames", 1000, 1, "a number of frames"),
+            websocket=v.boolean(t, "http2", "websocket", True),
         )
 
     return _section(v, data, "http2", _HTTP2_KEYS, build)
+
+
+def _check_http2_websocket(v: _Validator, data: dict[str, Any], config: Config) -> Config:
+    """RFC 8441 cannot reach resumable sessions yet: refused with them, and off by default then.
+
+    Once a connection advertises SETTINGS_ENABLE_CONNECT_PROTOCOL, browsers open every
+    WebSocket to that origin as an HTTP/2 stream; a resumable session is relayed message by
+    message over a connection of its own (transport/resume.py), which an h2 stream is not.
+    (Hub WebSockets are served on h2 streams: transport/http2_websocket.py.)
+    """
+    if not (config.websocket.resume_secret and any(route.resume for route in config.routes)):
+        return config
+    if not config.http2.websocket:
+        return config
+    table = data.get("http2")
+    if isinstance(table, dict) and table.get("websocket") is True:
+        v.error("http2.websocket", "WebSocket over HTTP/2 cannot be offered while resumable sessions are on "
+                "(websocket.resume_secret with a route whose resume = true): browsers would open those "
+                "WebSockets over HTTP/2 too, where they are not served yet; set http2.websocket = false "
+                "(WebSockets then use HTTP/1.1 connections), or resume = false on the routes")
+    return dataclasses.replace(config, http2=dataclasses.replace(config.http2, websocket=False))
 
 
 def _websocket(v: _Validator, data: dict[str, Any]) -> WebSocketConfig:
@@ -1818,6 +1844,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     )
     _check_hubs_reach_every_worker(v, data, config)
     _check_rate_limits_per_process(v, data, config)
+    config = _check_http2_websocket(v, data, config)
     if v.problems:
         raise ConfigError(v.problems)
     return config

@@ -253,6 +253,10 @@ class Metrics:
         #: HTTP/2 client connections (also counted as "http" connections) and their streams
         self.http2_connections = 0
         self.http2_streams = 0
+        #: WebSocket sessions opened on HTTP/2 streams (RFC 8441), and those open now; they
+        #: are protocol="websocket" in the connection signals too
+        self.http2_websockets = 0
+        self.http2_websockets_active = 0
         #: HTTP2_ERRORS reason -> connections the proxy ended with an error GOAWAY
         self.http2_errors: dict[str, int] = dict.fromkeys(HTTP2_ERRORS, 0)
         self.registry = CollectorRegistry(auto_describe=False)
@@ -615,6 +619,12 @@ class _Collector:
         yield CounterMetricFamily("edgeproxy_http2_connections", "Client connections that spoke HTTP/2 (h2 or h2c)",
                                   value=m.http2_connections)
         yield CounterMetricFamily("edgeproxy_http2_streams", "HTTP/2 request streams served", value=m.http2_streams)
+        yield CounterMetricFamily(
+            "edgeproxy_http2_websockets",
+            "WebSocket sessions opened on HTTP/2 streams (RFC 8441), also counted as protocol=\"websocket\"",
+            value=m.http2_websockets)
+        yield GaugeMetricFamily("edgeproxy_http2_websockets_active", "WebSocket sessions open on HTTP/2 streams now",
+                                value=m.http2_websockets_active)
         errors = CounterMetricFamily(
             "edgeproxy_http2_connection_errors",
             "HTTP/2 connections the proxy ended with an error GOAWAY, by reason (floods, rapid reset, bad frames)",

@@ -32,6 +32,14 @@ one HTTP/1.1 request upstream.
   metrics.  HPACK bombs stop at ``max_header_list_size`` in h2's decoder
   (GOAWAY ENHANCE_YOUR_CALM); more than ``max_concurrent_streams`` is h2's
   PROTOCOL_ERROR.
+* **WebSocket over HTTP/2** (RFC 8441), when ``websocket`` is on: our SETTINGS
+  carry ``SETTINGS_ENABLE_CONNECT_PROTOCOL = 1`` and an extended CONNECT with
+  ``:protocol = websocket`` (``:scheme``, ``:path`` and ``:authority`` present,
+  ``sec-websocket-version: 13``) becomes a `WebSocketRequest` whose head is the
+  HTTP/1.1 upgrade the transport sends upstream (`transport/http2_websocket.py`);
+  any other ``:protocol``, or any extended CONNECT while it is off, is a 501.
+  Such a stream stays `open` after our END_STREAM (`half_close`): the client's
+  answering close frame still comes.
 * **Graceful shutdown** (`goaway`): a GOAWAY NO_ERROR naming the last stream
   taken; streams the client opens after it are refused (RST_STREAM
   REFUSED_STREAM) while those in flight finish.  h2's own `close_connection`
@@ -51,6 +59,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
+from edgeproxy.core import http1
 from edgeproxy.core.http1 import REASONS, Headers, RequestHead, _split_host, strip_hop_by_hop, valid_host
 
 #: the client connection preface (RFC 9113 section 3.4)
@@ -84,6 +93,14 @@ class Request:
     stream_id: int
     head: RequestHead
     ended: bool
+
+
+@dataclass(slots=True)
+class WebSocketRequest:
+    """An RFC 8441 extended CONNECT for a WebSocket: ``head`` is the upgrade to send upstream (no key yet)."""
+
+    stream_id: int
+    head: RequestHead
 
 
 @dataclass(slots=True)
@@ -237,6 +254,7 @@ class ServerConnection:
         max_concurrent_streams, initial_window_size, max_header_list_size: our SETTINGS.
         connection_window_size: the connection's receive window (raised from 65535 at start).
         stream_buffer: queued response bytes per stream past which `send_data` says "stop reading".
+        websocket: advertise SETTINGS_ENABLE_CONNECT_PROTOCOL and take RFC 8441 WebSockets.
         flood_window, max_resets, max_control_frames: the abuse budgets.
         now: the time, for the budgets' first window.
     """
@@ -244,7 +262,7 @@ class ServerConnection:
     def __init__(self, *, max_concurrent_streams: int = 100, initial_window_size: int = 65535,
                  connection_window_size: int = 1048576, max_header_list_size: int = 32768,
                  stream_buffer: int = 262144, flood_window: float = 10.0, max_resets: int = 200,
-                 max_control_frames: int = 1000, now: float = 0.0):
+                 max_control_frames: int = 1000, websocket: bool = False, now: float = 0.0):
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
                                            validate_inbound_headers=True, normalize_inbound_headers=True)
         self._h2 = conn = h2.connection.H2Connection(config)
@@ -252,7 +270,9 @@ class ServerConnection:
             SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
             SettingCodes.INITIAL_WINDOW_SIZE: initial_window_size,
             SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+            **({SettingCodes.ENABLE_CONNECT_PROTOCOL: 1} if websocket else {}),
         })
+        self.websocket = websocket
         # h2 applies these when they are acknowledged; they are in force from our first SETTINGS
         conn.decoder.max_header_list_size = max_header_list_size
         conn._inbound_flow_control_window_manager.max_window_size = initial_window_size  # noqa: SLF001
@@ -321,11 +341,13 @@ class ServerConnection:
             self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY: not served
             return
         self.open.add(stream_id)
-        head = _request_head(event.headers, ended)
+        head = _request_head(event.headers, ended, self.websocket)
         if isinstance(head, Refused):
             head.stream_id = stream_id
             head.ended = ended
             events.append(head)
+        elif head.websocket:
+            events.append(WebSocketRequest(stream_id, head))
         else:
             events.append(Request(stream_id, head, ended))
         # (h2 follows with the StreamEnded of a request without body)
@@ -377,6 +399,21 @@ class ServerConnection:
             self._reset_when_sent.add(stream_id)
         self.send_response(stream_id, status, headers)
         self.send_data(stream_id, b"" if head_request else body, end=True)
+
+    def half_close(self, stream_id: int) -> None:
+        """END_STREAM after the queued bytes, the stream staying `open`: a WebSocket's client may still send."""
+        out = self._out.get(stream_id)
+        if out is None:
+            out = self._out[stream_id] = _Outbound()
+        out.end = True
+        self._send_queued(stream_id, out)
+
+    def reset_when_sent(self, stream_id: int) -> None:
+        """RST_STREAM NO_ERROR once the queued bytes and END_STREAM are out (now, if they are)."""
+        if stream_id in self._out:
+            self._reset_when_sent.add(stream_id)
+        else:
+            self.reset(stream_id, ErrorCodes.NO_ERROR)
 
     def buffered(self, stream_id: int) -> int:
         out = self._out.get(stream_id)
@@ -487,9 +524,12 @@ def _reason_of(exc: Exception) -> str:
     return PROTOCOL_ERROR
 
 
-def _request_head(fields, ended: bool) -> RequestHead | Refused:
-    """RFC 9113 section 8.3.1: the pseudo-headers and fields as an HTTP/1.1 request head."""
-    method = path = authority = None
+def _request_head(fields, ended: bool, websocket: bool = False) -> RequestHead | Refused:
+    """RFC 9113 section 8.3.1: the pseudo-headers and fields as an HTTP/1.1 request head.
+
+    An RFC 8441 WebSocket (``websocket`` on) gives the head of a GET upgrade (``websocket`` set).
+    """
+    method = path = authority = protocol = None
     host = None
     cookies: list[bytes] = []
     headers: Headers = []
@@ -502,14 +542,24 @@ def _request_head(fields, ended: bool) -> RequestHead | Refused:
             elif name == b":authority":
                 authority = value
             elif name == b":protocol":
-                return Refused(0, 501, "extended CONNECT is not supported")
+                protocol = value
         elif name == b"cookie":
             cookies.append(value)
         elif name == b"host":
             host = value
         else:
             headers.append((name, value))
-    if method == b"CONNECT":
+    if protocol is not None:
+        if not websocket:
+            return Refused(0, 501, "extended CONNECT is not supported here")
+        if protocol.lower() != b"websocket":
+            return Refused(0, 501, f"extended CONNECT for protocol {protocol.decode('latin-1')!r} is not supported "
+                                   "(only websocket)")
+        # RFC 8441 section 5: Sec-WebSocket-Key and -Accept are not used; the proxy makes its own upstream
+        headers = [(name, value) for name, value in headers if name != b"sec-websocket-key"]
+        if (http1.header_value(headers, b"sec-websocket-version") or b"").strip() != b"13":
+            return Refused(0, 400, "unsupported or missing sec-websocket-version (13 is supported)")
+    elif method == b"CONNECT":
         return Refused(0, 501, "CONNECT is not supported")
     if authority is None:  # (h2 refused a Host that differs from :authority)
         authority = host
@@ -517,6 +567,8 @@ def _request_head(fields, ended: bool) -> RequestHead | Refused:
         return Refused(0, 400, f"invalid or missing :authority: {authority!r}")
     if path is None or not (path[:1] == b"/" or (path == b"*" and method == b"OPTIONS")):
         return Refused(0, 400, f"invalid :path: {path!r}")
+    if protocol is not None:
+        method = b"GET"  # what the upstream's HTTP/1.1 upgrade is
     headers.insert(0, (b"host", authority))
     if cookies:
         headers.append((b"cookie", b"; ".join(cookies)))  # RFC 9113 section 8.2.3
@@ -527,11 +579,12 @@ def _request_head(fields, ended: bool) -> RequestHead | Refused:
         headers=headers,
         host=_split_host(authority),
         path=path.split(b"?", 1)[0].decode("latin-1"),
-        has_body=not ended,
+        has_body=not ended and protocol is None,
+        websocket=protocol is not None,
     )
 
 
 __all__ = [
     "CLIENT_GOAWAY", "Data", "Drained", "ERROR_REASONS", "PREFACE", "REASONS", "Refused", "Request", "RequestEnded",
-    "Reset", "ServerConnection", "Terminated",
+    "Reset", "ServerConnection", "Terminated", "WebSocketRequest",
 ]

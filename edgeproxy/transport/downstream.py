@@ -880,35 +880,8 @@ class ClientConnection(asyncio.Protocol):
         self._ws_group = exchange.group
         exchange.group.session_opened(conn.server, self)
         self._write(self.http.send_switching_protocols(head.reason or b"Switching Protocols", headers))
-        cfg = self.server.config.websocket
         now = self.server.now()
-        self.relay = relay = WebSocketRelay(
-            max_message_size=cfg.max_message_size,
-            # up to 10% shorter, drawn once: idle sessions opened together do not all end together
-            idle_timeout=cfg.idle_timeout * (1.0 - 0.1 * self.server.rng.random()),
-            close_timeout=cfg.close_timeout,
-            mask_key_source=_mask_key,
-            now=now,
-            max_frame_size=cfg.max_frame_size,
-            rules=frame_rules(cfg.strict, http1.header_value(head.headers, b"sec-websocket-extensions")),
-            drain_grace=DRAIN_GRACE_SECONDS,
-        )
-        if SessionMeters.wanted(cfg):
-            self._meters = SessionMeters(cfg, now)
-        self._log_http(exchange.head, 101, 0, now, conn, event="ws_open")
-        metrics = self.server.metrics
-        metrics.connection_closed(self._metrics_key, now - self._opened_at)  # its HTTP life ends here
-        route = exchange.route
-        self._metrics_key = metrics.connection_opened(
-            WEBSOCKET, route_label(route.host, route.path_prefix), route.upstream, str(conn.server)
-        )
-        self.upstream = conn
-        conn.websocket = True
-        self.exchange = None
-        self._deadline = 0.0
-        self._ws_started = now
-        self._ws_route = exchange.route.upstream
-        self._ws_target = exchange.head.target
+        relay = self._begin_relay(exchange, conn, head, now)
         client_early = self.http.switched_trailing_data()
         upstream_early = conn.http.trailing_data()
         # Neither side speaks HTTP again: let the parsers' state go (an idle
@@ -932,6 +905,40 @@ class ClientConnection(asyncio.Protocol):
         if server.draining:
             # Opened while the proxy drains (its upgrade was in flight): send it away at once.
             self.close_websocket(server.config.shutdown.close_code, "server shutting down")
+
+    def _begin_relay(self, exchange: _Exchange, conn: UpstreamConnection, head: ResponseHead,
+                     now: float) -> WebSocketRelay:
+        """The session's relay, meters and signals (the HTTP/1.1 101 and the HTTP/2 200 alike)."""
+        cfg = self.server.config.websocket
+        self.relay = relay = WebSocketRelay(
+            max_message_size=cfg.max_message_size,
+            # up to 10% shorter, drawn once: idle sessions opened together do not all end together
+            idle_timeout=cfg.idle_timeout * (1.0 - 0.1 * self.server.rng.random()),
+            close_timeout=cfg.close_timeout,
+            mask_key_source=_mask_key,
+            now=now,
+            max_frame_size=cfg.max_frame_size,
+            rules=frame_rules(cfg.strict, http1.header_value(head.headers, b"sec-websocket-extensions")),
+            drain_grace=DRAIN_GRACE_SECONDS,
+        )
+        if SessionMeters.wanted(cfg):
+            self._meters = SessionMeters(cfg, now)
+        self._log_http(exchange.head, 101, 0, now, conn, event="ws_open")
+        metrics = self.server.metrics
+        if self._metrics_key is not None:
+            metrics.connection_closed(self._metrics_key, now - self._opened_at)  # its HTTP life ends here
+        route = exchange.route
+        self._metrics_key = metrics.connection_opened(
+            WEBSOCKET, route_label(route.host, route.path_prefix), route.upstream, str(conn.server)
+        )
+        self.upstream = conn
+        conn.websocket = True
+        self.exchange = None
+        self._deadline = 0.0
+        self._ws_started = now
+        self._ws_route = exchange.route.upstream
+        self._ws_target = exchange.head.target
+        return relay
 
     def register_heartbeats(self, now: float) -> None:
         """Put this session on the heartbeat trackers (at its start, or after a reload rebuilt them)."""

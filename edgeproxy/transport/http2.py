@@ -69,6 +69,9 @@ class _Stream(UpstreamRequest):
 
     __slots__ = ("conn", "id", "pending_flow", "held_flow", "holding", "window_paused", "request_id")
 
+    #: an RFC 8441 WebSocket stream (`http2_websocket.H2WebSocket`) says True
+    websocket = False
+
     def __init__(self, conn: Http2Connection, stream_id: int, head, route, group, started: float):
         super().__init__(head, route, group, started)
         self.conn = conn
@@ -150,7 +153,7 @@ class Http2Connection(asyncio.Protocol):
             max_concurrent_streams=cfg.max_concurrent_streams, initial_window_size=cfg.initial_window_size,
             connection_window_size=cfg.connection_window_size, max_header_list_size=cfg.max_header_list_size,
             stream_buffer=server.config.limits.buffer_high_water, flood_window=cfg.flood_window,
-            max_resets=cfg.max_resets, max_control_frames=cfg.max_control_frames, now=now,
+            max_resets=cfg.max_resets, max_control_frames=cfg.max_control_frames, websocket=cfg.websocket, now=now,
         )
         self._deadline = now + server.config.http.keepalive_timeout
         transport.set_protocol(self)
@@ -182,6 +185,9 @@ class Http2Connection(asyncio.Protocol):
                 if stream is not None:
                     stream.window_paused = False
                     self._resume_upstream(stream)
+            elif kind is core.WebSocketRequest:
+                from edgeproxy.transport.http2_websocket import open_websocket  # (it imports this module)
+                open_websocket(self, event.stream_id, event.head)
             elif kind is core.Refused:
                 self._answer(event.stream_id, None, event.status, event.message, request_done=event.ended)
             elif kind is core.Terminated:
@@ -247,6 +253,8 @@ class Http2Connection(asyncio.Protocol):
         stream = self.streams.pop(stream_id, None)
         if stream is None:
             return
+        if stream.websocket:
+            stream.stream_lost()  # its upstream hears of it (transport/http2_websocket.py)
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
         if stream.sse is not None:
@@ -329,6 +337,9 @@ class Http2Connection(asyncio.Protocol):
         if stream is None:
             self.h2.ack(event.stream_id, event.flow)
             return
+        if stream.websocket:
+            stream.client_data(event.data, event.flow)
+            return
         stream.body_bytes += len(event.data)
         if stream.max_body and stream.body_bytes > stream.max_body:
             # Not one byte past the limit goes upstream; the upstream request is reset (never complete).
@@ -363,6 +374,9 @@ class Http2Connection(asyncio.Protocol):
     def _on_request_end(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
         if stream is None:
+            return
+        if stream.websocket:
+            stream.client_ended()
             return
         stream.request_done = True
         stream.body_deadline = 0.0
@@ -554,6 +568,8 @@ class Http2Connection(asyncio.Protocol):
             return
         body_timeout = self.server.config.http.body_timeout
         for stream in list(self.streams.values()):
+            if stream.websocket:
+                continue  # on the timer wheel itself
             if stream.body_deadline:
                 if stream.holding or stream.upstream is None:
                     stream.body_deadline = now + body_timeout  # the proxy is not reading: not the client's time
@@ -589,6 +605,8 @@ class Http2Connection(asyncio.Protocol):
     def shutdown(self) -> None:
         """Close now (the drain deadline): the streams left are cut."""
         for stream_id in list(self.streams):
+            if self.streams[stream_id].websocket:
+                self.streams[stream_id].shutdown()  # a close frame before the reset
             self.h2.reset(stream_id, _CANCEL)
             self._drop(stream_id, abort_upstream=True)
         self.h2.close()

@@ -151,3 +151,87 @@ def test_a_path_that_is_not_origin_form_is_a_400_on_its_stream():
 def test_an_empty_path_is_h2s_protocol_error():
     (ended,) = _raw_request(b"")
     assert (ended.reason, ended.error_code) == (core.PROTOCOL_ERROR, ErrorCodes.PROTOCOL_ERROR)
+
+
+# -- RFC 8441: WebSocket over HTTP/2 ---------------------------------------------------
+
+
+def _connect(pair: Pair, protocol: bytes = b"websocket", extra=()) -> int:
+    pair.to_client()  # the server's SETTINGS: h2 lets a client send :protocol only once they allow it
+    sid = pair.client.get_next_available_stream_id()
+    pair.client.send_headers(sid, [(b":method", b"CONNECT"), (b":protocol", protocol), (b":scheme", b"https"),
+                                   (b":path", b"/chat?room=1"), (b":authority", b"example.com"),
+                                   (b"sec-websocket-version", b"13"), *extra])
+    return sid
+
+
+def test_the_setting_is_advertised_only_when_websocket_is_on():
+    from h2.settings import SettingCodes
+    for on in (True, False):
+        pair = Pair(websocket=on)
+        pair.to_client()
+        assert pair.client.remote_settings.get(SettingCodes.ENABLE_CONNECT_PROTOCOL, 0) == int(on)
+
+
+def test_an_extended_connect_is_the_head_of_an_http11_upgrade():
+    pair = Pair(websocket=True)
+    sid = _connect(pair, extra=[(b"sec-websocket-key", b"ignored"), (b"sec-websocket-protocol", b"chat")])
+    (event,) = pair.to_server()
+    assert isinstance(event, core.WebSocketRequest) and event.stream_id == sid
+    head = event.head
+    assert (head.method, head.target, head.host, head.path, head.websocket, head.has_body) == (
+        b"GET", b"/chat?room=1", "example.com", "/chat", True, False)
+    assert head.headers == [(b"host", b"example.com"), (b"sec-websocket-version", b"13"),
+                            (b"sec-websocket-protocol", b"chat")]  # no key: the proxy makes its own
+    assert sid in pair.server.open
+
+
+@pytest.mark.parametrize(("websocket", "protocol", "extra", "status"), [
+    (False, b"websocket", (), 501),  # not advertised
+    (True, b"connect-udp", (), 501),  # not a WebSocket
+])
+def test_other_extended_connects_are_refused(websocket, protocol, extra, status):
+    pair = Pair(websocket=websocket)
+    if not websocket:  # write what h2 would refuse to send without the setting
+        from h2.settings import SettingCodes
+        pair.to_client()
+        pair.client.remote_settings[SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
+    sid = _connect(pair, protocol, extra)
+    (event,) = pair.to_server()
+    assert isinstance(event, core.Refused) and (event.stream_id, event.status) == (sid, status)
+    assert not event.ended
+
+
+def test_a_half_closed_websocket_stream_still_takes_the_clients_data():
+    pair = Pair(websocket=True)
+    sid = _connect(pair)
+    pair.to_server()
+    pair.server.send_response(sid, 200, [])
+    pair.server.send_data(sid, b"close frame")
+    pair.server.half_close(sid)
+    ended = [e for e in pair.to_client() if isinstance(e, h2.events.StreamEnded)]
+    assert [e.stream_id for e in ended] == [sid]
+    pair.client.send_data(sid, b"answer", end_stream=True)
+    events = pair.to_server()
+    assert [type(e) for e in events] == [core.Data, core.RequestEnded] and events[0].data == b"answer"
+    pair.server.reset_when_sent(sid)  # closed both ways already: nothing to reset
+    assert not any(isinstance(e, h2.events.StreamReset) for e in pair.to_client())
+
+
+def test_a_websocket_stream_ended_while_the_client_still_sends_is_reset_after_the_last_bytes():
+    pair = Pair(websocket=True, initial_window_size=65535)
+    sid = _connect(pair)
+    pair.to_server()
+    pair.server.send_response(sid, 200, [])
+    pair.server.send_data(sid, b"x" * 70000)  # more than the client's 65535 window: some waits
+    pair.server.half_close(sid)
+    pair.server.reset_when_sent(sid)
+    events = pair.to_client()
+    assert not any(isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)) for e in events)
+    got = sum(len(e.data) for e in events if isinstance(e, h2.events.DataReceived))
+    pair.client.acknowledge_received_data(got, sid)
+    pair.to_server()
+    events = pair.to_client()
+    assert got + sum(len(e.data) for e in events if isinstance(e, h2.events.DataReceived)) == 70000
+    kinds = [type(e) for e in events if not isinstance(e, h2.events.DataReceived)]
+    assert kinds[-2:] == [h2.events.StreamEnded, h2.events.StreamReset]  # END_STREAM, then RST_STREAM NO_ERROR
