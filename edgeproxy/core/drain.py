@@ -35,6 +35,13 @@ be back.
 The transport calls ``due(now)`` from its loop tick (or ``call_at`` the
 :attr:`Drain.next_batch_at` time) and sends a close frame for each
 ``(key, code, reason)``; ``forget(key)`` drops a connection that ended by itself.
+
+**Stalls.**  When the loop was blocked (or the process stopped) past more than one
+batch, the overdue batches are not released together: that would be the burst the
+pacing exists to prevent.  The connections still waiting are planned again, from
+``now`` over what is left of the close window (at most one batch every
+``batch_interval``, the first at once); when the close window is already over, the
+rest go at once, since every one of them must get its close before the deadline.
 """
 
 from __future__ import annotations
@@ -118,9 +125,18 @@ class Drain:
         self.deadline = now + drain_timeout
         #: when the last batch is due (the tail follows)
         self.close_by = now + close_window * drain_timeout
-        self._count = count = len(self._keys)
-        window = self.close_by - now
-        self.batches = min(count, math.floor(window / batch_interval) + 1)
+        self.batch_interval = batch_interval
+        #: times the pacing was planned again after a stall (see the theory of operation)
+        self.replans = 0
+        self._plan(now, 0)
+
+    def _plan(self, now: float, first_key: int) -> None:
+        """Spread the keys from index `first_key` on evenly over the rest of the close window."""
+        self._first_key = first_key
+        self._plan_start = now
+        self._count = count = len(self._keys) - first_key
+        window = max(0.0, self.close_by - now)
+        self.batches = min(count, math.floor(window / self.batch_interval) + 1)
         self._spacing = window / (self.batches - 1) if self.batches > 1 else 0.0
         self._next_batch = 0
 
@@ -134,7 +150,7 @@ class Drain:
         """When the next batch is due, or None when all were handed out."""
         if self.done:
             return None
-        return self.started + self._next_batch * self._spacing
+        return self._plan_start + self._next_batch * self._spacing
 
     @property
     def remaining(self) -> int:
@@ -153,6 +169,12 @@ class Drain:
         closes: list[tuple[Hashable, int, str]] = []
         waiting = self._waiting
         next_at = self.next_batch_at
+        if (next_at is not None and next_at <= now and self._next_batch + 1 < self.batches
+                and self._plan_start + (self._next_batch + 1) * self._spacing <= now):
+            # a stall: more than one batch is overdue; plan the rest again from now
+            self.replans += 1
+            self._plan(now, self._batch_start(self._next_batch))
+            next_at = self.next_batch_at
         while next_at is not None and next_at <= now:
             start = self._batch_start(self._next_batch)
             self._next_batch += 1
@@ -167,7 +189,7 @@ class Drain:
 
     def _batch_start(self, batch: int) -> int:
         """Index in the shuffled keys where `batch` starts: equal batches, sizes differ by one at most."""
-        return batch * self._count // self.batches if self.batches else 0
+        return self._first_key + (batch * self._count // self.batches if self.batches else 0)
 
     def _reason(self) -> str:
         least, most = self.reconnect_hint

@@ -388,6 +388,9 @@ class ProxyServer:
             next_batch = plan.next_batch_at
             wake = min(plan.deadline, next_batch if next_batch is not None else plan.deadline, self.now() + 0.05)
             await asyncio.sleep(max(0.0, wake - self.now()))
+        if plan.replans:
+            log.warning("drain: the event loop stalled past several batches %d time(s); the closes left were "
+                        "spread again over the rest of the close window", plan.replans)
         if left():
             log.info("drain deadline: closing the %d connection(s) left", len(self.connections))
         else:

@@ -201,3 +201,61 @@ def test_plan_invariants(count, drain_timeout, batch_interval, close_window, ste
         assert code == CLOSE_GOING_AWAY
         assert len(reason.encode()) <= MAX_REASON_BYTES
         assert 1.0 <= float(HINT.match(reason).group(1)) <= 5.0
+
+
+class TestStall:
+    """A loop stall past several batches must not release them together (the burst pacing prevents)."""
+
+    def test_a_stall_replans_the_rest_instead_of_bursting(self):
+        # 1,100 keys, 11 batches of 100 at 100.0, 100.5, ..., 105.0
+        drain = make(range(1100))
+        assert len(drain.due(100.0)) == 100
+        # the loop stalls 2.1 s: batches at 100.5 .. 102.0 are all overdue
+        late = drain.due(102.1)
+        assert drain.replans == 1
+        # the 1,000 left are spread over the 2.9 s left of the window: 6 batches, ~167 each
+        assert len(late) == 1000 // drain.batches
+        assert len(late) < 200  # not the 400 of the four overdue batches
+        closes = play_from(drain, 102.1, step=0.05, until=105.05)
+        times = [t for t, _ in batches_of_times(closes)]
+        assert all(b - a >= 0.5 - 1e-9 for a, b in zip([102.1] + times, times))
+        assert drain.done and drain.remaining == 0
+        assert len(late) + len(closes) == 1000
+        assert max(times) <= drain.close_by + 0.05
+
+    def test_one_overdue_batch_is_not_a_stall(self):
+        drain = make(range(1100))
+        drain.due(100.0)
+        assert len(drain.due(100.7)) == 100  # only the 100.5 batch was due
+        assert drain.replans == 0
+
+    def test_after_the_close_window_the_rest_goes_at_once(self):
+        # every connection must have its close before the deadline
+        drain = make(range(1100))
+        drain.due(100.0)
+        assert len(drain.due(107.0)) == 1000
+        assert drain.done
+
+    def test_forgotten_keys_stay_forgotten_across_a_replan(self):
+        drain = make(range(1100))
+        drain.due(100.0)
+        gone = list(range(0, 1100, 3))
+        for key in gone:
+            drain.forget(key)
+        got = [k for k, _, _ in drain.due(103.0)] + [k for _, k, _, _ in play_from(drain, 103.0, 0.1, 106.0)]
+        assert not set(got) & set(gone)
+        assert len(got) == len(set(got)) == drain.remaining + len(got)
+
+
+def play_from(drain: Drain, start: float, step: float, until: float) -> list:
+    """Like `play`, from `start` (exclusive)."""
+    out = []
+    now = start + step
+    while now <= until + 1e-9:
+        out += [(now, *close) for close in drain.due(now)]
+        now += step
+    return out
+
+
+def batches_of_times(closes: list) -> list[tuple[float, int]]:
+    return sorted(Counter(round(t, 6) for t, *_ in closes).items())
