@@ -1,8 +1,11 @@
-"""The backplane contract (``edgeproxy.hub.backplane``), one suite for memory, Redis and NATS.
+"""The backplane contract (``edgeproxy.hub.backplane``), one suite for memory, Redis, NATS
+and a NATS cluster.
 
 Redis and NATS are the real servers of this machine (each test under its own prefix,
 removed after); a test skips when its service is absent and fails instead under
-``EDGEPROXY_REQUIRE_SERVICES=1``.  Tests of several nodes make one adapter per node,
+``EDGEPROXY_REQUIRE_SERVICES=1``.  "nats-cluster" is a private cluster of three
+nats-server processes on loopback (``tests/conftest.py`` `NatsCluster`), the streams
+with 3 replicas.  Tests of several nodes make one adapter per node,
 as separate proxies would.
 """
 
@@ -18,8 +21,8 @@ from edgeproxy.hub.protocol import Position, Publication
 from edgeproxy.metrics import Metrics
 from edgeproxy.transport.backplanes import BackplaneUnavailable, make_backplane
 
-KINDS = ["memory", "redis", "nats"]
-NETWORK = ["redis", "nats"]
+KINDS = ["memory", "redis", "nats", "nats-cluster"]
+NETWORK = ["redis", "nats", "nats-cluster"]
 
 
 class Node:
@@ -43,14 +46,20 @@ class Node:
 async def nodes(request, services):
     """Factory: ``await nodes(n, **hub_keys)`` -> n started `Node`s of the kind under test."""
     kind = request.param
-    url = services.require(kind) if kind != "memory" else None
+    engine, replicas = kind, 1
+    if kind == "nats-cluster":
+        engine, replicas = "nats", 3
+        url = request.getfixturevalue("nats_cluster").url
+    else:
+        url = services.require(kind) if kind != "memory" else None
     prefix = f"t{uuid.uuid4().hex[:12]}"
     made: list[Node] = []
 
     async def make(n: int = 1, *, url_override: str | None = None, **hub_keys) -> list[Node]:
         hub = HubConfig(path="/hub", **{"history_size": 100, "history_ttl": 60.0, **hub_keys})
-        config = BackplaneConfig(kind=kind, urls=(url_override or url,) if kind != "memory" else (),
-                                 prefix=prefix, timeout=2.0, reconnect_min=0.05, reconnect_max=0.5)
+        urls = tuple((url_override or url).split(",")) if kind != "memory" else ()
+        config = BackplaneConfig(kind=engine, urls=urls, replicas=replicas, prefix=prefix, timeout=2.0,
+                                 reconnect_min=0.05, reconnect_max=0.5)
         out = []
         for i in range(n):
             node = Node(make_backplane(config, hub, Metrics(), f"node{i}"))
@@ -59,12 +68,12 @@ async def nodes(request, services):
         made.extend(out)
         return out
 
-    make.kind = kind
+    make.kind, make.engine = kind, engine
     yield make
     for node in made:
         await node.backplane.close()
     if url is not None:
-        await services.cleanup(kind, url, prefix)
+        await services.cleanup(engine, url, prefix)
 
 
 all_kinds = pytest.mark.parametrize("nodes", KINDS, indirect=True)
@@ -214,12 +223,12 @@ async def test_lost_state_starts_a_new_epoch(nodes, services) -> None:
 
 
 @network_kinds
-async def test_unreachable_backplane_fails_loudly(nodes, server_process) -> None:
-    server = server_process(nodes.kind)
+async def test_unreachable_backplane_fails_loudly(nodes, server_process, private_nats_cluster) -> None:
+    server = private_nats_cluster() if nodes.kind == "nats-cluster" else server_process(nodes.kind)
     [node] = await nodes(1, url_override=server.url)
     bp = node.backplane
     assert (await bp.publish("x", b"1")).seq == 1
-    server.kill()
+    server.stop() if nodes.kind == "nats-cluster" else server.kill()
     with pytest.raises(BackplaneUnavailable):
         for _ in range(50):  # the first may still be in flight when the socket breaks
             await bp.publish("x", b"2")
