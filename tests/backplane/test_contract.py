@@ -279,3 +279,46 @@ async def test_redis_shards_place_each_tenant_on_one_real_server(server_process)
     finally:
         for node in nodes:
             await node.backplane.close()
+
+
+async def test_nats_cluster_publisher_fails_over_when_its_server_is_killed(private_nats_cluster) -> None:
+    """The server a publishing node is connected to is SIGKILLed: its publishes fail
+    (BackplaneUnavailable) until it has reconnected to another server of the cluster,
+    then go on in the same epoch; a node on another server gets every seq once."""
+    servers = private_nats_cluster()
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    hub = HubConfig(path="/hub", history_size=100, history_ttl=60.0)
+    config = BackplaneConfig(kind="nats", urls=servers.urls, replicas=3, prefix=prefix, timeout=1.0,
+                             reconnect_min=0.05, reconnect_max=0.3)
+    made = []
+    try:
+        for i in range(8):  # until two nodes sit on different servers (nats-py shuffles the urls)
+            node = Node(make_backplane(config, hub, Metrics(), f"node{i}"))
+            await node.backplane.start(node.got.append)
+            made.append(node)
+            ports = {n.backplane.nc.connected_url.port for n in made}
+            if len(ports) > 1:
+                break
+        publisher = made[0]
+        victim = servers.client_ports.index(publisher.backplane.nc.connected_url.port)
+        watcher = next(n for n in made if n.backplane.nc.connected_url.port != servers.client_ports[victim])
+        await watcher.backplane.subscribe("ha")
+        first = [await publisher.backplane.publish("ha", b"%d" % i) for i in range(10)]
+        servers.kill(victim)
+        refused, after = 0, []
+        async with asyncio.timeout(30):
+            while len(after) < 10:
+                try:
+                    after.append(await publisher.backplane.publish("ha", b"x"))
+                except BackplaneUnavailable:
+                    refused += 1
+                    await asyncio.sleep(0.05)
+        assert refused > 0 and publisher.backplane.up
+        assert publisher.backplane.nc.connected_url.port != servers.client_ports[victim]
+        assert {p.epoch for p in first + after} == {first[0].epoch}
+        top = after[-1].seq
+        assert sorted({p.seq for p in after}) == [p.seq for p in after]  # increasing
+        assert await watcher.wait("ha", top, timeout=20) == list(range(1, top + 1))
+    finally:
+        for node in made:
+            await node.backplane.close()
