@@ -225,8 +225,9 @@ async def test_disconnect_from_a_resume_on_b_nothing_lost_or_doubled(cluster, ki
     await ws.close()
 
 
-async def test_targeted_send_goes_through_the_owning_instance(cluster) -> None:
-    a, b, c = await cluster("redis", secret=True)
+@KINDS
+async def test_targeted_send_goes_through_the_owning_instance(cluster, kind) -> None:
+    a, b, c = await cluster(kind, secret=True)
     token = sign_token({"sub": "alice", "channels": ["x"]}, SECRET.encode())
     alice_b = await websockets.connect(b.ws_url(token))
     hello = await recv(alice_b)
@@ -254,8 +255,28 @@ async def test_targeted_send_goes_through_the_owning_instance(cluster) -> None:
     assert status == 200 and list(doc["delivered"]) == [c.name]
 
 
-async def test_killed_instance_presence_is_gone_within_a_heartbeat(cluster) -> None:
-    a, b, c = await cluster("redis", secret=True)
+async def test_targeted_send_across_a_nats_cluster(cluster, nats_cluster) -> None:
+    """Two instances on a 3-node cluster (presence buckets R3): /v1/send on a reaches a
+    client on b by user and by id."""
+    a, b = await cluster("nats", n=2, url=nats_cluster.url, secret=True)
+    token = sign_token({"sub": "grace", "channels": ["x"]}, SECRET.encode())
+    ws = await websockets.connect(b.ws_url(token))
+    hello = await recv(ws)
+    async with asyncio.timeout(5):
+        while (answer := await a.post("/v1/send", {"user": "grace", "data": "hello"}))[0] != 200:
+            assert answer[0] == 404, answer  # until b's registry write is in
+            await asyncio.sleep(0.02)
+    assert answer[1] == {"delivered": {b.name: [hello["client"]]}}
+    assert await recv(ws) == {"op": "message", "data": "hello"}
+    status, doc = await a.post("/v1/send", {"client": hello["client"], "data": [1, 2]})
+    assert status == 200 and doc == {"delivered": {b.name: [hello["client"]]}}
+    assert await recv(ws) == {"op": "message", "data": [1, 2]}
+    await ws.close()
+
+
+@KINDS
+async def test_killed_instance_presence_is_gone_within_a_heartbeat(cluster, kind) -> None:
+    a, b, c = await cluster(kind, secret=True)
     token = sign_token({"sub": "carol", "channels": ["x"]}, SECRET.encode())
     ws = await websockets.connect(c.ws_url(token))
     await recv(ws)
@@ -266,7 +287,7 @@ async def test_killed_instance_presence_is_gone_within_a_heartbeat(cluster) -> N
     while (await a.post("/v1/send", {"user": "carol", "data": 1}))[0] != 404:
         assert time.monotonic() - killed < HEARTBEAT + 0.3, "presence of the dead instance lingers"
         await asyncio.sleep(0.02)
-    # fencing: the entries themselves are still in Redis (their own TTL is 3 intervals)
+    # fencing: the entries themselves are still in Redis or NATS (their own TTL is 3 intervals)
     assert time.monotonic() - killed <= HEARTBEAT + 0.3
 
 
