@@ -151,13 +151,25 @@ class NatsBackplane(NetworkBackplane):
             storage=StorageType.FILE, allow_direct=True, num_replicas=self.config.replicas,
             duplicate_window=min(120.0, self.hub.history_ttl or 86400.0),
         )
-        try:
-            await self.js.add_stream(stream)
-        except BadRequestError:  # exists with other limits (the config changed): take ours
-            await self.js.update_stream(stream)
+        if not await self._stream_is(stream):
+            try:
+                await self.js.add_stream(stream)
+            except BadRequestError:  # exists with other limits (the config changed): take ours
+                await self.js.update_stream(stream)
         for name, callback in self.extra_feeds.items():
             await nc.subscribe(name, cb=lambda msg, cb=callback: cb(msg.data))
         await nc.flush(timeout=self.config.timeout)
+
+    async def _stream_is(self, wanted: StreamConfig) -> bool:
+        """Whether the stream exists with ``wanted``'s limits.  Asked first because the
+        stream's leader answers it, while creating goes through the cluster's meta leader:
+        a reconnect after the meta leader's server died need not wait for a new one."""
+        try:
+            have = (await self.js.stream_info(self.stream)).config
+        except NotFoundError:
+            return False
+        fields = ("subjects", "max_msgs_per_subject", "max_age", "num_replicas", "duplicate_window", "allow_direct")
+        return all(getattr(have, name) == getattr(wanted, name) for name in fields)
 
     async def _disconnect(self) -> None:
         nc, self.nc = self.nc, None
