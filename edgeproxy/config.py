@@ -76,7 +76,9 @@ Value rules (see ``config.example.toml`` for every option with its default):
   several Redis URLs are shards), ``redis://``/``rediss://`` or
   ``nats://``/``tls://`` with a host and port.  ``prefix`` names every key,
   channel, subject and stream (``A-Z a-z 0-9 _ -``), so several deployments
-  share one server.  ``[[hubs]]`` with ``workers`` above 1 (or ``"auto"``)
+  share one server.  ``replicas`` (NATS only, 1..5, at most the servers in
+  ``urls``; default 3 with 3 or more, else 1) is the JetStream replica count of
+  the history streams and presence buckets.  ``[[hubs]]`` with ``workers`` above 1 (or ``"auto"``)
   need ``redis`` or ``nats``: on ``memory`` every worker would have a hub of
   its own.
 """
