@@ -1,5 +1,6 @@
-"""Three real edgeproxy processes on one real Redis or NATS: broadcast, resume on another
-instance, targeted send, presence of a killed instance, and a backplane killed mid-stream.
+"""Three real edgeproxy processes on one real Redis or NATS, or on a 3-node NATS cluster:
+broadcast, resume on another instance, targeted send, presence of a killed instance, a
+backplane killed mid-stream, and a NATS cluster node killed mid-stream.
 
 Each test uses its own prefix (removed after).  Needs the services of this machine;
 skips without them, fails under ``EDGEPROXY_REQUIRE_SERVICES=1``.
@@ -132,7 +133,10 @@ async def cluster(request, tmp_path, services):
     used: list[tuple[str, str]] = []
 
     async def start(kind: str, n: int = 3, url: str | None = None, secret: bool = False) -> list[ProxyProcess]:
-        if url is None:  # the shared server: clean up after; a private one dies with its fixture
+        if kind == "nats-cluster":  # the test process's 3-node cluster (tests/conftest.py), shared
+            kind, url = "nats", request.getfixturevalue("nats_cluster").url
+            used.append((kind, url))
+        elif url is None:  # the shared server: clean up after; a private one dies with its fixture
             url = services.require(kind)
             used.append((kind, url))
         procs = [ProxyProcess(tmp_path, f"{prefix}-{chr(97 + len(made) + i)}", kind, url, prefix, secret)
@@ -187,9 +191,11 @@ class Publisher:
 
 
 KINDS = pytest.mark.parametrize("kind", ["redis", "nats"])
+#: the same on a private 3-node NATS cluster (history and presence with 3 replicas)
+ALL_KINDS = pytest.mark.parametrize("kind", ["redis", "nats", "nats-cluster"])
 
 
-@KINDS
+@ALL_KINDS
 async def test_broadcast_reaches_every_instance(cluster, kind) -> None:
     procs = await cluster(kind)
     subs = [await subscribe(p.ws_url(), "news") for p in procs for _ in range(2)]
@@ -202,7 +208,7 @@ async def test_broadcast_reaches_every_instance(cluster, kind) -> None:
         await ws.close()
 
 
-@KINDS
+@ALL_KINDS
 async def test_disconnect_from_a_resume_on_b_nothing_lost_or_doubled(cluster, kind) -> None:
     a, b, c = await cluster(kind)
     ws, _, answer = await subscribe(a.ws_url(), "feed")
@@ -225,7 +231,7 @@ async def test_disconnect_from_a_resume_on_b_nothing_lost_or_doubled(cluster, ki
     await ws.close()
 
 
-@KINDS
+@ALL_KINDS
 async def test_targeted_send_goes_through_the_owning_instance(cluster, kind) -> None:
     a, b, c = await cluster(kind, secret=True)
     token = sign_token({"sub": "alice", "channels": ["x"]}, SECRET.encode())
@@ -255,26 +261,7 @@ async def test_targeted_send_goes_through_the_owning_instance(cluster, kind) -> 
     assert status == 200 and list(doc["delivered"]) == [c.name]
 
 
-async def test_targeted_send_across_a_nats_cluster(cluster, nats_cluster) -> None:
-    """Two instances on a 3-node cluster (presence buckets R3): /v1/send on a reaches a
-    client on b by user and by id."""
-    a, b = await cluster("nats", n=2, url=nats_cluster.url, secret=True)
-    token = sign_token({"sub": "grace", "channels": ["x"]}, SECRET.encode())
-    ws = await websockets.connect(b.ws_url(token))
-    hello = await recv(ws)
-    async with asyncio.timeout(5):
-        while (answer := await a.post("/v1/send", {"user": "grace", "data": "hello"}))[0] != 200:
-            assert answer[0] == 404, answer  # until b's registry write is in
-            await asyncio.sleep(0.02)
-    assert answer[1] == {"delivered": {b.name: [hello["client"]]}}
-    assert await recv(ws) == {"op": "message", "data": "hello"}
-    status, doc = await a.post("/v1/send", {"client": hello["client"], "data": [1, 2]})
-    assert status == 200 and doc == {"delivered": {b.name: [hello["client"]]}}
-    assert await recv(ws) == {"op": "message", "data": [1, 2]}
-    await ws.close()
-
-
-@KINDS
+@ALL_KINDS
 async def test_killed_instance_presence_is_gone_within_a_heartbeat(cluster, kind) -> None:
     a, b, c = await cluster(kind, secret=True)
     token = sign_token({"sub": "carol", "channels": ["x"]}, SECRET.encode())
