@@ -54,8 +54,11 @@ message can both be taken (nats-server issue 4320, seen with Debian's 2.9.10:
 two publications numbered alike).  Each store therefore also carries
 ``Nats-Msg-Id: T/<expected stream seq>``: JetStream's duplicate detection does
 count proposals in flight, so a second successor of the same message is refused
-as a duplicate and its publisher reads the new last message and tries again (the
-``duplicate_window`` is ``min(2 min, max_age)``).  The first store on an empty
+as a duplicate and its publisher reads the new last message and tries again.  The
+``duplicate_window`` is ``min(10 s, max_age)``: the race is with a store still in
+flight, and a later one fails the expected-sequence check anyway; a short window
+keeps the leader's table of ids small at high publication rates.  A single server
+checks the expected sequence under the stream's lock, so there are no ids there.  The first store on an empty
 subject (a new epoch: no predecessor to name) checks instead that it is the
 subject's first message and, if another got in first, deletes its own and tries
 again.
@@ -89,6 +92,9 @@ SEQ = "Edgeproxy-Seq"
 EPOCH = "Edgeproxy-Epoch"
 EXPECT = "Nats-Expected-Last-Subject-Sequence"
 MSG_ID = "Nats-Msg-Id"
+#: seconds JetStream remembers a store's Nats-Msg-Id: the refusal it is for is of a
+#: store racing one still in flight (a later one fails the expected-sequence check)
+DUPLICATE_WINDOW = 10.0
 WRONG_LAST_SEQUENCE = 10071
 
 
@@ -149,7 +155,7 @@ class NatsBackplane(NetworkBackplane):
             name=self.stream, subjects=[self.history_base + ">"],
             max_msgs_per_subject=self.hub.history_size + 1, max_age=self.hub.history_ttl or 86400.0,
             storage=StorageType.FILE, allow_direct=True, num_replicas=self.config.replicas,
-            duplicate_window=min(120.0, self.hub.history_ttl or 86400.0),
+            duplicate_window=min(DUPLICATE_WINDOW, self.hub.history_ttl or 86400.0),
         )
         if not await self._stream_is(stream):
             try:
@@ -224,7 +230,8 @@ class NatsBackplane(NetworkBackplane):
         subject = self.history_base + subject_token(channel)
         after = last.stream_seq if last is not None else 0
         headers = {EXPECT: str(after), SEQ: str(seq), EPOCH: epoch}
-        if after:  # one successor per predecessor, also on a cluster (see "Cluster" in the module doc)
+        clustered = self.config.replicas > 1
+        if after and clustered:  # one successor per predecessor (see "Cluster" in the module doc)
             headers[MSG_ID] = f"{subject_token(channel)}/{after}"
         try:
             ack = await self.js.publish(subject, data, headers=headers)
@@ -234,7 +241,7 @@ class NatsBackplane(NetworkBackplane):
             raise
         if ack.duplicate:
             return None
-        if not after and self.config.replicas > 1 and not await self._first_of_subject(subject, ack.seq):
+        if not after and clustered and not await self._first_of_subject(subject, ack.seq):
             return None
         stored = self.last[channel] = _Last(ack.seq, seq, epoch)
         return stored

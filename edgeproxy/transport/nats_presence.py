@@ -101,6 +101,7 @@ class NatsPresence(LocalPresence):
         self._dirty: set[str] = set()
         self._writer: asyncio.Task | None = None
         self._beat: asyncio.Task | None = None
+        self._refresh: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
 
     def inbox(self, instance: str) -> str:
@@ -148,8 +149,9 @@ class NatsPresence(LocalPresence):
             return await self.js.key_value(name)
 
     async def stop(self) -> None:
-        if self._beat is not None:
-            self._beat.cancel()
+        for task in (self._beat, self._refresh):
+            if task is not None:
+                task.cancel()
         try:
             if self._writer is not None:
                 await asyncio.wait_for(asyncio.shield(self._writer), self.config.timeout)
@@ -164,10 +166,23 @@ class NatsPresence(LocalPresence):
                 pass
 
     async def _heartbeat_once(self, entries: bool = True) -> None:
-        """Put the liveness entry and, with `entries`, every registry key of this instance."""
-        await self.live.put(self.instance, b"1")
+        """Put the liveness entry and, with `entries`, start putting every registry key of
+        this instance again (in a task of its own, so that many users never delay the
+        liveness entry; skipped while the previous round is still writing)."""
+        await asyncio.wait_for(self.live.put(self.instance, b"1"), self.config.timeout)
         if entries:
+            if self._refresh is not None and not self._refresh.done():
+                log.warning("presence: refreshing %d user key(s) takes longer than a heartbeat interval",
+                            len(self.by_user))
+                return
+            self._refresh = asyncio.get_running_loop().create_task(self._refresh_all())
+
+    async def _refresh_all(self) -> None:
+        try:
             await self._write(list(self.by_user))
+        except Exception as exc:
+            self.server.metrics.backplane_failed()
+            log.warning("presence: refreshing the registry keys failed: %s", exc)
 
     async def _heartbeats(self) -> None:
         # The liveness entry every half interval (its max_age is one interval: a dead
@@ -177,7 +192,7 @@ class NatsPresence(LocalPresence):
             try:
                 if self.entries is None:
                     await asyncio.wait_for(self._connect(), self.config.timeout)
-                await asyncio.wait_for(self._heartbeat_once(entries=beat % 2 == 0), self.config.timeout)
+                await self._heartbeat_once(entries=beat % 2 == 0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -206,13 +221,14 @@ class NatsPresence(LocalPresence):
         while self._dirty:
             users, self._dirty = list(self._dirty), set()
             try:
-                await asyncio.wait_for(self._write(users), self.config.timeout)
+                await self._write(users)
             except Exception as exc:  # the next heartbeat puts the keys of the live connections again
                 self.server.metrics.backplane_failed()
                 log.warning("presence update failed: %s", exc)
 
     async def _write(self, users: list[str]) -> None:
-        """Each user's key: the current list of its ids here, or a delete when there are none."""
+        """Each user's key: the current list of its ids here, or a delete when there are none
+        (``_WRITE_BATCH`` at a time, each batch within ``timeout``)."""
         if self.entries is None:
             return
         for start in range(0, len(users), _WRITE_BATCH):
@@ -221,7 +237,7 @@ class NatsPresence(LocalPresence):
                 ids = sorted(self.by_user.get(user, ()))
                 key = self._key(user)
                 writes.append(self.entries.put(key, orjson.dumps(ids)) if ids else self.entries.delete(key))
-            await asyncio.gather(*writes)
+            await asyncio.wait_for(asyncio.gather(*writes), self.config.timeout)
 
     # -- lookup and send ---------------------------------------------------------------
 

@@ -167,6 +167,25 @@ async def subscribe(url: str, channel: str, since: dict | None = None):
     return ws, hello, answer
 
 
+async def send_until(proc: ProxyProcess, body: dict, instances: set[str], timeout: float = 10.0) -> dict[str, int]:
+    """POST /v1/send until it is delivered through exactly ``instances`` (presence writes
+    are asynchronous); answers how many attempts went through each instance."""
+    copies = dict.fromkeys(instances, 0)
+    async with asyncio.timeout(timeout):
+        while True:
+            status, doc = await proc.post("/v1/send", body)
+            assert status in (200, 404), doc
+            for name in doc.get("delivered", {}):
+                copies[name] = copies.get(name, 0) + 1
+            if status == 200 and set(doc["delivered"]) == instances:
+                return copies
+            await asyncio.sleep(0.05)
+
+
+async def recv_n(ws, n: int) -> list[dict]:
+    return [await recv(ws) for _ in range(n)]
+
+
 class Publisher:
     """Publishes 0 .. n-1 to ``channel`` through one proxy, each retried after a 503 until taken."""
 
@@ -241,11 +260,11 @@ async def test_targeted_send_goes_through_the_owning_instance(cluster, kind) -> 
     await recv(alice_c)
     bob = await websockets.connect(a.ws_url(sign_token({"sub": "bob", "channels": ["x"]}, SECRET.encode())))
     await recv(bob)
-    await asyncio.sleep(0.2)  # presence writes are fire-and-forget
-    status, doc = await a.post("/v1/send", {"user": "alice", "data": {"hi": 1}})
-    assert status == 200 and sorted(doc["delivered"]) == sorted([b.name, c.name])
-    assert await recv(alice_b) == {"op": "message", "data": {"hi": 1}}
-    assert await recv(alice_c) == {"op": "message", "data": {"hi": 1}}
+    # presence writes are asynchronous: send until both of alice's instances are in (each
+    # answer says where that attempt went, so the copies each connection gets are known)
+    copies = await send_until(a, {"user": "alice", "data": {"hi": 1}}, {b.name, c.name})
+    assert await recv_n(alice_b, copies[b.name]) == [{"op": "message", "data": {"hi": 1}}] * copies[b.name]
+    assert await recv_n(alice_c, copies[c.name]) == [{"op": "message", "data": {"hi": 1}}] * copies[c.name]
     status, doc = await c.post("/v1/send", {"client": hello["client"], "data": "only b"})
     assert status == 200 and doc["delivered"] == {b.name: [hello["client"]]}
     assert await recv(alice_b) == {"op": "message", "data": "only b"}
@@ -256,9 +275,8 @@ async def test_targeted_send_goes_through_the_owning_instance(cluster, kind) -> 
     status, doc = await a.post("/v1/send", {"user": "nobody", "data": 1})
     assert status == 404 and "not connected" in doc["error"]
     await alice_b.close()
-    await asyncio.sleep(0.2)
-    status, doc = await a.post("/v1/send", {"user": "alice", "data": 2})
-    assert status == 200 and list(doc["delivered"]) == [c.name]
+    copies = await send_until(a, {"user": "alice", "data": 2}, {c.name})
+    assert await recv_n(alice_c, copies[c.name]) == [{"op": "message", "data": 2}] * copies[c.name]
 
 
 @ALL_KINDS
@@ -267,8 +285,7 @@ async def test_killed_instance_presence_is_gone_within_a_heartbeat(cluster, kind
     token = sign_token({"sub": "carol", "channels": ["x"]}, SECRET.encode())
     ws = await websockets.connect(c.ws_url(token))
     await recv(ws)
-    await asyncio.sleep(0.2)
-    assert (await a.post("/v1/send", {"user": "carol", "data": 1}))[0] == 200
+    await send_until(a, {"user": "carol", "data": 1}, {c.name})
     c.kill()
     killed = time.monotonic()
     while (await a.post("/v1/send", {"user": "carol", "data": 1}))[0] != 404:
