@@ -76,7 +76,9 @@ Value rules (see ``config.example.toml`` for every option with its default):
   several Redis URLs are shards), ``redis://``/``rediss://`` or
   ``nats://``/``tls://`` with a host and port.  ``prefix`` names every key,
   channel, subject and stream (``A-Z a-z 0-9 _ -``), so several deployments
-  share one server.  ``[[hubs]]`` with ``workers`` above 1 (or ``"auto"``)
+  share one server.  ``replicas`` (NATS only, 1..5, at most the servers in
+  ``urls``; default 3 with 3 or more, else 1) is the JetStream replica count of
+  the history streams and presence buckets.  ``[[hubs]]`` with ``workers`` above 1 (or ``"auto"``)
   need ``redis`` or ``nats``: on ``memory`` every worker would have a hub of
   its own.
 """
@@ -506,6 +508,9 @@ class BackplaneConfig:
     #: reconnect backoff: the n-th wait is uniform in [0, min(max, min * 2**n)]
     reconnect_min: float = 0.1
     reconnect_max: float = 5.0
+    #: NATS only: JetStream replicas of every stream and key-value bucket (history,
+    #: presence); default 3 when ``urls`` lists 3 or more servers, else 1
+    replicas: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -857,6 +862,7 @@ _HUB_KEYS = (
 )
 _BACKPLANE_KEYS = (
     "kind", "url", "urls", "prefix", "instance_id", "heartbeat_interval", "timeout", "reconnect_min", "reconnect_max",
+    "replicas",
 )
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MIN_TOKEN_SECRET = 32
@@ -1751,6 +1757,7 @@ def _backplane(v: _Validator, data: dict[str, Any]) -> BackplaneConfig:
     if reconnect_max < reconnect_min:
         v.error("backplane.reconnect_max", f"must be >= reconnect_min ({reconnect_min:g}), got {reconnect_max:g}")
     return BackplaneConfig(
+        replicas=_replicas(v, table, kind, urls),
         kind=kind,
         urls=tuple(urls),
         prefix=prefix or "edgeproxy",
@@ -1760,6 +1767,27 @@ def _backplane(v: _Validator, data: dict[str, Any]) -> BackplaneConfig:
         reconnect_min=reconnect_min,
         reconnect_max=reconnect_max,
     )
+
+
+#: JetStream's largest replica count
+_MAX_REPLICAS = 5
+
+
+def _replicas(v: _Validator, table: dict[str, Any], kind: str, urls: list) -> int:
+    """``[backplane] replicas``: NATS only, 1..5, at most the servers listed in ``urls``."""
+    default = 3 if kind == "nats" and len(urls) >= 3 else 1
+    if "replicas" not in table:
+        return default
+    if kind != "nats":
+        v.error("backplane.replicas", f'only kind = "nats" has replicas (JetStream); with kind = "{kind}" '
+                "replication is the server's own configuration: remove the key")
+        return default
+    replicas = v.integer(table, "backplane", "replicas", default, 1, "a count of JetStream replicas",
+                         maximum=_MAX_REPLICAS)
+    if replicas > len(urls):
+        v.error("backplane.replicas", f"replicas = {replicas} needs at least {replicas} servers of the NATS cluster "
+                f"in urls (JetStream keeps each replica on its own server), {len(urls)} listed")
+    return replicas
 
 
 def _backplane_url(v: _Validator, key: str, url: Any, kind: str) -> None:

@@ -188,6 +188,131 @@ def server_process(tmp_path):
         server.kill()
 
 
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+class NatsCluster:
+    """A private NATS cluster on loopback: ``n`` nats-server processes with JetStream,
+    routes between them (``--cluster``/``--routes``), each its own store under ``tmpdir``;
+    ports are chosen free at start.  ``kill(i)`` SIGKILLs one node, ``start(i)`` brings
+    it back on the same ports and store."""
+
+    def __init__(self, tmpdir: str, n: int = 3):
+        self.binary = require_binary("nats-server", "nats-server")
+        self.tmpdir = tmpdir
+        self.name = "edgeproxy-test"
+        ports = _free_ports(3 * n)
+        self.client_ports, self.route_ports, self.monitor_ports = ports[:n], ports[n:2 * n], ports[2 * n:]
+        self.procs: list = [None] * n
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(f"nats://127.0.0.1:{port}" for port in self.client_ports)
+
+    @property
+    def url(self) -> str:
+        return ",".join(self.urls)
+
+    def server_name(self, i: int) -> str:
+        return f"n{i}"
+
+    def start(self, i: int | None = None) -> None:
+        """Start node ``i`` (all nodes when None), then wait until JetStream has a meta leader."""
+        import subprocess
+
+        for j in range(len(self.procs)) if i is None else [i]:
+            store = os.path.join(self.tmpdir, self.server_name(j))
+            os.makedirs(store, exist_ok=True)
+            routes = ",".join(f"nats://127.0.0.1:{port}" for k, port in enumerate(self.route_ports) if k != j)
+            argv = [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.client_ports[j]),
+                    "-m", str(self.monitor_ports[j]), "-sd", store, "--server_name", self.server_name(j),
+                    "--cluster_name", self.name, "--cluster", f"nats://127.0.0.1:{self.route_ports[j]}",
+                    "--routes", routes]
+            self.procs[j] = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                             stderr=open(os.path.join(self.tmpdir, f"n{j}.log"), "ab"))
+        self.wait_ready()
+
+    def jsz(self, i: int) -> dict:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_ports[i]}/jsz", timeout=1.0) as r:
+            return json.loads(r.read())
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Every running node answers and sees a meta leader with the whole cluster."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        running = [j for j, proc in enumerate(self.procs) if proc is not None]
+        while True:
+            try:
+                if all((self.jsz(j).get("meta_cluster") or {}).get("leader") for j in running):
+                    return
+            except OSError:
+                pass
+            for j in running:
+                if self.procs[j].poll() is not None:
+                    raise RuntimeError(f"nats-server n{j} exited: see {self.tmpdir}/n{j}.log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the NATS cluster in {self.tmpdir} has no JetStream meta leader after {timeout} s")
+            time.sleep(0.05)
+
+    def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        self.procs[i] = None
+
+    def index_of(self, server_name: str) -> int:
+        return int(server_name[1:])
+
+    def stop(self) -> None:
+        for i in range(len(self.procs)):
+            self.kill(i)
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(tmp_path_factory):
+    """One private 3-node NATS cluster per test process, shared by the tests that only
+    use it (each under its own prefix); tests that kill nodes make their own."""
+    cluster = NatsCluster(str(tmp_path_factory.mktemp("nats-cluster")))
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def private_nats_cluster(tmp_path):
+    """Factory: ``private_nats_cluster()`` -> a started `NatsCluster` of this test, stopped after."""
+    made = []
+
+    def start() -> NatsCluster:
+        cluster = NatsCluster(str(tmp_path / f"nats-cluster-{len(made)}"))
+        made.append(cluster)
+        cluster.start()
+        return cluster
+
+    yield start
+    for cluster in made:
+        cluster.stop()
+
+
 async def cleanup_backplane(kind: str, url: str, prefix: str) -> None:
     """Remove what a test created under ``prefix`` on a shared server."""
     if kind == "redis":
@@ -203,11 +328,11 @@ async def cleanup_backplane(kind: str, url: str, prefix: str) -> None:
     elif kind == "nats":
         import nats
 
-        nc = await nats.connect(url)
+        nc = await nats.connect(servers=url.split(","))
         try:
             js = nc.jetstream()
-            for name in await js.streams_info():
-                if name.config.name.startswith(prefix + "_"):
+            for name in await js.streams_info():  # history streams, and the presence buckets' (KV_...)
+                if name.config.name.startswith((prefix + "_", f"KV_{prefix}_")):
                     await js.delete_stream(name.config.name)
         finally:
             await nc.close()

@@ -134,7 +134,9 @@ def test_example_file_sets_every_option() -> None:
     # token secrets and the auth hook are opt-in: shown commented out
     assert set(data["hubs"][0]) == set(cfgmod._HUB_KEYS) - {"token_secret", "token_secret_file", "auth_hook"}
     # the servers and the instance name have no default: shown commented out
-    assert set(data["backplane"]) == set(cfgmod._BACKPLANE_KEYS) - {"url", "urls", "instance_id"}
+    # and replicas is for NATS only (refused on the example's "memory"): shown commented out
+    assert set(data["backplane"]) == set(cfgmod._BACKPLANE_KEYS) - {"url", "urls", "instance_id", "replicas"}
+    assert re.search(r"^# replicas = ", text_all, re.M)
     text = EXAMPLE.read_text("utf-8")
     # route keys: host is only shown commented out (it is optional)
     for key in cfgmod._ROUTE_KEYS:
@@ -944,6 +946,18 @@ def test_backplane_redis_shards_and_nats() -> None:
     assert nats_config.backplane.kind == "nats" and nats_config.backplane.urls == ("nats://127.0.0.1:4222",)
 
 
+def test_nats_replicas_default_to_three_with_a_cluster_of_three() -> None:
+    def replicas(table: str) -> int:
+        return parse_config(MINIMAL + '[backplane]\nkind = "nats"\n' + table + "\n").backplane.replicas
+    three = 'urls = ["nats://a:4222", "nats://b:4222", "nats://c:4222"]'
+    assert replicas('url = "nats://a:4222"') == 1
+    assert replicas('urls = ["nats://a:4222", "nats://b:4222"]') == 1
+    assert replicas(three) == 3
+    assert replicas(three + "\nreplicas = 1") == 1
+    assert replicas('urls = ["nats://a:4222", "nats://b:4222"]\nreplicas = 2') == 2
+    assert parse_config(MINIMAL + '[backplane]\nkind = "redis"\nurl = "redis://a:1"\n').backplane.replicas == 1
+
+
 @pytest.mark.parametrize("workers", ["2", "16", '"auto"'])
 def test_hubs_with_workers_on_the_memory_backplane_are_refused(workers: str) -> None:
     """Each worker would have its own hub: a publish would reach some subscribers and still say 200."""
@@ -979,6 +993,10 @@ def test_hubs_with_workers_on_a_shared_backplane_and_workers_without_hubs_are_fi
     ('reconnect_min = 2\nreconnect_max = 1', "backplane.reconnect_max", ">= reconnect_min"),
     ('heartbeat_interval = 0', "backplane.heartbeat_interval", "a number > 0"),
     ('hosts = 1', "backplane.hosts", "unknown key"),
+    ('kind = "redis"\nurl = "redis://a:1"\nreplicas = 3', "backplane.replicas", 'only kind = "nats"'),
+    ('kind = "nats"\nurl = "nats://a:1"\nreplicas = 3', "backplane.replicas", "at least 3 servers"),
+    ('kind = "nats"\nurls = ["nats://a:1", "nats://b:1"]\nreplicas = 0', "backplane.replicas", "1..5"),
+    ('kind = "nats"\nurls = ["nats://a:1", "nats://b:1"]\nreplicas = 6', "backplane.replicas", "1..5"),
 ])
 def test_backplane_problems(table: str, key: str, needle: str) -> None:
     got_key, message = only_problem(MINIMAL + "[backplane]\n" + table + "\n")

@@ -9,7 +9,8 @@ channel name):
 
 =======================  =================================================================
 stream ``P_N``           subjects ``P.N.h.>``; ``max_msgs_per_subject = history_size + 1``,
-                         ``max_age = history_ttl`` (a day when that is 0), file storage
+                         ``max_age = history_ttl`` (a day when that is 0), file storage,
+                         ``[backplane] replicas`` replicas
 subject ``P.N.h.T``      the channel's history; each message has the headers
                          ``Edgeproxy-Seq`` and ``Edgeproxy-Epoch``
 subject ``P.N.l.T``      the live feed (core NATS), same payload and headers
@@ -34,6 +35,33 @@ resume, the subject's retained messages through an ephemeral pull consumer
 (``history_size + 1`` at most).  A channel with no message gets a marker message
 (seq 0, new epoch; stored only if the subject is still empty) so that the epoch a
 subscriber is told is the one publications will carry.
+
+**Cluster.**  ``urls`` lists servers of one NATS cluster; the stream has
+``[backplane] replicas`` replicas (3 by default with 3 servers listed), so a
+stored publication survives the loss of one server of three.  With more than one
+replica the last message is read from the stream leader (``STREAM.MSG.GET``), not
+with a direct get, which any replica may answer from a state that lags behind
+the last acknowledged store: a resume would then be told ``recovered: false``
+for a position it did see.  While the leader of a stream is being elected (a
+server was lost) its publishes fail (503) and succeed again once a new leader is
+up; a publish that timed out is in doubt (it may have been stored, and then has
+its seq like any other).
+
+On a clustered stream ``Nats-Expected-Last-Subject-Sequence`` alone does not
+serialize racing publishers: the leader checks it against what is stored, not
+against proposals still being replicated, so two stores expecting the same last
+message can both be taken (nats-server issue 4320, seen with Debian's 2.9.10:
+two publications numbered alike).  Each store therefore also carries
+``Nats-Msg-Id: T/<expected stream seq>``: JetStream's duplicate detection does
+count proposals in flight, so a second successor of the same message is refused
+as a duplicate and its publisher reads the new last message and tries again.  The
+``duplicate_window`` is ``min(10 s, max_age)``: the race is with a store still in
+flight, and a later one fails the expected-sequence check anyway; a short window
+keeps the leader's table of ids small at high publication rates.  A single server
+checks the expected sequence under the stream's lock, so there are no ids there.  The first store on an empty
+subject (a new epoch: no predecessor to name) checks instead that it is the
+subject's first message and, if another got in first, deletes its own and tries
+again.
 
 The connection is made without nats-py's own reconnect: `NetworkBackplane` owns the
 backoff with jitter, and on a lost connection a publish fails at once instead of
@@ -63,6 +91,10 @@ __all__ = ["NatsBackplane", "subject_token"]
 SEQ = "Edgeproxy-Seq"
 EPOCH = "Edgeproxy-Epoch"
 EXPECT = "Nats-Expected-Last-Subject-Sequence"
+MSG_ID = "Nats-Msg-Id"
+#: seconds JetStream remembers a store's Nats-Msg-Id: the refusal it is for is of a
+#: store racing one still in flight (a later one fails the expected-sequence check)
+DUPLICATE_WINDOW = 10.0
 WRONG_LAST_SEQUENCE = 10071
 
 
@@ -122,15 +154,28 @@ class NatsBackplane(NetworkBackplane):
         stream = StreamConfig(
             name=self.stream, subjects=[self.history_base + ">"],
             max_msgs_per_subject=self.hub.history_size + 1, max_age=self.hub.history_ttl or 86400.0,
-            storage=StorageType.FILE, allow_direct=True,
+            storage=StorageType.FILE, allow_direct=True, num_replicas=self.config.replicas,
+            duplicate_window=min(DUPLICATE_WINDOW, self.hub.history_ttl or 86400.0),
         )
-        try:
-            await self.js.add_stream(stream)
-        except BadRequestError:  # exists with other limits (the config changed): take ours
-            await self.js.update_stream(stream)
+        if not await self._stream_is(stream):
+            try:
+                await self.js.add_stream(stream)
+            except BadRequestError:  # exists with other limits (the config changed): take ours
+                await self.js.update_stream(stream)
         for name, callback in self.extra_feeds.items():
             await nc.subscribe(name, cb=lambda msg, cb=callback: cb(msg.data))
         await nc.flush(timeout=self.config.timeout)
+
+    async def _stream_is(self, wanted: StreamConfig) -> bool:
+        """Whether the stream exists with ``wanted``'s limits.  Asked first because the
+        stream's leader answers it, while creating goes through the cluster's meta leader:
+        a reconnect after the meta leader's server died need not wait for a new one."""
+        try:
+            have = (await self.js.stream_info(self.stream)).config
+        except NotFoundError:
+            return False
+        fields = ("subjects", "max_msgs_per_subject", "max_age", "num_replicas", "duplicate_window", "allow_direct")
+        return all(getattr(have, name) == getattr(wanted, name) for name in fields)
 
     async def _disconnect(self) -> None:
         nc, self.nc = self.nc, None
@@ -172,7 +217,8 @@ class NatsBackplane(NetworkBackplane):
 
     async def _read_last(self, channel: str) -> _Last | None:
         try:
-            msg = await self.js.get_last_msg(self.stream, self.history_base + subject_token(channel), direct=True)
+            msg = await self.js.get_last_msg(self.stream, self.history_base + subject_token(channel),
+                                             direct=self.config.replicas == 1)
         except NotFoundError:
             self.last.pop(channel, None)
             return None
@@ -181,15 +227,33 @@ class NatsBackplane(NetworkBackplane):
 
     async def _store(self, channel: str, last: _Last | None, data: bytes, seq: int, epoch: str) -> _Last | None:
         """Store ``data`` as ``seq`` after ``last``; None when another instance got there first."""
-        headers = {EXPECT: str(last.stream_seq if last is not None else 0), SEQ: str(seq), EPOCH: epoch}
+        subject = self.history_base + subject_token(channel)
+        after = last.stream_seq if last is not None else 0
+        headers = {EXPECT: str(after), SEQ: str(seq), EPOCH: epoch}
+        clustered = self.config.replicas > 1
+        if after and clustered:  # one successor per predecessor (see "Cluster" in the module doc)
+            headers[MSG_ID] = f"{subject_token(channel)}/{after}"
         try:
-            ack = await self.js.publish(self.history_base + subject_token(channel), data, headers=headers)
+            ack = await self.js.publish(subject, data, headers=headers)
         except BadRequestError as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 return None
             raise
+        if ack.duplicate:
+            return None
+        if not after and clustered and not await self._first_of_subject(subject, ack.seq):
+            return None
         stored = self.last[channel] = _Last(ack.seq, seq, epoch)
         return stored
+
+    async def _first_of_subject(self, subject: str, stream_seq: int) -> bool:
+        """Whether the message stored at ``stream_seq`` on an empty subject is the subject's
+        first; if another one got in first, ours is deleted."""
+        first = await self.js.get_msg(self.stream, seq=1, subject=subject, next=True)
+        if first.seq == stream_seq:
+            return True
+        await self.js.delete_msg(self.stream, stream_seq)
+        return False
 
     # -- publish and history ---------------------------------------------------------
 

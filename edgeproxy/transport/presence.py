@@ -6,9 +6,10 @@ Theory of operation
 Every hub connection gets an id, ``<instance>.<n>``, told to the client in
 ``connected`` (``client``); its user is the ``sub`` of its token, if any.
 
-`LocalPresence` (``[backplane] kind = "memory"`` or ``"nats"``) knows this process
-only.  `RedisPresence` (``kind = "redis"``) keeps the registry on the first shard
-(``P`` = prefix):
+`LocalPresence` (``[backplane] kind = "memory"``) knows this process only.
+`NatsPresence` (``kind = "nats"``, in ``edgeproxy.transport.nats_presence``) keeps
+the registry in JetStream key-value buckets (see that module).  `RedisPresence`
+(``kind = "redis"``) keeps the registry on the first shard (``P`` = prefix):
 
 ==========================  ============================================================
 ``P:inst:I``                the liveness key of instance ``I``: set with a TTL of one
@@ -84,17 +85,19 @@ class LocalPresence:
                 if not ids:
                     del self.by_user[conn.user]
 
+    def matching(self, target: dict[str, Any]) -> list[HubConnection]:
+        """The local connections ``target`` names (in its ``hub``, if it names one)."""
+        ids = [target["client"]] if "client" in target else sorted(self.by_user.get(target["user"], ()))
+        hub = target.get("hub")
+        return [conn for conn in map(self.by_id.get, ids)
+                if conn is not None and (hub is None or conn.service.config.path == hub)]
+
     def deliver_local(self, target: dict[str, Any], frame_data: bytes) -> int:
         """Write ``{"op":"message","data":...}`` to the local connections ``target`` names."""
-        ids = [target["client"]] if "client" in target else list(self.by_user.get(target["user"], ()))
-        count = 0
-        hub = target.get("hub")
-        for cid in ids:
-            conn = self.by_id.get(cid)
-            if conn is not None and (hub is None or conn.service.config.path == hub):
-                conn.send(b'{"op":"message","data":' + frame_data + b"}")
-                count += 1
-        return count
+        conns = self.matching(target)
+        for conn in conns:
+            conn.send(b'{"op":"message","data":' + frame_data + b"}")
+        return len(conns)
 
     async def lookup(self, target: dict[str, Any]) -> dict[str, list[str]]:
         """instance -> connection ids of ``target`` (``{"user": U}`` or ``{"client": C}``)."""
@@ -259,4 +262,7 @@ def make_presence(server: ProxyServer) -> LocalPresence:
     config = server.config.backplane
     if config.kind == "redis" and server.hubs:
         return RedisPresence(server, config.urls[0])
+    if config.kind == "nats" and server.hubs:
+        from edgeproxy.transport.nats_presence import NatsPresence
+        return NatsPresence(server)
     return LocalPresence(server)

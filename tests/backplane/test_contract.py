@@ -1,8 +1,11 @@
-"""The backplane contract (``edgeproxy.hub.backplane``), one suite for memory, Redis and NATS.
+"""The backplane contract (``edgeproxy.hub.backplane``), one suite for memory, Redis, NATS
+and a NATS cluster.
 
 Redis and NATS are the real servers of this machine (each test under its own prefix,
 removed after); a test skips when its service is absent and fails instead under
-``EDGEPROXY_REQUIRE_SERVICES=1``.  Tests of several nodes make one adapter per node,
+``EDGEPROXY_REQUIRE_SERVICES=1``.  "nats-cluster" is a private cluster of three
+nats-server processes on loopback (``tests/conftest.py`` `NatsCluster`), the streams
+with 3 replicas.  Tests of several nodes make one adapter per node,
 as separate proxies would.
 """
 
@@ -18,8 +21,8 @@ from edgeproxy.hub.protocol import Position, Publication
 from edgeproxy.metrics import Metrics
 from edgeproxy.transport.backplanes import BackplaneUnavailable, make_backplane
 
-KINDS = ["memory", "redis", "nats"]
-NETWORK = ["redis", "nats"]
+KINDS = ["memory", "redis", "nats", "nats-cluster"]
+NETWORK = ["redis", "nats", "nats-cluster"]
 
 
 class Node:
@@ -43,14 +46,20 @@ class Node:
 async def nodes(request, services):
     """Factory: ``await nodes(n, **hub_keys)`` -> n started `Node`s of the kind under test."""
     kind = request.param
-    url = services.require(kind) if kind != "memory" else None
+    engine, replicas = kind, 1
+    if kind == "nats-cluster":
+        engine, replicas = "nats", 3
+        url = request.getfixturevalue("nats_cluster").url
+    else:
+        url = services.require(kind) if kind != "memory" else None
     prefix = f"t{uuid.uuid4().hex[:12]}"
     made: list[Node] = []
 
     async def make(n: int = 1, *, url_override: str | None = None, **hub_keys) -> list[Node]:
         hub = HubConfig(path="/hub", **{"history_size": 100, "history_ttl": 60.0, **hub_keys})
-        config = BackplaneConfig(kind=kind, urls=(url_override or url,) if kind != "memory" else (),
-                                 prefix=prefix, timeout=2.0, reconnect_min=0.05, reconnect_max=0.5)
+        urls = tuple((url_override or url).split(",")) if kind != "memory" else ()
+        config = BackplaneConfig(kind=engine, urls=urls, replicas=replicas, prefix=prefix, timeout=2.0,
+                                 reconnect_min=0.05, reconnect_max=0.5)
         out = []
         for i in range(n):
             node = Node(make_backplane(config, hub, Metrics(), f"node{i}"))
@@ -59,12 +68,12 @@ async def nodes(request, services):
         made.extend(out)
         return out
 
-    make.kind = kind
+    make.kind, make.engine = kind, engine
     yield make
     for node in made:
         await node.backplane.close()
     if url is not None:
-        await services.cleanup(kind, url, prefix)
+        await services.cleanup(engine, url, prefix)
 
 
 all_kinds = pytest.mark.parametrize("nodes", KINDS, indirect=True)
@@ -214,12 +223,12 @@ async def test_lost_state_starts_a_new_epoch(nodes, services) -> None:
 
 
 @network_kinds
-async def test_unreachable_backplane_fails_loudly(nodes, server_process) -> None:
-    server = server_process(nodes.kind)
+async def test_unreachable_backplane_fails_loudly(nodes, server_process, private_nats_cluster) -> None:
+    server = private_nats_cluster() if nodes.kind == "nats-cluster" else server_process(nodes.kind)
     [node] = await nodes(1, url_override=server.url)
     bp = node.backplane
     assert (await bp.publish("x", b"1")).seq == 1
-    server.kill()
+    server.stop() if nodes.kind == "nats-cluster" else server.kill()
     with pytest.raises(BackplaneUnavailable):
         for _ in range(50):  # the first may still be in flight when the socket breaks
             await bp.publish("x", b"2")
@@ -269,4 +278,47 @@ async def test_redis_shards_place_each_tenant_on_one_real_server(server_process)
             assert not any(tenants[1 - index] + ":" in key for key in keys)
     finally:
         for node in nodes:
+            await node.backplane.close()
+
+
+async def test_nats_cluster_publisher_fails_over_when_its_server_is_killed(private_nats_cluster) -> None:
+    """The server a publishing node is connected to is SIGKILLed: its publishes fail
+    (BackplaneUnavailable) until it has reconnected to another server of the cluster,
+    then go on in the same epoch; a node on another server gets every seq once."""
+    servers = private_nats_cluster()
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    hub = HubConfig(path="/hub", history_size=100, history_ttl=60.0)
+    config = BackplaneConfig(kind="nats", urls=servers.urls, replicas=3, prefix=prefix, timeout=1.0,
+                             reconnect_min=0.05, reconnect_max=0.3)
+    made = []
+    try:
+        for i in range(8):  # until two nodes sit on different servers (nats-py shuffles the urls)
+            node = Node(make_backplane(config, hub, Metrics(), f"node{i}"))
+            await node.backplane.start(node.got.append)
+            made.append(node)
+            ports = {n.backplane.nc.connected_url.port for n in made}
+            if len(ports) > 1:
+                break
+        publisher = made[0]
+        victim = servers.client_ports.index(publisher.backplane.nc.connected_url.port)
+        watcher = next(n for n in made if n.backplane.nc.connected_url.port != servers.client_ports[victim])
+        await watcher.backplane.subscribe("ha")
+        first = [await publisher.backplane.publish("ha", b"%d" % i) for i in range(10)]
+        servers.kill(victim)
+        refused, after = 0, []
+        async with asyncio.timeout(30):
+            while len(after) < 10:
+                try:
+                    after.append(await publisher.backplane.publish("ha", b"x"))
+                except BackplaneUnavailable:
+                    refused += 1
+                    await asyncio.sleep(0.05)
+        assert refused > 0 and publisher.backplane.up
+        assert publisher.backplane.nc.connected_url.port != servers.client_ports[victim]
+        assert {p.epoch for p in first + after} == {first[0].epoch}
+        top = after[-1].seq
+        assert sorted({p.seq for p in after}) == [p.seq for p in after]  # increasing
+        assert await watcher.wait("ha", top, timeout=20) == list(range(1, top + 1))
+    finally:
+        for node in made:
             await node.backplane.close()
