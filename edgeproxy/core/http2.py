@@ -245,8 +245,12 @@ class ServerConnection:
                  connection_window_size: int = 1048576, max_header_list_size: int = 32768,
                  stream_buffer: int = 262144, flood_window: float = 10.0, max_resets: int = 200,
                  max_control_frames: int = 1000, now: float = 0.0):
+        # Outbound fields are built here from heads h11 validated: names lowercased, hop-by-hop
+        # fields (RFC 9113 section 8.2.2) stripped, pseudo-header first; h2's own outbound checks
+        # (a third of a response's CPU in its per-field generators) would only repeat that.
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                           validate_inbound_headers=True, normalize_inbound_headers=True)
+                                           validate_inbound_headers=True, normalize_inbound_headers=True,
+                                           validate_outbound_headers=False, normalize_outbound_headers=False)
         self._h2 = conn = h2.connection.H2Connection(config)
         conn.local_settings = h2.settings.Settings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,

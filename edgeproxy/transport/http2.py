@@ -52,7 +52,7 @@ from edgeproxy.transport import resume
 from edgeproxy.transport.hub_sse import SSE_SUFFIX
 from edgeproxy.transport.request_ids import new_request_id
 from edgeproxy.transport.sse import ProxiedEventStream, wanted as sse_wanted
-from edgeproxy.transport.upstream import UpstreamConnection, UpstreamRequest, UpstreamUnavailable, lease
+from edgeproxy.transport.upstream import UpstreamConnection, UpstreamRequest, UpstreamUnavailable, lease, lease_idle
 
 if TYPE_CHECKING:
     from edgeproxy.transport.server import ProxyServer
@@ -125,7 +125,7 @@ class Http2Connection(asyncio.Protocol):
 
     __slots__ = (
         "server", "listener", "transport", "client_ip", "closed", "relay", "h2", "streams", "scheme",
-        "_admitted_ip", "_metrics_key", "_opened_at", "_timer", "_deadline", "_writing_paused",
+        "_admitted_ip", "_metrics_key", "_opened_at", "_timer", "_deadline", "_writing_paused", "_flush_due",
     )
 
     def __init__(self, server: ProxyServer, listener, transport: asyncio.Transport, client_ip: str, *,
@@ -144,6 +144,8 @@ class Http2Connection(asyncio.Protocol):
         self._opened_at = opened_at
         self._timer = None
         self._writing_paused = False
+        #: a write of what the core has to send is due at the end of this loop turn (`flush`)
+        self._flush_due = False
         cfg = server.config.http2
         now = server.now()
         self.h2 = core.ServerConnection(
@@ -219,7 +221,18 @@ class Http2Connection(asyncio.Protocol):
     # -- helpers -------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write what the core has to send."""
+        """Write what the core has to send, once per loop turn.
+
+        The responses of many streams come in on as many upstream connections
+        within one turn of the loop: their frames go out in one write (and one
+        syscall) after the turn's reads, not one write per stream.
+        """
+        if not self._flush_due and not self.closed:
+            self._flush_due = True
+            self.server.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_due = False
         if not self.closed:
             data = self.h2.data_to_send()
             if data:
@@ -227,7 +240,7 @@ class Http2Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         if not self.closed:
-            self.flush()
+            self._flush_now()
             self.closed = True
             self.transport.close()
 
@@ -315,7 +328,15 @@ class Http2Connection(asyncio.Protocol):
         if not event.ended and server.config.http.body_timeout:
             stream.body_deadline = now + server.config.http.body_timeout
         self.streams[event.stream_id] = stream
-        stream.task = server.loop.create_task(self._connect(stream))
+        try:
+            conn = lease_idle(stream, self.client_ip, now=server.now)
+        except UpstreamUnavailable as exc:
+            self._failed(stream, exc.status, exc.message, exc.headers)
+            return
+        if conn is None:  # connect (or fall back) in a task
+            stream.task = server.loop.create_task(self._connect(stream, chosen=True))
+        else:  # a pooled connection waited: no task, no loop turn
+            self._attach_or_fail(stream, conn)
 
     def _answer(self, stream_id: int, head, status: int, message: str, extra_headers=(), *,
                 request_done: bool = True, request_id: str = "-") -> None:
@@ -377,11 +398,11 @@ class Http2Connection(asyncio.Protocol):
 
     # -- the upstream's side ------------------------------------------------------
 
-    async def _connect(self, stream: _Stream) -> None:
+    async def _connect(self, stream: _Stream, chosen: bool = False) -> None:
         server = self.server
         try:
             conn = await lease(stream, self.client_ip, pooled=True, metrics=server.metrics, loop=server.loop,
-                               now=server.now)
+                               now=server.now, chosen=chosen)
         except UpstreamUnavailable as exc:
             if self.streams.get(stream.id) is stream:
                 self._failed(stream, exc.status, exc.message, exc.headers)
@@ -389,12 +410,15 @@ class Http2Connection(asyncio.Protocol):
         if self.streams.get(stream.id) is not stream or self.closed:
             conn.close()
             return
+        self._attach_or_fail(stream, conn)
+        self.flush()
+
+    def _attach_or_fail(self, stream: _Stream, conn: UpstreamConnection) -> None:
         try:
             self._attach(stream, conn)
         except LocalProtocolError as exc:
             log.warning("request cannot be relayed to %s: %s", conn.server, exc)
             self._failed(stream, 502, "request cannot be relayed")
-        self.flush()
 
     def _attach(self, stream: _Stream, conn: UpstreamConnection) -> None:
         stream.upstream = conn
