@@ -441,11 +441,14 @@ class ServerConnection:
         self._out.pop(stream_id, None)
         self._reset_when_sent.discard(stream_id)
 
-    def _send_queued(self, stream_id: int, out: _Outbound) -> None:
+    def _send_queued(self, stream_id: int, out: _Outbound, budget: int = -1) -> None:
+        """Send what the windows allow of a stream's queue (at most ``budget`` bytes when >= 0)."""
         conn = self._h2
         try:
             while out.chunks:
                 window = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+                if budget >= 0:
+                    window = min(window, budget)
                 if window <= 0:
                     return
                 chunk = out.chunks[0]
@@ -455,6 +458,7 @@ class ServerConnection:
                 else:
                     del out.chunks[0]
                 out.size -= len(chunk)
+                budget -= len(chunk)
                 last = out.end and not out.chunks
                 conn.send_data(stream_id, chunk, end_stream=last)
                 if last:
@@ -474,8 +478,32 @@ class ServerConnection:
             self.reset(stream_id, ErrorCodes.NO_ERROR)
 
     def _flush(self, events: list) -> None:
-        for stream_id, out in list(self._out.items()):
-            self._send_queued(stream_id, out)
+        """The client's windows opened: share them out, one frame per stream per round.
+
+        Round-robin over the streams with queued bytes, least recently served
+        first (a stream that sent goes to the back of `_out`), so a large
+        response the connection window holds back cannot starve the small ones
+        queued beside it (RFC 9113 section 5.3: without priorities, share).
+        """
+        conn = self._h2
+        quantum = conn.max_outbound_frame_size
+        queued = list(self._out.items())
+        waiting = [stream_id for stream_id, _ in queued]
+        while waiting and conn.outbound_flow_control_window > 0:
+            again = []
+            for stream_id in waiting:
+                out = self._out.get(stream_id)
+                if out is None:
+                    continue
+                size = out.size
+                self._send_queued(stream_id, out, quantum)
+                if out.size < size and self._out.get(stream_id) is out:
+                    del self._out[stream_id]
+                    self._out[stream_id] = out  # served: to the back of the line
+                    if out.chunks:
+                        again.append(stream_id)
+            waiting = again
+        for stream_id, out in queued:
             if out.over and out.size <= self.stream_buffer:
                 out.over = False
                 events.append(Drained(stream_id))
