@@ -131,7 +131,8 @@ class Body:
 
 @dataclass(slots=True)
 class EndOfMessage:
-    pass
+    #: the trailer fields of a chunked message (only `ClientSide` reports them: the upstream's)
+    trailers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(slots=True)
@@ -880,10 +881,15 @@ class ClientSide:
     def send_data(self, data: bytes) -> bytes:
         return self._send(h11.Data(data=data))
 
-    def send_end(self) -> bytes:
+    def send_end(self, trailers: Headers | tuple = ()) -> bytes:
+        """The end of the request body, with ``trailers`` when it is chunked.
+
+        Raises:
+            LocalProtocolError: trailers on a body framed by Content-Length (HTTP/1.1 cannot carry them).
+        """
         if self._upgrade is not None:
             return b""  # a GET upgrade has no body; h11 would also write nothing
-        return self._send(h11.EndOfMessage())
+        return self._send(h11.EndOfMessage(headers=list(trailers)) if trailers else h11.EndOfMessage())
 
     def receive_data(self, data: bytes) -> None:
         if self._switched is not None:
@@ -941,6 +947,8 @@ class ClientSide:
                 headers=[(bytes(n), bytes(v)) for n, v in event.headers.raw_items()],
             )
         if isinstance(event, h11.EndOfMessage):
+            if event.headers:
+                return EndOfMessage(tuple((bytes(n), bytes(v)) for n, v in event.headers.raw_items()))
             return EndOfMessage()
         if isinstance(event, h11.ConnectionClosed):
             return ConnectionClosed()

@@ -108,7 +108,10 @@ class Data:
 
 @dataclass(slots=True)
 class RequestEnded:
+    """The request is complete; ``trailers``: the fields of its trailing HEADERS frame, if it had one."""
+
     stream_id: int
+    trailers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(slots=True)
@@ -221,12 +224,14 @@ class _FrameScanner:
 class _Outbound:
     """A stream's response bytes waiting for window, and whether END_STREAM follows them."""
 
-    __slots__ = ("chunks", "size", "end", "over")
+    __slots__ = ("chunks", "size", "end", "over", "trailers")
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.size = 0
         self.end = False
+        #: fields for a trailing HEADERS frame (with END_STREAM) after the last byte
+        self.trailers: list | None = None
         self.over = False  # the transport was told the queue is full (a Drained is owed)
 
 
@@ -271,6 +276,8 @@ class ServerConnection:
         self._reset_when_sent: set[int] = set()
         #: streams the transport is serving (opened, not yet ended or reset)
         self.open: set[int] = set()
+        #: request trailers received, until their stream's end is reported
+        self._trailers: dict[int, tuple] = {}
         #: the last stream a graceful GOAWAY promised to serve (None: no GOAWAY yet)
         self.last_stream: int | None = None
         self.terminated: Terminated | None = None
@@ -305,8 +312,12 @@ class ServerConnection:
         elif kind is h2.events.RequestReceived:
             self._request(event, events)
         elif kind is h2.events.StreamEnded:
+            trailers = self._trailers.pop(event.stream_id, ())
             if event.stream_id in self.open:
-                events.append(RequestEnded(event.stream_id))
+                events.append(RequestEnded(event.stream_id, trailers))
+        elif kind is h2.events.TrailersReceived:
+            if event.stream_id in self.open:  # (h2 checked them: no pseudo-header fields)
+                self._trailers[event.stream_id] = tuple(event.headers)
         elif kind is h2.events.StreamReset:
             self._forget(event.stream_id)
             if event.stream_id in self.open:
@@ -350,14 +361,23 @@ class ServerConnection:
         except h2.exceptions.StreamClosedError:
             self._forget(stream_id)  # the client reset it meanwhile: nobody to answer
 
-    def send_data(self, stream_id: int, data: bytes, *, end: bool = False) -> bool:
-        """Queue response bytes (and END_STREAM); False when the stream's queue is over `stream_buffer`."""
+    def send_data(self, stream_id: int, data: bytes, *, end: bool = False, trailers: Headers | tuple = ()) -> bool:
+        """Queue response bytes (and END_STREAM); False when the stream's queue is over `stream_buffer`.
+
+        With ``end``, ``trailers`` (HTTP/1.1 fields) go out as a trailing
+        HEADERS frame carrying END_STREAM (RFC 9113 section 8.1), once the
+        queued bytes are out; hop-by-hop and framing fields are left out.
+        """
         out = self._out.get(stream_id)
         if out is None:
             out = self._out[stream_id] = _Outbound()
         if data:
             out.chunks.append(data)
             out.size += len(data)
+        if end and trailers:
+            fields = [(name.lower(), value) for name, value in strip_hop_by_hop(trailers)
+                      if name.lower() != b"content-length"]
+            out.trailers = fields or None
         out.end = out.end or end
         if end:
             self.open.discard(stream_id)
@@ -439,6 +459,7 @@ class ServerConnection:
 
     def _forget(self, stream_id: int) -> None:
         self._out.pop(stream_id, None)
+        self._trailers.pop(stream_id, None)
         self._reset_when_sent.discard(stream_id)
 
     def _send_queued(self, stream_id: int, out: _Outbound, budget: int = -1) -> None:
@@ -459,13 +480,16 @@ class ServerConnection:
                     del out.chunks[0]
                 out.size -= len(chunk)
                 budget -= len(chunk)
-                last = out.end and not out.chunks
+                last = out.end and not out.chunks and out.trailers is None
                 conn.send_data(stream_id, chunk, end_stream=last)
                 if last:
                     self._finished(stream_id)
                     return
             if out.end:
-                conn.end_stream(stream_id)
+                if out.trailers is not None:
+                    conn.send_headers(stream_id, out.trailers, end_stream=True)
+                else:
+                    conn.end_stream(stream_id)
                 self._finished(stream_id)
         except h2.exceptions.ProtocolError:  # the stream was closed meanwhile (reset)
             self._out.pop(stream_id, None)
@@ -507,6 +531,12 @@ class ServerConnection:
             if out.over and out.size <= self.stream_buffer:
                 out.over = False
                 events.append(Drained(stream_id))
+
+
+def wants_trailers(head: RequestHead) -> bool:
+    """The client said it takes trailer fields (``te: trailers``, RFC 9110 section 10.1.4; gRPC sends it)."""
+    value = head.header(b"te")
+    return value is not None and b"trailers" in value.lower()
 
 
 def _reason_of(exc: Exception) -> str:
@@ -565,5 +595,5 @@ def _request_head(fields, ended: bool) -> RequestHead | Refused:
 
 __all__ = [
     "CLIENT_GOAWAY", "Data", "Drained", "ERROR_REASONS", "PREFACE", "REASONS", "Refused", "Request", "RequestEnded",
-    "Reset", "ServerConnection", "Terminated",
+    "Reset", "ServerConnection", "Terminated", "wants_trailers",
 ]

@@ -67,7 +67,7 @@ _HTTP_1_1_REQUIRED = 0xD
 class _Stream(UpstreamRequest):
     """One request stream; the `owner` of its upstream connection while it has one."""
 
-    __slots__ = ("conn", "id", "pending_flow", "held_flow", "holding", "window_paused", "request_id")
+    __slots__ = ("conn", "id", "pending_flow", "held_flow", "holding", "window_paused", "request_id", "trailers")
 
     def __init__(self, conn: Http2Connection, stream_id: int, head, route, group, started: float):
         super().__init__(head, route, group, started)
@@ -82,6 +82,8 @@ class _Stream(UpstreamRequest):
         self.window_paused = False
         #: X-Request-Id of the request ("-": off), as on HTTP/1.1
         self.request_id = "-"
+        #: the request's trailer fields, for the end of its chunked body upstream
+        self.trailers: tuple = ()
 
     # -- the upstream connection's owner interface (see UpstreamConnection) --
 
@@ -176,7 +178,7 @@ class Http2Connection(asyncio.Protocol):
             elif kind is core.Request:
                 self._on_request(event)
             elif kind is core.RequestEnded:
-                self._on_request_end(event.stream_id)
+                self._on_request_end(event.stream_id, event.trailers)
             elif kind is core.Reset:
                 self._drop(event.stream_id, abort_upstream=True)
             elif kind is core.Drained:
@@ -381,15 +383,23 @@ class Http2Connection(asyncio.Protocol):
         self._drop(stream.id, abort_upstream=True)
         self.flush()
 
-    def _on_request_end(self, stream_id: int) -> None:
+    def _on_request_end(self, stream_id: int, trailers: tuple = ()) -> None:
         stream = self.streams.get(stream_id)
         if stream is None:
             return
         stream.request_done = True
         stream.body_deadline = 0.0
+        if trailers:
+            if stream.head.header(b"content-length") is not None:
+                # HTTP/1.1 carries trailers only after a chunked body; this one is framed by its length.
+                self._client_failed(stream, 400, "request trailers cannot be forwarded: the request has a "
+                                    "Content-Length, and HTTP/1.1 carries trailers only in chunked bodies",
+                                    "request_trailers")
+                return
+            stream.trailers = tuple(http1.strip_hop_by_hop(list(trailers)))
         up = stream.upstream
         if up is not None and not up.closed:
-            up.write(up.http.send_end())
+            up.write(up.http.send_end(stream.trailers))
             self._arm_read_deadline(stream)
 
     def _arm_read_deadline(self, stream: _Stream) -> None:
@@ -430,12 +440,14 @@ class Http2Connection(asyncio.Protocol):
         )
         if head.has_body and head.header(b"content-length") is None:
             headers.append((b"Transfer-Encoding", b"chunked"))  # h11 frames it; HTTP/2 had no length
+        if core.wants_trailers(head):  # hop-by-hop: said again for this hop (RFC 9110 section 10.1.4)
+            headers += [(b"TE", b"trailers"), (b"Connection", b"TE")]
         out = conn.http.send_request(head, headers)
         for chunk in stream.pending:
             out += conn.http.send_data(chunk)
         stream.pending.clear()
         if stream.request_done:
-            out += conn.http.send_end()
+            out += conn.http.send_end(stream.trailers)
         conn.write(out)
         if stream.pending_flow:
             flow, stream.pending_flow = stream.pending_flow, 0
@@ -488,7 +500,7 @@ class Http2Connection(asyncio.Protocol):
                 if not self._on_response_head(stream, up, event):
                     return
             elif isinstance(event, EndOfMessage):
-                self._on_response_end(stream, up)
+                self._on_response_end(stream, up, event.trailers)
                 break
             elif isinstance(event, ConnectionClosed) or event is http1.PAUSED:
                 self._upstream_closed_early(stream, up)
@@ -531,8 +543,10 @@ class Http2Connection(asyncio.Protocol):
         self._drop(stream.id, abort_upstream=True)
         self.flush()
 
-    def _on_response_end(self, stream: _Stream, up: UpstreamConnection) -> None:
-        self.h2.send_data(stream.id, b"", end=True)
+    def _on_response_end(self, stream: _Stream, up: UpstreamConnection, trailers: tuple = ()) -> None:
+        # The upstream's trailers go on only to a client that said it takes them (te: trailers).
+        self.h2.send_data(stream.id, b"", end=True,
+                          trailers=trailers if trailers and core.wants_trailers(stream.head) else ())
         now = self.server.now()
         self._log(stream.head, stream.status, stream.bytes_out, stream, up)
         stream.upstream = None
