@@ -201,15 +201,17 @@ def markdown(rows: list[dict], opts, command: str) -> str:
     for r in rows:
         lines.append(f"| {r['target']} | {r['mode']} | {r['requests_per_s']:,.0f} | {r['p99_ms']} | "
                      f"{r['proxy_cpu_us_per_request']} |")
-    if "nginx" in targets:
-        for target in (t for t in targets if t != "nginx"):
-            lines += ["", f"{target} / nginx (req/s: higher is better; p99, CPU: lower is better):", "",
-                      "| mode | req/s | p99 | CPU/req |", "|---|---|---|---|"]
-            for mode, _, _ in MODES:
-                a, b = by.get((target, mode)), by.get(("nginx", mode))
-                if a and b:
-                    lines.append(f"| {mode} | {ratio(a, b, 'requests_per_s')} | {ratio(a, b, 'p99_ms')} | "
-                                 f"{ratio(a, b, 'proxy_cpu_us_per_request')} |")
+    pairs = [(t, "nginx") for t in targets if t != "nginx" and "nginx" in targets]
+    if "edgeproxy" in targets and "edgeproxy-base" in targets:
+        pairs.append(("edgeproxy", "edgeproxy-base"))
+    for target, other in pairs:
+        lines += ["", f"{target} / {other} (req/s: higher is better; p99, CPU: lower is better):", "",
+                  "| mode | req/s | p99 | CPU/req |", "|---|---|---|---|"]
+        for mode, _, _ in MODES:
+            a, b = by.get((target, mode)), by.get((other, mode))
+            if a and b:
+                lines.append(f"| {mode} | {ratio(a, b, 'requests_per_s')} | {ratio(a, b, 'p99_ms')} | "
+                             f"{ratio(a, b, 'proxy_cpu_us_per_request')} |")
     return "\n".join(lines) + "\n"
 
 
