@@ -131,7 +131,8 @@ class Body:
 
 @dataclass(slots=True)
 class EndOfMessage:
-    pass
+    #: the trailer fields of a chunked message (only `ClientSide` reports them: the upstream's)
+    trailers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(slots=True)
@@ -361,6 +362,83 @@ _PLAIN_GET_LINE = re.compile(rb"GET ([\x21-\x7e]+) HTTP/1\.1")
 _STATUS_101 = re.compile(rb"HTTP/1\.1 101(?: ((?:[ \t]|[^\x00\s])*))?")
 #: headers that make a 101 unusual enough to leave to h11's checks
 _NOT_IN_A_PLAIN_101 = frozenset({b"content-length", b"transfer-encoding"})
+_TOKEN_RE = re.compile(_TOKEN)
+_FIELD_VALUE_RE = re.compile(_FIELD_VALUE)
+_REQUEST_TARGET = re.compile(rb"[\x21-\x7e]+")
+_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: ((?:[ \t]|[^\x00\s])*))?")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+#: request headers that leave a body-less GET or HEAD to h11 (framing, connection state, 100-continue)
+_NOT_IN_A_PLAIN_REQUEST = frozenset({b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade"})
+
+
+def plain_request(method: bytes, target: bytes, headers: Headers) -> bytes | None:
+    """A body-less GET or HEAD serialized as h11 would, or None when h11 should judge it.
+
+    Plain: the target and every field in RFC 9110's grammar (the same test as
+    h11's), exactly one Host, nothing about framing or the connection.
+    """
+    if method not in (b"GET", b"HEAD") or _REQUEST_TARGET.fullmatch(target) is None:
+        return None
+    hosts = 0
+    for name, value in headers:
+        if _TOKEN_RE.fullmatch(name) is None or _FIELD_VALUE_RE.fullmatch(value) is None:
+            return None
+        lname = name.lower()
+        if lname == b"host":
+            hosts += 1
+        elif lname in _NOT_IN_A_PLAIN_REQUEST:
+            return None
+    if hosts != 1:
+        return None
+    return serialize_head(method + b" " + target + b" HTTP/1.1", headers)
+
+
+def _plain_head(data: bytes | bytearray, status_line: re.Pattern) -> tuple[re.Match, list[bytes], int] | None:
+    """The status line's match, the field lines and the head's length (without CRLF CRLF), or None."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = bytes(data[:end]).split(b"\r\n")
+    status = status_line.fullmatch(lines[0])
+    return None if status is None else (status, lines[1:], end)
+
+
+def parse_plain_response(data: bytes | bytearray, method: bytes) -> tuple[ResponseHead, int, int, bool] | None:
+    """A complete, plain final response head: (head, its length, body length, keep-alive).
+
+    Plain: `HTTP/1.1` and a status of 200-599, CRLF line ends, fields in the
+    strict grammar, a body framed by one plain Content-Length (or none for HEAD,
+    204 and 304), no Transfer-Encoding.  Anything else (and an incomplete head)
+    is None: the caller hands the exchange to h11, which decides.
+    """
+    head = _plain_head(data, _STATUS_LINE)
+    if head is None:
+        return None
+    status, lines, end = head
+    code = int(status.group(1))
+    headers: Headers = []
+    length = None
+    keep = True
+    for line in lines:
+        match = _HEADER_LINE.fullmatch(line)
+        if match is None:
+            return None
+        name, value = match.group(1), match.group(2)
+        lname = name.lower()
+        if lname == b"content-length":
+            if length is not None or _DIGITS.fullmatch(value) is None:
+                return None
+            length = int(value)
+        elif lname == b"transfer-encoding":
+            return None
+        elif lname == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
+            keep = False
+        headers.append((name, value))
+    if method == b"HEAD" or code in (204, 304):
+        length = 0
+    elif length is None:
+        return None  # read until close: h11's
+    return ResponseHead(code, status.group(2) or b"", b"1.1", headers), end + 4, length, keep
 
 
 def serialize_head(start_line: bytes, headers: Headers) -> bytes:
@@ -420,15 +498,12 @@ def parse_plain_101(data: bytes | bytearray) -> tuple[ResponseHead, int] | None:
     grammar does not accept (bare LF line ends, Content-Length, a missing
     colon, ...): the caller then hands the bytes to h11, which decides.
     """
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
+    head = _plain_head(data, _STATUS_101)
+    if head is None:
         return None
-    lines = bytes(data[:end]).split(b"\r\n")
-    status = _STATUS_101.fullmatch(lines[0])
-    if status is None:
-        return None
+    status, lines, end = head
     headers: Headers = []
-    for line in lines[1:]:
+    for line in lines:
         match = _HEADER_LINE.fullmatch(line)
         if match is None:
             return None
@@ -839,6 +914,16 @@ class ClientSide:
         self.method = b"GET"
         #: an upgrade request sent on the fast path, waiting for its answer
         self._upgrade: tuple[bytes, Headers] | None = None
+        #: a body-less GET/HEAD sent on the fast path: (target, headers) until its response
+        #: head is parsed, then () while its body is counted out, then None
+        self._plain: tuple | None = None
+        #: response body bytes still due on the fast path (-1: no fast-path body; 0: the end is next)
+        self._plain_left = -1
+        #: the fast-path exchange is over: h11 never saw it; ``_plain_keep``: the response let the
+        #: connection stay open; ``_plain_stray``: bytes came after it
+        self._plain_done = False
+        self._plain_keep = False
+        self._plain_stray = False
         self._received = bytearray()
         self._eof = False
         #: after a fast-path 101: the bytes that followed it (WebSocket frames)
@@ -846,8 +931,11 @@ class ClientSide:
 
     @property
     def reusable(self) -> bool:
+        if self._plain_done:
+            # (h11 would pool a connection with stray bytes and read them as the next response)
+            return self._plain_keep and not self._plain_stray and not self._eof
         conn = self._conn
-        return self._upgrade is None and self._switched is None and conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        return self._plain is None and self._upgrade is None and self._switched is None and conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     @property
     def _conn(self) -> h11.Connection:
@@ -871,6 +959,15 @@ class ClientSide:
             # proxy's own, so they are valid; h11 would write the same bytes.
             self._upgrade = (head.target, headers)
             return serialize_head(b"GET " + head.target + b" HTTP/1.1", headers)
+        if not head.has_body and not head.websocket and not self._plain_done and (
+            self._h11 is None or self._h11.our_state is h11.IDLE
+        ):
+            # The common request of a proxy: h11's bytes without h11's per-event cost; its
+            # response too, when it is plain (`parse_plain_response`), else h11 takes over.
+            out = plain_request(head.method, head.target, headers)
+            if out is not None:
+                self._plain = (head.target, headers)
+                return out
         try:
             request = h11.Request(method=head.method, target=head.target, headers=headers)
         except h11.LocalProtocolError as exc:  # e.g. HTTP/1.0 naming no host: 1.1 upstream needs one
@@ -878,16 +975,35 @@ class ClientSide:
         return self._send(request)
 
     def send_data(self, data: bytes) -> bytes:
+        if self._plain:
+            self._fall_back_to_h11()  # which refuses a body the request did not announce
         return self._send(h11.Data(data=data))
 
-    def send_end(self) -> bytes:
-        if self._upgrade is not None:
+    def send_end(self, trailers: Headers | tuple = ()) -> bytes:
+        """The end of the request body, with ``trailers`` when it is chunked.
+
+        Raises:
+            LocalProtocolError: trailers on a body framed by Content-Length (HTTP/1.1 cannot carry them).
+        """
+        if self._upgrade is not None or (self._plain is not None and not trailers):
             return b""  # a GET upgrade has no body; h11 would also write nothing
-        return self._send(h11.EndOfMessage())
+        if self._plain:
+            self._fall_back_to_h11()
+        return self._send(h11.EndOfMessage(headers=list(trailers)) if trailers else h11.EndOfMessage())
 
     def receive_data(self, data: bytes) -> None:
         if self._switched is not None:
             self._switched += data
+        elif self._plain is not None:
+            if data:
+                self._received += data
+            else:
+                self._eof = True
+        elif self._plain_done:
+            if data:
+                self._plain_stray = True
+            else:
+                self._eof = True
         elif self._upgrade is None:
             self._conn.receive_data(data)
         elif data:
@@ -896,10 +1012,14 @@ class ClientSide:
             self._eof = True
 
     def _fall_back_to_h11(self) -> None:
-        """Replay the fast-path upgrade into h11, which handles the rest."""
-        target, headers = self._upgrade
-        self._upgrade = None
-        self._send(h11.Request(method=b"GET", target=target, headers=headers))
+        """Replay the fast-path upgrade (or plain request) into h11, which handles the rest."""
+        if self._plain:
+            (target, headers), method = self._plain, self.method
+            self._plain = None
+        else:
+            (target, headers), method = self._upgrade, b"GET"
+            self._upgrade = None
+        self._send(h11.Request(method=method, target=target, headers=headers))
         self._send(h11.EndOfMessage())
         self._conn.receive_data(bytes(self._received))
         self._received.clear()
@@ -914,6 +1034,17 @@ class ClientSide:
         """
         if self._switched is not None:
             return PAUSED  # as h11 does after a 101
+        if self._plain is not None:
+            event = self._next_plain()
+            if event is not None:
+                return event
+        elif self._plain_done:  # what h11 says once the response is complete
+            if self._plain_stray:
+                if not self._plain_keep:
+                    raise RemoteProtocolError("invalid response from upstream: Got data when expecting EOF",
+                                              status_hint=502)
+                return PAUSED
+            return ConnectionClosed() if self._eof else NEED_DATA
         if self._upgrade is not None:
             parsed = parse_plain_101(self._received)
             if parsed is not None:
@@ -941,10 +1072,46 @@ class ClientSide:
                 headers=[(bytes(n), bytes(v)) for n, v in event.headers.raw_items()],
             )
         if isinstance(event, h11.EndOfMessage):
+            if event.headers:
+                return EndOfMessage(tuple((bytes(n), bytes(v)) for n, v in event.headers.raw_items()))
             return EndOfMessage()
         if isinstance(event, h11.ConnectionClosed):
             return ConnectionClosed()
         return event
+
+    def _next_plain(self):
+        """The fast path's next event, or None once it handed the exchange to h11."""
+        received = self._received
+        left = self._plain_left
+        if left < 0:  # the head
+            parsed = parse_plain_response(received, self.method)
+            if parsed is None or parsed[1] > self.max_header_size:
+                if not self._eof and len(received) <= self.max_header_size and (
+                    received.find(b"\r\n\r\n") < 0 and received.find(b"\n\n") < 0
+                ):
+                    return NEED_DATA
+                self._fall_back_to_h11()
+                return None
+            head, length, self._plain_left, self._plain_keep = parsed
+            self._plain = ()
+            del received[:length]
+            return head
+        if left == 0:
+            self._plain_stray = bool(received)
+            self._plain = None
+            self._plain_left = -1
+            self._plain_done = True
+            received.clear()
+            return EndOfMessage()
+        if received:
+            data = bytes(received[:left])
+            del received[:left]
+            self._plain_left = left - len(data)
+            return Body(data)
+        if self._eof:
+            raise RemoteProtocolError("invalid response from upstream: peer closed connection without sending "
+                                      f"complete message body ({left} bytes missing)", status_hint=502)
+        return NEED_DATA
 
     def trailing_data(self) -> bytes:
         """Bytes the upstream sent after its 101 (already WebSocket frames)."""
@@ -953,4 +1120,7 @@ class ClientSide:
         return bytes(self._conn.trailing_data[0])
 
     def start_next_cycle(self) -> None:
+        if self._plain_done:  # h11 never left IDLE
+            self._plain_done = self._plain_stray = False
+            return
         self._conn.start_next_cycle()

@@ -125,7 +125,10 @@ class Data:
 
 @dataclass(slots=True)
 class RequestEnded:
+    """The request is complete; ``trailers``: the fields of its trailing HEADERS frame, if it had one."""
+
     stream_id: int
+    trailers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(slots=True)
@@ -238,12 +241,14 @@ class _FrameScanner:
 class _Outbound:
     """A stream's response bytes waiting for window, and whether END_STREAM follows them."""
 
-    __slots__ = ("chunks", "size", "end", "over")
+    __slots__ = ("chunks", "size", "end", "over", "trailers")
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.size = 0
         self.end = False
+        #: fields for a trailing HEADERS frame (with END_STREAM) after the last byte
+        self.trailers: list | None = None
         self.over = False  # the transport was told the queue is full (a Drained is owed)
 
 
@@ -263,8 +268,12 @@ class ServerConnection:
                  connection_window_size: int = 1048576, max_header_list_size: int = 32768,
                  stream_buffer: int = 262144, flood_window: float = 10.0, max_resets: int = 200,
                  max_control_frames: int = 1000, websocket: bool = False, now: float = 0.0):
+        # Outbound fields are built here from heads h11 validated: names lowercased, hop-by-hop
+        # fields (RFC 9113 section 8.2.2) stripped, pseudo-header first; h2's own outbound checks
+        # (a third of a response's CPU in its per-field generators) would only repeat that.
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                           validate_inbound_headers=True, normalize_inbound_headers=True)
+                                           validate_inbound_headers=True, normalize_inbound_headers=True,
+                                           validate_outbound_headers=False, normalize_outbound_headers=False)
         self._h2 = conn = h2.connection.H2Connection(config)
         conn.local_settings = h2.settings.Settings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
@@ -287,6 +296,8 @@ class ServerConnection:
         self._reset_when_sent: set[int] = set()
         #: streams the transport is serving (opened, not yet ended or reset)
         self.open: set[int] = set()
+        #: request trailers received, until their stream's end is reported
+        self._trailers: dict[int, tuple] = {}
         #: the last stream a graceful GOAWAY promised to serve (None: no GOAWAY yet)
         self.last_stream: int | None = None
         self.terminated: Terminated | None = None
@@ -321,8 +332,12 @@ class ServerConnection:
         elif kind is h2.events.RequestReceived:
             self._request(event, events)
         elif kind is h2.events.StreamEnded:
+            trailers = self._trailers.pop(event.stream_id, ())
             if event.stream_id in self.open:
-                events.append(RequestEnded(event.stream_id))
+                events.append(RequestEnded(event.stream_id, trailers))
+        elif kind is h2.events.TrailersReceived:
+            if event.stream_id in self.open:  # (h2 checked them: no pseudo-header fields)
+                self._trailers[event.stream_id] = tuple(event.headers)
         elif kind is h2.events.StreamReset:
             self._forget(event.stream_id)
             if event.stream_id in self.open:
@@ -368,14 +383,23 @@ class ServerConnection:
         except h2.exceptions.StreamClosedError:
             self._forget(stream_id)  # the client reset it meanwhile: nobody to answer
 
-    def send_data(self, stream_id: int, data: bytes, *, end: bool = False) -> bool:
-        """Queue response bytes (and END_STREAM); False when the stream's queue is over `stream_buffer`."""
+    def send_data(self, stream_id: int, data: bytes, *, end: bool = False, trailers: Headers | tuple = ()) -> bool:
+        """Queue response bytes (and END_STREAM); False when the stream's queue is over `stream_buffer`.
+
+        With ``end``, ``trailers`` (HTTP/1.1 fields) go out as a trailing
+        HEADERS frame carrying END_STREAM (RFC 9113 section 8.1), once the
+        queued bytes are out; hop-by-hop and framing fields are left out.
+        """
         out = self._out.get(stream_id)
         if out is None:
             out = self._out[stream_id] = _Outbound()
         if data:
             out.chunks.append(data)
             out.size += len(data)
+        if end and trailers:
+            fields = [(name.lower(), value) for name, value in strip_hop_by_hop(trailers)
+                      if name.lower() != b"content-length"]
+            out.trailers = fields or None
         out.end = out.end or end
         if end:
             self.open.discard(stream_id)
@@ -472,13 +496,17 @@ class ServerConnection:
 
     def _forget(self, stream_id: int) -> None:
         self._out.pop(stream_id, None)
+        self._trailers.pop(stream_id, None)
         self._reset_when_sent.discard(stream_id)
 
-    def _send_queued(self, stream_id: int, out: _Outbound) -> None:
+    def _send_queued(self, stream_id: int, out: _Outbound, budget: int = -1) -> None:
+        """Send what the windows allow of a stream's queue (at most ``budget`` bytes when >= 0)."""
         conn = self._h2
         try:
             while out.chunks:
                 window = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+                if budget >= 0:
+                    window = min(window, budget)
                 if window <= 0:
                     return
                 chunk = out.chunks[0]
@@ -488,13 +516,17 @@ class ServerConnection:
                 else:
                     del out.chunks[0]
                 out.size -= len(chunk)
-                last = out.end and not out.chunks
+                budget -= len(chunk)
+                last = out.end and not out.chunks and out.trailers is None
                 conn.send_data(stream_id, chunk, end_stream=last)
                 if last:
                     self._finished(stream_id)
                     return
             if out.end:
-                conn.end_stream(stream_id)
+                if out.trailers is not None:
+                    conn.send_headers(stream_id, out.trailers, end_stream=True)
+                else:
+                    conn.end_stream(stream_id)
                 self._finished(stream_id)
         except h2.exceptions.ProtocolError:  # the stream was closed meanwhile (reset)
             self._out.pop(stream_id, None)
@@ -507,11 +539,41 @@ class ServerConnection:
             self.reset(stream_id, ErrorCodes.NO_ERROR)
 
     def _flush(self, events: list) -> None:
-        for stream_id, out in list(self._out.items()):
-            self._send_queued(stream_id, out)
+        """The client's windows opened: share them out, one frame per stream per round.
+
+        Round-robin over the streams with queued bytes, least recently served
+        first (a stream that sent goes to the back of `_out`), so a large
+        response the connection window holds back cannot starve the small ones
+        queued beside it (RFC 9113 section 5.3: without priorities, share).
+        """
+        conn = self._h2
+        quantum = conn.max_outbound_frame_size
+        queued = list(self._out.items())
+        waiting = [stream_id for stream_id, _ in queued]
+        while waiting and conn.outbound_flow_control_window > 0:
+            again = []
+            for stream_id in waiting:
+                out = self._out.get(stream_id)
+                if out is None:
+                    continue
+                size = out.size
+                self._send_queued(stream_id, out, quantum)
+                if out.size < size and self._out.get(stream_id) is out:
+                    del self._out[stream_id]
+                    self._out[stream_id] = out  # served: to the back of the line
+                    if out.chunks:
+                        again.append(stream_id)
+            waiting = again
+        for stream_id, out in queued:
             if out.over and out.size <= self.stream_buffer:
                 out.over = False
                 events.append(Drained(stream_id))
+
+
+def wants_trailers(head: RequestHead) -> bool:
+    """The client said it takes trailer fields (``te: trailers``, RFC 9110 section 10.1.4; gRPC sends it)."""
+    value = head.header(b"te")
+    return value is not None and b"trailers" in value.lower()
 
 
 def _reason_of(exc: Exception) -> str:
@@ -586,5 +648,5 @@ def _request_head(fields, ended: bool, websocket: bool = False) -> RequestHead |
 
 __all__ = [
     "CLIENT_GOAWAY", "Data", "Drained", "ERROR_REASONS", "PREFACE", "REASONS", "Refused", "Request", "RequestEnded",
-    "Reset", "ServerConnection", "Terminated", "WebSocketRequest",
+    "Reset", "ServerConnection", "Terminated", "WebSocketRequest", "wants_trailers",
 ]

@@ -52,7 +52,7 @@ from edgeproxy.transport import resume
 from edgeproxy.transport.hub_sse import SSE_SUFFIX
 from edgeproxy.transport.request_ids import new_request_id
 from edgeproxy.transport.sse import ProxiedEventStream, wanted as sse_wanted
-from edgeproxy.transport.upstream import UpstreamConnection, UpstreamRequest, UpstreamUnavailable, lease
+from edgeproxy.transport.upstream import UpstreamConnection, UpstreamRequest, UpstreamUnavailable, lease, lease_idle
 
 if TYPE_CHECKING:
     from edgeproxy.transport.server import ProxyServer
@@ -67,7 +67,7 @@ _HTTP_1_1_REQUIRED = 0xD
 class _Stream(UpstreamRequest):
     """One request stream; the `owner` of its upstream connection while it has one."""
 
-    __slots__ = ("conn", "id", "pending_flow", "held_flow", "holding", "window_paused", "request_id")
+    __slots__ = ("conn", "id", "pending_flow", "held_flow", "holding", "window_paused", "request_id", "trailers")
 
     #: an RFC 8441 WebSocket stream (`http2_websocket.H2WebSocket`) says True
     websocket = False
@@ -85,6 +85,8 @@ class _Stream(UpstreamRequest):
         self.window_paused = False
         #: X-Request-Id of the request ("-": off), as on HTTP/1.1
         self.request_id = "-"
+        #: the request's trailer fields, for the end of its chunked body upstream
+        self.trailers: tuple = ()
 
     # -- the upstream connection's owner interface (see UpstreamConnection) --
 
@@ -128,7 +130,7 @@ class Http2Connection(asyncio.Protocol):
 
     __slots__ = (
         "server", "listener", "transport", "client_ip", "closed", "relay", "h2", "streams", "scheme",
-        "_admitted_ip", "_metrics_key", "_opened_at", "_timer", "_deadline", "_writing_paused",
+        "_admitted_ip", "_metrics_key", "_opened_at", "_timer", "_deadline", "_writing_paused", "_flush_due",
     )
 
     def __init__(self, server: ProxyServer, listener, transport: asyncio.Transport, client_ip: str, *,
@@ -147,6 +149,8 @@ class Http2Connection(asyncio.Protocol):
         self._opened_at = opened_at
         self._timer = None
         self._writing_paused = False
+        #: a write of what the core has to send is due at the end of this loop turn (`flush`)
+        self._flush_due = False
         cfg = server.config.http2
         now = server.now()
         self.h2 = core.ServerConnection(
@@ -177,7 +181,7 @@ class Http2Connection(asyncio.Protocol):
             elif kind is core.Request:
                 self._on_request(event)
             elif kind is core.RequestEnded:
-                self._on_request_end(event.stream_id)
+                self._on_request_end(event.stream_id, event.trailers)
             elif kind is core.Reset:
                 self._drop(event.stream_id, abort_upstream=True)
             elif kind is core.Drained:
@@ -225,7 +229,18 @@ class Http2Connection(asyncio.Protocol):
     # -- helpers -------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write what the core has to send."""
+        """Write what the core has to send, once per loop turn.
+
+        The responses of many streams come in on as many upstream connections
+        within one turn of the loop: their frames go out in one write (and one
+        syscall) after the turn's reads, not one write per stream.
+        """
+        if not self._flush_due and not self.closed:
+            self._flush_due = True
+            self.server.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_due = False
         if not self.closed:
             data = self.h2.data_to_send()
             if data:
@@ -233,7 +248,7 @@ class Http2Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         if not self.closed:
-            self.flush()
+            self._flush_now()
             self.closed = True
             self.transport.close()
 
@@ -323,7 +338,15 @@ class Http2Connection(asyncio.Protocol):
         if not event.ended and server.config.http.body_timeout:
             stream.body_deadline = now + server.config.http.body_timeout
         self.streams[event.stream_id] = stream
-        stream.task = server.loop.create_task(self._connect(stream))
+        try:
+            conn = lease_idle(stream, self.client_ip, now=server.now)
+        except UpstreamUnavailable as exc:
+            self._failed(stream, exc.status, exc.message, exc.headers)
+            return
+        if conn is None:  # connect (or fall back) in a task
+            stream.task = server.loop.create_task(self._connect(stream, chosen=True))
+        else:  # a pooled connection waited: no task, no loop turn
+            self._attach_or_fail(stream, conn)
 
     def _answer(self, stream_id: int, head, status: int, message: str, extra_headers=(), *,
                 request_done: bool = True, request_id: str = "-") -> None:
@@ -371,7 +394,7 @@ class Http2Connection(asyncio.Protocol):
         self._drop(stream.id, abort_upstream=True)
         self.flush()
 
-    def _on_request_end(self, stream_id: int) -> None:
+    def _on_request_end(self, stream_id: int, trailers: tuple = ()) -> None:
         stream = self.streams.get(stream_id)
         if stream is None:
             return
@@ -380,9 +403,17 @@ class Http2Connection(asyncio.Protocol):
             return
         stream.request_done = True
         stream.body_deadline = 0.0
+        if trailers:
+            if stream.head.header(b"content-length") is not None:
+                # HTTP/1.1 carries trailers only after a chunked body; this one is framed by its length.
+                self._client_failed(stream, 400, "request trailers cannot be forwarded: the request has a "
+                                    "Content-Length, and HTTP/1.1 carries trailers only in chunked bodies",
+                                    "request_trailers")
+                return
+            stream.trailers = tuple(http1.strip_hop_by_hop(list(trailers)))
         up = stream.upstream
         if up is not None and not up.closed:
-            up.write(up.http.send_end())
+            up.write(up.http.send_end(stream.trailers))
             self._arm_read_deadline(stream)
 
     def _arm_read_deadline(self, stream: _Stream) -> None:
@@ -391,11 +422,11 @@ class Http2Connection(asyncio.Protocol):
 
     # -- the upstream's side ------------------------------------------------------
 
-    async def _connect(self, stream: _Stream) -> None:
+    async def _connect(self, stream: _Stream, chosen: bool = False) -> None:
         server = self.server
         try:
             conn = await lease(stream, self.client_ip, pooled=True, metrics=server.metrics, loop=server.loop,
-                               now=server.now)
+                               now=server.now, chosen=chosen)
         except UpstreamUnavailable as exc:
             if self.streams.get(stream.id) is stream:
                 self._failed(stream, exc.status, exc.message, exc.headers)
@@ -403,12 +434,15 @@ class Http2Connection(asyncio.Protocol):
         if self.streams.get(stream.id) is not stream or self.closed:
             conn.close()
             return
+        self._attach_or_fail(stream, conn)
+        self.flush()
+
+    def _attach_or_fail(self, stream: _Stream, conn: UpstreamConnection) -> None:
         try:
             self._attach(stream, conn)
         except LocalProtocolError as exc:
             log.warning("request cannot be relayed to %s: %s", conn.server, exc)
             self._failed(stream, 502, "request cannot be relayed")
-        self.flush()
 
     def _attach(self, stream: _Stream, conn: UpstreamConnection) -> None:
         stream.upstream = conn
@@ -420,12 +454,14 @@ class Http2Connection(asyncio.Protocol):
         )
         if head.has_body and head.header(b"content-length") is None:
             headers.append((b"Transfer-Encoding", b"chunked"))  # h11 frames it; HTTP/2 had no length
+        if core.wants_trailers(head):  # hop-by-hop: said again for this hop (RFC 9110 section 10.1.4)
+            headers += [(b"TE", b"trailers"), (b"Connection", b"TE")]
         out = conn.http.send_request(head, headers)
         for chunk in stream.pending:
             out += conn.http.send_data(chunk)
         stream.pending.clear()
         if stream.request_done:
-            out += conn.http.send_end()
+            out += conn.http.send_end(stream.trailers)
         conn.write(out)
         if stream.pending_flow:
             flow, stream.pending_flow = stream.pending_flow, 0
@@ -478,7 +514,7 @@ class Http2Connection(asyncio.Protocol):
                 if not self._on_response_head(stream, up, event):
                     return
             elif isinstance(event, EndOfMessage):
-                self._on_response_end(stream, up)
+                self._on_response_end(stream, up, event.trailers)
                 break
             elif isinstance(event, ConnectionClosed) or event is http1.PAUSED:
                 self._upstream_closed_early(stream, up)
@@ -521,8 +557,10 @@ class Http2Connection(asyncio.Protocol):
         self._drop(stream.id, abort_upstream=True)
         self.flush()
 
-    def _on_response_end(self, stream: _Stream, up: UpstreamConnection) -> None:
-        self.h2.send_data(stream.id, b"", end=True)
+    def _on_response_end(self, stream: _Stream, up: UpstreamConnection, trailers: tuple = ()) -> None:
+        # The upstream's trailers go on only to a client that said it takes them (te: trailers).
+        self.h2.send_data(stream.id, b"", end=True,
+                          trailers=trailers if trailers and core.wants_trailers(stream.head) else ())
         now = self.server.now()
         self._log(stream.head, stream.status, stream.bytes_out, stream, up)
         stream.upstream = None

@@ -633,25 +633,44 @@ class UpstreamRequest:
         self.sse: ProxiedEventStream | None = None
 
 
-async def lease(exchange, client_ip: str, *, pooled: bool, metrics, loop: asyncio.AbstractEventLoop,
-                now: Callable[[], float]) -> UpstreamConnection:
-    """A connection for one request: the balancer's choice, then its fallbacks, pooled ones first.
-
-    Shared by the HTTP/1.1 and HTTP/2 client sides.  ``exchange`` carries the
-    request (``head``, ``group``) and the connect deadline the caller's timer
-    tick enforces: it sets ``connect_deadline`` here and ``connect_timed_out``
-    before cancelling this task, which then goes on with the next server.
-
-    Raises:
-        UpstreamUnavailable: every server is down (503), the group is busy (503),
-            or none accepted (502, or 504 after a connect timeout).
-    """
+def _choose(exchange, client_ip: str, now: Callable[[], float]) -> Choice:
     group = exchange.group
     exchange.choice = choice = group.choose(exchange.head, client_ip, now())
     if choice is None:
         log.warning("upstream %s: no server can take connections (all down or draining)", group.config.name)
         raise UpstreamUnavailable(503, f"upstream {group.config.name!r} has no available server",
                                   "upstream_unreachable", [(b"Retry-After", b"%d" % group.retry_after(now()))])
+    return choice
+
+
+def lease_idle(exchange, client_ip: str, *, now: Callable[[], float]) -> UpstreamConnection | None:
+    """`lease`'s first step without a task: the balancer's choice, and its pooled connection if one waits.
+
+    With None, ``lease(..., chosen=True)`` goes on from the same choice (connect, fallbacks).
+
+    Raises:
+        UpstreamUnavailable: every server is down or draining (503).
+    """
+    choice = _choose(exchange, client_ip, now)
+    return exchange.group.take_idle(choice.servers[0], now())
+
+
+async def lease(exchange, client_ip: str, *, pooled: bool, metrics, loop: asyncio.AbstractEventLoop,
+                now: Callable[[], float], chosen: bool = False) -> UpstreamConnection:
+    """A connection for one request: the balancer's choice, then its fallbacks, pooled ones first.
+
+    Shared by the HTTP/1.1 and HTTP/2 client sides.  ``exchange`` carries the
+    request (``head``, ``group``) and the connect deadline the caller's timer
+    tick enforces: it sets ``connect_deadline`` here and ``connect_timed_out``
+    before cancelling this task, which then goes on with the next server.
+    ``chosen``: `lease_idle` made the choice already (and found no pooled connection).
+
+    Raises:
+        UpstreamUnavailable: every server is down (503), the group is busy (503),
+            or none accepted (502, or 504 after a connect timeout).
+    """
+    group = exchange.group
+    choice = exchange.choice if chosen else _choose(exchange, client_ip, now)
     failure = "refused"
     for address in choice.servers:
         if pooled:

@@ -766,3 +766,26 @@ def test_content_length_of_a_request():
     assert http1.content_length(_head(b"Content-Length: 0\r\n")) == 0
     assert http1.content_length(_head(b"Transfer-Encoding: chunked\r\n")) is None
     assert http1.content_length(_head()) is None
+
+
+def test_client_side_reports_the_upstreams_trailers_and_sends_request_trailers_only_chunked():
+    from edgeproxy.errors import LocalProtocolError
+
+    chunked = drain(ServerSide(), [b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"])[0]
+    client = ClientSide()
+    out = client.send_request(chunked, [(b"Host", b"a"), (b"Transfer-Encoding", b"chunked")])
+    out += client.send_data(b"abc") + client.send_end([(b"X-Sum", b"1")])
+    assert out.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n")
+    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nGrpc-Status: 0\r\n\r\n"
+    for chunks in every_split(response):
+        client = ClientSide()
+        client.send_request(chunked, [(b"Host", b"a"), (b"Transfer-Encoding", b"chunked")])
+        client.send_end()
+        events = normalize(drain(client, chunks))
+        assert events[1:] == [Body(b"ok"), EndOfMessage(((b"Grpc-Status", b"0"),))]
+    sized = drain(ServerSide(), [b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n"])[0]
+    client = ClientSide()
+    client.send_request(sized, [(b"Host", b"a"), (b"Content-Length", b"3")])
+    client.send_data(b"abc")
+    with pytest.raises(LocalProtocolError):
+        client.send_end([(b"X-Sum", b"1")])

@@ -7,6 +7,7 @@ import struct
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import PingFrame, RstStreamFrame
@@ -235,3 +236,36 @@ def test_a_websocket_stream_ended_while_the_client_still_sends_is_reset_after_th
     assert got + sum(len(e.data) for e in events if isinstance(e, h2.events.DataReceived)) == 70000
     kinds = [type(e) for e in events if not isinstance(e, h2.events.DataReceived)]
     assert kinds[-2:] == [h2.events.StreamEnded, h2.events.StreamReset]  # END_STREAM, then RST_STREAM NO_ERROR
+
+
+def _received(events, sid) -> int:
+    return sum(e.flow_controlled_length for e in events if isinstance(e, h2.events.DataReceived) and e.stream_id == sid)
+
+
+def test_the_connection_window_is_shared_round_robin_between_ready_streams():
+    pair = Pair()
+    # Stream windows of 16 MiB: only the connection window (65535, never raised by the client) binds.
+    pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16 * 1024 * 1024})
+    big, small = pair.get(b"/big"), pair.get(b"/small")
+    pair.to_server()
+    pair.to_client()
+    pair.to_server()  # our SETTINGS ACK back
+    pair.server.send_response(big, 200, [])
+    pair.server.send_data(big, b"b" * 1_000_000, end=True)  # takes the whole connection window
+    pair.server.send_response(small, 200, [])
+    pair.server.send_data(small, b"s" * 20000, end=True)  # waits behind it
+    events = pair.to_client()
+    assert _received(events, big) == 65535 and _received(events, small) == 0
+    got = {big: 0, small: 0}
+    ended = set()
+    for _ in range(4):  # the client reads and opens the connection window one frame at a time
+        pair.client.increment_flow_control_window(16384)
+        pair.to_server()
+        events = pair.to_client()
+        for sid in got:
+            got[sid] += _received(events, sid)
+        ended |= {e.stream_id for e in events if isinstance(e, h2.events.StreamEnded)}
+    # 64 KiB of credit went out shared: the small response is complete, the big one still waits.
+    assert got[small] == 20000 and small in ended
+    assert big not in ended and got[big] == 4 * 16384 - 20000
+    assert pair.server.buffered(big) == 1_000_000 - 65535 - got[big]
