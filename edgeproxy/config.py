@@ -72,8 +72,10 @@ Value rules (see ``config.example.toml`` for every option with its default):
   Unix socket.
 * ``[backplane]`` (optional) picks where hub publications are ordered, stored and
   spread: ``kind`` is ``memory`` (the default: one process, no service),
-  ``redis`` or ``nats``; the others need ``url`` or ``urls`` (exactly one;
-  several Redis URLs are shards), ``redis://``/``rediss://`` or
+  ``redis``, ``redis-cluster`` or ``nats``; the others need ``url`` or ``urls``
+  (exactly one; several Redis URLs are shards, redis-cluster URLs are seed nodes
+  that agree on TLS and credentials, database 0; ``slot_by`` only there),
+  ``redis://``/``rediss://`` or
   ``nats://``/``tls://`` with a host and port.  ``prefix`` names every key,
   channel, subject and stream (``A-Z a-z 0-9 _ -``), so several deployments
   share one server.  ``[[hubs]]`` with ``workers`` above 1 (or ``"auto"``)
@@ -477,8 +479,10 @@ class AdminConfig:
     open_endpoints: tuple[str, ...] = DEFAULT_OPEN_ENDPOINTS
 
 
-BACKPLANE_KINDS = ("memory", "redis", "nats")
-_URL_SCHEMES = {"redis": ("redis", "rediss"), "nats": ("nats", "tls")}
+BACKPLANE_KINDS = ("memory", "redis", "redis-cluster", "nats")
+_URL_SCHEMES = {"redis": ("redis", "rediss"), "redis-cluster": ("redis", "rediss"), "nats": ("nats", "tls")}
+#: ``[backplane] slot_by`` (redis-cluster): what a channel's hash tag is made of
+SLOT_BY_CHOICES = ("channel", "tenant")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -486,7 +490,7 @@ class BackplaneConfig:
     """The ``[backplane]`` table: how the hubs of several proxies share channels.
 
     ``urls`` holds one URL per Redis shard (one, or the servers of one NATS
-    cluster); it is empty for ``memory``.  ``instance_id`` None means "generate
+    cluster, or seed nodes of one Redis Cluster); it is empty for ``memory``.  ``instance_id`` None means "generate
     one at start" (host name and random bytes).
     """
 
@@ -502,6 +506,10 @@ class BackplaneConfig:
     #: reconnect backoff: the n-th wait is uniform in [0, min(max, min * 2**n)]
     reconnect_min: float = 0.1
     reconnect_max: float = 5.0
+    #: redis-cluster: a channel's keys and shard channel share the hash tag of the
+    #: whole channel name ("channel": channels spread over the cluster) or of its
+    #: tenant, the part before the first ``:`` ("tenant": a tenant on one shard)
+    slot_by: str = "channel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -853,6 +861,7 @@ _HUB_KEYS = (
 )
 _BACKPLANE_KEYS = (
     "kind", "url", "urls", "prefix", "instance_id", "heartbeat_interval", "timeout", "reconnect_min", "reconnect_max",
+    "slot_by",
 )
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MIN_TOKEN_SECRET = 32
@@ -1705,15 +1714,22 @@ def _backplane(v: _Validator, data: dict[str, Any]) -> BackplaneConfig:
         keys = [f"backplane.urls[{i}]" for i in range(len(urls))]
     if kind == "memory":
         if urls:
-            v.error("backplane.kind", 'kind "memory" takes no url/urls (set kind = "redis" or "nats")')
+            v.error("backplane.kind", 'kind "memory" takes no url/urls (set kind = "redis", "redis-cluster" or "nats")')
         urls = []
     elif not urls and "url" not in table and "urls" not in table:
         v.error("backplane.url", f'kind "{kind}" needs url (or urls), e.g. "{_URL_SCHEMES[kind][0]}://127.0.0.1:'
-                                 f'{6379 if kind == "redis" else 4222}"')
+                                 f'{4222 if kind == "nats" else 6379}"')
     for key, url in zip(keys if urls else [], urls):
         _backplane_url(v, key, url, kind)
-    if kind == "redis" and len(set(urls)) != len(urls):
-        v.error("backplane.urls", "the same shard URL is listed twice")
+    if kind in ("redis", "redis-cluster") and len(set(urls)) != len(urls):
+        v.error("backplane.urls", "the same shard URL is listed twice" if kind == "redis" else
+                "the same seed node URL is listed twice")
+    if kind == "redis-cluster" and all(isinstance(u, str) for u in urls):
+        _cluster_seeds(v, urls)
+    slot_by = v.choice(table, "backplane", "slot_by", "channel", SLOT_BY_CHOICES)
+    if "slot_by" in table and kind != "redis-cluster":
+        v.error("backplane.slot_by", f'slot_by places channels on Redis Cluster slots; kind "{kind}" has none '
+                                     '(set kind = "redis-cluster", or remove slot_by)')
     prefix = v.string(table, "backplane", "prefix", "edgeproxy", "a name")
     if prefix is not None and not _NAME_RE.fullmatch(prefix):
         v.error("backplane.prefix", f"expected 1-64 of A-Z a-z 0-9 _ -, got {_describe(prefix)}")
@@ -1733,12 +1749,37 @@ def _backplane(v: _Validator, data: dict[str, Any]) -> BackplaneConfig:
         timeout=v.number(table, "backplane", "timeout", 2.0, above=0.0, what="seconds"),
         reconnect_min=reconnect_min,
         reconnect_max=reconnect_max,
+        slot_by=slot_by or "channel",
     )
+
+
+def _cluster_seeds(v: _Validator, urls: list[str]) -> None:
+    """Seed nodes of one Redis Cluster: what one cluster client cannot honour is refused.
+
+    The cluster client opens every node (not only the seeds) with one set of
+    connection settings, so the seeds must agree on TLS and credentials; and a
+    cluster has database 0 only.
+    """
+    parts = [urlsplit(u) for u in urls]
+    for i, part in enumerate(parts):
+        db = part.path.strip("/")
+        if db not in ("", "0"):
+            v.error(f"backplane.urls[{i}]", f"Redis Cluster has database 0 only, got /{db} in {_describe(urls[i])} "
+                                            "(drop the path or write /0)")
+        if part.query:
+            v.error(f"backplane.urls[{i}]", f"query options are not supported for redis-cluster seeds, got "
+                                            f"{_describe(urls[i])}")
+    if len({p.scheme for p in parts}) > 1:
+        v.error("backplane.urls", "mixes redis:// and rediss://: one cluster client uses TLS for every node "
+                                  "or for none")
+    if len({(p.username, p.password) for p in parts}) > 1:
+        v.error("backplane.urls", "the seeds carry different credentials: one cluster client logs in to every "
+                                  "node with the same user and password")
 
 
 def _backplane_url(v: _Validator, key: str, url: Any, kind: str) -> None:
     schemes = _URL_SCHEMES.get(kind, ())
-    example = f"{schemes[0]}://127.0.0.1:{6379 if kind == 'redis' else 4222}" if schemes else ""
+    example = f"{schemes[0]}://127.0.0.1:{4222 if kind == 'nats' else 6379}" if schemes else ""
     if not isinstance(url, str):
         v.error(key, f'expected a URL string like "{example}", got {_describe(url)}')
         return

@@ -188,9 +188,35 @@ def server_process(tmp_path):
         server.kill()
 
 
-async def cleanup_backplane(kind: str, url: str, prefix: str) -> None:
-    """Remove what a test created under ``prefix`` on a shared server."""
-    if kind == "redis":
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real 3-master, 3-replica Redis Cluster on free loopback ports (one per xdist worker),
+    a `tests.redis_cluster.RedisClusterProcesses`; skipped without redis-server/redis-cli,
+    failed instead under ``EDGEPROXY_REQUIRE_SERVICES=1``."""
+    from tests.redis_cluster import RedisClusterProcesses
+
+    server = require_binary("redis-server", "redis-server")
+    cli = require_binary("redis-cli", "redis-tools")
+    cluster = RedisClusterProcesses(server, cli, str(tmp_path_factory.mktemp("redis-cluster")))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def cleanup_backplane(kind: str, url: str | tuple[str, ...], prefix: str) -> None:
+    """Remove what a test created under ``prefix`` on a shared server (or cluster: ``url`` = seeds)."""
+    if kind == "redis-cluster":
+        from edgeproxy.transport.redis_cluster import cluster_client
+
+        client = cluster_client(tuple(url), 5.0)
+        try:
+            async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                await client.delete(key)
+        finally:
+            await client.aclose()
+    elif kind == "redis":
         import redis.asyncio as aioredis
 
         client = aioredis.Redis.from_url(url)

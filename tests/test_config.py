@@ -134,7 +134,8 @@ def test_example_file_sets_every_option() -> None:
     # token secrets and the auth hook are opt-in: shown commented out
     assert set(data["hubs"][0]) == set(cfgmod._HUB_KEYS) - {"token_secret", "token_secret_file", "auth_hook"}
     # the servers and the instance name have no default: shown commented out
-    assert set(data["backplane"]) == set(cfgmod._BACKPLANE_KEYS) - {"url", "urls", "instance_id"}
+    # slot_by is for kind = "redis-cluster" only
+    assert set(data["backplane"]) == set(cfgmod._BACKPLANE_KEYS) - {"url", "urls", "instance_id", "slot_by"}
     text = EXAMPLE.read_text("utf-8")
     # route keys: host is only shown commented out (it is optional)
     for key in cfgmod._ROUTE_KEYS:
@@ -940,6 +941,10 @@ def test_backplane_redis_shards_and_nats() -> None:
                           '"rediss://r2.internal:6380"]\nprefix = "prod-eu"\ninstance_id = "edge-1"\n')
     assert config.backplane == BackplaneConfig(kind="redis", urls=("redis://10.0.0.1:6379/0", "rediss://r2.internal:6380"),
                                                prefix="prod-eu", instance_id="edge-1")
+    cluster = parse_config(MINIMAL + '[backplane]\nkind = "redis-cluster"\nurls = ["rediss://u:p@a:7000/0", '
+                           '"rediss://u:p@b:7000"]\nslot_by = "tenant"\n')
+    assert cluster.backplane == BackplaneConfig(kind="redis-cluster", urls=("rediss://u:p@a:7000/0", "rediss://u:p@b:7000"),
+                                                slot_by="tenant")
     nats_config = parse_config(MINIMAL + '[backplane]\nkind = "NATS"\nurl = "nats://127.0.0.1:4222"\n')
     assert nats_config.backplane.kind == "nats" and nats_config.backplane.urls == ("nats://127.0.0.1:4222",)
 
@@ -965,7 +970,16 @@ def test_hubs_with_workers_on_a_shared_backplane_and_workers_without_hubs_are_fi
 
 
 @pytest.mark.parametrize("table, key, needle", [
-    ('kind = "kafka"', "backplane.kind", "memory, redis, nats"),
+    ('kind = "kafka"', "backplane.kind", "memory, redis, redis-cluster, nats"),
+    ('kind = "redis-cluster"', "backplane.url", "needs url"),
+    ('kind = "redis-cluster"\nurls = ["redis://a:7000/1"]', "backplane.urls[0]", "database 0 only"),
+    ('kind = "redis-cluster"\nurls = ["redis://a:7000", "rediss://b:7000"]', "backplane.urls", "TLS for every node"),
+    ('kind = "redis-cluster"\nurls = ["redis://u:p@a:7000", "redis://b:7000"]', "backplane.urls", "same user"),
+    ('kind = "redis-cluster"\nurls = ["redis://a:7000", "redis://a:7000"]', "backplane.urls", "seed node URL"),
+    ('kind = "redis-cluster"\nurls = ["redis://a:7000?x=1"]', "backplane.urls[0]", "query options"),
+    ('kind = "redis-cluster"\nurls = ["nats://a:7000"]', "backplane.urls[0]", "redis://"),
+    ('kind = "redis-cluster"\nurls = ["redis://a:7000"]\nslot_by = "slot"', "backplane.slot_by", "channel, tenant"),
+    ('kind = "redis"\nurl = "redis://a:1"\nslot_by = "tenant"', "backplane.slot_by", "Redis Cluster slots"),
     ('kind = "redis"', "backplane.url", "needs url"),
     ('kind = "redis"\nurl = "nats://127.0.0.1:4222"', "backplane.url", "redis://"),
     ('kind = "nats"\nurls = ["nats://a:4222", "redis://b:6379"]', "backplane.urls[1]", "nats://"),

@@ -1,7 +1,8 @@
-"""The backplane contract (``edgeproxy.hub.backplane``), one suite for memory, Redis and NATS.
+"""The backplane contract (``edgeproxy.hub.backplane``), one suite for memory, Redis, Redis Cluster and NATS.
 
 Redis and NATS are the real servers of this machine (each test under its own prefix,
-removed after); a test skips when its service is absent and fails instead under
+removed after), Redis Cluster a real 6-node cluster on loopback (the session's
+``redis_cluster``); a test skips when its service is absent and fails instead under
 ``EDGEPROXY_REQUIRE_SERVICES=1``.  Tests of several nodes make one adapter per node,
 as separate proxies would.
 """
@@ -17,9 +18,10 @@ from edgeproxy.config import BackplaneConfig, HubConfig
 from edgeproxy.hub.protocol import Position, Publication
 from edgeproxy.metrics import Metrics
 from edgeproxy.transport.backplanes import BackplaneUnavailable, make_backplane
+from tests.conftest import cleanup_backplane
 
-KINDS = ["memory", "redis", "nats"]
-NETWORK = ["redis", "nats"]
+KINDS = ["memory", "redis", "redis-cluster", "nats"]
+NETWORK = ["redis", "redis-cluster", "nats"]
 
 
 class Node:
@@ -43,14 +45,18 @@ class Node:
 async def nodes(request, services):
     """Factory: ``await nodes(n, **hub_keys)`` -> n started `Node`s of the kind under test."""
     kind = request.param
-    url = services.require(kind) if kind != "memory" else None
+    if kind == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").urls
+    else:
+        url = (services.require(kind),) if kind != "memory" else None
     prefix = f"t{uuid.uuid4().hex[:12]}"
     made: list[Node] = []
 
     async def make(n: int = 1, *, url_override: str | None = None, **hub_keys) -> list[Node]:
         hub = HubConfig(path="/hub", **{"history_size": 100, "history_ttl": 60.0, **hub_keys})
-        config = BackplaneConfig(kind=kind, urls=(url_override or url,) if kind != "memory" else (),
-                                 prefix=prefix, timeout=2.0, reconnect_min=0.05, reconnect_max=0.5)
+        urls = (url_override,) if url_override else url
+        config = BackplaneConfig(kind=kind, urls=urls or (), prefix=prefix, timeout=2.0, reconnect_min=0.05,
+                                 reconnect_max=0.5)
         out = []
         for i in range(n):
             node = Node(make_backplane(config, hub, Metrics(), f"node{i}"))
@@ -64,7 +70,7 @@ async def nodes(request, services):
     for node in made:
         await node.backplane.close()
     if url is not None:
-        await services.cleanup(kind, url, prefix)
+        await services.cleanup(kind, url if kind == "redis-cluster" else url[0], prefix)
 
 
 all_kinds = pytest.mark.parametrize("nodes", KINDS, indirect=True)
@@ -185,10 +191,16 @@ async def test_interest_is_per_node(nodes) -> None:
     await a.wait("only-a", 1)
     await asyncio.sleep(0.1)
     assert b.got == []
+    name = a.backplane._keys("only-a")[2] if nodes.kind.startswith("redis") else None
     if nodes.kind == "redis":
         client = a.backplane.shards[0].client
-        name = a.backplane._keys("only-a")[2]
         assert (await client.pubsub_numsub(name)) == [(name.encode(), 1)]  # only node a subscribed in Redis
+    elif nodes.kind == "redis-cluster":
+        # a sharded subscription, on the master owning the channel's slot only
+        owner = a.backplane.client.get_node_from_key(name)
+        for node in a.backplane.client.get_primaries():
+            answer = await a.backplane.client.execute_command("PUBSUB", "SHARDNUMSUB", name, target_nodes=node)
+            assert answer == [name.encode(), 1 if node.name == owner.name else 0], node.name
 
 
 @network_kinds
@@ -201,6 +213,8 @@ async def test_lost_state_starts_a_new_epoch(nodes, services) -> None:
     # the channel's state disappears (expired, or a server without persistence restarted)
     if nodes.kind == "redis":
         await bp.shards[0].client.delete(*bp._keys("e")[:2])
+    elif nodes.kind == "redis-cluster":
+        await bp.client.delete(*bp._keys("e")[:2])
     else:
         await bp.js.purge_stream(bp.stream, subject=bp.history_base + "e")
         bp.last.clear()
@@ -213,7 +227,7 @@ async def test_lost_state_starts_a_new_epoch(nodes, services) -> None:
     assert (await bp.history("e", old)).recovered is False
 
 
-@network_kinds
+@pytest.mark.parametrize("nodes", ["redis", "nats"], indirect=True)  # redis-cluster: test_redis_cluster.py
 async def test_unreachable_backplane_fails_loudly(nodes, server_process) -> None:
     server = server_process(nodes.kind)
     [node] = await nodes(1, url_override=server.url)
@@ -270,3 +284,46 @@ async def test_redis_shards_place_each_tenant_on_one_real_server(server_process)
     finally:
         for node in nodes:
             await node.backplane.close()
+
+
+@pytest.mark.parametrize("slot_by", ["channel", "tenant"])
+async def test_redis_cluster_puts_each_channel_on_one_slot(redis_cluster, slot_by) -> None:
+    """The meta, the log and the shard channel of a channel share a slot (so the publish
+    script is legal); with slot_by = "tenant" so do all channels of a tenant."""
+    from edgeproxy.transport.redis_cluster import key_slot
+
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    hub = HubConfig(path="/hub", history_size=100, history_ttl=60.0)
+    config = BackplaneConfig(kind="redis-cluster", urls=redis_cluster.urls, prefix=prefix, timeout=2.0,
+                             reconnect_min=0.05, reconnect_max=0.5, slot_by=slot_by)
+    a, b = (Node(make_backplane(config, hub, Metrics(), f"node{i}")) for i in range(2))
+    for node in (a, b):
+        await node.backplane.start(node.got.append)
+    try:
+        channels = [f"tenant{i}:{name}" for i in range(6) for name in ("orders", "chat")] + [":lonely", "plain"]
+        slots = {}
+        for channel in channels:
+            keys = a.backplane._keys(channel)
+            assert len({key_slot(k.encode()) for k in keys}) == 1, keys
+            assert a.backplane._channel_of(keys[2].encode()) == channel
+            slots[channel] = key_slot(keys[0].encode())
+        for i in range(6):
+            same = slots[f"tenant{i}:orders"] == slots[f"tenant{i}:chat"]
+            assert same if slot_by == "tenant" else True
+        assert len(set(slots.values())) > 3  # spread over the cluster either way
+        for channel in channels:
+            await b.backplane.subscribe(channel)
+        for round_ in range(3):
+            for channel in channels:
+                assert (await a.backplane.publish(channel, b"%d" % round_)).seq == round_ + 1
+        for channel in channels:
+            assert await b.wait(channel, 3) == [1, 2, 3]
+        # the keys are where the names say: the master owning the slot holds them
+        for channel in channels:
+            meta = a.backplane._keys(channel)[0]
+            owner = a.backplane.client.get_node_from_key(meta)
+            assert await a.backplane.client.execute_command("EXISTS", meta, target_nodes=owner) == 1
+    finally:
+        for node in (a, b):
+            await node.backplane.close()
+        await cleanup_backplane("redis-cluster", redis_cluster.urls, prefix)

@@ -40,7 +40,8 @@ def free_port() -> int:
 class ProxyProcess:
     """``edgeproxy run`` in a subprocess with a hub and a backplane."""
 
-    def __init__(self, tmp_path, name: str, kind: str, url: str, prefix: str, secret: bool = False):
+    def __init__(self, tmp_path, name: str, kind: str, url: str | tuple[str, ...], prefix: str,
+                 secret: bool = False):
         self.name = name
         self.port, self.admin_port = free_port(), free_port()
         self.config = tmp_path / f"{name}.toml"
@@ -65,7 +66,7 @@ history_size = 1000
 {secret_line}
 [backplane]
 kind = "{kind}"
-url = "{url}"
+urls = {orjson.dumps([url] if isinstance(url, str) else list(url)).decode()}
 prefix = "{prefix}"
 instance_id = "{name}"
 heartbeat_interval = {HEARTBEAT}
@@ -132,7 +133,10 @@ async def cluster(request, tmp_path, services):
     used: list[tuple[str, str]] = []
 
     async def start(kind: str, n: int = 3, url: str | None = None, secret: bool = False) -> list[ProxyProcess]:
-        if url is None:  # the shared server: clean up after; a private one dies with its fixture
+        if url is None and kind == "redis-cluster":  # the session's cluster: clean up after
+            url = request.getfixturevalue("redis_cluster").urls
+            used.append((kind, url))
+        elif url is None:  # the shared server: clean up after; a private one dies with its fixture
             url = services.require(kind)
             used.append((kind, url))
         procs = [ProxyProcess(tmp_path, f"{prefix}-{chr(97 + len(made) + i)}", kind, url, prefix, secret)
@@ -163,7 +167,9 @@ async def subscribe(url: str, channel: str, since: dict | None = None):
     return ws, hello, answer
 
 
-KINDS = pytest.mark.parametrize("kind", ["redis", "nats"])
+KINDS = pytest.mark.parametrize("kind", ["redis", "redis-cluster", "nats"])
+#: the engines with presence (targeted send); NATS joins when it has it
+PRESENCE = pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
 
 
 @KINDS
@@ -202,8 +208,9 @@ async def test_disconnect_from_a_resume_on_b_nothing_lost_or_doubled(cluster, ki
     await ws.close()
 
 
-async def test_targeted_send_goes_through_the_owning_instance(cluster) -> None:
-    a, b, c = await cluster("redis", secret=True)
+@PRESENCE
+async def test_targeted_send_goes_through_the_owning_instance(cluster, kind) -> None:
+    a, b, c = await cluster(kind, secret=True)
     token = sign_token({"sub": "alice", "channels": ["x"]}, SECRET.encode())
     alice_b = await websockets.connect(b.ws_url(token))
     hello = await recv(alice_b)
@@ -231,8 +238,9 @@ async def test_targeted_send_goes_through_the_owning_instance(cluster) -> None:
     assert status == 200 and list(doc["delivered"]) == [c.name]
 
 
-async def test_killed_instance_presence_is_gone_within_a_heartbeat(cluster) -> None:
-    a, b, c = await cluster("redis", secret=True)
+@PRESENCE
+async def test_killed_instance_presence_is_gone_within_a_heartbeat(cluster, kind) -> None:
+    a, b, c = await cluster(kind, secret=True)
     token = sign_token({"sub": "carol", "channels": ["x"]}, SECRET.encode())
     ws = await websockets.connect(c.ws_url(token))
     await recv(ws)
@@ -247,41 +255,80 @@ async def test_killed_instance_presence_is_gone_within_a_heartbeat(cluster) -> N
     assert time.monotonic() - killed <= HEARTBEAT + 0.3
 
 
-@KINDS
+class Publisher:
+    """Publishes ``data`` 0..n-1 to a channel through one instance, retrying each 503 until it is taken."""
+
+    def __init__(self, proc: ProxyProcess, channel: str, n: int = 60):
+        self.acked: list[int] = []
+        self.refused = 0
+        self.task = asyncio.create_task(self._run(proc, channel, n))
+
+    async def _run(self, proc: ProxyProcess, channel: str, n: int) -> None:
+        for i in range(n):
+            while True:
+                status, doc = await proc.post("/v1/publish", {"channel": channel, "data": i})
+                if status == 200:
+                    self.acked.append(i)
+                    break
+                assert status == 503 and "unavailable" in doc["error"] or "failed" in doc["error"], doc
+                self.refused += 1
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
+
+    async def until_acked(self, n: int) -> None:
+        while len(self.acked) < n:
+            await asyncio.sleep(0.01)
+
+
+async def assert_each_once_in_order(subs, n: int = 60) -> None:
+    for ws in subs:
+        got = []
+        async with asyncio.timeout(10):
+            while len(got) < n:
+                got.append((await recv(ws))["data"])
+        assert got == list(range(n))  # nothing lost, nothing twice, in order
+        with pytest.raises(TimeoutError):
+            await recv(ws, timeout=0.3)
+        await ws.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "nats"])  # redis-cluster: test_redis_cluster_master_killed_mid_stream
 async def test_backplane_killed_and_restarted_mid_stream(cluster, kind, server_process) -> None:
     server = server_process(kind)
     a, b, _ = await cluster(kind, url=server.url)
     subs = [(await subscribe(p.ws_url(), "live"))[0] for p in (a, b)]
-    acked: list[int] = []
-    refused = 0
-
-    async def publisher():
-        nonlocal refused
-        for i in range(60):
-            while True:
-                status, doc = await a.post("/v1/publish", {"channel": "live", "data": i})
-                if status == 200:
-                    acked.append(i)
-                    break
-                assert status == 503 and "unavailable" in doc["error"] or "failed" in doc["error"], doc
-                refused += 1
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.01)
-
-    task = asyncio.create_task(publisher())
-    while len(acked) < 20:
-        await asyncio.sleep(0.01)
+    publisher = Publisher(a, "live")
+    await publisher.until_acked(20)
     server.kill()
     await asyncio.sleep(1.0)
     server.start()  # same port; Redis comes back empty, NATS with its JetStream files
-    await asyncio.wait_for(task, 30)
-    assert refused > 0  # the outage was loud
+    await asyncio.wait_for(publisher.task, 30)
+    assert publisher.refused > 0  # the outage was loud
     assert await a.metric("edgeproxy_backplane_errors_total") > 0
-    for ws in subs:
-        got = []
-        async with asyncio.timeout(10):
-            while len(got) < 60:
-                got.append((await recv(ws))["data"])
-        assert got == list(range(60))  # nothing lost, nothing twice, in order
-        await ws.close()
+    await assert_each_once_in_order(subs)
     assert "backplane" in a.log.read_text() and "lost" in a.log.read_text()
+
+
+async def test_redis_cluster_master_killed_mid_stream(cluster, request) -> None:
+    """SIGKILL the master owning the channel's slot while a publisher runs: its replica takes
+    over (cluster-node-timeout 1 s); publishing answers 503 meanwhile, then resumes, and the
+    subscribers on both instances get every publication once, in order."""
+    redis_cluster = request.getfixturevalue("redis_cluster")
+    a, b, _ = await cluster("redis-cluster")
+    subs = [(await subscribe(p.ws_url(), "live"))[0] for p in (a, b)]
+    key = f"{a.name.rsplit('-', 1)[0]}:hub:ch:{{live}}"  # the shard channel: prefix, hub, hash tag
+    master = redis_cluster.master_of(key)
+    publisher = Publisher(a, "live")
+    try:
+        await publisher.until_acked(20)
+        redis_cluster.kill(master)
+        await asyncio.wait_for(publisher.task, 60)
+    finally:
+        publisher.task.cancel()
+        # the killed node rejoins as a replica of its successor: the cluster is whole for the next test
+        await asyncio.to_thread(redis_cluster.restart, master)
+    assert redis_cluster.master_of(key) != master  # the replica took over
+    assert publisher.refused > 0  # the failover was loud, not hidden
+    assert await a.metric("edgeproxy_backplane_errors_total") > 0
+    await assert_each_once_in_order(subs)
+    assert "backplane redis-cluster lost" in a.log.read_text()
