@@ -81,6 +81,10 @@ Value rules (see ``config.example.toml`` for every option with its default):
   share one server.  ``[[hubs]]`` with ``workers`` above 1 (or ``"auto"``)
   need ``redis`` or ``nats``: on ``memory`` every worker would have a hub of
   its own.
+* ``[admission] scope = "cluster"`` (optional; default ``"instance"``) shares
+  ``[limits] connection_rate`` among the fleet through a ``redis`` or
+  ``redis-cluster`` backplane; it is refused with ``memory`` and ``nats`` and
+  without a ``connection_rate``.
 """
 
 from __future__ import annotations
@@ -395,6 +399,19 @@ class LimitsConfig:
     heap_trim_interval: float = 10.0
 
 
+#: ``[admission] scope``: whose connection-rate budget ``[limits] connection_rate`` is
+ADMISSION_SCOPES = ("instance", "cluster")
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """The ``[admission]`` table: ``scope = "instance"`` (each instance has its own
+    ``connection_rate`` bucket) or ``"cluster"`` (one bucket for the fleet, in the
+    Redis backplane; see `edgeproxy.core.fleet_admission`)."""
+
+    scope: str = "instance"
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """The ``[logging]`` table."""
@@ -523,6 +540,7 @@ class Config:
     http2: Http2Config = field(default_factory=Http2Config)
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     #: worker processes (``"auto"`` already resolved to the CPU count); 1 = no supervisor
@@ -795,7 +813,7 @@ def _join(path: str, key: str) -> str:
 # --------------------------------------------------------------------------- #
 
 _TOP_KEYS = ("listeners", "upstreams", "routes", "http", "http2", "websocket", "limits", "logging", "admin", "shutdown", "sse", "workers", "hubs",
-             "backplane")
+             "backplane", "admission")
 #: an upper bound that catches a typo (workers = 10000), not a tuning limit
 MAX_WORKERS = 1024
 _LISTENER_KEYS = ("bind", "backlog", "tls_cert", "tls_key", "tls_sni", "proxy_protocol", "proxy_protocol_trusted", "http2")
@@ -1497,6 +1515,29 @@ def _limits(v: _Validator, data: dict[str, Any]) -> LimitsConfig:
     ))
 
 
+def _admission(v: _Validator, data: dict[str, Any]) -> AdmissionConfig:
+    return _section(v, data, "admission", ("scope",), lambda t: AdmissionConfig(
+        scope=v.choice(t, "admission", "scope", "instance", ADMISSION_SCOPES) or "instance",
+    ))
+
+
+def _check_admission(v: _Validator, config: Config) -> None:
+    """``scope = "cluster"`` needs a budget to share and a backplane that can hold it."""
+    if config.admission.scope != "cluster":
+        return
+    kind = config.backplane.kind
+    if config.limits.connection_rate <= 0:
+        v.error("admission.scope", 'scope = "cluster" shares [limits] connection_rate among the instances, and it '
+                "is 0 (no limit): set connection_rate (and connection_burst), or scope = \"instance\"")
+    if kind == "memory":
+        v.error("admission.scope", 'scope = "cluster" keeps the fleet\'s connection budget in the backplane, and '
+                '[backplane] kind = "memory" is this process only: set kind = "redis" or "redis-cluster"')
+    elif kind == "nats":
+        v.error("admission.scope", 'scope = "cluster" is not built for kind = "nats" (its token bucket is a Redis '
+                'script; a JetStream key-value equivalent is not written yet): use kind = "redis" or '
+                '"redis-cluster", or scope = "instance"')
+
+
 def _logging(v: _Validator, data: dict[str, Any]) -> LoggingConfig:
     return _section(v, data, "logging", _LOGGING_KEYS, lambda t: LoggingConfig(
         level=v.choice(t, "logging", "level", "info", _LOG_LEVELS),
@@ -1847,6 +1888,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         http2=_http2(v, data),
         websocket=websocket,
         limits=_limits(v, data),
+        admission=_admission(v, data),
         logging=_logging(v, data),
         admin=_admin(v, data, listeners, workers),
         workers=workers,
@@ -1859,6 +1901,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     )
     _check_hubs_reach_every_worker(v, data, config)
     _check_rate_limits_per_process(v, data, config)
+    _check_admission(v, config)
     if v.problems:
         raise ConfigError(v.problems)
     return config

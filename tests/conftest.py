@@ -212,8 +212,9 @@ async def cleanup_backplane(kind: str, url: str | tuple[str, ...], prefix: str) 
 
         client = cluster_client(tuple(url), 5.0)
         try:
-            async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-                await client.delete(key)
+            for pattern in (f"{prefix}:*", f"{{{prefix}:*"):  # and the hash-tagged keys: {P:inst}, {P:admission}
+                async for key in client.scan_iter(match=pattern, count=1000):
+                    await client.delete(key)
         finally:
             await client.aclose()
     elif kind == "redis":
@@ -221,7 +222,8 @@ async def cleanup_backplane(kind: str, url: str | tuple[str, ...], prefix: str) 
 
         client = aioredis.Redis.from_url(url)
         try:
-            keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+            keys = [key for pattern in (f"{prefix}:*", f"{{{prefix}:*")
+                    async for key in client.scan_iter(match=pattern, count=1000)]
             if keys:
                 await client.delete(*keys)
         finally:

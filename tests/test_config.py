@@ -123,6 +123,7 @@ def test_example_file_sets_every_option() -> None:
     for key in commented:
         assert re.search(rf"^# {key} = ", websocket_text, re.M), key
     assert set(data["limits"]) == set(cfgmod._LIMITS_KEYS)
+    assert set(data["admission"]) == {"scope"}
     assert set(data["logging"]) == set(cfgmod._LOGGING_KEYS)
     # api_key, control_key and control_bind have no default (they turn features on), and
     # control_socket_mode needs a Unix control_bind: shown commented out
@@ -967,6 +968,32 @@ def test_hubs_with_workers_on_a_shared_backplane_and_workers_without_hubs_are_fi
         assert parse_config("workers = 4\n" + MINIMAL + hubs + shared).workers == 4
     assert parse_config("workers = 4\n" + MINIMAL).workers == 4
     assert parse_config("workers = 1\n" + MINIMAL + hubs).hubs[0].path == "/hub"
+
+
+def test_admission_scope_cluster_on_redis_and_redis_cluster() -> None:
+    limits = "[limits]\nconnection_rate = 100\n[admission]\nscope = \"cluster\"\n"
+    assert parse_config(MINIMAL).admission.scope == "instance"
+    for backplane in ('[backplane]\nkind = "redis"\nurl = "redis://127.0.0.1:6379/0"\n',
+                      '[backplane]\nkind = "redis-cluster"\nurls = ["redis://127.0.0.1:7000"]\n'):
+        assert parse_config(MINIMAL + limits + backplane).admission.scope == "cluster"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('[limits]\nconnection_rate = 100\n[admission]\nscope = "cluster"\n', 'kind = "memory" is this process only'),
+    ('[limits]\nconnection_rate = 100\n[admission]\nscope = "cluster"\n[backplane]\nkind = "nats"\n'
+     'url = "nats://127.0.0.1:4222"\n', 'not built for kind = "nats"'),
+    ('[admission]\nscope = "cluster"\n[backplane]\nkind = "redis"\nurl = "redis://127.0.0.1:6379/0"\n',
+     "is 0 (no limit)"),
+    ('[admission]\nscope = "fleet"\n', "instance, cluster"),
+])
+def test_admission_scope_problems(text: str, needle: str) -> None:
+    key, message = only_problem(MINIMAL + text)
+    assert key == "admission.scope" and needle in message, message
+
+
+def test_admission_unknown_key() -> None:
+    key, message = only_problem(MINIMAL + "[admission]\nrate = 1\n")
+    assert key == "admission.rate" and "unknown key" in message, message
 
 
 @pytest.mark.parametrize("table, key, needle", [

@@ -1,0 +1,78 @@
+"""The instance's side of the fleet bucket (sans-IO): leases, spending, Retry-After, fallback."""
+
+from __future__ import annotations
+
+from edgeproxy.core.fleet_admission import LEASE_TTL, PROBE_INTERVAL, FleetTokens, LeaseAnswer, lease_size
+
+
+def test_lease_size_is_10_ms_of_the_rate_and_at_least_one() -> None:
+    assert lease_size(1) == 1 and lease_size(100) == 1 and lease_size(150) == 2 and lease_size(1000) == 10
+
+
+def test_admits_from_the_leased_pool_and_asks_again_when_it_runs_low() -> None:
+    f = FleetTokens(rate=2000, burst=0, now=0.0)
+    assert f.available(0.0) is False
+    assert f.want_lease(0.0) == 20
+    assert f.want_lease(0.0) == 0  # one lease at a time
+    f.granted(LeaseAnswer(20, 0.0, 0.0, 3), 0.001)
+    for _ in range(9):
+        assert f.available(0.001)
+        f.spend(0.001)
+    assert f.want_lease(0.001) == 0  # 11 of 20 left
+    f.spend(0.001)
+    assert f.want_lease(0.001) == 20  # half the batch is gone: top up in the background
+    f.granted(LeaseAnswer(5, 0.0, 0.0, 3), 0.002)
+    assert f.tokens == 15 and f.active == 3
+
+
+def test_an_empty_fleet_bucket_is_not_asked_before_it_has_a_token() -> None:
+    f = FleetTokens(rate=100, burst=0, now=0.0)
+    f.want_lease(0.0)
+    f.granted(LeaseAnswer(0, 0.5, 0.0, 2), 0.0)
+    assert f.available(0.1) is False and f.want_lease(0.1) == 0
+    assert f.want_lease(0.5) == 1
+
+
+def test_unspent_leases_expire() -> None:
+    f = FleetTokens(rate=100, burst=0, now=0.0)
+    f.want_lease(0.0)
+    f.granted(LeaseAnswer(2, 0.0, 0.0, 1), 0.0)
+    assert f.available(LEASE_TTL / 2)
+    assert f.available(LEASE_TTL + 0.01) is False and f.tokens == 0
+
+
+def test_retry_after_books_the_instances_share_after_the_fleets_queue() -> None:
+    f = FleetTokens(rate=100, burst=0, now=0.0)  # 3 instances: this one's share is 33.3/s
+    f.want_lease(0.0)
+    f.granted(LeaseAnswer(0, 0.01, 4.0, 3), 0.0)  # the fleet's queue already ends 4 s from now
+    retries = [f.refuse(0.0) for _ in range(100)]
+    assert retries[0] >= 4.0
+    assert abs(retries[-1] - (4.0 + 99 * 3 / 100)) < 1e-6  # one 1/share slot each
+    assert f.reported() == 100 and f.reported() == 0
+
+
+def test_fallback_admits_at_the_share_and_ends_with_the_first_lease() -> None:
+    f = FleetTokens(rate=90, burst=30, now=0.0)
+    f.want_lease(0.0)
+    f.granted(LeaseAnswer(2, 0.0, 0.0, 3), 0.0)
+    f.want_lease(0.0)
+    assert f.lost(0.0) is True and f.lost(0.0) is False  # the first failure starts it, once
+    assert f.tokens == 0 and f.fallback.rate == 30 and f.fallback.burst == 10
+    admitted = 0
+    for i in range(1000):  # 10 s of attempts, 100/s
+        now = i / 100
+        if f.available(now):
+            f.spend(now)
+            admitted += 1
+        elif f.want_lease(now):
+            f.lost(now)
+    assert 10 + 30 * 9.99 - 1 <= admitted <= 10 + 30 * 10 + 1  # burst + share * time
+    assert f.want_lease(10.0) == 0 and f.want_lease(10.0 + PROBE_INTERVAL) == 1
+    assert f.granted(LeaseAnswer(1, 0.0, 0.0, 3), 11.0) is True and f.fallback is None
+
+
+def test_a_fleet_never_reached_falls_back_to_the_whole_budget() -> None:
+    f = FleetTokens(rate=50, burst=0, now=0.0)
+    f.want_lease(0.0)
+    f.lost(0.0)
+    assert f.fallback.rate == 50 and f.fallback.burst == 50
