@@ -287,43 +287,91 @@ async def test_redis_shards_place_each_tenant_on_one_real_server(server_process)
 
 
 @pytest.mark.parametrize("slot_by", ["channel", "tenant"])
-async def test_redis_cluster_puts_each_channel_on_one_slot(redis_cluster, slot_by) -> None:
+async def test_redis_cluster_puts_each_channel_on_one_slot(cluster_nodes, slot_by) -> None:
     """The meta, the log and the shard channel of a channel share a slot (so the publish
     script is legal); with slot_by = "tenant" so do all channels of a tenant."""
     from edgeproxy.transport.redis_cluster import key_slot
 
+    a, b = await cluster_nodes(2, slot_by=slot_by)
+    channels = [f"tenant{i}:{name}" for i in range(6) for name in ("orders", "chat")] + [":lonely", "plain"]
+    slots = {}
+    for channel in channels:
+        keys = a.backplane._keys(channel)
+        assert len({key_slot(k.encode()) for k in keys}) == 1, keys
+        assert a.backplane._channel_of(keys[2].encode()) == channel
+        slots[channel] = key_slot(keys[0].encode())
+    if slot_by == "tenant":
+        assert all(slots[f"tenant{i}:orders"] == slots[f"tenant{i}:chat"] for i in range(6))
+    assert len(set(slots.values())) > 3  # spread over the cluster either way
+    for channel in channels:
+        await b.backplane.subscribe(channel)
+    for round_ in range(3):
+        for channel in channels:
+            assert (await a.backplane.publish(channel, b"%d" % round_)).seq == round_ + 1
+    for channel in channels:
+        assert await b.wait(channel, 3) == [1, 2, 3]
+    # the keys are where the names say: the master owning the slot holds them
+    for channel in channels:
+        meta = a.backplane._keys(channel)[0]
+        owner = a.backplane.client.get_node_from_key(meta)
+        assert await a.backplane.client.execute_command("EXISTS", meta, target_nodes=owner) == 1
+
+
+async def test_redis_cluster_manual_failover_moves_the_feed(redis_cluster, cluster_nodes, caplog) -> None:
+    """A graceful failover (CLUSTER FAILOVER on the replica): the old master drops the
+    sharded subscription (SUNSUBSCRIBE), the node follows the slot to the new master and
+    fills what it missed from history: every publication once, in order."""
+    a, b = await cluster_nodes(2)
+    await b.backplane.subscribe("moving")
+    name = a.backplane._keys("moving")[2]
+    master = redis_cluster.master_of(name)
+    replica = next(int(line.split()[1].split(":")[1].split("@")[0])
+                   for line in redis_cluster.cli_call(master, "cluster", "replicas",
+                                                      redis_cluster.cli_call(master, "cluster", "myid").strip())
+                   .splitlines() if line.strip())
+    published = 0
+
+    async def publish_some(n: int) -> None:
+        nonlocal published
+        for _ in range(n):
+            for _ in range(500):
+                try:
+                    await a.backplane.publish("moving", b"%d" % published)
+                    break
+                except BackplaneUnavailable:
+                    await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("publishing did not resume")
+            published += 1
+
+    await publish_some(10)
+    caplog.set_level("WARNING", "edgeproxy")
+    await asyncio.to_thread(redis_cluster.cli_call, replica, "cluster", "failover")
+    await publish_some(20)
+    assert redis_cluster.master_of(name) == replica
+    assert await b.wait("moving", 30, timeout=15) == list(range(1, 31))
+    await asyncio.sleep(0.2)
+    assert b.seqs("moving") == list(range(1, 31))
+    assert any("the cluster moved shard channel" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+async def cluster_nodes(redis_cluster):
+    """Factory: ``await cluster_nodes(n, slot_by=...)`` -> n started `Node`s on the session's Redis Cluster."""
     prefix = f"t{uuid.uuid4().hex[:12]}"
-    hub = HubConfig(path="/hub", history_size=100, history_ttl=60.0)
-    config = BackplaneConfig(kind="redis-cluster", urls=redis_cluster.urls, prefix=prefix, timeout=2.0,
-                             reconnect_min=0.05, reconnect_max=0.5, slot_by=slot_by)
-    a, b = (Node(make_backplane(config, hub, Metrics(), f"node{i}")) for i in range(2))
-    for node in (a, b):
-        await node.backplane.start(node.got.append)
-    try:
-        channels = [f"tenant{i}:{name}" for i in range(6) for name in ("orders", "chat")] + [":lonely", "plain"]
-        slots = {}
-        for channel in channels:
-            keys = a.backplane._keys(channel)
-            assert len({key_slot(k.encode()) for k in keys}) == 1, keys
-            assert a.backplane._channel_of(keys[2].encode()) == channel
-            slots[channel] = key_slot(keys[0].encode())
-        for i in range(6):
-            same = slots[f"tenant{i}:orders"] == slots[f"tenant{i}:chat"]
-            assert same if slot_by == "tenant" else True
-        assert len(set(slots.values())) > 3  # spread over the cluster either way
-        for channel in channels:
-            await b.backplane.subscribe(channel)
-        for round_ in range(3):
-            for channel in channels:
-                assert (await a.backplane.publish(channel, b"%d" % round_)).seq == round_ + 1
-        for channel in channels:
-            assert await b.wait(channel, 3) == [1, 2, 3]
-        # the keys are where the names say: the master owning the slot holds them
-        for channel in channels:
-            meta = a.backplane._keys(channel)[0]
-            owner = a.backplane.client.get_node_from_key(meta)
-            assert await a.backplane.client.execute_command("EXISTS", meta, target_nodes=owner) == 1
-    finally:
-        for node in (a, b):
-            await node.backplane.close()
-        await cleanup_backplane("redis-cluster", redis_cluster.urls, prefix)
+    made: list[Node] = []
+
+    async def make(n: int, slot_by: str = "channel") -> list[Node]:
+        hub = HubConfig(path="/hub", history_size=100, history_ttl=60.0)
+        config = BackplaneConfig(kind="redis-cluster", urls=redis_cluster.urls, prefix=prefix, timeout=2.0,
+                                 reconnect_min=0.05, reconnect_max=0.5, slot_by=slot_by)
+        for i in range(n):
+            node = Node(make_backplane(config, hub, Metrics(), f"node{i}"))
+            await node.backplane.start(node.got.append)
+            made.append(node)
+        return made[-n:]
+
+    yield make
+    for node in made:
+        await node.backplane.close()
+    await cleanup_backplane("redis-cluster", redis_cluster.urls, prefix)
