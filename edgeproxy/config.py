@@ -82,9 +82,8 @@ Value rules (see ``config.example.toml`` for every option with its default):
   need ``redis`` or ``nats``: on ``memory`` every worker would have a hub of
   its own.
 * ``[admission] scope = "cluster"`` (optional; default ``"instance"``) shares
-  ``[limits] connection_rate`` among the fleet through a ``redis`` or
-  ``redis-cluster`` backplane; it is refused with ``memory`` and ``nats`` and
-  without a ``connection_rate``.
+  ``[limits] connection_rate`` among the fleet through the backplane; it is
+  refused with ``memory`` and without a ``connection_rate``.
 """
 
 from __future__ import annotations
@@ -1531,11 +1530,7 @@ def _check_admission(v: _Validator, config: Config) -> None:
                 "is 0 (no limit): set connection_rate (and connection_burst), or scope = \"instance\"")
     if kind == "memory":
         v.error("admission.scope", 'scope = "cluster" keeps the fleet\'s connection budget in the backplane, and '
-                '[backplane] kind = "memory" is this process only: set kind = "redis" or "redis-cluster"')
-    elif kind == "nats":
-        v.error("admission.scope", 'scope = "cluster" is not built for kind = "nats" (its token bucket is a Redis '
-                'script; a JetStream key-value equivalent is not written yet): use kind = "redis" or '
-                '"redis-cluster", or scope = "instance"')
+                '[backplane] kind = "memory" is this process only: set kind = "redis", "redis-cluster" or "nats"')
 
 
 def _logging(v: _Validator, data: dict[str, Any]) -> LoggingConfig:

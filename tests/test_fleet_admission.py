@@ -1,7 +1,7 @@
-"""Fleet-wide admission (``[admission] scope = "cluster"``) with real processes and a real Redis.
+"""Fleet-wide admission (``[admission] scope = "cluster"``) with real processes and a real Redis / NATS.
 
 Three edgeproxy instances share one ``connection_rate`` budget through the Redis
-backplane; a storm of 3,000 connection attempts (loopback, 1,000 a second, at most
+(or NATS) backplane; a storm of 3,000 connection attempts (loopback, 1,000 a second, at most
 60 at once) spread over the three is admitted at the fleet's rate, not three times it.  The
 expected count is derived from the storm's own measured duration (burst + rate x
 duration), so the check holds however fast the machine runs the storm; the rate
@@ -26,7 +26,17 @@ from edgeproxy.metrics import Metrics
 from edgeproxy.transport.fleet_admission import FleetAdmission, local_policy
 
 RATE = 100
-BURST = 10
+BURST = 50
+
+
+async def delete_kv(url: str, bucket: str) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().delete_key_value(bucket)
+    finally:
+        await nc.close()
 ATTEMPTS = 3000
 
 
@@ -63,19 +73,23 @@ async def storm(ports: list[int], n: int, pace: float = 1000.0,
 
 @pytest.fixture
 def fleet(tmp_path, services):
-    """Factory: ``fleet(scope)`` -> the listener ports of 3 started instances on one Redis."""
-    url = services.require("redis")
+    """Factory: ``fleet(scope, kind="redis")`` -> the listener ports of 3 started instances on one
+    Redis (or NATS)."""
     prefix = f"t{uuid.uuid4().hex[:12]}"
     backend = Backend("fleet")
     procs: list[ProxyProcess] = []
 
-    def start(scope: str) -> list[int]:
+    used = set()
+
+    def start(scope: str, kind: str = "redis") -> list[int]:
+        used.add(kind)
+        url = services.require(kind)
         ports = []
         for i in range(3):
             port = free_port()
             extra = (f"[limits]\nconnection_rate = {RATE}\nconnection_burst = {BURST}\n"
                      f'[admission]\nscope = "{scope}"\n'
-                     f'[backplane]\nkind = "redis"\nurl = "{url}"\nprefix = "{prefix}"\ninstance_id = "edge-{i}"\n')
+                     f'[backplane]\nkind = "{kind}"\nurl = "{url}"\nprefix = "{prefix}"\ninstance_id = "edge-{i}"\n')
             text = config_text({"app": [backend]}, {"/": "app"}, port=port, extra=extra)
             procs.append(ProxyProcess(tmp_path / f"{scope}-{i}.toml", text))
             ports.append(port)
@@ -87,22 +101,30 @@ def fleet(tmp_path, services):
     for proc in procs:
         proc.close()
     backend.stop()
-    asyncio.run(services.cleanup("redis", url, prefix))
+    for kind in used:
+        asyncio.run(services.cleanup(kind, services.require(kind), prefix))
+        if kind == "nats":
+            asyncio.run(delete_kv(services.require(kind), f"{prefix}_admission"))
 
 
-async def test_three_instances_admit_the_fleets_rate_in_a_storm(fleet) -> None:
-    ports = fleet("cluster")
+@pytest.mark.parametrize("kind", ["redis", "nats"])
+async def test_three_instances_admit_the_fleets_rate_in_a_storm(fleet, kind) -> None:
+    ports = fleet("cluster", kind)
     await asyncio.sleep(1.5)  # the leases taken at start expire: the storm meets the bucket alone
     results, seconds = await storm(ports, ATTEMPTS)
     admitted = sum(1 for status, _ in results if status == 200)
     refused = [retry for status, retry in results if status == 503]
     assert admitted + len(refused) == ATTEMPTS
     budget = BURST + RATE * seconds
+    print(f"FIGURES {kind}: admitted {admitted}, refused {len(refused)}, budget {budget:.1f}, {seconds:.2f} s, "
+          f"Retry-After up to {max(refused):g}")
     assert abs(admitted - budget) <= 0.1 * budget, (admitted, budget, seconds)
-    # Retry-After is the fleet's: the refused clients queue for the whole fleet's rate
-    # (about len(refused) / RATE seconds long), not for three times it
+    # Retry-After is the fleet's: the refused clients queue for the whole fleet's rate, so
+    # the queue is about len(refused) / RATE seconds long less what the storm's own
+    # duration served of it, not a third of that (each instance queueing at the full rate)
     assert all(r is not None and r >= 1 for r in refused)
-    assert max(refused) >= 0.8 * min(60.0, len(refused) / RATE), (max(refused), len(refused))
+    queue = min(60.0, len(refused) / RATE - seconds)
+    assert max(refused) >= 0.8 * queue, (max(refused), len(refused), seconds)
 
 
 async def test_each_instance_alone_admits_its_own_rate(fleet) -> None:
@@ -146,12 +168,12 @@ async def test_an_unreachable_backplane_falls_back_to_the_share_and_recovers(ser
         await admission.close()
 
 
-@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
-async def test_two_instances_share_one_bucket_on_redis_and_redis_cluster(request, services, kind) -> None:
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster", "nats"])
+async def test_two_instances_share_one_bucket_on_every_engine(request, services, kind) -> None:
     """The lease script is single-slot: on a Redis Cluster as on one Redis, two instances
-    together get the burst and the rate once."""
+    together get the burst and the rate once; on NATS the revision-checked key does the same."""
     urls = (request.getfixturevalue("redis_cluster").urls if kind == "redis-cluster"
-            else (services.require("redis"),))
+            else (services.require(kind),))
     prefix = f"t{uuid.uuid4().hex[:12]}"
     policy = AdmissionPolicy(rate=1.0, burst=20)  # 20 at once, then one a second
     backplane = BackplaneConfig(kind=kind, urls=urls, prefix=prefix, timeout=2.0)
@@ -173,3 +195,5 @@ async def test_two_instances_share_one_bucket_on_redis_and_redis_cluster(request
         for admission in pair:
             await admission.close()
         await services.cleanup(kind, urls if kind == "redis-cluster" else urls[0], prefix)
+        if kind == "nats":
+            await delete_kv(urls[0], f"{prefix}_admission")

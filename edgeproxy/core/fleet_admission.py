@@ -10,16 +10,22 @@ hash, refilled and debited by one script, see
 
 **Leases, not a round trip per connection.**  An instance takes tokens from the
 shared bucket in small batches (`lease_size`: 10 ms of the rate, at least 1) into a
-local pool, and admits from the pool without waiting.  When the pool runs low the
+local pool, and admits from the pool without waiting.  When the pool runs dry
+before the next batch arrives (a storm on a loaded instance: the round trip is
+longer than a batch lasts) the batch doubles, up to `MAX_LEASE_SECONDS` of the
+rate; a batch that expires unspent halves it again.  When the pool runs low the
 caller starts one lease request in the background (`want_lease`); its answer
 (`granted`) tops the pool up.  A connection that finds the pool empty is refused
 at once with 503, never held.  Tokens are debited from the fleet bucket when
 leased, so the fleet can never admit more than the bucket gives out: its error is
 only the tokens that sit leased and unspent when a storm ends (at most one batch
 per instance, and a lease older than `LEASE_TTL` is dropped): with N instances at
-most N x 10 ms of the rate, against a budget of ``burst + rate x seconds``.  The
-cost is one lease round trip per batch: about 100 a second for the fleet under a
-storm, whatever the rate.
+most N x 50 ms of the rate, against a budget of ``burst + rate x seconds``.  The
+cost is one lease round trip per batch: at most about 100 a second per instance
+under a storm, whatever the rate.  The other way round, the fleet admits less
+than its budget when the bucket overflows (stays full while no instance asks):
+keep ``connection_burst`` above the longest lease round trip under load (100 ms
+of the rate is plenty on a LAN).
 
 **The fleet's answer** also carries the seconds until the bucket has a token
 again (no lease is asked for before then), how long the fleet's queue of refused
@@ -46,7 +52,8 @@ from typing import NamedTuple
 
 from edgeproxy.core.admission import Rng, TokenBucket, _burst, book_retry
 
-__all__ = ["FleetTokens", "LeaseAnswer", "LEASE_TTL", "MEMBER_TTL", "PROBE_INTERVAL", "lease_size"]
+__all__ = ["FleetTokens", "LeaseAnswer", "LEASE_TTL", "MAX_LEASE_SECONDS", "MEMBER_TTL", "PROBE_INTERVAL", "fleet_lease",
+           "lease_size"]
 
 #: seconds a leased token may wait unspent in an instance's pool before it is dropped
 LEASE_TTL = 1.0
@@ -54,11 +61,44 @@ LEASE_TTL = 1.0
 MEMBER_TTL = 10.0
 #: seconds between lease attempts while the backplane is unreachable
 PROBE_INTERVAL = 1.0
+#: the largest batch one lease asks for, in seconds of the fleet's rate
+MAX_LEASE_SECONDS = 0.05
 
 
 def lease_size(rate: float) -> int:
     """Tokens one lease asks for: 10 ms of the fleet's rate, at least 1."""
     return max(1, math.ceil(rate / 100.0))
+
+
+def fleet_lease(state: dict | None, now_ms: float, rate: float, burst: float, want: int, refused: int,
+                instance: str, member_ttl_ms: float) -> tuple[dict, tuple[int, int, int, int]]:
+    """The fleet bucket's side of one lease, for stores without scripts (NATS key-value).
+
+    The same arithmetic as the Redis script ``LEASE`` in
+    `edgeproxy.transport.fleet_admission`: refill, grant up to ``want`` whole
+    tokens, extend the queue of refused clients by ``refused / rate``, record the
+    member and drop members silent for ``member_ttl_ms``.
+
+    Args:
+        state: ``{"t": tokens, "s": stamp_ms, "q": queue_end_ms, "m": {instance: last_ms}}``,
+            or None for a new bucket (full).
+
+    Returns:
+        ``(new_state, (granted, wait_ms, queue_ms, active))``.
+    """
+    state = state or {}
+    tokens, stamp, queue = float(state.get("t", burst)), float(state.get("s", now_ms)), float(state.get("q", 0.0))
+    if now_ms > stamp:
+        tokens = min(burst, tokens + (now_ms - stamp) * rate / 1000)
+    granted = min(want, math.floor(tokens))
+    tokens -= granted
+    if refused > 0:
+        queue = max(queue, now_ms) + refused * 1000 / rate
+    wait = (1 - tokens) * 1000 / rate if tokens < 1 else 0.0
+    members = {name: last for name, last in dict(state.get("m", {})).items() if last >= now_ms - member_ttl_ms}
+    members[instance] = now_ms
+    new = {"t": tokens, "s": max(stamp, now_ms), "q": queue, "m": members}
+    return new, (int(granted), math.ceil(wait), math.ceil(max(0.0, queue - now_ms)), len(members))
 
 
 class LeaseAnswer(NamedTuple):
@@ -104,7 +144,12 @@ class FleetTokens:
     def reconfigure(self, rate: float, burst: int, now: float) -> None:
         self.rate = rate
         self.burst = _burst(rate, burst)
-        self.lease = lease_size(rate)
+        #: the batch asked for: `lease_size`, doubled (up to `max_lease`) while batches run out
+        #: before the next answer, halved back when leases expire unspent
+        self.min_lease = self.lease = lease_size(rate)
+        self.max_lease = max(self.min_lease, math.ceil(rate * MAX_LEASE_SECONDS))
+        #: the pool ran dry while a lease was on its way (demand outran the batch)
+        self._starved = False
         if self.fallback is not None:
             self.fallback = self._share_bucket(now)
 
@@ -119,7 +164,10 @@ class FleetTokens:
         if self.fallback is not None:
             return self.fallback.wait(now) == 0.0
         if self.tokens and now - self.leased_at > LEASE_TTL:
-            self.tokens = 0  # stale: the fleet has moved on
+            self.tokens = 0  # stale: the fleet has moved on, and the batch was too big
+            self.lease = max(self.min_lease, self.lease // 2)
+        if not self.tokens and self.in_flight:
+            self._starved = True
         return self.tokens > 0
 
     def spend(self, now: float) -> None:
@@ -163,6 +211,9 @@ class FleetTokens:
         was_fallback = self.fallback is not None
         self.fallback = None
         self.active = max(1, answer.active)
+        if self._starved and answer.granted == self.lease:
+            self.lease = min(self.max_lease, self.lease * 2)
+        self._starved = False
         if answer.granted:
             if now - self.leased_at > LEASE_TTL:
                 self.tokens = 0

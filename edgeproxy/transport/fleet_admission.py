@@ -11,12 +11,13 @@ the network: it checks the leased pool, lets the local limits decide, spends the
 token only when they admit, and starts a lease in the background when the pool
 runs low.
 
-The fleet's bucket is one Redis hash, ``{P:admission}:bucket`` (tokens, the time
+On Redis the fleet's bucket is one hash, ``{P:admission}:bucket`` (tokens, the time
 they were counted, the end of the fleet's queue of refused clients), and the
 instances that leased recently are a sorted set ``{P:admission}:members``; the hash
 tag keeps both on one slot, so the script works on one Redis, on the first shard of
 ``urls`` and on a Redis Cluster alike.  The script uses the server's clock
-(``TIME``), so the instances' clocks do not matter.
+(``TIME``), so the instances' clocks do not matter.  On NATS it is one key of a
+JetStream key-value bucket, updated with revision checks (`NatsFleetStore`).
 
 When a lease fails (the backplane is unreachable, or slower than ``[backplane]
 timeout``) the instance falls back to its share of the budget, logs one warning
@@ -30,14 +31,16 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from edgeproxy.core.admission import AdmissionPolicy, Rng, Verdict
-from edgeproxy.core.fleet_admission import MEMBER_TTL, FleetTokens, LeaseAnswer
+from edgeproxy.core.fleet_admission import MEMBER_TTL, FleetTokens, LeaseAnswer, fleet_lease
 
 if TYPE_CHECKING:
     from edgeproxy.config import BackplaneConfig
     from edgeproxy.metrics import Metrics
 
-__all__ = ["FleetAdmission", "LEASE", "fleet_client"]
+__all__ = ["FleetAdmission", "LEASE", "NatsFleetStore", "RedisFleetStore", "fleet_store", "local_policy"]
 
 log = logging.getLogger("edgeproxy")
 
@@ -72,15 +75,96 @@ return {granted, math.ceil(wait), math.ceil(math.max(0, queue - now)), redis.cal
 """
 
 
-def fleet_client(config: BackplaneConfig) -> Any:
-    """The Redis client the lease script runs on: the cluster's, or the first shard's."""
-    if config.kind == "redis-cluster":
-        from edgeproxy.transport.redis_cluster import cluster_client
+class RedisFleetStore:
+    """The fleet bucket in Redis: the `LEASE` script on one slot (one Redis, its first shard, or a cluster)."""
 
-        return cluster_client(config.urls, config.timeout)
-    from edgeproxy.transport.redis_backplane import redis_client
+    def __init__(self, config: BackplaneConfig):
+        if config.kind == "redis-cluster":
+            from edgeproxy.transport.redis_cluster import cluster_client
 
-    return redis_client(config.urls[0], config.timeout)
+            self.client = cluster_client(config.urls, config.timeout)
+        else:
+            from edgeproxy.transport.redis_backplane import redis_client
+
+            self.client = redis_client(config.urls[0], config.timeout)
+        self._lease = self.client.register_script(LEASE)
+        base = f"{{{config.prefix}:admission}}"
+        self.keys = [base + ":bucket", base + ":members"]
+
+    async def lease(self, rate: float, burst: float, want: int, refused: int, instance: str) -> tuple[int, ...]:
+        answer = await self._lease(keys=self.keys, args=[rate, burst, want, refused, instance, int(MEMBER_TTL * 1000)])
+        return tuple(int(x) for x in answer)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class NatsFleetStore:
+    """The fleet bucket in a JetStream key-value bucket ``P_admission``, key ``bucket``.
+
+    NATS runs no scripts, so a lease is read, computed (`fleet_lease`) and written
+    back with the revision it read (``update(last=revision)``): of instances racing
+    for the same revision one wins and the others read again (at most
+    `NATS_ATTEMPTS` times per lease; then the lease fails).  Time is this
+    instance's wall clock: clocks kept by NTP (within milliseconds) change the
+    refill by as much; the stamp never moves back, so a slow clock refills late,
+    never twice.
+    """
+
+    NATS_ATTEMPTS = 20
+
+    def __init__(self, config: BackplaneConfig):
+        self.config = config
+        self.bucket = f"{config.prefix}_admission"
+        self.nc = None
+        self.kv = None
+
+    async def _kv(self):
+        if self.kv is None:
+            import nats
+
+            if self.nc is None or self.nc.is_closed:
+                self.nc = await nats.connect(servers=list(self.config.urls), name="edgeproxy admission",
+                                             connect_timeout=max(1, int(self.config.timeout)),
+                                             reconnect_time_wait=0.5, max_reconnect_attempts=-1)
+            js = self.nc.jetstream(timeout=self.config.timeout)
+            # one small key; an hour untouched and it goes (a bucket idle that long is full anyway)
+            self.kv = await js.create_key_value(bucket=self.bucket, history=1, ttl=3600.0)
+        return self.kv
+
+    async def lease(self, rate: float, burst: float, want: int, refused: int, instance: str) -> tuple[int, ...]:
+        import time
+
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        try:
+            kv = await self._kv()
+            for _ in range(self.NATS_ATTEMPTS):
+                try:
+                    entry = await kv.get("bucket")
+                    state, revision = orjson.loads(entry.value), entry.revision
+                except KeyNotFoundError:
+                    state, revision = None, 0
+                new, answer = fleet_lease(state, time.time() * 1000, rate, burst, want, refused, instance,
+                                          MEMBER_TTL * 1000)
+                try:
+                    await kv.update("bucket", orjson.dumps(new), last=revision)
+                except KeyWrongLastSequenceError:
+                    continue  # another instance took this revision: read again
+                return answer
+        except BaseException:
+            self.kv = None  # made again next time (the server may have lost the bucket)
+            raise
+        raise TimeoutError(f"the fleet bucket stayed contended for {self.NATS_ATTEMPTS} attempts")
+
+    async def aclose(self) -> None:
+        if self.nc is not None:
+            await self.nc.close()
+
+
+def fleet_store(config: BackplaneConfig) -> RedisFleetStore | NatsFleetStore:
+    """Where the fleet's bucket lives for ``[backplane] kind``."""
+    return NatsFleetStore(config) if config.kind == "nats" else RedisFleetStore(config)
 
 
 class FleetAdmission:
@@ -89,7 +173,7 @@ class FleetAdmission:
     Args:
         local: the instance's admission, made from `policy` without its rate (caps, per address).
         policy: the full ``[limits]`` policy (its ``rate``/``burst`` are the fleet's).
-        backplane: ``[backplane]`` (kind ``redis`` or ``redis-cluster``).
+        backplane: ``[backplane]`` (kind ``redis``, ``redis-cluster`` or ``nats``).
         instance: this instance's id (a member of the fleet).
         metrics: where the fallback state and the lease failures are counted.
         now, rng: as for `Admission`.
@@ -103,10 +187,7 @@ class FleetAdmission:
         self.metrics = metrics
         self.timeout = backplane.timeout
         self.fleet = FleetTokens(policy.rate, policy.burst, now, rng)
-        self.client = fleet_client(backplane)
-        self._lease = self.client.register_script(LEASE)
-        base = f"{{{backplane.prefix}:admission}}"
-        self.keys = [base + ":bucket", base + ":members"]
+        self.store = fleet_store(backplane)
         self._task: asyncio.Task | None = None
 
     # -- what the server calls ---------------------------------------------------------
@@ -149,7 +230,7 @@ class FleetAdmission:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        await self.client.aclose()
+        await self.store.aclose()
 
     # -- leases ------------------------------------------------------------------------
 
@@ -162,8 +243,8 @@ class FleetAdmission:
     async def _lease_once(self, want: int, refused: int, loop: asyncio.AbstractEventLoop) -> None:
         policy = self.policy
         try:
-            answer = await asyncio.wait_for(self._lease(keys=self.keys, args=[
-                policy.rate, self.fleet.burst, want, refused, self.instance, int(MEMBER_TTL * 1000)]), self.timeout)
+            answer = await asyncio.wait_for(
+                self.store.lease(policy.rate, self.fleet.burst, want, refused, self.instance), self.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -175,7 +256,7 @@ class FleetAdmission:
                             "instance's share, %.1f connections/s, until it is back", exc,
                             self.fleet.fallback.rate)
             return
-        granted, wait_ms, queue_ms, active = (int(x) for x in answer)
+        granted, wait_ms, queue_ms, active = answer
         if self.fleet.granted(LeaseAnswer(granted, wait_ms / 1000, queue_ms / 1000, active), loop.time()):
             self.metrics.admission_fallback(False)
             log.warning("admission: the fleet's connection budget is reachable again (%d instance(s) share "

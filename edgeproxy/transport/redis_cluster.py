@@ -39,6 +39,10 @@ running), subscribes every channel again on its new owner and fills each from it
 last delivered seq out of history, so subscribers miss nothing history holds and
 get nothing twice (the `Orderer` drops seqs already delivered).
 
+The outage is the whole backplane's, not the one shard's: while one master fails
+over, this instance answers 503 to publications on every channel (about 3 s with
+``cluster-node-timeout 1000``), not only on the channels of the failed slots.
+
 Replication in Redis is asynchronous: a publication that the dying master ran
 but had not yet sent to its replica is gone with it (Redis's own guarantee; a
 publisher that got its answer had it stored on the master only).  The new master

@@ -76,3 +76,34 @@ def test_a_fleet_never_reached_falls_back_to_the_whole_budget() -> None:
     f.want_lease(0.0)
     f.lost(0.0)
     assert f.fallback.rate == 50 and f.fallback.burst == 50
+
+
+def test_fleet_lease_refills_grants_queues_and_counts_members() -> None:
+    from edgeproxy.core.fleet_admission import fleet_lease
+
+    state, answer = fleet_lease(None, 1000.0, rate=10, burst=5, want=3, refused=0, instance="a", member_ttl_ms=10_000)
+    assert answer == (3, 0, 0, 1) and state["t"] == 2  # a new bucket is full
+    state, answer = fleet_lease(state, 1000.0, 10, 5, 3, 0, "b", 10_000)
+    assert answer == (2, 100, 0, 2) and state["t"] == 0  # empty: a token in 100 ms
+    state, answer = fleet_lease(state, 1050.0, 10, 5, 3, 4, "a", 10_000)
+    assert answer == (0, 50, 400, 2)  # half a token; 4 refusals queue 400 ms at 10/s
+    state, answer = fleet_lease(state, 20_000.0, 10, 5, 1, 0, "a", 10_000)
+    assert answer == (1, 0, 0, 1) and state["t"] == 4  # refilled to the burst; b went silent
+    # a clock behind the stamp (another instance's) refills nothing and keeps the stamp
+    state, answer = fleet_lease(state, 19_000.0, 10, 5, 1, 0, "c", 10_000)
+    assert answer[0] == 1 and state["t"] == 3 and state["s"] == 20_000.0
+
+
+def test_the_batch_doubles_while_the_pool_runs_dry_and_halves_when_leases_expire() -> None:
+    f = FleetTokens(rate=400, burst=0, now=0.0)  # batches of 4, up to 20
+    now = 0.0
+    for expected in (4, 8, 16, 20, 20):
+        assert f.want_lease(now) == expected
+        assert f.available(now) is False  # dry while the lease is on its way
+        f.granted(LeaseAnswer(expected, 0.0, 0.0, 1), now)
+        while f.available(now):
+            f.spend(now)
+    f.want_lease(now)
+    f.granted(LeaseAnswer(20, 0.0, 0.0, 1), now)  # not starved: stays
+    assert f.lease == 20
+    assert f.available(now + LEASE_TTL + 0.1) is False and f.lease == 10
