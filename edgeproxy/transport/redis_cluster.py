@@ -58,9 +58,9 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.crc import key_slot
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
 
 from edgeproxy.hub.shards import tenant_of
 from edgeproxy.transport.redis_backplane import HISTORY, PUBLISH, REDIS_POOL_SIZE, RedisBackplane, _Shard
@@ -143,8 +143,8 @@ class RedisClusterBackplane(RedisBackplane):
         self.commands = _Commands(self.client)
         #: node name ("host:port") -> the pub/sub connection to that master
         self.feeds: dict[str, _Shard] = {}
-        #: shard channels this adapter asked to leave (their SUNSUBSCRIBE is expected)
-        self._leaving: set[bytes] = set()
+        #: shard channel -> SUNSUBSCRIBEs this adapter sent and Redis has not confirmed yet
+        self._leaving: dict[bytes, int] = {}
         self._started = False
 
     # -- names -----------------------------------------------------------------------
@@ -202,16 +202,24 @@ class RedisClusterBackplane(RedisBackplane):
 
     async def _pubsub_subscribe(self, pubsub: aioredis.client.PubSub, names: list[bytes]) -> None:
         for name in names:  # one SSUBSCRIBE per name: several names must share a slot
-            self._leaving.discard(name)
             await pubsub.ssubscribe(name)
 
     async def _pubsub_unsubscribe(self, pubsub: aioredis.client.PubSub, name: str) -> None:
-        self._leaving.add(name.encode())
+        key = name.encode()
+        self._leaving[key] = self._leaving.get(key, 0) + 1
         await pubsub.sunsubscribe(name)
 
     def _unsubscribed(self, shard: _Shard, name: bytes) -> None:
-        if name in self._leaving:
-            self._leaving.discard(name)
+        pending = self._leaving.get(name, 0)
+        if pending:
+            if pending == 1:
+                del self._leaving[name]
+            else:
+                self._leaving[name] = pending - 1
             return
-        # Redis dropped the subscription by itself: the slot moved or the node became a replica
-        self.lost(ConnectionError(f"the cluster moved shard channel {name.decode()!r} (slot migrated or failover)"))
+        wanted = (self._channel_of(name) in self.interest if name.startswith(self._base_bytes)
+                  else name.decode() in self.extra_feeds)
+        if wanted:
+            # Redis dropped the subscription by itself: the slot moved or the node became a replica
+            self.lost(ConnectionError(f"the cluster moved shard channel {name.decode()!r} (slot migrated or "
+                                      "failover)"))

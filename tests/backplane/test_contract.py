@@ -355,6 +355,20 @@ async def test_redis_cluster_manual_failover_moves_the_feed(redis_cluster, clust
     assert any("the cluster moved shard channel" in r.getMessage() for r in caplog.records)
 
 
+async def test_redis_cluster_own_sunsubscribe_is_not_taken_for_a_moved_slot(cluster_nodes) -> None:
+    """Interest flapping (unsubscribe, subscribe again before Redis confirmed the first):
+    the confirmation of our own SUNSUBSCRIBE is no outage."""
+    a, b = await cluster_nodes(2)
+    for _ in range(5):
+        await b.backplane.subscribe("flap")
+        await b.backplane.unsubscribe("flap")
+    await b.backplane.subscribe("flap")
+    await a.backplane.publish("flap", b"x")
+    assert (await b.wait("flap", 1)) == [1]
+    await asyncio.sleep(0.2)
+    assert b.backplane.up and b.backplane.metrics.backplane_errors == 0 and not b.backplane._leaving
+
+
 @pytest.fixture
 async def cluster_nodes(redis_cluster):
     """Factory: ``await cluster_nodes(n, slot_by=...)`` -> n started `Node`s on the session's Redis Cluster."""
