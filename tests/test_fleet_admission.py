@@ -132,6 +132,7 @@ async def test_each_instance_alone_admits_its_own_rate(fleet) -> None:
     ports = fleet("instance")
     results, seconds = await storm(ports, ATTEMPTS)
     admitted = sum(1 for status, _ in results if status == 200)
+    print(f"FIGURES instance scope: admitted {admitted}, one budget {BURST + RATE * seconds:.1f}, {seconds:.2f} s")
     assert admitted > 2 * (BURST + RATE * seconds), (admitted, seconds)
 
 

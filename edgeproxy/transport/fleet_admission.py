@@ -122,14 +122,17 @@ class NatsFleetStore:
     async def _kv(self):
         if self.kv is None:
             import nats
+            from nats.js.api import StorageType
 
             if self.nc is None or self.nc.is_closed:
                 self.nc = await nats.connect(servers=list(self.config.urls), name="edgeproxy admission",
                                              connect_timeout=max(1, int(self.config.timeout)),
                                              reconnect_time_wait=0.5, max_reconnect_attempts=-1)
             js = self.nc.jetstream(timeout=self.config.timeout)
-            # one small key; an hour untouched and it goes (a bucket idle that long is full anyway)
-            self.kv = await js.create_key_value(bucket=self.bucket, history=1, ttl=3600.0)
+            # one small key, in memory (a bucket lost with the server starts full: what it would be
+            # after burst / rate seconds anyway); an hour untouched and it goes
+            self.kv = await js.create_key_value(bucket=self.bucket, history=1, ttl=3600.0,
+                                                storage=StorageType.MEMORY)
         return self.kv
 
     async def lease(self, rate: float, burst: float, want: int, refused: int, instance: str) -> tuple[int, ...]:
