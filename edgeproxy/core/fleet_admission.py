@@ -19,7 +19,8 @@ caller starts one lease request in the background (`want_lease`); its answer
 at once with 503, never held.  Tokens are debited from the fleet bucket when
 leased, so the fleet can never admit more than the bucket gives out: its error is
 only the tokens that sit leased and unspent when a storm ends (at most one batch
-per instance, and a lease older than `LEASE_TTL` is dropped): with N instances at
+per instance: a pool older than `LEASE_TTL` is renewed, from the server's tick
+too, and its old tokens are dropped when the new batch arrives): with N instances at
 most N x 50 ms of the rate, against a budget of ``burst + rate x seconds``.  The
 cost is one lease round trip per batch: at most about 100 a second per instance
 under a storm, whatever the rate.  The other way round, the fleet admits less
@@ -55,7 +56,7 @@ from edgeproxy.core.admission import Rng, TokenBucket, _burst, book_retry
 __all__ = ["FleetTokens", "LeaseAnswer", "LEASE_TTL", "MAX_LEASE_SECONDS", "MEMBER_TTL", "PROBE_INTERVAL", "fleet_lease",
            "lease_size"]
 
-#: seconds a leased token may wait unspent in an instance's pool before it is dropped
+#: seconds a leased batch may wait unspent in an instance's pool before it is renewed (and dropped)
 LEASE_TTL = 1.0
 #: seconds an instance counts as a member of the fleet after its last lease
 MEMBER_TTL = 10.0
@@ -163,9 +164,6 @@ class FleetTokens:
         """Whether one connection may be admitted now (nothing is spent: see `spend`)."""
         if self.fallback is not None:
             return self.fallback.wait(now) == 0.0
-        if self.tokens and now - self.leased_at > LEASE_TTL:
-            self.tokens = 0  # stale: the fleet has moved on, and the batch was too big
-            self.lease = max(self.min_lease, self.lease // 2)
         if not self.tokens and self.in_flight:
             self._starved = True
         return self.tokens > 0
@@ -193,7 +191,10 @@ class FleetTokens:
         `granted` or `lost` exactly once."""
         if self.in_flight or now < self.not_before:
             return 0
-        if self.fallback is None and self.tokens * 2 > self.lease:
+        # A pool older than LEASE_TTL is renewed (its tokens serve until the new batch
+        # arrives, then they are dropped): an idle instance asks once a second.
+        stale = self.tokens and now - self.leased_at > LEASE_TTL
+        if self.fallback is None and self.tokens * 2 > self.lease and not stale:
             return 0
         self.in_flight = True
         return self.lease
@@ -214,9 +215,10 @@ class FleetTokens:
         if self._starved and answer.granted == self.lease:
             self.lease = min(self.max_lease, self.lease * 2)
         self._starved = False
+        if self.tokens and now - self.leased_at > LEASE_TTL:
+            self.tokens = 0  # stale: the fleet has moved on, and the batch was too big
+            self.lease = max(self.min_lease, self.lease // 2)
         if answer.granted:
-            if now - self.leased_at > LEASE_TTL:
-                self.tokens = 0
             self.tokens += answer.granted
             self.leased_at = now
         self.not_before = now + answer.wait

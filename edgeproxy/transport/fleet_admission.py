@@ -231,8 +231,13 @@ class FleetAdmission:
             await self._lease_once(want, self.fleet.reported(), loop)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # cancelled, or the lease failed as it was ending
+                pass
         await self.store.aclose()
 
     # -- leases ------------------------------------------------------------------------

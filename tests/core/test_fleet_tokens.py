@@ -33,12 +33,16 @@ def test_an_empty_fleet_bucket_is_not_asked_before_it_has_a_token() -> None:
     assert f.want_lease(0.5) == 1
 
 
-def test_unspent_leases_expire() -> None:
-    f = FleetTokens(rate=100, burst=0, now=0.0)
+def test_an_unspent_pool_is_renewed_and_serves_until_the_new_batch_arrives() -> None:
+    f = FleetTokens(rate=200, burst=0, now=0.0)
     f.want_lease(0.0)
     f.granted(LeaseAnswer(2, 0.0, 0.0, 1), 0.0)
-    assert f.available(LEASE_TTL / 2)
-    assert f.available(LEASE_TTL + 0.01) is False and f.tokens == 0
+    assert f.want_lease(LEASE_TTL / 2) == 0
+    late = LEASE_TTL + 0.01
+    assert f.want_lease(late) == 2  # stale: renew (the tick does this on an idle instance)
+    assert f.available(late)  # the old batch serves meanwhile: no refusal after an idle second
+    f.granted(LeaseAnswer(2, 0.0, 0.0, 1), late)
+    assert f.tokens == 2 and f.leased_at == late  # the stale ones are dropped, not added
 
 
 def test_retry_after_books_the_instances_share_after_the_fleets_queue() -> None:
@@ -106,4 +110,7 @@ def test_the_batch_doubles_while_the_pool_runs_dry_and_halves_when_leases_expire
     f.want_lease(now)
     f.granted(LeaseAnswer(20, 0.0, 0.0, 1), now)  # not starved: stays
     assert f.lease == 20
-    assert f.available(now + LEASE_TTL + 0.1) is False and f.lease == 10
+    later = now + LEASE_TTL + 0.1
+    assert f.want_lease(later) == 20  # unspent for a whole LEASE_TTL: renewed ...
+    f.granted(LeaseAnswer(20, 0.0, 0.0, 1), later)
+    assert f.lease == 10  # ... and the batch halves
