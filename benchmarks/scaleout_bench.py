@@ -21,8 +21,9 @@ Two measures, every engine in the same run, on loopback:
   nothing, so their cost should not grow with their number.
 
 Clusters are started from Debian's ``redis-server`` and ``nats-server`` on free
-loopback ports in a temporary directory (``tests/clusters.py``) and stopped at the
-end; one Redis and one NATS are the machine's (127.0.0.1:6379, 127.0.0.1:4222).
+loopback ports in a temporary directory and stopped at the end, with the tests'
+own launchers (``tests/redis_cluster.py``, `NatsCluster` in ``tests/conftest.py``);
+one Redis and one NATS are the machine's (127.0.0.1:6379, 127.0.0.1:4222).
 Bounded: fixed counts, a timeout on every wait, every child killed at the end.
 """
 
@@ -32,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -50,7 +52,8 @@ import websockets
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.clusters import nats_cluster, redis_cluster  # noqa: E402
+from tests.conftest import NatsCluster  # noqa: E402
+from tests.redis_cluster import RedisClusterProcesses  # noqa: E402
 
 API_KEY = "scaleout-benchmark-api-key-0123456789"
 SINGLE_URLS = {"redis": ["redis://127.0.0.1:6379/0"], "nats": ["nats://127.0.0.1:4222"]}
@@ -205,11 +208,23 @@ async def engine_urls(engine: str, workdir: Path):
     if engine in SINGLE_URLS:
         yield SINGLE_URLS[engine], ""
     elif engine == "redis-cluster":
-        with redis_cluster(workdir / "redis-cluster") as cluster:
-            yield cluster.urls, ""
+        directory = workdir / "redis-cluster"
+        directory.mkdir()
+        cluster = RedisClusterProcesses(shutil.which("redis-server"), shutil.which("redis-cli"), str(directory))
+        try:
+            cluster.start()
+            yield list(cluster.urls), ""
+        finally:
+            cluster.stop()
     elif engine == "nats-cluster":
-        with nats_cluster(workdir / "nats-cluster") as cluster:
-            yield cluster.urls, "replicas = 3"
+        directory = workdir / "nats-cluster"
+        directory.mkdir()
+        cluster = NatsCluster(str(directory))
+        try:
+            cluster.start()
+            yield list(cluster.urls), "replicas = 3"
+        finally:
+            cluster.stop()
     else:
         raise SystemExit(f"unknown engine {engine!r}")
 

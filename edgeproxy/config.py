@@ -72,8 +72,10 @@ Value rules (see ``config.example.toml`` for every option with its default):
   Unix socket.
 * ``[backplane]`` (optional) picks where hub publications are ordered, stored and
   spread: ``kind`` is ``memory`` (the default: one process, no service),
-  ``redis`` or ``nats``; the others need ``url`` or ``urls`` (exactly one;
-  several Redis URLs are shards), ``redis://``/``rediss://`` or
+  ``redis``, ``redis-cluster`` or ``nats``; the others need ``url`` or ``urls``
+  (exactly one; several Redis URLs are shards, redis-cluster URLs are seed nodes
+  that agree on TLS and credentials, database 0; ``slot_by`` only there),
+  ``redis://``/``rediss://`` or
   ``nats://``/``tls://`` with a host and port.  ``prefix`` names every key,
   channel, subject and stream (``A-Z a-z 0-9 _ -``), so several deployments
   share one server.  ``replicas`` (NATS only, 1..5, at most the servers in
@@ -81,6 +83,9 @@ Value rules (see ``config.example.toml`` for every option with its default):
   the history streams and presence buckets.  ``[[hubs]]`` with ``workers`` above 1 (or ``"auto"``)
   need ``redis`` or ``nats``: on ``memory`` every worker would have a hub of
   its own.
+* ``[admission] scope = "cluster"`` (optional; default ``"instance"``) shares
+  ``[limits] connection_rate`` among the fleet through the backplane; it is
+  refused with ``memory`` and without a ``connection_rate``.
 """
 
 from __future__ import annotations
@@ -399,6 +404,19 @@ class LimitsConfig:
     heap_trim_interval: float = 10.0
 
 
+#: ``[admission] scope``: whose connection-rate budget ``[limits] connection_rate`` is
+ADMISSION_SCOPES = ("instance", "cluster")
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """The ``[admission]`` table: ``scope = "instance"`` (each instance has its own
+    ``connection_rate`` bucket) or ``"cluster"`` (one bucket for the fleet, in the
+    Redis backplane; see `edgeproxy.core.fleet_admission`)."""
+
+    scope: str = "instance"
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """The ``[logging]`` table."""
@@ -483,8 +501,10 @@ class AdminConfig:
     open_endpoints: tuple[str, ...] = DEFAULT_OPEN_ENDPOINTS
 
 
-BACKPLANE_KINDS = ("memory", "redis", "nats")
-_URL_SCHEMES = {"redis": ("redis", "rediss"), "nats": ("nats", "tls")}
+BACKPLANE_KINDS = ("memory", "redis", "redis-cluster", "nats")
+_URL_SCHEMES = {"redis": ("redis", "rediss"), "redis-cluster": ("redis", "rediss"), "nats": ("nats", "tls")}
+#: ``[backplane] slot_by`` (redis-cluster): what a channel's hash tag is made of
+SLOT_BY_CHOICES = ("channel", "tenant")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -492,7 +512,7 @@ class BackplaneConfig:
     """The ``[backplane]`` table: how the hubs of several proxies share channels.
 
     ``urls`` holds one URL per Redis shard (one, or the servers of one NATS
-    cluster); it is empty for ``memory``.  ``instance_id`` None means "generate
+    cluster, or seed nodes of one Redis Cluster); it is empty for ``memory``.  ``instance_id`` None means "generate
     one at start" (host name and random bytes).
     """
 
@@ -511,6 +531,10 @@ class BackplaneConfig:
     #: NATS only: JetStream replicas of every stream and key-value bucket (history,
     #: presence); default 3 when ``urls`` lists 3 or more servers, else 1
     replicas: int = 1
+    #: redis-cluster: a channel's keys and shard channel share the hash tag of the
+    #: whole channel name ("channel": channels spread over the cluster) or of its
+    #: tenant, the part before the first ``:`` ("tenant": a tenant on one shard)
+    slot_by: str = "channel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,6 +548,7 @@ class Config:
     http2: Http2Config = field(default_factory=Http2Config)
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     #: worker processes (``"auto"`` already resolved to the CPU count); 1 = no supervisor
@@ -796,7 +821,7 @@ def _join(path: str, key: str) -> str:
 # --------------------------------------------------------------------------- #
 
 _TOP_KEYS = ("listeners", "upstreams", "routes", "http", "http2", "websocket", "limits", "logging", "admin", "shutdown", "sse", "workers", "hubs",
-             "backplane")
+             "backplane", "admission")
 #: an upper bound that catches a typo (workers = 10000), not a tuning limit
 MAX_WORKERS = 1024
 _LISTENER_KEYS = ("bind", "backlog", "tls_cert", "tls_key", "tls_sni", "proxy_protocol", "proxy_protocol_trusted", "http2")
@@ -863,6 +888,7 @@ _HUB_KEYS = (
 _BACKPLANE_KEYS = (
     "kind", "url", "urls", "prefix", "instance_id", "heartbeat_interval", "timeout", "reconnect_min", "reconnect_max",
     "replicas",
+    "slot_by",
 )
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MIN_TOKEN_SECRET = 32
@@ -1520,6 +1546,25 @@ def _limits(v: _Validator, data: dict[str, Any]) -> LimitsConfig:
     ))
 
 
+def _admission(v: _Validator, data: dict[str, Any]) -> AdmissionConfig:
+    return _section(v, data, "admission", ("scope",), lambda t: AdmissionConfig(
+        scope=v.choice(t, "admission", "scope", "instance", ADMISSION_SCOPES) or "instance",
+    ))
+
+
+def _check_admission(v: _Validator, config: Config) -> None:
+    """``scope = "cluster"`` needs a budget to share and a backplane that can hold it."""
+    if config.admission.scope != "cluster":
+        return
+    kind = config.backplane.kind
+    if config.limits.connection_rate <= 0:
+        v.error("admission.scope", 'scope = "cluster" shares [limits] connection_rate among the instances, and it '
+                "is 0 (no limit): set connection_rate (and connection_burst), or scope = \"instance\"")
+    if kind == "memory":
+        v.error("admission.scope", 'scope = "cluster" keeps the fleet\'s connection budget in the backplane, and '
+                '[backplane] kind = "memory" is this process only: set kind = "redis", "redis-cluster" or "nats"')
+
+
 def _logging(v: _Validator, data: dict[str, Any]) -> LoggingConfig:
     return _section(v, data, "logging", _LOGGING_KEYS, lambda t: LoggingConfig(
         level=v.choice(t, "logging", "level", "info", _LOG_LEVELS),
@@ -1737,15 +1782,22 @@ def _backplane(v: _Validator, data: dict[str, Any]) -> BackplaneConfig:
         keys = [f"backplane.urls[{i}]" for i in range(len(urls))]
     if kind == "memory":
         if urls:
-            v.error("backplane.kind", 'kind "memory" takes no url/urls (set kind = "redis" or "nats")')
+            v.error("backplane.kind", 'kind "memory" takes no url/urls (set kind = "redis", "redis-cluster" or "nats")')
         urls = []
     elif not urls and "url" not in table and "urls" not in table:
         v.error("backplane.url", f'kind "{kind}" needs url (or urls), e.g. "{_URL_SCHEMES[kind][0]}://127.0.0.1:'
-                                 f'{6379 if kind == "redis" else 4222}"')
+                                 f'{4222 if kind == "nats" else 6379}"')
     for key, url in zip(keys if urls else [], urls):
         _backplane_url(v, key, url, kind)
-    if kind == "redis" and len(set(urls)) != len(urls):
-        v.error("backplane.urls", "the same shard URL is listed twice")
+    if kind in ("redis", "redis-cluster") and len(set(urls)) != len(urls):
+        v.error("backplane.urls", "the same shard URL is listed twice" if kind == "redis" else
+                "the same seed node URL is listed twice")
+    if kind == "redis-cluster" and all(isinstance(u, str) for u in urls):
+        _cluster_seeds(v, urls)
+    slot_by = v.choice(table, "backplane", "slot_by", "channel", SLOT_BY_CHOICES)
+    if "slot_by" in table and kind != "redis-cluster":
+        v.error("backplane.slot_by", f'slot_by places channels on Redis Cluster slots; kind "{kind}" has none '
+                                     '(set kind = "redis-cluster", or remove slot_by)')
     prefix = v.string(table, "backplane", "prefix", "edgeproxy", "a name")
     if prefix is not None and not _NAME_RE.fullmatch(prefix):
         v.error("backplane.prefix", f"expected 1-64 of A-Z a-z 0-9 _ -, got {_describe(prefix)}")
@@ -1766,6 +1818,7 @@ def _backplane(v: _Validator, data: dict[str, Any]) -> BackplaneConfig:
         timeout=v.number(table, "backplane", "timeout", 2.0, above=0.0, what="seconds"),
         reconnect_min=reconnect_min,
         reconnect_max=reconnect_max,
+        slot_by=slot_by or "channel",
     )
 
 
@@ -1788,11 +1841,33 @@ def _replicas(v: _Validator, table: dict[str, Any], kind: str, urls: list) -> in
         v.error("backplane.replicas", f"replicas = {replicas} needs at least {replicas} servers of the NATS cluster "
                 f"in urls (JetStream keeps each replica on its own server), {len(urls)} listed")
     return replicas
+def _cluster_seeds(v: _Validator, urls: list[str]) -> None:
+    """Seed nodes of one Redis Cluster: what one cluster client cannot honour is refused.
+
+    The cluster client opens every node (not only the seeds) with one set of
+    connection settings, so the seeds must agree on TLS and credentials; and a
+    cluster has database 0 only.
+    """
+    parts = [urlsplit(u) for u in urls]
+    for i, part in enumerate(parts):
+        db = part.path.strip("/")
+        if db not in ("", "0"):
+            v.error(f"backplane.urls[{i}]", f"Redis Cluster has database 0 only, got /{db} in {_describe(urls[i])} "
+                                            "(drop the path or write /0)")
+        if part.query:
+            v.error(f"backplane.urls[{i}]", f"query options are not supported for redis-cluster seeds, got "
+                                            f"{_describe(urls[i])}")
+    if len({p.scheme for p in parts}) > 1:
+        v.error("backplane.urls", "mixes redis:// and rediss://: one cluster client uses TLS for every node "
+                                  "or for none")
+    if len({(p.username, p.password) for p in parts}) > 1:
+        v.error("backplane.urls", "the seeds carry different credentials: one cluster client logs in to every "
+                                  "node with the same user and password")
 
 
 def _backplane_url(v: _Validator, key: str, url: Any, kind: str) -> None:
     schemes = _URL_SCHEMES.get(kind, ())
-    example = f"{schemes[0]}://127.0.0.1:{6379 if kind == 'redis' else 4222}" if schemes else ""
+    example = f"{schemes[0]}://127.0.0.1:{4222 if kind == 'nats' else 6379}" if schemes else ""
     if not isinstance(url, str):
         v.error(key, f'expected a URL string like "{example}", got {_describe(url)}')
         return
@@ -1860,6 +1935,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         http2=_http2(v, data),
         websocket=websocket,
         limits=_limits(v, data),
+        admission=_admission(v, data),
         logging=_logging(v, data),
         admin=_admin(v, data, listeners, workers),
         workers=workers,
@@ -1873,6 +1949,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     _check_hubs_reach_every_worker(v, data, config)
     _check_rate_limits_per_process(v, data, config)
     config = _check_http2_websocket(v, data, config)
+    _check_admission(v, config)
     if v.problems:
         raise ConfigError(v.problems)
     return config

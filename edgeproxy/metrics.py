@@ -241,6 +241,10 @@ class Metrics:
         self.backplane_sent = 0
         self.backplane_received = 0
         self.backplane_errors = 0
+        #: [admission] scope = "cluster": 1 while the fleet's budget is unreachable (local share), and
+        #: how many times that began
+        self.admission_fallback_active = 0
+        self.admission_fallbacks = 0
         #: glibc heap trims (`transport.heap`) and the seconds they took
         self.heap_trims = 0
         self.heap_trim_seconds = 0.0
@@ -411,6 +415,11 @@ class Metrics:
     def backplane_failed(self) -> None:
         """A backplane operation failed (lost connection, publish error)."""
         self.backplane_errors += 1
+
+    def admission_fallback(self, active: bool) -> None:
+        """The fleet's connection budget became unreachable (True) or reachable again (False)."""
+        self.admission_fallback_active = int(active)
+        self.admission_fallbacks += int(active)
 
     def heap_trimmed(self, seconds: float) -> None:
         """Freed C-heap memory was given back to the kernel (malloc_trim), in ``seconds``."""
@@ -646,6 +655,11 @@ class _Collector:
         backplane.add_metric(["received"], m.backplane_received)
         yield backplane
         yield CounterMetricFamily("edgeproxy_backplane_errors", "Failed backplane operations", value=m.backplane_errors)
+        yield GaugeMetricFamily("edgeproxy_admission_fallback", "1 while the fleet's connection budget is unreachable "
+                                "and this instance admits at its share ([admission] scope = \"cluster\")",
+                                value=m.admission_fallback_active)
+        yield CounterMetricFamily("edgeproxy_admission_fallbacks", "Times the fleet's connection budget became "
+                                  "unreachable", value=m.admission_fallbacks)
 
     @staticmethod
     def _upstreams(m: Metrics) -> Iterator[Any]:

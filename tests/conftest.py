@@ -313,14 +313,42 @@ def private_nats_cluster(tmp_path):
         cluster.stop()
 
 
-async def cleanup_backplane(kind: str, url: str, prefix: str) -> None:
-    """Remove what a test created under ``prefix`` on a shared server."""
-    if kind == "redis":
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real 3-master, 3-replica Redis Cluster on free loopback ports (one per xdist worker),
+    a `tests.redis_cluster.RedisClusterProcesses`; skipped without redis-server/redis-cli,
+    failed instead under ``EDGEPROXY_REQUIRE_SERVICES=1``."""
+    from tests.redis_cluster import RedisClusterProcesses
+
+    server = require_binary("redis-server", "redis-server")
+    cli = require_binary("redis-cli", "redis-tools")
+    cluster = RedisClusterProcesses(server, cli, str(tmp_path_factory.mktemp("redis-cluster")))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def cleanup_backplane(kind: str, url: str | tuple[str, ...], prefix: str) -> None:
+    """Remove what a test created under ``prefix`` on a shared server (or cluster: ``url`` = seeds)."""
+    if kind == "redis-cluster":
+        from edgeproxy.transport.redis_cluster import cluster_client
+
+        client = cluster_client(tuple(url), 5.0)
+        try:
+            for pattern in (f"{prefix}:*", f"{{{prefix}:*"):  # and the hash-tagged keys: {P:inst}, {P:admission}
+                async for key in client.scan_iter(match=pattern, count=1000):
+                    await client.delete(key)
+        finally:
+            await client.aclose()
+    elif kind == "redis":
         import redis.asyncio as aioredis
 
         client = aioredis.Redis.from_url(url)
         try:
-            keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+            keys = [key for pattern in (f"{prefix}:*", f"{{{prefix}:*")
+                    async for key in client.scan_iter(match=pattern, count=1000)]
             if keys:
                 await client.delete(*keys)
         finally:

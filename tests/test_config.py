@@ -123,6 +123,7 @@ def test_example_file_sets_every_option() -> None:
     for key in commented:
         assert re.search(rf"^# {key} = ", websocket_text, re.M), key
     assert set(data["limits"]) == set(cfgmod._LIMITS_KEYS)
+    assert set(data["admission"]) == {"scope"}
     assert set(data["logging"]) == set(cfgmod._LOGGING_KEYS)
     # api_key, control_key and control_bind have no default (they turn features on), and
     # control_socket_mode needs a Unix control_bind: shown commented out
@@ -134,8 +135,9 @@ def test_example_file_sets_every_option() -> None:
     # token secrets and the auth hook are opt-in: shown commented out
     assert set(data["hubs"][0]) == set(cfgmod._HUB_KEYS) - {"token_secret", "token_secret_file", "auth_hook"}
     # the servers and the instance name have no default: shown commented out
-    # and replicas is for NATS only (refused on the example's "memory"): shown commented out
-    assert set(data["backplane"]) == set(cfgmod._BACKPLANE_KEYS) - {"url", "urls", "instance_id", "replicas"}
+    # replicas is for NATS only and slot_by for redis-cluster only (both refused on the
+    # example's "memory"): shown commented out
+    assert set(data["backplane"]) == set(cfgmod._BACKPLANE_KEYS) - {"url", "urls", "instance_id", "replicas", "slot_by"}
     assert re.search(r"^# replicas = ", text_all, re.M)
     text = EXAMPLE.read_text("utf-8")
     # route keys: host is only shown commented out (it is optional)
@@ -942,6 +944,10 @@ def test_backplane_redis_shards_and_nats() -> None:
                           '"rediss://r2.internal:6380"]\nprefix = "prod-eu"\ninstance_id = "edge-1"\n')
     assert config.backplane == BackplaneConfig(kind="redis", urls=("redis://10.0.0.1:6379/0", "rediss://r2.internal:6380"),
                                                prefix="prod-eu", instance_id="edge-1")
+    cluster = parse_config(MINIMAL + '[backplane]\nkind = "redis-cluster"\nurls = ["rediss://u:p@a:7000/0", '
+                           '"rediss://u:p@b:7000"]\nslot_by = "tenant"\n')
+    assert cluster.backplane == BackplaneConfig(kind="redis-cluster", urls=("rediss://u:p@a:7000/0", "rediss://u:p@b:7000"),
+                                                slot_by="tenant")
     nats_config = parse_config(MINIMAL + '[backplane]\nkind = "NATS"\nurl = "nats://127.0.0.1:4222"\n')
     assert nats_config.backplane.kind == "nats" and nats_config.backplane.urls == ("nats://127.0.0.1:4222",)
 
@@ -978,8 +984,42 @@ def test_hubs_with_workers_on_a_shared_backplane_and_workers_without_hubs_are_fi
     assert parse_config("workers = 1\n" + MINIMAL + hubs).hubs[0].path == "/hub"
 
 
+def test_admission_scope_cluster_on_every_network_backplane() -> None:
+    limits = "[limits]\nconnection_rate = 100\n[admission]\nscope = \"cluster\"\n"
+    assert parse_config(MINIMAL).admission.scope == "instance"
+    for backplane in ('[backplane]\nkind = "redis"\nurl = "redis://127.0.0.1:6379/0"\n',
+                      '[backplane]\nkind = "redis-cluster"\nurls = ["redis://127.0.0.1:7000"]\n',
+                      '[backplane]\nkind = "nats"\nurl = "nats://127.0.0.1:4222"\n'):
+        assert parse_config(MINIMAL + limits + backplane).admission.scope == "cluster"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('[limits]\nconnection_rate = 100\n[admission]\nscope = "cluster"\n', 'kind = "memory" is this process only'),
+    ('[admission]\nscope = "cluster"\n[backplane]\nkind = "redis"\nurl = "redis://127.0.0.1:6379/0"\n',
+     "is 0 (no limit)"),
+    ('[admission]\nscope = "fleet"\n', "instance, cluster"),
+])
+def test_admission_scope_problems(text: str, needle: str) -> None:
+    key, message = only_problem(MINIMAL + text)
+    assert key == "admission.scope" and needle in message, message
+
+
+def test_admission_unknown_key() -> None:
+    key, message = only_problem(MINIMAL + "[admission]\nrate = 1\n")
+    assert key == "admission.rate" and "unknown key" in message, message
+
+
 @pytest.mark.parametrize("table, key, needle", [
-    ('kind = "kafka"', "backplane.kind", "memory, redis, nats"),
+    ('kind = "kafka"', "backplane.kind", "memory, redis, redis-cluster, nats"),
+    ('kind = "redis-cluster"', "backplane.url", "needs url"),
+    ('kind = "redis-cluster"\nurls = ["redis://a:7000/1"]', "backplane.urls[0]", "database 0 only"),
+    ('kind = "redis-cluster"\nurls = ["redis://a:7000", "rediss://b:7000"]', "backplane.urls", "TLS for every node"),
+    ('kind = "redis-cluster"\nurls = ["redis://u:p@a:7000", "redis://b:7000"]', "backplane.urls", "same user"),
+    ('kind = "redis-cluster"\nurls = ["redis://a:7000", "redis://a:7000"]', "backplane.urls", "seed node URL"),
+    ('kind = "redis-cluster"\nurls = ["redis://a:7000?x=1"]', "backplane.urls[0]", "query options"),
+    ('kind = "redis-cluster"\nurls = ["nats://a:7000"]', "backplane.urls[0]", "redis://"),
+    ('kind = "redis-cluster"\nurls = ["redis://a:7000"]\nslot_by = "slot"', "backplane.slot_by", "channel, tenant"),
+    ('kind = "redis"\nurl = "redis://a:1"\nslot_by = "tenant"', "backplane.slot_by", "Redis Cluster slots"),
     ('kind = "redis"', "backplane.url", "needs url"),
     ('kind = "redis"\nurl = "nats://127.0.0.1:4222"', "backplane.url", "redis://"),
     ('kind = "nats"\nurls = ["nats://a:4222", "redis://b:6379"]', "backplane.urls[1]", "nats://"),

@@ -47,6 +47,8 @@ ALWAYS = {
     "edgeproxy_fanout_subscribers_dropped": "counter",
     "edgeproxy_backplane_messages": "counter",
     "edgeproxy_backplane_errors": "counter",
+    "edgeproxy_admission_fallback": "gauge",
+    "edgeproxy_admission_fallbacks": "counter",
     "edgeproxy_event_loop_lag_seconds": "gauge",
     "edgeproxy_heap_trims": "counter",
     "edgeproxy_heap_trim_seconds": "counter",

@@ -4,7 +4,8 @@ Theory of operation
 ===================
 
 `make_backplane` turns ``[backplane] kind`` into the `Backplane` a hub uses:
-`MemoryBackplane` (the default), `RedisBackplane` or `NatsBackplane`.  Each hub gets
+`MemoryBackplane` (the default), `RedisBackplane`, `RedisClusterBackplane` or
+`NatsBackplane`.  Each hub gets
 its own, named by the hub's path (`hub_namespace`), so two hubs never share a
 channel by accident.
 
@@ -93,6 +94,9 @@ def make_backplane(config: BackplaneConfig, hub: HubConfig, metrics: Metrics, in
     if config.kind == "redis":
         from edgeproxy.transport.redis_backplane import RedisBackplane
         return RedisBackplane(config, hub, metrics, instance)
+    if config.kind == "redis-cluster":
+        from edgeproxy.transport.redis_cluster import RedisClusterBackplane
+        return RedisClusterBackplane(config, hub, metrics, instance)
     if config.kind == "nats":
         from edgeproxy.transport.nats_backplane import NatsBackplane
         return NatsBackplane(config, hub, metrics, instance)

@@ -9,7 +9,9 @@ Every hub connection gets an id, ``<instance>.<n>``, told to the client in
 `LocalPresence` (``[backplane] kind = "memory"``) knows this process only.
 `NatsPresence` (``kind = "nats"``, in ``edgeproxy.transport.nats_presence``) keeps
 the registry in JetStream key-value buckets (see that module).  `RedisPresence`
-(``kind = "redis"``) keeps the registry on the first shard (``P`` = prefix):
+(``kind = "redis"``) keeps the registry on the first shard (``P`` = prefix;
+`RedisClusterPresence`, ``kind = "redis-cluster"``, the same keys on the cluster,
+the liveness keys under one hash tag, ``{P:inst}:I``, read with one ``MGET``):
 
 ==========================  ============================================================
 ``P:inst:I``                the liveness key of instance ``I``: set with a TTL of one
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from edgeproxy.transport.hub import HubConnection
     from edgeproxy.transport.server import ProxyServer
 
-__all__ = ["LocalPresence", "RedisPresence", "make_presence"]
+__all__ = ["LocalPresence", "RedisClusterPresence", "RedisPresence", "make_presence"]
 
 log = logging.getLogger("edgeproxy")
 
@@ -119,13 +121,11 @@ class RedisPresence(LocalPresence):
 
     def __init__(self, server: ProxyServer, url: str):
         super().__init__(server)
-        from edgeproxy.transport.redis_backplane import redis_client
-
         config = server.config.backplane
         self.config = config
-        self.client = redis_client(url, config.timeout)
+        self.client = self._client(url)
         self.prefix = config.prefix
-        self.inbox = f"{self.prefix}:to:{self.instance}"
+        self.inbox = self._inbox_of(self.instance)
         self.live_ms = int(config.heartbeat_interval * 1000)
         self.entry_ms = int(config.heartbeat_interval * 3000)
         self._beat: asyncio.Task | None = None
@@ -137,8 +137,27 @@ class RedisPresence(LocalPresence):
                 feeds[self.inbox] = self._on_inbox
                 break
 
+    # -- names and the client (Redis Cluster overrides these) -------------------------
+
+    def _client(self, url: str):
+        from edgeproxy.transport.redis_backplane import redis_client
+
+        return redis_client(url, self.config.timeout)
+
     def _live_key(self, instance: str) -> str:
         return f"{self.prefix}:inst:{instance}"
+
+    def _conn_key(self, client_id: str) -> str:
+        return f"{self.prefix}:conn:{client_id}"
+
+    def _user_key(self, user: str) -> str:
+        return f"{self.prefix}:user:{user}"
+
+    def _inbox_of(self, instance: str) -> str:
+        return f"{self.prefix}:to:{instance}"
+
+    async def _publish(self, name: str, message: bytes) -> None:
+        await self.client.publish(name, message)
 
     async def start(self) -> None:
         try:
@@ -165,9 +184,9 @@ class RedisPresence(LocalPresence):
             await asyncio.wait_for(pipe.execute(), self.config.timeout)
             return
         for cid, conn in self.by_id.items():
-            pipe.pexpire(f"{self.prefix}:conn:{cid}", self.entry_ms)
+            pipe.pexpire(self._conn_key(cid), self.entry_ms)
         for user in self.by_user:
-            pipe.pexpire(f"{self.prefix}:user:{user}", self.entry_ms)
+            pipe.pexpire(self._user_key(user), self.entry_ms)
         await asyncio.wait_for(pipe.execute(), self.config.timeout)
 
     async def _heartbeats(self) -> None:
@@ -197,9 +216,9 @@ class RedisPresence(LocalPresence):
     def add(self, conn: HubConnection) -> None:
         super().add(conn)
         pipe = self.client.pipeline(transaction=False)
-        pipe.set(f"{self.prefix}:conn:{conn.client_id}", self.instance, px=self.entry_ms)
+        pipe.set(self._conn_key(conn.client_id), self.instance, px=self.entry_ms)
         if conn.user is not None:
-            key = f"{self.prefix}:user:{conn.user}"
+            key = self._user_key(conn.user)
             pipe.hset(key, conn.client_id, self.instance)
             pipe.pexpire(key, self.entry_ms)
         self._spawn(pipe.execute())
@@ -207,19 +226,19 @@ class RedisPresence(LocalPresence):
     def remove(self, conn: HubConnection) -> None:
         super().remove(conn)
         pipe = self.client.pipeline(transaction=False)
-        pipe.delete(f"{self.prefix}:conn:{conn.client_id}")
+        pipe.delete(self._conn_key(conn.client_id))
         if conn.user is not None:
-            pipe.hdel(f"{self.prefix}:user:{conn.user}", conn.client_id)
+            pipe.hdel(self._user_key(conn.user), conn.client_id)
         self._spawn(pipe.execute())
 
     async def lookup(self, target: dict[str, Any]) -> dict[str, list[str]]:
         try:
             if "client" in target:
-                owner = await asyncio.wait_for(self.client.get(f"{self.prefix}:conn:{target['client']}"),
+                owner = await asyncio.wait_for(self.client.get(self._conn_key(target["client"])),
                                                self.config.timeout)
                 entries = {target["client"]: owner} if owner is not None else {}
             else:
-                entries = await asyncio.wait_for(self.client.hgetall(f"{self.prefix}:user:{target['user']}"),
+                entries = await asyncio.wait_for(self.client.hgetall(self._user_key(target["user"])),
                                                  self.config.timeout)
             entries = {(k.decode() if isinstance(k, bytes) else k): v.decode() for k, v in entries.items()}
             instances = sorted(set(entries.values()))
@@ -245,8 +264,7 @@ class RedisPresence(LocalPresence):
                 if inst == self.instance:
                     self.deliver_local(target, data)
                 else:
-                    await asyncio.wait_for(self.client.publish(f"{self.prefix}:to:{inst}", message),
-                                           self.config.timeout)
+                    await asyncio.wait_for(self._publish(self._inbox_of(inst), message), self.config.timeout)
         except Exception as exc:
             self.server.metrics.backplane_failed()
             raise BackplaneUnavailable(f"targeted send failed: {exc}") from exc
@@ -258,6 +276,29 @@ class RedisPresence(LocalPresence):
         self.deliver_local(doc, data)
 
 
+class RedisClusterPresence(RedisPresence):
+    """`RedisPresence` on a Redis Cluster: the same keys, placed so each read is single-slot.
+
+    The liveness keys of all instances share the hash tag ``{P:inst}``, so the
+    fencing ``MGET`` of a lookup is one command on one slot (a handful of small
+    keys: one per instance).  A user's hash and a connection's key are read alone,
+    so they spread over the cluster by their own names.  The inboxes are shard
+    channels (``SPUBLISH``, subscribed by the hub's cluster backplane on the
+    owning master).
+    """
+
+    def _client(self, url: str):
+        from edgeproxy.transport.redis_cluster import cluster_client
+
+        return cluster_client(self.config.urls, self.config.timeout)
+
+    def _live_key(self, instance: str) -> str:
+        return f"{{{self.prefix}:inst}}:{instance}"
+
+    async def _publish(self, name: str, message: bytes) -> None:
+        await self.client.spublish(name, message)
+
+
 def make_presence(server: ProxyServer) -> LocalPresence:
     config = server.config.backplane
     if config.kind == "redis" and server.hubs:
@@ -265,4 +306,6 @@ def make_presence(server: ProxyServer) -> LocalPresence:
     if config.kind == "nats" and server.hubs:
         from edgeproxy.transport.nats_presence import NatsPresence
         return NatsPresence(server)
+    if config.kind == "redis-cluster" and server.hubs:
+        return RedisClusterPresence(server, config.urls[0])
     return LocalPresence(server)

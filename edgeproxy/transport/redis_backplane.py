@@ -149,20 +149,31 @@ class RedisBackplane(NetworkBackplane):
 
     kind = "redis"
 
-    def __init__(self, config: BackplaneConfig, hub: HubConfig, metrics: Metrics, instance: str):
+    def __init__(self, config: BackplaneConfig, hub: HubConfig, metrics: Metrics, instance: str, *,
+                 shards: bool = True):
         super().__init__(config, hub, metrics, instance)
-        self.shards = [_Shard(url, config.timeout) for url in config.urls]
+        #: one per URL; Redis Cluster (``shards=False``) opens its per-node feeds itself
+        self.shards = [_Shard(url, config.timeout) for url in config.urls] if shards else []
         self.base = f"{config.prefix}:{self.namespace}:ch:"
         self._base_bytes = self.base.encode()
         self.keep_ms = int((hub.history_ttl or 86400.0) * 1000)
         self.ttl_ms = int(hub.history_ttl * 1000)
 
     def shard(self, channel: str) -> _Shard:
+        """Where the channel's pub/sub feed is."""
         return self.shards[shard_of(channel, len(self.shards))]
+
+    def _commands(self, channel: str) -> _Shard:
+        """Where the channel's scripts and keys are (with ``publish``, ``history``, ``client``)."""
+        return self.shard(channel)
 
     def _keys(self, channel: str) -> list[str]:
         name = self.base + channel
         return [name + ":meta", name + ":log", name]
+
+    def _channel_of(self, name: bytes) -> str:
+        """The channel a pub/sub name (the third of `_keys`) belongs to."""
+        return name[len(self._base_bytes):].decode()
 
     # -- connection ------------------------------------------------------------------
 
@@ -178,23 +189,28 @@ class RedisBackplane(NetworkBackplane):
 
     async def _disconnect(self) -> None:
         for shard in self.shards:
-            if shard.reader is not None:
-                shard.reader.cancel()
-                shard.reader = None
-            for waiters in shard.waiting.values():
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_exception(ConnectionError("pub/sub connection closed"))
-            shard.waiting.clear()
-            if shard.pubsub is not None:
-                pubsub, shard.pubsub = shard.pubsub, None
-                try:
-                    await pubsub.aclose()
-                except Exception:  # already broken
-                    pass
+            await self._close_feed(shard)
         if self._closing:
             for shard in self.shards:
                 await shard.client.aclose()
+
+    @staticmethod
+    async def _close_feed(shard: _Shard) -> None:
+        """Stop the shard's reader and close its pub/sub connection (waiters get an error)."""
+        if shard.reader is not None:
+            shard.reader.cancel()
+            shard.reader = None
+        for waiters in shard.waiting.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(ConnectionError("pub/sub connection closed"))
+        shard.waiting.clear()
+        if shard.pubsub is not None:
+            pubsub, shard.pubsub = shard.pubsub, None
+            try:
+                await pubsub.aclose()
+            except Exception:  # already broken
+                pass
 
     async def _confirm(self, shard: _Shard, names: list[bytes]) -> None:
         """SUBSCRIBE to ``names`` and wait for Redis to confirm each."""
@@ -210,27 +226,43 @@ class RedisBackplane(NetworkBackplane):
             fut = loop.create_future()
             shard.waiting.setdefault(name, deque()).append(fut)
             futures.append(fut)
-        await shard.pubsub.subscribe(*names)
+        await self._pubsub_subscribe(shard.pubsub, names)
         await asyncio.gather(*futures)
+
+    # the pub/sub verbs: plain here, sharded (SSUBSCRIBE ...) on Redis Cluster
+    #: the ``type`` of a message and of a subscribe confirmation, as redis-py names them
+    MESSAGE, SUBSCRIBED, UNSUBSCRIBED = "message", "subscribe", "unsubscribe"
+
+    async def _pubsub_subscribe(self, pubsub: aioredis.client.PubSub, names: list[bytes]) -> None:
+        await pubsub.subscribe(*names)
+
+    async def _pubsub_unsubscribe(self, pubsub: aioredis.client.PubSub, name: str) -> None:
+        await pubsub.unsubscribe(name)
+
+    def _unsubscribed(self, shard: _Shard, name: bytes) -> None:
+        """A confirmation of UNSUBSCRIBE: always one this adapter asked for (Redis Cluster overrides)."""
 
     async def _read(self, shard: _Shard) -> None:
         base, pubsub = self._base_bytes, shard.pubsub
+        message_kind, subscribed, unsubscribed = self.MESSAGE, self.SUBSCRIBED, self.UNSUBSCRIBED
         try:
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
                 if message is None:
                     continue
                 kind, name = message["type"], message["channel"]
-                if kind == "message":
+                if kind == message_kind:
                     data = message["data"]
                     if name.startswith(base):
                         epoch, seq, body = data.split(b":", 2)
-                        self.offer(Publication(name[len(base):].decode(), int(seq), epoch.decode(), body))
+                        self.offer(Publication(self._channel_of(name), int(seq), epoch.decode(), body))
                     else:
                         callback = self.extra_feeds.get(name.decode())
                         if callback is not None:
                             callback(data)
-                elif kind == "subscribe":
+                elif kind == unsubscribed:
+                    self._unsubscribed(shard, name)
+                elif kind == subscribed:
                     waiters = shard.waiting.get(name)
                     if waiters:
                         fut = waiters.popleft()
@@ -251,10 +283,10 @@ class RedisBackplane(NetworkBackplane):
     async def _feed_unsubscribe(self, channel: str) -> None:
         shard = self.shard(channel)
         if shard.pubsub is not None:
-            await shard.pubsub.unsubscribe(self._keys(channel)[2])
+            await self._pubsub_unsubscribe(shard.pubsub, self._keys(channel)[2])
 
     async def _position(self, channel: str) -> Position | None:
-        epoch, seq = await self.shard(channel).client.hmget(self._keys(channel)[0], "e", "s")
+        epoch, seq = await self._commands(channel).client.hmget(self._keys(channel)[0], "e", "s")
         if epoch is None:
             return Position(0, None)
         return Position(int(seq), epoch.decode())
@@ -263,7 +295,7 @@ class RedisBackplane(NetworkBackplane):
 
     async def publish(self, channel: str, data: bytes) -> Position:
         self._check_up()
-        shard = self.shard(channel)
+        shard = self._commands(channel)
         try:
             seq, epoch = await asyncio.wait_for(shard.publish(
                 keys=self._keys(channel),
@@ -274,7 +306,7 @@ class RedisBackplane(NetworkBackplane):
         return Position(int(seq), epoch.decode())
 
     async def history(self, channel: str, since: Position | None) -> HistoryResult:
-        shard = self.shard(channel)
+        shard = self._commands(channel)
         args = [random_epoch(), -1 if since is None else since.seq, self.hub.history_size, self.keep_ms,
                 "" if since is None else since.epoch]
         try:

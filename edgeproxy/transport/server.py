@@ -240,6 +240,9 @@ class ProxyServer:
             for hub in self.hubs.values():
                 await hub.start()
             await self.presence.start()
+            fleet_start = getattr(self.admission, "start", None)
+            if fleet_start is not None:  # [admission] scope = "cluster": the first lease before the first accept
+                await fleet_start()
             if self.resume is not None and self.worker is not None and self.config.workers > 1:
                 await self.resume.start_handoff(*self.worker)
         except OSError:
@@ -411,6 +414,9 @@ class ProxyServer:
         for hub in self.hubs.values():
             await hub.stop()
         await self.presence.stop()
+        fleet_close = getattr(self.admission, "close", None)
+        if fleet_close is not None:
+            await fleet_close()
         for group in [*self.groups.values(), *self._retired_groups]:
             group.stop()
             group.close_all()
@@ -517,7 +523,7 @@ class ProxyServer:
 
             configure_logging(config.logging)
             changed.append("logging")
-        for name in ("admin", "workers", "hubs"):
+        for name in ("admin", "workers", "hubs", "admission"):
             if getattr(config, name) != getattr(old, name):
                 log.warning("reload: %s changed; it takes effect on a restart", name)
         self.config = config
@@ -624,10 +630,20 @@ class ProxyServer:
             ip_burst=limits.ip_connection_burst, table_size=limits.ip_table_size,
         )
         now = self._loop.time() if self._loop is not None else 0.0
+        fleet = config.admission.scope == "cluster" and policy.rate > 0
         if self.admission is not None:
             self.admission.reconfigure(policy, now)
         elif not policy.enabled:
             pass  # None: nothing is counted
+        elif fleet:
+            # the rate bucket is the fleet's (in the backplane); caps and per-address limits stay here
+            from edgeproxy.transport.fleet_admission import FleetAdmission, local_policy
+
+            mine = local_policy(policy)
+            local = (self.shared_limits.admission(mine, self.rng.random, now) if self.shared_limits is not None
+                     else Admission(mine, now, rng=self.rng.random))
+            self.admission = FleetAdmission(local, policy, config.backplane, self.instance, self.metrics, now,
+                                            rng=self.rng.random)
         elif self.shared_limits is not None:
             self.admission = self.shared_limits.admission(policy, self.rng.random, now)
         else:

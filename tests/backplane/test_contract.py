@@ -1,11 +1,12 @@
-"""The backplane contract (``edgeproxy.hub.backplane``), one suite for memory, Redis, NATS
-and a NATS cluster.
+"""The backplane contract (``edgeproxy.hub.backplane``), one suite for memory, Redis,
+Redis Cluster, NATS and a NATS cluster.
 
 Redis and NATS are the real servers of this machine (each test under its own prefix,
-removed after); a test skips when its service is absent and fails instead under
-``EDGEPROXY_REQUIRE_SERVICES=1``.  "nats-cluster" is a private cluster of three
-nats-server processes on loopback (``tests/conftest.py`` `NatsCluster`), the streams
-with 3 replicas.  Tests of several nodes make one adapter per node,
+removed after); Redis Cluster is a real 6-node cluster on loopback (the session's
+``redis_cluster``), "nats-cluster" a private cluster of three nats-server processes
+on loopback (``tests/conftest.py`` `NatsCluster`), the streams with 3 replicas.  A
+test skips when its service is absent and fails instead under
+``EDGEPROXY_REQUIRE_SERVICES=1``.  Tests of several nodes make one adapter per node,
 as separate proxies would.
 """
 
@@ -20,9 +21,10 @@ from edgeproxy.config import BackplaneConfig, HubConfig
 from edgeproxy.hub.protocol import Position, Publication
 from edgeproxy.metrics import Metrics
 from edgeproxy.transport.backplanes import BackplaneUnavailable, make_backplane
+from tests.conftest import cleanup_backplane
 
-KINDS = ["memory", "redis", "nats", "nats-cluster"]
-NETWORK = ["redis", "nats", "nats-cluster"]
+KINDS = ["memory", "redis", "redis-cluster", "nats", "nats-cluster"]
+NETWORK = ["redis", "redis-cluster", "nats", "nats-cluster"]
 
 
 class Node:
@@ -49,15 +51,17 @@ async def nodes(request, services):
     engine, replicas = kind, 1
     if kind == "nats-cluster":
         engine, replicas = "nats", 3
-        url = request.getfixturevalue("nats_cluster").url
+        url = tuple(request.getfixturevalue("nats_cluster").urls)
+    elif kind == "redis-cluster":
+        url = tuple(request.getfixturevalue("redis_cluster").urls)
     else:
-        url = services.require(kind) if kind != "memory" else None
+        url = (services.require(kind),) if kind != "memory" else None
     prefix = f"t{uuid.uuid4().hex[:12]}"
     made: list[Node] = []
 
     async def make(n: int = 1, *, url_override: str | None = None, **hub_keys) -> list[Node]:
         hub = HubConfig(path="/hub", **{"history_size": 100, "history_ttl": 60.0, **hub_keys})
-        urls = tuple((url_override or url).split(",")) if kind != "memory" else ()
+        urls = tuple(url_override.split(",")) if url_override else (url or ())
         config = BackplaneConfig(kind=engine, urls=urls, replicas=replicas, prefix=prefix, timeout=2.0,
                                  reconnect_min=0.05, reconnect_max=0.5)
         out = []
@@ -73,7 +77,7 @@ async def nodes(request, services):
     for node in made:
         await node.backplane.close()
     if url is not None:
-        await services.cleanup(engine, url, prefix)
+        await services.cleanup(engine, url if kind == "redis-cluster" else ",".join(url), prefix)
 
 
 all_kinds = pytest.mark.parametrize("nodes", KINDS, indirect=True)
@@ -194,10 +198,16 @@ async def test_interest_is_per_node(nodes) -> None:
     await a.wait("only-a", 1)
     await asyncio.sleep(0.1)
     assert b.got == []
+    name = a.backplane._keys("only-a")[2] if nodes.kind.startswith("redis") else None
     if nodes.kind == "redis":
         client = a.backplane.shards[0].client
-        name = a.backplane._keys("only-a")[2]
         assert (await client.pubsub_numsub(name)) == [(name.encode(), 1)]  # only node a subscribed in Redis
+    elif nodes.kind == "redis-cluster":
+        # a sharded subscription, on the master owning the channel's slot only
+        owner = a.backplane.client.get_node_from_key(name)
+        for node in a.backplane.client.get_primaries():
+            answer = await a.backplane.client.execute_command("PUBSUB", "SHARDNUMSUB", name, target_nodes=node)
+            assert answer == [name.encode(), 1 if node.name == owner.name else 0], node.name
 
 
 @network_kinds
@@ -210,6 +220,8 @@ async def test_lost_state_starts_a_new_epoch(nodes, services) -> None:
     # the channel's state disappears (expired, or a server without persistence restarted)
     if nodes.kind == "redis":
         await bp.shards[0].client.delete(*bp._keys("e")[:2])
+    elif nodes.kind == "redis-cluster":
+        await bp.client.delete(*bp._keys("e")[:2])
     else:
         await bp.js.purge_stream(bp.stream, subject=bp.history_base + "e")
         bp.last.clear()
@@ -222,7 +234,7 @@ async def test_lost_state_starts_a_new_epoch(nodes, services) -> None:
     assert (await bp.history("e", old)).recovered is False
 
 
-@network_kinds
+@pytest.mark.parametrize("nodes", ["redis", "nats", "nats-cluster"], indirect=True)  # redis-cluster: test_redis_cluster.py
 async def test_unreachable_backplane_fails_loudly(nodes, server_process, private_nats_cluster) -> None:
     server = private_nats_cluster() if nodes.kind == "nats-cluster" else server_process(nodes.kind)
     [node] = await nodes(1, url_override=server.url)
@@ -322,3 +334,108 @@ async def test_nats_cluster_publisher_fails_over_when_its_server_is_killed(priva
     finally:
         for node in made:
             await node.backplane.close()
+
+
+@pytest.mark.parametrize("slot_by", ["channel", "tenant"])
+async def test_redis_cluster_puts_each_channel_on_one_slot(cluster_nodes, slot_by) -> None:
+    """The meta, the log and the shard channel of a channel share a slot (so the publish
+    script is legal); with slot_by = "tenant" so do all channels of a tenant."""
+    from edgeproxy.transport.redis_cluster import key_slot
+
+    a, b = await cluster_nodes(2, slot_by=slot_by)
+    channels = [f"tenant{i}:{name}" for i in range(6) for name in ("orders", "chat")] + [":lonely", "plain"]
+    slots = {}
+    for channel in channels:
+        keys = a.backplane._keys(channel)
+        assert len({key_slot(k.encode()) for k in keys}) == 1, keys
+        assert a.backplane._channel_of(keys[2].encode()) == channel
+        slots[channel] = key_slot(keys[0].encode())
+    if slot_by == "tenant":
+        assert all(slots[f"tenant{i}:orders"] == slots[f"tenant{i}:chat"] for i in range(6))
+    assert len(set(slots.values())) > 3  # spread over the cluster either way
+    for channel in channels:
+        await b.backplane.subscribe(channel)
+    for round_ in range(3):
+        for channel in channels:
+            assert (await a.backplane.publish(channel, b"%d" % round_)).seq == round_ + 1
+    for channel in channels:
+        assert await b.wait(channel, 3) == [1, 2, 3]
+    # the keys are where the names say: the master owning the slot holds them
+    for channel in channels:
+        meta = a.backplane._keys(channel)[0]
+        owner = a.backplane.client.get_node_from_key(meta)
+        assert await a.backplane.client.execute_command("EXISTS", meta, target_nodes=owner) == 1
+
+
+async def test_redis_cluster_manual_failover_moves_the_feed(redis_cluster, cluster_nodes, caplog) -> None:
+    """A graceful failover (CLUSTER FAILOVER on the replica): the old master drops the
+    sharded subscription (SUNSUBSCRIBE), the node follows the slot to the new master and
+    fills what it missed from history: every publication once, in order."""
+    a, b = await cluster_nodes(2)
+    await b.backplane.subscribe("moving")
+    name = a.backplane._keys("moving")[2]
+    master = redis_cluster.master_of(name)
+    replica = next(int(line.split()[1].split(":")[1].split("@")[0])
+                   for line in redis_cluster.cli_call(master, "cluster", "replicas",
+                                                      redis_cluster.cli_call(master, "cluster", "myid").strip())
+                   .splitlines() if line.strip())
+    published = 0
+
+    async def publish_some(n: int) -> None:
+        nonlocal published
+        for _ in range(n):
+            for _ in range(500):
+                try:
+                    await a.backplane.publish("moving", b"%d" % published)
+                    break
+                except BackplaneUnavailable:
+                    await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("publishing did not resume")
+            published += 1
+
+    await publish_some(10)
+    caplog.set_level("WARNING", "edgeproxy")
+    await asyncio.to_thread(redis_cluster.cli_call, replica, "cluster", "failover")
+    await publish_some(20)
+    assert redis_cluster.master_of(name) == replica
+    assert await b.wait("moving", 30, timeout=15) == list(range(1, 31))
+    await asyncio.sleep(0.2)
+    assert b.seqs("moving") == list(range(1, 31))
+    assert any("the cluster moved shard channel" in r.getMessage() for r in caplog.records)
+
+
+async def test_redis_cluster_own_sunsubscribe_is_not_taken_for_a_moved_slot(cluster_nodes) -> None:
+    """Interest flapping (unsubscribe, subscribe again before Redis confirmed the first):
+    the confirmation of our own SUNSUBSCRIBE is no outage."""
+    a, b = await cluster_nodes(2)
+    for _ in range(5):
+        await b.backplane.subscribe("flap")
+        await b.backplane.unsubscribe("flap")
+    await b.backplane.subscribe("flap")
+    await a.backplane.publish("flap", b"x")
+    assert (await b.wait("flap", 1)) == [1]
+    await asyncio.sleep(0.2)
+    assert b.backplane.up and b.backplane.metrics.backplane_errors == 0 and not b.backplane._leaving
+
+
+@pytest.fixture
+async def cluster_nodes(redis_cluster):
+    """Factory: ``await cluster_nodes(n, slot_by=...)`` -> n started `Node`s on the session's Redis Cluster."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    made: list[Node] = []
+
+    async def make(n: int, slot_by: str = "channel") -> list[Node]:
+        hub = HubConfig(path="/hub", history_size=100, history_ttl=60.0)
+        config = BackplaneConfig(kind="redis-cluster", urls=redis_cluster.urls, prefix=prefix, timeout=2.0,
+                                 reconnect_min=0.05, reconnect_max=0.5, slot_by=slot_by)
+        for i in range(n):
+            node = Node(make_backplane(config, hub, Metrics(), f"node{i}"))
+            await node.backplane.start(node.got.append)
+            made.append(node)
+        return made[-n:]
+
+    yield make
+    for node in made:
+        await node.backplane.close()
+    await cleanup_backplane("redis-cluster", redis_cluster.urls, prefix)

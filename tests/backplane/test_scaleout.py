@@ -41,7 +41,8 @@ def free_port() -> int:
 class ProxyProcess:
     """``edgeproxy run`` in a subprocess with a hub and a backplane."""
 
-    def __init__(self, tmp_path, name: str, kind: str, url: str, prefix: str, secret: bool = False):
+    def __init__(self, tmp_path, name: str, kind: str, url: str | tuple[str, ...], prefix: str,
+                 secret: bool = False):
         self.name = name
         self.port, self.admin_port = free_port(), free_port()
         self.config = tmp_path / f"{name}.toml"
@@ -66,7 +67,7 @@ history_size = 1000
 {secret_line}
 [backplane]
 kind = "{kind}"
-urls = [{", ".join(f'"{u}"' for u in url.split(","))}]
+urls = {orjson.dumps(url.split(",") if isinstance(url, str) else list(url)).decode()}
 prefix = "{prefix}"
 instance_id = "{name}"
 heartbeat_interval = {HEARTBEAT}
@@ -136,6 +137,9 @@ async def cluster(request, tmp_path, services):
         if kind == "nats-cluster":  # the test process's 3-node cluster (tests/conftest.py), shared
             kind, url = "nats", request.getfixturevalue("nats_cluster").url
             used.append((kind, url))
+        elif url is None and kind == "redis-cluster":  # the session's cluster: clean up after
+            url = request.getfixturevalue("redis_cluster").urls
+            used.append((kind, url))
         elif url is None:  # the shared server: clean up after; a private one dies with its fixture
             url = services.require(kind)
             used.append((kind, url))
@@ -186,32 +190,10 @@ async def recv_n(ws, n: int) -> list[dict]:
     return [await recv(ws) for _ in range(n)]
 
 
-class Publisher:
-    """Publishes 0 .. n-1 to ``channel`` through one proxy, each retried after a 503 until taken."""
-
-    def __init__(self, proc: ProxyProcess, channel: str, n: int):
-        self.proc, self.channel, self.n = proc, channel, n
-        self.acked: list[int] = []
-        self.refused = 0
-        self.last_seq = 0
-
-    async def run(self) -> None:
-        for i in range(self.n):
-            while True:
-                status, doc = await self.proc.post("/v1/publish", {"channel": self.channel, "data": i})
-                if status == 200:
-                    self.acked.append(i)
-                    self.last_seq = doc["seq"]
-                    break
-                assert status == 503 and "unavailable" in doc["error"] or "failed" in doc["error"], doc
-                self.refused += 1
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.01)
-
-
-KINDS = pytest.mark.parametrize("kind", ["redis", "nats"])
-#: the same on a private 3-node NATS cluster (history and presence with 3 replicas)
-ALL_KINDS = pytest.mark.parametrize("kind", ["redis", "nats", "nats-cluster"])
+#: every engine, a private 3-node NATS cluster included (history and presence with 3 replicas)
+ALL_KINDS = pytest.mark.parametrize("kind", ["redis", "redis-cluster", "nats", "nats-cluster"])
+#: the engines with presence (targeted send): all of them
+PRESENCE = ALL_KINDS
 
 
 @ALL_KINDS
@@ -250,7 +232,7 @@ async def test_disconnect_from_a_resume_on_b_nothing_lost_or_doubled(cluster, ki
     await ws.close()
 
 
-@ALL_KINDS
+@PRESENCE
 async def test_targeted_send_goes_through_the_owning_instance(cluster, kind) -> None:
     a, b, c = await cluster(kind, secret=True)
     token = sign_token({"sub": "alice", "channels": ["x"]}, SECRET.encode())
@@ -279,7 +261,7 @@ async def test_targeted_send_goes_through_the_owning_instance(cluster, kind) -> 
     assert await recv_n(alice_c, copies[c.name]) == [{"op": "message", "data": 2}] * copies[c.name]
 
 
-@ALL_KINDS
+@PRESENCE
 async def test_killed_instance_presence_is_gone_within_a_heartbeat(cluster, kind) -> None:
     a, b, c = await cluster(kind, secret=True)
     token = sign_token({"sub": "carol", "channels": ["x"]}, SECRET.encode())
@@ -295,28 +277,60 @@ async def test_killed_instance_presence_is_gone_within_a_heartbeat(cluster, kind
     assert time.monotonic() - killed <= HEARTBEAT + 0.3
 
 
-@KINDS
+class Publisher:
+    """Publishes ``data`` 0..n-1 to a channel through one instance, retrying each 503 until it is taken."""
+
+    def __init__(self, proc: ProxyProcess, channel: str, n: int = 60):
+        self.acked: list[int] = []
+        self.refused = 0
+        #: the seq of the last publication taken
+        self.last_seq = 0
+        self.task = asyncio.create_task(self._run(proc, channel, n))
+
+    async def _run(self, proc: ProxyProcess, channel: str, n: int) -> None:
+        for i in range(n):
+            while True:
+                status, doc = await proc.post("/v1/publish", {"channel": channel, "data": i})
+                if status == 200:
+                    self.acked.append(i)
+                    self.last_seq = doc["seq"]
+                    break
+                assert status == 503 and "unavailable" in doc["error"] or "failed" in doc["error"], doc
+                self.refused += 1
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
+
+    async def until_acked(self, n: int) -> None:
+        while len(self.acked) < n:
+            await asyncio.sleep(0.01)
+
+
+async def assert_each_once_in_order(subs, n: int = 60) -> None:
+    for ws in subs:
+        got = []
+        async with asyncio.timeout(10):
+            while len(got) < n:
+                got.append((await recv(ws))["data"])
+        assert got == list(range(n))  # nothing lost, nothing twice, in order
+        with pytest.raises(TimeoutError):
+            await recv(ws, timeout=0.3)
+        await ws.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "nats"])  # redis-cluster: test_redis_cluster_master_killed_mid_stream
 async def test_backplane_killed_and_restarted_mid_stream(cluster, kind, server_process) -> None:
     server = server_process(kind)
     a, b, _ = await cluster(kind, url=server.url)
     subs = [(await subscribe(p.ws_url(), "live"))[0] for p in (a, b)]
-    pub = Publisher(a, "live", 60)
-    task = asyncio.create_task(pub.run())
-    while len(pub.acked) < 20:
-        await asyncio.sleep(0.01)
+    publisher = Publisher(a, "live")
+    await publisher.until_acked(20)
     server.kill()
     await asyncio.sleep(1.0)
     server.start()  # same port; Redis comes back empty, NATS with its JetStream files
-    await asyncio.wait_for(task, 30)
-    assert pub.refused > 0  # the outage was loud
+    await asyncio.wait_for(publisher.task, 30)
+    assert publisher.refused > 0  # the outage was loud
     assert await a.metric("edgeproxy_backplane_errors_total") > 0
-    for ws in subs:
-        got = []
-        async with asyncio.timeout(10):
-            while len(got) < 60:
-                got.append((await recv(ws))["data"])
-        assert got == list(range(60))  # nothing lost, nothing twice, in order
-        await ws.close()
+    await assert_each_once_in_order(subs)
     assert "backplane" in a.log.read_text() and "lost" in a.log.read_text()
 
 
@@ -332,9 +346,7 @@ async def test_nats_cluster_node_killed_mid_stream(cluster, private_nats_cluster
     stream = a.name.rsplit("-", 1)[0] + "_hub"
     subs = [(await subscribe(p.ws_url(), "live"))[0] for p in (a, b)]
     pub = Publisher(a, "live", 80)
-    task = asyncio.create_task(pub.run())
-    while len(pub.acked) < 20:
-        await asyncio.sleep(0.01)
+    await pub.until_acked(20)
     nc = await nats.connect(servers=list(servers.urls))
     try:
         info = await nc.jetstream().stream_info(stream)
@@ -342,7 +354,7 @@ async def test_nats_cluster_node_killed_mid_stream(cluster, private_nats_cluster
         await nc.close()
     assert info.config.num_replicas == 3 and len(info.cluster.replicas) == 2
     servers.kill(servers.index_of(info.cluster.leader))
-    await asyncio.wait_for(task, 60)
+    await asyncio.wait_for(pub.task, 60)
     assert pub.refused > 0  # the election was loud, not silent
     last_seq = pub.last_seq
     got_by_sub = []
@@ -360,3 +372,28 @@ async def test_nats_cluster_node_killed_mid_stream(cluster, private_nats_cluster
     # (then its retry is stored again, right after it). Nothing acknowledged is missing.
     assert [d for k, d in enumerate(data) if k == 0 or data[k - 1] != d] == list(range(80))
     assert len(data) - 80 <= pub.refused
+
+
+async def test_redis_cluster_master_killed_mid_stream(cluster, request) -> None:
+    """SIGKILL the master owning the channel's slot while a publisher runs: its replica takes
+    over (cluster-node-timeout 1 s); publishing answers 503 meanwhile, then resumes, and the
+    subscribers on both instances get every publication once, in order."""
+    redis_cluster = request.getfixturevalue("redis_cluster")
+    a, b, _ = await cluster("redis-cluster")
+    subs = [(await subscribe(p.ws_url(), "live"))[0] for p in (a, b)]
+    key = f"{a.name.rsplit('-', 1)[0]}:hub:ch:{{live}}"  # the shard channel: prefix, hub, hash tag
+    master = redis_cluster.master_of(key)
+    publisher = Publisher(a, "live")
+    try:
+        await publisher.until_acked(20)
+        redis_cluster.kill(master)
+        await asyncio.wait_for(publisher.task, 60)
+    finally:
+        publisher.task.cancel()
+        # the killed node rejoins as a replica of its successor: the cluster is whole for the next test
+        await asyncio.to_thread(redis_cluster.restart, master)
+    assert redis_cluster.master_of(key) != master  # the replica took over
+    assert publisher.refused > 0  # the failover was loud, not hidden
+    assert await a.metric("edgeproxy_backplane_errors_total") > 0
+    await assert_each_once_in_order(subs)
+    assert "backplane redis-cluster lost" in a.log.read_text()
