@@ -7,13 +7,15 @@
 Two measures, every engine in the same run, on loopback:
 
 * **delivery** (3 instances): ``--subscribers`` hub WebSocket subscribers on
-  *each* instance, all on channel ``bench``; ``--count`` publications are POSTed to
-  instance 0's ``/v1/publish``, ``--concurrency`` at a time.  Reported:
-  publications/s (from the first POST until every subscriber of every instance had
-  the last one) and publish-to-delivery p50/p99 over all deliveries (each message
-  carries the monotonic time its POST started; publisher and subscribers share this
-  process and its clock).  Every subscriber must get every publication exactly once,
-  in order, or the run fails.
+  *each* instance, all on channel ``bench``.  Throughput: ``--count`` publications
+  POSTed to instance 0's ``/v1/publish``, ``--concurrency`` at a time; publications/s
+  from the first POST until every subscriber of every instance had the last one.
+  Latency: then ``--latency-count`` more at ``--latency-rate`` per second (an open
+  loop the instances sustain, so the figure is delivery, not queueing), p50/p99 of
+  publish-to-delivery over all deliveries (each message carries the monotonic time
+  its POST started; publisher and subscribers share this process and its clock).
+  Every subscriber must get every publication exactly once, in order, or the run
+  fails.
 * **interest** (1, 3, 6 instances): subscribers on instance 0 only, ``--rate``
   publications/s for ``--duration`` s into instance 0.  Reported: CPU seconds per
   publication of instance 0 (the publisher and the only one with subscribers) and
@@ -242,24 +244,34 @@ async def instances(workdir: Path, engine: str, urls: list[str], extra: str, n: 
 
 
 async def delivery_case(workdir: Path, engine: str, urls: list[str], extra: str, args) -> dict:
+    """Throughput (closed loop, as fast as the instances deliver), then latency at a rate they sustain."""
     async with instances(workdir, engine, urls, extra, 3) as procs, aiohttp.ClientSession() as session:
-        latencies: list[float] = []
-        subs = [await Subscriber.open(p, latencies) for p in procs for _ in range(args.subscribers)]
+        throughput_latencies: list[float] = []
+        subs = [await Subscriber.open(p, throughput_latencies) for p in procs for _ in range(args.subscribers)]
         await asyncio.sleep(0.5)  # interest reaches the backplane
         t0 = time.monotonic()
         readers = [asyncio.ensure_future(s.run(args.count, 120)) for s in subs]
         refused = await publish_many(session, procs[0], args.count, args.concurrency)
         await asyncio.gather(*readers)
         elapsed = time.monotonic() - t0
+        # latency: an open loop at --latency-rate, each subscriber's list starts again
+        latencies: list[float] = []
+        for s in subs:
+            s.latencies = latencies
+        readers = [asyncio.ensure_future(s.run(args.count + args.latency_count, 120)) for s in subs]
+        refused += await publish_many(session, procs[0], args.latency_count, args.concurrency, rate=args.latency_rate)
+        await asyncio.gather(*readers)
         for s in subs:
             await s.ws.close()
-        bad = [s for s in subs if s.seqs != sorted(set(s.seqs)) or len(s.seqs) != args.count]
+        total = args.count + args.latency_count
+        bad = [s for s in subs if s.seqs != list(range(s.seqs[0], s.seqs[0] + total)) or len(s.seqs) != total]
         if refused or bad:
             raise RuntimeError(f"{engine}: {refused} publications refused, {len(bad)} subscribers out of order "
                                "or missing messages")
         latencies.sort()
         return {"engine": engine, "instances": 3, "subscribers": len(subs), "publications": args.count,
-                "publications_per_s": round(args.count / elapsed), "deliveries": len(latencies),
+                "publications_per_s": round(args.count / elapsed), "deliveries": len(throughput_latencies),
+                "latency_rate": args.latency_rate, "latency_publications": args.latency_count,
                 "p50_ms": round(statistics.median(latencies), 2),
                 "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 2)}
 
@@ -285,11 +297,11 @@ async def interest_case(workdir: Path, engine: str, urls: list[str], extra: str,
 
 def markdown(delivery: list[dict], interest: list[dict], command: str) -> str:
     lines = [f"Command: `{command}`", "",
-             "| engine (3 instances) | publications/s | p50 ms | p99 ms | deliveries |",
+             "| engine (3 instances) | publications/s | deliveries | p50 ms | p99 ms (at publications/s) |",
              "|---|---|---|---|---|"]
     for r in delivery:
-        lines.append(f"| {r['engine']} | {r['publications_per_s']:,} | {r['p50_ms']} | {r['p99_ms']} | "
-                     f"{r['deliveries']:,} |")
+        lines.append(f"| {r['engine']} | {r['publications_per_s']:,} | {r['deliveries']:,} | {r['p50_ms']} | "
+                     f"{r['p99_ms']} (at {r['latency_rate']:g}) |")
     lines += ["", "| engine | instances | CPU/pub, instance 0 (us) | CPU/pub, each other instance (us) |",
               "|---|---|---|---|"]
     for r in interest:
@@ -319,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", default="redis,redis-cluster,nats,nats-cluster")
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--subscribers", type=int, default=30, help="per instance that has subscribers")
+    parser.add_argument("--subscribers", type=int, default=10, help="per instance that has subscribers")
+    parser.add_argument("--latency-rate", type=float, default=100.0, help="publications/s of the latency phase")
+    parser.add_argument("--latency-count", type=int, default=500)
     parser.add_argument("--instances", default="1,3,6")
     parser.add_argument("--rate", type=float, default=400.0)
     parser.add_argument("--duration", type=float, default=5.0)

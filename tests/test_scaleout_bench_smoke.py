@@ -25,7 +25,8 @@ def test_scaleout_bench_produces_rows_that_add_up(tmp_path):
     out, md = tmp_path / "rows.json", tmp_path / "table.md"
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--engines", "redis,nats", "--count", "40", "--subscribers", "3",
-         "--instances", "1,2", "--rate", "40", "--duration", "1", "--json", str(out), "--markdown", str(md)],
+         "--instances", "1,2", "--rate", "40", "--duration", "1",
+         "--latency-count", "20", "--latency-rate", "40", "--json", str(out), "--markdown", str(md)],
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -35,6 +36,7 @@ def test_scaleout_bench_produces_rows_that_add_up(tmp_path):
         assert (r["instances"], r["subscribers"], r["publications"]) == (3, 9, 40), r
         assert r["deliveries"] == 9 * 40, r  # every subscriber, every publication
         assert r["publications_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
+        assert (r["latency_publications"], r["latency_rate"]) == (20, 40), r
     assert [(r["engine"], r["instances"]) for r in result["interest"]] == [
         ("redis", 1), ("redis", 2), ("nats", 1), ("nats", 2)]
     for r in result["interest"]:
