@@ -1,5 +1,6 @@
 """The presence contract (``edgeproxy.transport.presence``): one suite for every engine
-with a shared registry - Redis, NATS, and a 3-node NATS cluster (replicas 3).
+with a shared registry - Redis, a Redis Cluster (3 masters, 3 replicas), NATS, and a
+3-node NATS cluster (replicas 3).
 
 Each case makes several instances as separate proxies would hold them: a presence
 registry, the hub backplane it may ride on (the Redis inbox does), and fake hub
@@ -23,7 +24,7 @@ from edgeproxy.metrics import Metrics
 from edgeproxy.transport.backplanes import make_backplane
 from edgeproxy.transport.presence import make_presence
 
-ENGINES = ["redis", "nats", "nats-cluster"]
+ENGINES = ["redis", "redis-cluster", "nats", "nats-cluster"]
 HEARTBEAT = 0.5
 
 
@@ -31,6 +32,8 @@ def engine_config(request, services, engine: str) -> dict:
     """The `BackplaneConfig` fields that reach ``engine``."""
     if engine == "nats-cluster":
         return {"kind": "nats", "urls": request.getfixturevalue("nats_cluster").urls, "replicas": 3}
+    if engine == "redis-cluster":
+        return {"kind": "redis-cluster", "urls": tuple(request.getfixturevalue("redis_cluster").urls)}
     return {"kind": engine, "urls": (services.require(engine),)}
 
 
@@ -95,7 +98,8 @@ async def instances(request, services):
     yield make
     for inst in made:
         await inst.stop()
-    await services.cleanup(fields["kind"], ",".join(fields["urls"]), prefix)
+    urls = fields["urls"]
+    await services.cleanup(fields["kind"], urls if fields["kind"] == "redis-cluster" else ",".join(urls), prefix)
 
 
 async def eventually(check, timeout: float = 5.0):
