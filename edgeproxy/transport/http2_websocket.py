@@ -40,6 +40,11 @@ tells it came on an h2 stream) and the ``ws_open`` / ``ws_close`` log lines.
   streams).  Client to upstream: while the upstream socket's write buffer is
   full (or the client's send rate is throttled) the client's DATA is not
   acknowledged, so its stream window closes and the client stops sending.
+* **Resumable sessions.**  A route with ``resume`` goes through the same hooks
+  of `transport.resume` as on HTTP/1.1 (``on_upgrade`` when the stream opens,
+  ``start_session`` at the upstream's 101); the session then takes the stream
+  over with ``set_protocol`` (`_ProtocolStream`), as it takes a socket over.
+  A sibling worker's token gets close 4409 (no hand-off from a stream).
 * **Ends.**  A close handshake (or the proxy's close) ends with END_STREAM; if
   the client has not ended its side by then, RST_STREAM NO_ERROR follows once
   the last bytes are out.  The client's END_STREAM is its TCP FIN and its

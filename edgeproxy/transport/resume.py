@@ -28,7 +28,16 @@ that gets a resume attempt for a sibling's token connects there, sends one
 JSON line (the client's address, the listener) and the request, and from then
 on pipes bytes both ways (`_Pipe`), so the sibling serves the attempt as if
 the client had come to it, TLS or not.  A sibling that is gone refuses the
-connection at once, and the attempt gets close 4409 here.  The registry is advanced by the
+connection at once, and the attempt gets close 4409 here.  An attempt on an
+HTTP/2 stream (RFC 8441, `http2_websocket.H2WebSocket`) cannot be piped: the
+hand-off carries an HTTP/1.1 connection's bytes, so a sibling's token on a
+stream gets close 4409 too, and the client starts afresh.
+
+On an h2 stream the same hooks run with the stream for a socket: the answer is
+``:status 200`` instead of a 101 (`ClientConnection._send_switching`, which
+`H2WebSocket` overrides), the bytes after the head are the DATA of the
+handshake (``_switched_early``), and the stream's transport takes the
+session's protocols as a socket's does (`_StreamTransport.set_protocol`).  The registry is advanced by the
 server's shared tick (window expiry, close timeouts, pending acks); heartbeats
 come from the server's timer wheels like every WebSocket's: a `ClientEnd` is the
 client's heartbeat key, the `Session` the upstream's.
