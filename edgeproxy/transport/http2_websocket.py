@@ -232,11 +232,14 @@ class _StreamTransport:
         if isinstance(old, H2WebSocket) and old._timer is not None:  # noqa: SLF001 - retired by the take-over
             conn.server.timers.cancel(old._timer)  # noqa: SLF001
             old._timer = None  # noqa: SLF001
-        self.ws = stream = _ProtocolStream(self, old.window_paused)
+        # a session counts among the WebSockets on h2 streams; its 4409 refusal (resume.Refusal) does not
+        counted = isinstance(protocol, resume.ClientEnd) and not self.gone
+        self.ws = stream = _ProtocolStream(self, old.window_paused, counted)
         if not self.gone:
             conn.streams[self.id] = stream
-            conn.server.metrics.http2_websockets += 1
-            conn.server.metrics.http2_websockets_active += 1
+            if counted:
+                conn.server.metrics.http2_websockets += 1
+                conn.server.metrics.http2_websockets_active += 1
             stream.flow_changed()
 
     def get_protocol(self):
@@ -313,16 +316,18 @@ class _ProtocolStream:
     over ``buffer_high_water`` (until `core.http2.Drained`) or the client's socket over its own.
     """
 
-    __slots__ = ("transport", "window_paused", "writing_paused", "_lost")
+    __slots__ = ("transport", "window_paused", "writing_paused", "counted", "_lost")
 
     websocket = True
     task = None
     sse = None
     upstream = None
 
-    def __init__(self, transport: _StreamTransport, window_paused: bool):
+    def __init__(self, transport: _StreamTransport, window_paused: bool, counted: bool):
         self.transport = transport
         self.window_paused = window_paused
+        #: counted in ``http2_websockets_active`` until the stream ends
+        self.counted = counted
         #: what the protocol was last told (pause_writing / resume_writing)
         self.writing_paused = False
         self._lost = False
@@ -358,7 +363,8 @@ class _ProtocolStream:
             self._lost = True
             transport = self.transport
             transport.gone = True
-            transport.conn.server.metrics.http2_websockets_active -= 1
+            if self.counted:
+                transport.conn.server.metrics.http2_websockets_active -= 1
             transport.protocol.connection_lost(None)
 
     def shutdown(self) -> None:

@@ -225,6 +225,39 @@ async def test_a_session_parked_past_its_window_gets_4409_over_h2(proxy, backend
         await client.close()
 
 
+async def test_end_stream_without_a_close_parks_and_slots_come_back(proxy, backend):
+    """END_STREAM with no close frame is the client's FIN: parked; each stream's admission slot comes back."""
+    b = await backend(interval=0)
+    p = await _resume_proxy(proxy, b.port, H2C, limits={"max_connections_per_ip": 2})
+    registry = p.server.resume
+    client = await H2WS.open(p.port)  # the connection holds one slot, each WebSocket stream one more
+    session = ResumeOverH2()
+    try:
+        for i in range(3):  # one after another on the one connection: the slot is given back each time
+            await session.start(client, resume=i > 0)
+            session.send(f"x{i}")
+            await session.until(lambda g, i=i: f"echo:x{i}" in g)
+            session.stream.end()
+            assert await _eventually(lambda: registry.parked())
+            await session.stream.until(lambda: session.stream.reset is not None or session.stream.ended)
+            assert await _eventually(lambda: p.server.admission.open == 1)
+        for _ in range(3):  # refused attempts give theirs back too
+            refusal = ResumeOverH2()
+            refusal.token = "AAAA"
+            stream = await refusal.open(client, resume=True)
+            opcode, payload = await stream.recv_data()
+            assert opcode == CLOSE and close_code(payload) == CLOSE_NOT_RESUMABLE
+            stream.end()  # no close frame back: END_STREAM, and the refusal ends the stream
+            await stream.until(lambda: stream.ended or stream.reset is not None)
+        assert await _eventually(lambda: p.server.admission.open == 1)
+        await session.start(client, resume=True)
+        assert await session.close() == 1000
+    finally:
+        await client.close()
+    assert b.connections[0]["got"] == ["x0", "x1", "x2"] and len(b.connections) == 1
+    assert await _eventually(lambda: p.server.admission.open == 0)
+
+
 # -- refusals -------------------------------------------------------------------------------
 
 
@@ -255,7 +288,10 @@ async def test_forged_and_foreign_tokens_get_4409_and_a_sibling_workers_token_to
         await registry.start_handoff(os.getpid(), 0)
         sibling = TokenCodec(SECRET.encode(), "sibling.w1").issue(os.urandom(16), 1, "x")
         assert b"cannot be handed" in await refused(client, sibling)
-        assert p.server.metrics.resume_handoffs == 0
+        metrics = p.server.metrics
+        assert metrics.resume_handoffs == 0
+        # the refusals are refusals, not WebSockets on h2 streams
+        assert metrics.http2_websockets == 1 and metrics.http2_websockets_active == 1
         live.send("still")  # the live session on the same connection is untouched
         await live.until(lambda g: "echo:still" in g)
         malformed = await client.websocket("/ws", extra=[(b"sec-websocket-protocol", f"{RESUME_OFFER}x".encode())])
