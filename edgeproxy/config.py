@@ -90,7 +90,6 @@ Value rules (see ``config.example.toml`` for every option with its default):
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import difflib
 import hashlib
@@ -1441,27 +1440,6 @@ def _http2(v: _Validator, data: dict[str, Any]) -> Http2Config:
     return _section(v, data, "http2", _HTTP2_KEYS, build)
 
 
-def _check_http2_websocket(v: _Validator, data: dict[str, Any], config: Config) -> Config:
-    """RFC 8441 cannot reach resumable sessions yet: refused with them, and off by default then.
-
-    Once a connection advertises SETTINGS_ENABLE_CONNECT_PROTOCOL, browsers open every
-    WebSocket to that origin as an HTTP/2 stream; a resumable session is relayed message by
-    message over a connection of its own (transport/resume.py), which an h2 stream is not.
-    (Hub WebSockets are served on h2 streams: transport/http2_websocket.py.)
-    """
-    if not (config.websocket.resume_secret and any(route.resume for route in config.routes)):
-        return config
-    if not config.http2.websocket:
-        return config
-    table = data.get("http2")
-    if isinstance(table, dict) and table.get("websocket") is True:
-        v.error("http2.websocket", "WebSocket over HTTP/2 cannot be offered while resumable sessions are on "
-                "(websocket.resume_secret with a route whose resume = true): browsers would open those "
-                "WebSockets over HTTP/2 too, where they are not served yet; set http2.websocket = false "
-                "(WebSockets then use HTTP/1.1 connections), or resume = false on the routes")
-    return dataclasses.replace(config, http2=dataclasses.replace(config.http2, websocket=False))
-
-
 def _websocket(v: _Validator, data: dict[str, Any]) -> WebSocketConfig:
     def instance_id(t: dict[str, Any]) -> str:
         value = v.string(t, "websocket", "instance_id", "", "an instance id")
@@ -1948,7 +1926,6 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     )
     _check_hubs_reach_every_worker(v, data, config)
     _check_rate_limits_per_process(v, data, config)
-    config = _check_http2_websocket(v, data, config)
     _check_admission(v, config)
     if v.problems:
         raise ConfigError(v.problems)

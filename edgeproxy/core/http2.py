@@ -112,6 +112,8 @@ class Refused:
     message: str
     #: the request has no body to come
     ended: bool = True
+    #: fields the answer carries (``sec-websocket-version: 13`` for a version not supported, RFC 6455 4.4)
+    headers: tuple = ()
 
 
 @dataclass(slots=True)
@@ -620,7 +622,8 @@ def _request_head(fields, ended: bool, websocket: bool = False) -> RequestHead |
         # RFC 8441 section 5: Sec-WebSocket-Key and -Accept are not used; the proxy makes its own upstream
         headers = [(name, value) for name, value in headers if name != b"sec-websocket-key"]
         if (http1.header_value(headers, b"sec-websocket-version") or b"").strip() != b"13":
-            return Refused(0, 400, "unsupported or missing sec-websocket-version (13 is supported)")
+            return Refused(0, 400, "unsupported or missing sec-websocket-version (13 is supported)",
+                           headers=((b"sec-websocket-version", b"13"),))
     elif method == b"CONNECT":
         return Refused(0, 501, "CONNECT is not supported")
     if authority is None:  # (h2 refused a Host that differs from :authority)

@@ -389,6 +389,26 @@ class ClientConnection(asyncio.Protocol):
         if data and not self.closed:
             self.transport.write(data)
 
+    def _send_switching(self, headers: list[tuple[bytes, bytes]], data: bytes = b"", *, relayed: bool = False) -> None:
+        """Open the WebSocket the client asked for (transport/resume.py): a 101 with ``headers``, then ``data``.
+
+        Args:
+            headers: the answer's fields, in HTTP/1.1 form.
+            data: frames that go right after it (a close 4409).
+            relayed: the upstream's 101 passed on (h11 takes the switch); else the proxy's own answer
+                to an upgrade it did not forward (a resume attempt), ``headers`` complete.
+
+        On an h2 stream `http2_websocket.H2WebSocket` answers ``:status 200`` instead (RFC 8441 section 5).
+        """
+        if relayed:
+            self._write(self.http.send_switching_protocols(b"Switching Protocols", headers) + data)
+        else:
+            self._write(http1.serialize_head(b"HTTP/1.1 101 Switching Protocols", headers) + data)
+
+    def _switched_early(self) -> bytes:
+        """The client's bytes that came after its upgrade's head, for whoever takes the socket over."""
+        return self.http.switched_trailing_data()
+
     def _close(self) -> None:
         if not self.closed:
             self.closed = True

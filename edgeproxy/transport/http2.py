@@ -188,12 +188,15 @@ class Http2Connection(asyncio.Protocol):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.window_paused = False
+                    if stream.websocket:
+                        stream.flow_changed()  # a protocol that took the stream over may write again
                     self._resume_upstream(stream)
             elif kind is core.WebSocketRequest:
                 from edgeproxy.transport.http2_websocket import open_websocket  # (it imports this module)
                 open_websocket(self, event.stream_id, event.head)
             elif kind is core.Refused:
-                self._answer(event.stream_id, None, event.status, event.message, request_done=event.ended)
+                self._answer(event.stream_id, None, event.status, event.message, event.headers,
+                             request_done=event.ended)
             elif kind is core.Terminated:
                 self._terminated(event)
                 return
@@ -217,13 +220,17 @@ class Http2Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
-        for stream in self.streams.values():
+        for stream in list(self.streams.values()):
             if stream.upstream is not None:
                 stream.upstream.pause_reading()
+            elif stream.websocket:
+                stream.flow_changed()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
         for stream in list(self.streams.values()):
+            if stream.websocket:
+                stream.flow_changed()
             self._resume_upstream(stream)
 
     # -- helpers -------------------------------------------------------------

@@ -40,6 +40,11 @@ tells it came on an h2 stream) and the ``ws_open`` / ``ws_close`` log lines.
   streams).  Client to upstream: while the upstream socket's write buffer is
   full (or the client's send rate is throttled) the client's DATA is not
   acknowledged, so its stream window closes and the client stops sending.
+* **Resumable sessions.**  A route with ``resume`` goes through the same hooks
+  of `transport.resume` as on HTTP/1.1 (``on_upgrade`` when the stream opens,
+  ``start_session`` at the upstream's 101); the session then takes the stream
+  over with ``set_protocol`` (`_ProtocolStream`), as it takes a socket over.
+  A sibling worker's token gets close 4409 (no hand-off from a stream).
 * **Ends.**  A close handshake (or the proxy's close) ends with END_STREAM; if
   the client has not ended its side by then, RST_STREAM NO_ERROR follows once
   the last bytes are out.  The client's END_STREAM is its TCP FIN and its
@@ -64,6 +69,7 @@ from edgeproxy.core.http1 import Body, ConnectionClosed, EndOfMessage, ResponseH
 from edgeproxy.core.websocket import RelayState, validate_upstream_accept
 from edgeproxy.errors import LocalProtocolError, RemoteProtocolError
 from edgeproxy.metrics import WEBSOCKET
+from edgeproxy.transport import resume
 from edgeproxy.transport.downstream import ClientConnection, _Exchange
 from edgeproxy.transport.hub_sse import SSE_SUFFIX
 from edgeproxy.transport.request_ids import new_request_id
@@ -78,6 +84,7 @@ log = logging.getLogger("edgeproxy")
 
 _CANCEL = 0x8
 _HTTP_1_1_REQUIRED = 0xD
+_WS_VERSION_HEADER = [(b"sec-websocket-version", b"13")]
 
 
 def open_websocket(conn: Http2Connection, stream_id: int, head) -> None:
@@ -123,6 +130,13 @@ def open_websocket(conn: Http2Connection, stream_id: int, head) -> None:
         return
     ws = H2WebSocket(conn, stream_id, head, route, now, request_id, admitted)
     conn.streams[stream_id] = ws
+    try:
+        if resume.on_upgrade(ws, ws.exchange):
+            return  # a resume attempt, answered by the proxy itself (transport/resume.py)
+    except RemoteProtocolError as exc:
+        metrics.connection_refused(WEBSOCKET, "bad_handshake")
+        ws._refuse(400, f"bad WebSocket handshake: {exc}", None, _WS_VERSION_HEADER)  # noqa: SLF001
+        return
     ws.exchange.task = server.loop.create_task(ws._connect_upstream())  # noqa: SLF001
 
 
@@ -175,7 +189,7 @@ class _StreamTransport:
     the acknowledgements of the client's DATA, so its stream window shuts.
     """
 
-    __slots__ = ("conn", "ws", "id", "end_sent", "remote_ended", "paused", "held_flow", "gone")
+    __slots__ = ("conn", "ws", "id", "end_sent", "remote_ended", "paused", "held_flow", "gone", "protocol")
 
     def __init__(self, conn: Http2Connection, ws: H2WebSocket | _HubStream, stream_id: int):
         self.conn = conn
@@ -186,6 +200,8 @@ class _StreamTransport:
         self.paused = False
         self.held_flow = 0
         self.gone = False
+        #: the protocol that took the stream over (`set_protocol`), else None
+        self.protocol = None
 
     def write(self, data: bytes) -> None:
         if self.gone or self.end_sent or not data:
@@ -196,7 +212,38 @@ class _StreamTransport:
             ws.window_paused = True
             if ws.upstream is not None:
                 ws.upstream.pause_reading()  # until core.Drained (Http2Connection resumes it)
+            ws.flow_changed()
         conn.flush()
+
+    def set_protocol(self, protocol) -> None:
+        """Hand the stream to an asyncio-style ``protocol``, as a socket's transport is handed over.
+
+        A resumable session (`resume.ClientEnd`) or its 4409 refusal (`resume.Refusal`) takes the
+        client's stream over this way: from then on a `_ProtocolStream` stands for the stream in
+        `Http2Connection.streams` and passes it the client's DATA, END_STREAM (``eof_received``),
+        the stream's end (``connection_lost``) and its send side's flow (``pause_writing`` /
+        ``resume_writing``).
+        """
+        self.protocol = protocol
+        if isinstance(self.ws, _ProtocolStream):
+            return
+        old = self.ws
+        conn = self.conn
+        if isinstance(old, H2WebSocket) and old._timer is not None:  # noqa: SLF001 - retired by the take-over
+            conn.server.timers.cancel(old._timer)  # noqa: SLF001
+            old._timer = None  # noqa: SLF001
+        # a session counts among the WebSockets on h2 streams; its 4409 refusal (resume.Refusal) does not
+        counted = isinstance(protocol, resume.ClientEnd) and not self.gone
+        self.ws = stream = _ProtocolStream(self, old.window_paused, counted)
+        if not self.gone:
+            conn.streams[self.id] = stream
+            if counted:
+                conn.server.metrics.http2_websockets += 1
+                conn.server.metrics.http2_websockets_active += 1
+            stream.flow_changed()
+
+    def get_protocol(self):
+        return self.protocol
 
     def writelines(self, chunks) -> None:
         self.write(b"".join(chunks))
@@ -259,6 +306,72 @@ class _StreamTransport:
             self.conn.h2.ack(self.id, flow)
 
 
+class _ProtocolStream:
+    """A stream taken over by a protocol (`_StreamTransport.set_protocol`), as `Http2Connection` sees it.
+
+    The protocol is told what a socket's protocol would be: DATA is ``data_received`` (acknowledged
+    once taken, or held while the protocol paused the transport's reading), END_STREAM
+    ``eof_received`` (a false answer closes the stream, as asyncio closes a socket), the stream's
+    end ``connection_lost``, and ``pause_writing`` / ``resume_writing`` while the stream's queue is
+    over ``buffer_high_water`` (until `core.http2.Drained`) or the client's socket over its own.
+    """
+
+    __slots__ = ("transport", "window_paused", "writing_paused", "counted", "_lost")
+
+    websocket = True
+    task = None
+    sse = None
+    upstream = None
+
+    def __init__(self, transport: _StreamTransport, window_paused: bool, counted: bool):
+        self.transport = transport
+        self.window_paused = window_paused
+        #: counted in ``http2_websockets_active`` until the stream ends
+        self.counted = counted
+        #: what the protocol was last told (pause_writing / resume_writing)
+        self.writing_paused = False
+        self._lost = False
+
+    def client_data(self, data: bytes, flow: int) -> None:
+        transport = self.transport
+        if not transport.gone:
+            transport.protocol.data_received(data)
+        transport.take(flow)
+        transport.conn.flush()
+
+    def client_ended(self) -> None:
+        transport = self.transport
+        transport.remote_ended = True
+        if transport.gone:
+            return  # its close frame came with it and was answered
+        if not transport.protocol.eof_received():
+            transport.close()
+        transport.conn.flush()
+
+    def flow_changed(self) -> None:
+        """The stream's queue or the client's socket changed: tell the protocol when it can write again."""
+        paused = self.window_paused or self.transport.conn._writing_paused  # noqa: SLF001
+        if paused != self.writing_paused and not self._lost:
+            self.writing_paused = paused
+            if paused:
+                self.transport.protocol.pause_writing()
+            else:
+                self.transport.protocol.resume_writing()
+
+    def stream_lost(self) -> None:
+        if not self._lost:
+            self._lost = True
+            transport = self.transport
+            transport.gone = True
+            if self.counted:
+                transport.conn.server.metrics.http2_websockets_active -= 1
+            transport.protocol.connection_lost(None)
+
+    def shutdown(self) -> None:
+        """Nothing before the reset: `ResumeRegistry.close_all` ends the sessions next (as on HTTP/1.1,
+        where the stop closes a session's client socket without a close frame of its own)."""
+
+
 class _HubStream:
     """A hub WebSocket on an h2 stream, as `Http2Connection.streams` sees it; `hub` is its `HubConnection`.
 
@@ -289,6 +402,9 @@ class _HubStream:
         self.transport.remote_ended = True
         if not self.hub.closed:  # its close frame (answered) may have come with it
             self.hub.eof_received()
+
+    def flow_changed(self) -> None:
+        """Nothing: the hub's fan-out reads the stream's queue itself (subscriber_buffer_limit)."""
 
     def stream_lost(self) -> None:
         if not self._lost:
@@ -364,10 +480,14 @@ class H2WebSocket(ClientConnection):
             log.warning("WebSocket upgrade cannot be relayed to %s: %s", up.server, exc)
             self._refuse(502, "request cannot be relayed", "upstream_invalid")
 
-    def _refuse(self, status: int, message: str, reason: str, extra_headers=()) -> None:
-        """No WebSocket: ``status`` on the stream (the HTTP/1.1 path's statuses), the stream ends."""
+    def _refuse(self, status: int, message: str, reason: str | None, extra_headers=()) -> None:
+        """No WebSocket: ``status`` on the stream (the HTTP/1.1 path's statuses), the stream ends.
+
+        ``reason`` is the failure counted (None: counted as a refusal by the caller).
+        """
         exchange = self.exchange
-        self.server.metrics.connection_failed(WEBSOCKET, reason)
+        if reason is not None:
+            self.server.metrics.connection_failed(WEBSOCKET, reason)
         self.h2conn.h2.send_simple(self.stream_id, status, message, extra_headers, request_done=False)
         self._log_http(exchange.head, status, 0, self.server.now(), exchange.upstream)
         self._end_handshake()
@@ -456,6 +576,14 @@ class H2WebSocket(ClientConnection):
         headers = [(name, value) for name, value in http1.forwarded_response_headers(head.headers)
                    if name.lower() != b"sec-websocket-accept"]
         headers += self._balance_response(exchange, up, 101)
+        if exchange.resume is not None and resume.start_session(self, exchange, up, head, headers):
+            # A resumable session took the stream over (transport/resume.py); an END_STREAM that
+            # came during the handshake is its now.
+            taken = self.h2conn.streams.get(self.stream_id)
+            if self.transport.remote_ended and taken is not None and taken is not self:
+                taken.client_ended()
+            self.h2conn.flush()
+            return
         self._ws_group = exchange.group
         exchange.group.session_opened(up.server, self)
         self.h2conn.h2.send_response(self.stream_id, 200, headers)
@@ -522,7 +650,25 @@ class H2WebSocket(ClientConnection):
         self.transport.gone = True
         self.connection_lost(None)
 
+    def flow_changed(self) -> None:
+        """Nothing: the relay's upstream is paused and resumed by `Http2Connection` itself."""
+
     # -- ClientConnection's hooks, for a stream -------------------------------------
+
+    def _send_switching(self, headers: list[tuple[bytes, bytes]], data: bytes = b"", *, relayed: bool = False) -> None:
+        """RFC 8441 section 5: ``:status 200`` on the stream (no Upgrade, Connection, accept), then ``data``."""
+        h2 = self.h2conn.h2
+        h2.send_response(self.stream_id, 200, [(n, v) for n, v in headers if n.lower() != b"sec-websocket-accept"])
+        if data:
+            h2.send_data(self.stream_id, data)
+        self.h2conn.flush()
+
+    def _switched_early(self) -> bytes:
+        """The client's DATA that came during the handshake, acknowledged as it is handed over."""
+        pending, self._h2_pending = self._h2_pending, []
+        for _, flow in pending:
+            self.transport.take(flow)
+        return b"".join(data for data, _ in pending)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.relay is not None:

@@ -28,7 +28,16 @@ that gets a resume attempt for a sibling's token connects there, sends one
 JSON line (the client's address, the listener) and the request, and from then
 on pipes bytes both ways (`_Pipe`), so the sibling serves the attempt as if
 the client had come to it, TLS or not.  A sibling that is gone refuses the
-connection at once, and the attempt gets close 4409 here.  The registry is advanced by the
+connection at once, and the attempt gets close 4409 here.  An attempt on an
+HTTP/2 stream (RFC 8441, `http2_websocket.H2WebSocket`) cannot be piped: the
+hand-off carries an HTTP/1.1 connection's bytes, so a sibling's token on a
+stream gets close 4409 too, and the client starts afresh.
+
+On an h2 stream the same hooks run with the stream for a socket: the answer is
+``:status 200`` instead of a 101 (`ClientConnection._send_switching`, which
+`H2WebSocket` overrides), the bytes after the head are the DATA of the
+handshake (``_switched_early``), and the stream's transport takes the
+session's protocols as a socket's does (`_StreamTransport.set_protocol`).  The registry is advanced by the
 server's shared tick (window expiry, close timeouts, pending acks); heartbeats
 come from the server's timer wheels like every WebSocket's: a `ClientEnd` is the
 client's heartbeat key, the `Session` the upstream's.
@@ -181,6 +190,13 @@ def start_session(conn: ClientConnection, exchange: _Exchange, upstream: Upstrea
     headers.append((b"Sec-WebSocket-Protocol", wrapper.encode("latin-1")))
     conn.server.resume.start(conn, exchange, upstream, wrapper, headers)
     return True
+
+
+def _http_life_over(conn: ClientConnection, now: float) -> None:
+    """The client connection's HTTP metrics entry ends (an h2 stream has none: its connection's goes on)."""
+    if conn._metrics_key is not None:
+        conn.server.metrics.connection_closed(conn._metrics_key, now - conn._opened_at)
+        conn._metrics_key = None
 
 
 # --------------------------------------------------------------------------- #
@@ -781,10 +797,10 @@ class ResumeRegistry:
         )
         session = Session(self, core, upstream, exchange, wrapper, conn.client_ip, now)
         self.sessions[core.session_id] = session
-        conn._write(conn.http.send_switching_protocols(b"Switching Protocols", headers))
+        conn._send_switching(headers, relayed=True)
         conn._log_http(exchange.head, 101, 0, now, upstream, event="ws_open")
         metrics = server.metrics
-        metrics.connection_closed(conn._metrics_key, now - conn._opened_at)
+        _http_life_over(conn, now)
         session.metrics_key = metrics.connection_opened(
             WEBSOCKET, route_label(route.host, route.path_prefix), route.upstream, str(upstream.server))
         exchange.group.session_opened(upstream.server, session)
@@ -819,7 +835,7 @@ class ResumeRegistry:
         self.server.connections.discard(conn)
         admitted = (self.server, conn._admitted_ip) if conn._admitted_ip is not None else None
         conn._admitted_ip = None
-        return conn.http.switched_trailing_data(), admitted
+        return conn._switched_early(), admitted
 
     def resume(self, conn: ClientConnection, exchange: _Exchange, offer: Offer) -> None:
         """A resume attempt: reattach and replay, or answer close 4409 with the reason."""
@@ -828,6 +844,12 @@ class ResumeRegistry:
         route = exchange.route
         session = None
         owner = TokenCodec.instance_of(offer.token)
+        if owner is not None and owner != self.instance_id and conn.http is None and self._ingress_server is not None:
+            # An h2 stream cannot be piped to the sibling that holds the session (the hand-off carries
+            # an HTTP/1.1 connection's bytes): 4409, as when that sibling is gone; the client starts afresh.
+            self._refuse(conn, exchange, offer, f"session belongs to worker {owner!r}, which an HTTP/2 stream "
+                         "cannot be handed to", now)
+            return
         if owner is not None and self._hand_off(conn, exchange, owner):
             return
         try:
@@ -849,9 +871,8 @@ class ResumeRegistry:
                 session.run_actions()
             self._refuse(conn, exchange, offer, exc.reason, now)
             return
-        headers = self._switching_headers(exchange, session.wrapper)
-        server.metrics.connection_closed(conn._metrics_key, now - conn._opened_at)
-        conn._write(http1.serialize_head(b"HTTP/1.1 101 Switching Protocols", headers))
+        _http_life_over(conn, now)
+        conn._send_switching(self._switching_headers(exchange, session.wrapper))
         conn._log_http(exchange.head, 101, 0, now, session.upstream, event="ws_resume")
         client_early, admitted = self._take_over(conn)
         end = session.attach_client(conn, now, admitted)
@@ -863,11 +884,15 @@ class ResumeRegistry:
             session.client_data(end, client_early)
 
     def _switching_headers(self, exchange: _Exchange, wrapper: str) -> list[tuple[bytes, bytes]]:
+        """The proxy's own answer to a resume attempt: the wrapper, and on HTTP/1.1 the handshake's fields."""
+        chosen = [(b"Sec-WebSocket-Protocol", wrapper.encode("latin-1"))]
+        if exchange.websocket_key is None:  # an h2 stream: no key, no accept (RFC 8441 section 5)
+            return chosen
         return [
             (b"Upgrade", b"websocket"),
             (b"Connection", b"Upgrade"),
             (b"Sec-WebSocket-Accept", generate_accept_token(exchange.websocket_key)),
-            (b"Sec-WebSocket-Protocol", wrapper.encode("latin-1")),
+            *chosen,
         ]
 
     def _refuse(self, conn: ClientConnection, exchange: _Exchange, offer: Offer, reason: str, now: float) -> None:
@@ -875,10 +900,10 @@ class ResumeRegistry:
         server = self.server
         log.info("resume attempt from %s refused: %s", conn.client_ip, reason)
         server.metrics.connection_refused(WEBSOCKET, "not_resumable")
-        server.metrics.connection_closed(conn._metrics_key, now - conn._opened_at)
+        _http_life_over(conn, now)
         headers = self._switching_headers(exchange, offer.wrapped[0][0])
         frame = _accel.encode_frame(_accel.OP_CLOSE, _accel.encode_close_payload(CLOSE_NOT_RESUMABLE, f"not resumable: {reason}"))
-        conn._write(http1.serialize_head(b"HTTP/1.1 101 Switching Protocols", headers) + frame)
+        conn._send_switching(headers, frame)
         conn._log_http(exchange.head, 101, 0, now, event="ws_not_resumable")
         _, admitted = self._take_over(conn)
         refusal = Refusal(conn.transport, now + server.config.websocket.close_timeout, admitted)

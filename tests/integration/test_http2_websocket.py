@@ -333,6 +333,7 @@ async def test_refusals_are_clear(ws_backend, proxy):
         assert b"only websocket" in bytes(other.data)
         unversioned = await client.websocket("/ok", version=b"8")
         assert unversioned.status == 400
+        assert unversioned.headers[b"sec-websocket-version"] == b"13"  # the version supported: RFC 6455 4.4
         nowhere = await client.websocket("/nowhere", extra=[(b"origin", b"https://good.example")])
         assert nowhere.status == 404
         forbidden = await client.websocket("/ok", extra=[(b"origin", b"https://evil.example")])
@@ -637,7 +638,7 @@ async def test_rebalancing_closes_the_h2_websockets_of_a_drained_server(ws_backe
 # -- configuration -------------------------------------------------------------------------
 
 
-def test_config_refuses_websocket_over_h2_with_resumable_sessions_and_defaults_it_off():
+def test_config_offers_websocket_over_h2_by_default_with_resumable_sessions_too():
     from edgeproxy.config import parse_config
     from edgeproxy.errors import ConfigError
 
@@ -650,12 +651,10 @@ def test_config_refuses_websocket_over_h2_with_resumable_sessions_and_defaults_i
     hub_only = '[[listeners]]\nbind = "127.0.0.1:0"\n[[hubs]]\npath = "/hub"\n'
     assert parse_config(hub_only + "[http2]\nwebsocket = true\n").http2.websocket is True  # hubs serve h2 streams
     secret = '[websocket]\nresume_secret = "' + "k" * 32 + '"\n'
-    # a browser that saw the setting would send the resumable WebSockets over h2, where they are not served
-    assert parse_config(plain + secret).http2.websocket is False
-    with pytest.raises(ConfigError, match="resumable"):
-        parse_config(plain + secret + "[http2]\nwebsocket = true\n")
-    not_resumed = plain.replace('upstream = "a"\n', 'upstream = "a"\nresume = false\n')
-    assert parse_config(not_resumed + secret + "[http2]\nwebsocket = true\n").http2.websocket is True
+    # resumable sessions are served on h2 streams (test_http2_resume.py): nothing is turned off for them
+    assert parse_config(plain + secret).http2.websocket is True
+    assert parse_config(plain + secret + "[http2]\nwebsocket = true\n").http2.websocket is True
+    assert parse_config(plain + secret + "[http2]\nwebsocket = false\n").http2.websocket is False
 
 
 # -- hubs -----------------------------------------------------------------------------------
