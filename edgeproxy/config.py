@@ -100,7 +100,7 @@ import os
 import re
 import ssl
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -1927,6 +1927,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     _check_hubs_reach_every_worker(v, data, config)
     _check_rate_limits_per_process(v, data, config)
     _check_admission(v, config)
+    config = _check_h2_resume_across_workers(v, data, config)
     if v.problems:
         raise ConfigError(v.problems)
     return config
@@ -1947,6 +1948,29 @@ def _check_hubs_reach_every_worker(v: _Validator, data: dict[str, Any], config: 
                 "each worker would run its own hub and a publication would reach only the subscribers of the "
                 "worker that received it; set [backplane] kind = \"redis\" or \"nats\" (with url) so the "
                 "workers share channels, or workers = 1")
+
+
+def _check_h2_resume_across_workers(v: _Validator, data: dict[str, Any], config: Config) -> Config:
+    """Resumable sessions with several workers: WebSocket over HTTP/2 off, never a lost resume.
+
+    A reconnect lands on any worker; on HTTP/1.1 the worker that does not hold the
+    session passes the socket to the sibling that does, but an HTTP/2 stream cannot
+    be passed on (it is one of many on its connection), so that resume would get 4409
+    and the client would lose what it had not yet received.  With workers above 1 (or
+    "auto") and resumable routes, ``[http2] websocket`` is therefore off by default
+    (browsers then open their WebSockets over HTTP/1.1) and an explicit true refused.
+    """
+    resumable = config.websocket.resume_secret and any(route.resume for route in config.routes)
+    several = config.workers > 1 or data.get("workers", 1) == "auto"
+    if not (resumable and several and config.http2.websocket):
+        return config
+    table = data.get("http2")
+    if isinstance(table, dict) and table.get("websocket") is True:
+        v.error("http2.websocket", f"workers = {_describe(data.get('workers'))} with resumable routes: a resume "
+                "attempt on an HTTP/2 stream cannot be passed to the worker that holds its session, so it would "
+                "get 4409 and the client would lose what it had not received; set http2.websocket = false "
+                "(WebSockets then use HTTP/1.1 connections), workers = 1, or resume = false on the routes")
+    return replace(config, http2=replace(config.http2, websocket=False))
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

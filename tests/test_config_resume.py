@@ -80,3 +80,18 @@ def test_each_mistake_is_named_with_its_key_path(websocket: str, route: str, key
     assert len(found) == 1, found
     assert found[0][0] == key
     assert fragment in found[0][1], found
+
+
+@pytest.mark.parametrize("workers", ["2", '"auto"'])
+def test_websocket_over_http2_is_off_with_resume_and_several_workers(workers) -> None:
+    """A resume on an h2 stream cannot be handed to the worker holding its session: off, and true refused."""
+    text = f"workers = {workers}\n" + BASE.format(websocket=SECRET, route="resume = true")
+    assert parse_config(text, "t.toml").http2.websocket is False
+    with pytest.raises(ConfigError) as info:
+        parse_config(text + "[http2]\nwebsocket = true\n", "t.toml")
+    [(_, key, message)] = info.value.problems
+    assert key == "http2.websocket" and "4409" in message and "workers = 1" in message
+    # one worker, or no resumable route (with a secret, routes resume unless resume = false): on by default
+    assert config(SECRET, "resume = true").http2.websocket is True
+    text = f"workers = {workers}\n" + BASE.format(websocket=SECRET, route="resume = false")
+    assert parse_config(text, "t.toml").http2.websocket is True
