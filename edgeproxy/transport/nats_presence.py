@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -114,7 +113,6 @@ class NatsPresence(LocalPresence):
 
     async def start(self) -> None:
         try:
-            await asyncio.wait_for(self._connect(), self.config.timeout)
             await self._heartbeat_once()
         except Exception as exc:
             log.warning("presence: could not reach NATS at start (%s); retrying every %.1f s", exc,
@@ -168,7 +166,10 @@ class NatsPresence(LocalPresence):
     async def _heartbeat_once(self, entries: bool = True) -> None:
         """Put the liveness entry and, with `entries`, start putting every registry key of
         this instance again (in a task of its own, so that many users never delay the
-        liveness entry; skipped while the previous round is still writing)."""
+        liveness entry; skipped while the previous round is still writing).  Connects first
+        when NATS was not reached yet (at start, or it was down then)."""
+        if self.entries is None:
+            await asyncio.wait_for(self._connect(), self.config.timeout)
         await asyncio.wait_for(self.live.put(self.instance, b"1"), self.config.timeout)
         if entries:
             if self._refresh is not None and not self._refresh.done():
@@ -183,21 +184,6 @@ class NatsPresence(LocalPresence):
         except Exception as exc:
             self.server.metrics.backplane_failed()
             log.warning("presence: refreshing the registry keys failed: %s", exc)
-
-    async def _heartbeats(self) -> None:
-        # The liveness entry every half interval (its max_age is one interval: a dead
-        # instance is fenced within one); the registry keys every interval.
-        for beat in itertools.count(1):
-            await asyncio.sleep(self.config.heartbeat_interval / 2)
-            try:
-                if self.entries is None:
-                    await asyncio.wait_for(self._connect(), self.config.timeout)
-                await self._heartbeat_once(entries=beat % 2 == 0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.server.metrics.backplane_failed()
-                log.warning("presence heartbeat failed: %s", exc)
 
     # -- registry writes ---------------------------------------------------------------
 

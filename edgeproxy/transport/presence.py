@@ -115,6 +115,23 @@ class LocalPresence:
             self.deliver_local(target, data)
         return where
 
+    async def _heartbeats(self) -> None:
+        """The beat of a shared registry (Redis, NATS): their ``_heartbeat_once`` every half interval.
+
+        The liveness entry every half interval (it lives one interval: a dead instance is
+        fenced within one); with ``entries`` every other beat, this instance's registry
+        entries (they live three).
+        """
+        for beat in itertools.count(1):
+            await asyncio.sleep(self.config.heartbeat_interval / 2)
+            try:
+                await self._heartbeat_once(entries=beat % 2 == 0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.server.metrics.backplane_failed()
+                log.warning("presence heartbeat failed: %s", exc)
+
 
 class RedisPresence(LocalPresence):
     """The registry in Redis, with instance liveness keys (see the module doc)."""
@@ -188,19 +205,6 @@ class RedisPresence(LocalPresence):
         for user in self.by_user:
             pipe.pexpire(self._user_key(user), self.entry_ms)
         await asyncio.wait_for(pipe.execute(), self.config.timeout)
-
-    async def _heartbeats(self) -> None:
-        # The liveness key every half interval (its TTL is one interval: a dead
-        # instance is gone within one); the entries' TTLs every interval.
-        for beat in itertools.count(1):
-            await asyncio.sleep(self.config.heartbeat_interval / 2)
-            try:
-                await self._heartbeat_once(entries=beat % 2 == 0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.server.metrics.backplane_failed()
-                log.warning("presence heartbeat failed: %s", exc)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
