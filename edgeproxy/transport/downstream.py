@@ -233,15 +233,21 @@ class ClientConnection(asyncio.Protocol):
         self._process_client()
         return half_close  # we close when the exchange in flight is done
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _leave_server(self) -> None:
+        """Off the server's books: its connection set, the timer wheel, the admission slot (once)."""
         self.closed = True
-        self.server.connections.discard(self)
+        server = self.server
+        server.connections.discard(self)
         if self._timer is not None:
-            self.server.timers.cancel(self._timer)
+            server.timers.cancel(self._timer)
+        if self._admitted_ip is not None and not self._refused:
+            server.admission.release(self._admitted_ip)
+            self._admitted_ip = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._leave_server()
         if self._refused:
             return  # never counted as open
-        if self._admitted_ip is not None:
-            self.server.admission.release(self._admitted_ip)
         relay = self.relay
         if relay is not None:
             if relay.state is not RelayState.CLOSED:

@@ -677,16 +677,9 @@ class H2WebSocket(ClientConnection):
             up, self.upstream = self.upstream, None
             up.close()  # after the close frame the relay gave it, if any (a no-op when closed already)
             return
-        self.closed = True
-        server = self.server
-        server.connections.discard(self)
-        if self._timer is not None:
-            server.timers.cancel(self._timer)
-        if self._admitted_ip is not None:
-            server.admission.release(self._admitted_ip)
-            self._admitted_ip = None
+        self._leave_server()
         if self.exchange is not None:  # gone during its handshake
-            server.metrics.connection_failed(WEBSOCKET, "client_gone")
+            self.server.metrics.connection_failed(WEBSOCKET, "client_gone")
             self._drop_exchange(abort_upstream=True)
 
     def eof_received(self) -> bool:
