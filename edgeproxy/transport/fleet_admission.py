@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -141,8 +142,6 @@ class NatsFleetStore:
         return self.kv
 
     async def lease(self, rate: float, burst: float, want: int, refused: int, instance: str) -> tuple[int, ...]:
-        import time
-
         from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
         try:
